@@ -1,0 +1,87 @@
+"""The one place for dataset facts: channels, metadata columns, vocabularies.
+
+Everything here is taken from Recursion's public dataset documentation for
+RxRx19a and RxRx1 (see README, "Data"). Other modules import these names; no
+other module spells a channel name or a metadata column by hand.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel:
+  index: int          # the `w{index}` suffix in file names (1-based)
+  stain: str          # the dye
+  target: str         # what it labels
+  short: str          # a short name for plots and column prefixes
+
+
+# RxRx19a: five channels, w1..w5.
+RXRX19A_CHANNELS: Tuple[Channel, ...] = (
+    Channel(1, "Hoechst 33342", "nucleus", "hoechst"),
+    Channel(2, "Concanavalin A", "endoplasmic reticulum", "cona"),
+    Channel(3, "Phalloidin", "actin", "phalloidin"),
+    Channel(4, "Syto14", "nucleoli / cytoplasmic RNA", "syto14"),
+    Channel(5, "Wheat germ agglutinin", "Golgi / plasma membrane", "wga"),
+)
+
+# RxRx1: the same five, plus MitoTracker as w6 (dropped to feed a 5-channel model).
+RXRX1_CHANNELS: Tuple[Channel, ...] = RXRX19A_CHANNELS + (
+    Channel(6, "MitoTracker Deep Red", "mitochondria", "mitotracker"),
+)
+
+CHANNELS = {"rxrx19a": RXRX19A_CHANNELS, "rxrx1": RXRX1_CHANNELS}
+
+# Default channel selection when RxRx1 feeds a model trained on RxRx19a.
+RXRX1_DEFAULT_CHANNELS: Tuple[int, ...] = (1, 2, 3, 4, 5)
+
+# metadata.csv columns, in the published order.
+RXRX19A_COLUMNS: Tuple[str, ...] = (
+    "site_id", "well_id", "cell_type", "experiment", "plate", "well", "site",
+    "disease_condition", "treatment", "treatment_conc", "SMILES",
+)
+RXRX1_COLUMNS: Tuple[str, ...] = (
+    "site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well",
+    "site", "well_type", "sirna", "sirna_id",
+)
+COLUMNS = {"rxrx19a": RXRX19A_COLUMNS, "rxrx1": RXRX1_COLUMNS}
+
+# Integer-valued metadata columns (everything else is text; `treatment_conc` is float).
+INT_COLUMNS = frozenset({"plate", "site", "sirna_id"})
+FLOAT_COLUMNS = frozenset({"treatment_conc"})
+
+# RxRx19a vocabularies.
+RXRX19A_CELL_TYPES: Tuple[str, ...] = ("HRCE", "VERO")
+RXRX19A_EXPERIMENTS: Tuple[str, ...] = ("HRCE-1", "HRCE-2", "VERO-1", "VERO-2")
+RXRX19A_SITES: Tuple[int, ...] = (1, 2, 3, 4)
+MOCK = "Mock"
+UV_INACTIVATED = "UV Inactivated SARS-CoV-2"
+ACTIVE = "Active SARS-CoV-2"
+DISEASE_CONDITIONS: Tuple[str, ...] = (MOCK, UV_INACTIVATED, ACTIVE)
+
+# RxRx1 vocabularies.
+RXRX1_CELL_TYPES: Tuple[str, ...] = ("HEPG2", "HUVEC", "RPE", "U2OS")
+RXRX1_WELL_TYPES: Tuple[str, ...] = ("treatment", "negative_control",
+                                     "positive_control")
+RXRX1_SITES: Tuple[int, ...] = (1, 2)
+
+# Native image sizes of the public releases.
+NATIVE_RESOLUTION = {"rxrx19a": 1024, "rxrx1": 512}
+
+
+def site_id(experiment: str, plate: int, well: str, site: int) -> str:
+  """`{experiment}_{plate}_{well}_{site}`, as in metadata.csv."""
+  return f"{experiment}_{plate}_{well}_{site}"
+
+
+def well_id(experiment: str, plate: int, well: str) -> str:
+  """`{experiment}_{plate}_{well}`, as in metadata.csv."""
+  return f"{experiment}_{plate}_{well}"
+
+
+def image_relpath(experiment: str, plate: int, well: str, site: int,
+                  channel: int) -> str:
+  """Path of one channel PNG below `images/`, e.g. `HRCE-1/Plate1/AA02_s2_w3.png`."""
+  return f"{experiment}/Plate{plate}/{well}_s{site}_w{channel}.png"

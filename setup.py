@@ -1,0 +1,57 @@
+"""gandl-jax: GAN-DL (StyleGAN2 discriminator features for microscopy) in JAX/Flax."""
+import pathlib
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+
+# TensorFlow serves only tf.data. The CPU build keeps it off TPUs/GPUs and is
+# much smaller; it exists for Linux x86_64 (Cloud TPU VMs, most GPU boxes).
+_TF_CPU = 'sys_platform == "linux" and platform_machine == "x86_64"'
+
+setup(
+    name="gandl-jax",
+    version="0.1.0",
+    description="GAN-DL: self-supervised StyleGAN2 discriminator embeddings for "
+    "fluorescence microscopy, in JAX/Flax (TPU-first).",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gandl_jax", "gandl_jax.*"]),
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        f"tensorflow-cpu>=2.16; {_TF_CPU}",
+        f"tensorflow>=2.16; not ({_TF_CPU})",
+        "tensorflow-datasets>=4.9.6",
+        "ml-collections>=0.1.1",
+        "numpy>=1.26",
+        "scikit-learn>=1.4",
+        "scipy>=1.11",
+        "absl-py>=2.0",
+        "pandas>=2.1",
+        "pyarrow>=14",
+        "matplotlib>=3.8",
+        "pillow>=10",
+        "tensorboard>=2.16",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Only tools/import_stylegan2_ada.py needs torch; nothing else imports it.
+        "import": ["torch>=2.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "gandl-demo=gandl_jax.cli.demo:run",
+            "gandl-synth=gandl_jax.cli.synth:run",
+            "gandl-convert=gandl_jax.cli.convert:run",
+            "gandl-train=gandl_jax.cli.train:run",
+            "gandl-export=gandl_jax.cli.export:run",
+            "gandl-evaluate=gandl_jax.cli.evaluate:run",
+            "gandl-generate=gandl_jax.cli.generate:run",
+        ],
+    },
+)
