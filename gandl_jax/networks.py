@@ -1,0 +1,437 @@
+"""GAN-DL's StyleGAN2: mapping, synthesis ("skip"), generator, discriminator ("resnet").
+
+Parameter paths joined with '.' are stylegan2-ada-pytorch's state_dict names
+(`mapping.fc0.weight`, `synthesis.b8.conv0.affine.bias`, `b64.fromrgb.weight`,
+`b4.fc.bias`, ...). Trainable parameters live in the `params` collection;
+the non-trainable buffers `mapping.w_avg` and `synthesis.b*.conv*.noise_const`
+live in `buffers`. Images are NHWC float in [-1, 1].
+
+GAN-DL's changes from StyleGAN2 are only configuration: mapping depth 3,
+latent size 512 and 5 image channels (see `configs/gandl_rxrx19a.py`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gandl_jax import layers
+
+Array = jax.Array
+Dtype = Any
+NOISE_MODES = ("random", "const", "none")
+# Named discriminator features: 'b{res}' (pooled block outputs), 'conv'
+# (pooled epilogue conv), 'fc' (the 512-d embedding), 'logit'.
+DEFAULT_EMBEDDING_LAYER = "fc"
+
+
+def check_resolution(resolution: int) -> int:
+  """Returns log2(resolution); raises unless it is a power of two in [8, 1024]."""
+  log2 = int(round(math.log2(resolution))) if resolution > 0 else -1
+  if resolution < 8 or resolution > 1024 or 2**log2 != resolution:
+    raise ValueError(f"resolution must be a power of two from 8 to 1024, "
+                     f"got {resolution}")
+  return log2
+
+
+def num_ws(resolution: int) -> int:
+  """Number of w inputs of the synthesis network: 2 * log2(R) - 2."""
+  return 2 * check_resolution(resolution) - 2
+
+
+def channels_at(res: int, channel_base: int, channel_max: int) -> int:
+  """Feature maps at resolution `res`: min(channel_base // res, channel_max)."""
+  return min(channel_base // res, channel_max)
+
+
+def block_resolutions(resolution: int) -> Tuple[int, ...]:
+  """4, 8, ..., resolution."""
+  return tuple(2**i for i in range(2, check_resolution(resolution) + 1))
+
+
+def embedding_layers(resolution: int) -> Tuple[str, ...]:
+  """The feature names `Discriminator(..., return_features=True)` returns."""
+  blocks = tuple(f"b{r}" for r in reversed(block_resolutions(resolution))
+                 if r > 4)
+  return blocks + ("conv", "fc", "logit")
+
+
+# ----------------------------------------------------------------------------
+# Generator.
+
+
+class MappingNetwork(nn.Module):
+  """z -> w: 2nd-moment normalization, `num_layers` lrelu dense layers with
+  lr multiplier 0.01, `w_avg` tracking and truncation."""
+  z_dim: int
+  w_dim: int
+  num_ws: int
+  num_layers: int = 3
+  lr_multiplier: float = 0.01
+  w_avg_beta: float = 0.995
+
+  @nn.compact
+  def __call__(self, z: Array, truncation_psi: Union[float, Array] = 1.0,
+               truncation_cutoff: Optional[int] = None,
+               update_emas: bool = False) -> Array:
+    if z.ndim != 2 or z.shape[1] != self.z_dim:
+      raise ValueError(f"z must have shape (N, {self.z_dim}), got {z.shape}")
+    x = layers.normalize_2nd_moment(z.astype(jnp.float32))
+    for i in range(self.num_layers):
+      x = layers.Dense(self.w_dim, lr_multiplier=self.lr_multiplier,
+                       activation="lrelu", name=f"fc{i}")(x)
+    w_avg = self.variable("buffers", "w_avg", jnp.zeros, (self.w_dim,),
+                          jnp.float32)
+    if update_emas:
+      batch_mean = jnp.mean(jax.lax.stop_gradient(x), axis=0)
+      w_avg.value = batch_mean + self.w_avg_beta * (w_avg.value - batch_mean)
+    x = jnp.broadcast_to(x[:, None, :], (x.shape[0], self.num_ws, self.w_dim))
+    if not (isinstance(truncation_psi, (int, float)) and truncation_psi == 1):
+      cutoff = self.num_ws if truncation_cutoff is None else truncation_cutoff
+      avg = w_avg.value
+      truncated = avg + truncation_psi * (x[:, :cutoff] - avg)
+      x = jnp.concatenate([truncated, x[:, cutoff:]], axis=1)
+    return x
+
+
+class SynthesisLayer(nn.Module):
+  """Modulated 3x3 conv (+ optional 2x upsampling), noise, bias, lrelu."""
+  features: int
+  resolution: int
+  up: int = 1
+  kernel_size: int = 3
+  conv_clamp: Optional[float] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, w: Array, noise_mode: str = "random") -> Array:
+    c_in, k = x.shape[-1], self.kernel_size
+    styles = layers.Dense(c_in, bias_init=1.0, name="affine")(w)
+    weight = self.param("weight", layers._normal_init(),
+                        (k, k, c_in, self.features))
+    noise_strength = self.param("noise_strength", nn.initializers.zeros, ())
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    noise_const = self.variable(
+        "buffers", "noise_const",
+        lambda: jax.random.normal(self.make_rng("params"),
+                                  (self.resolution, self.resolution)))
+    x = layers.modulated_conv2d(
+        x, weight, styles, demodulate=True, up=self.up, padding=k // 2,
+        f=layers.fir_filter() if self.up > 1 else None, dtype=self.dtype)
+    if noise_mode == "random":
+      noise = jax.random.normal(self.make_rng("noise"),
+                                (x.shape[0], self.resolution, self.resolution, 1))
+      x = x + (noise * noise_strength).astype(self.dtype)
+    elif noise_mode == "const":
+      x = x + (noise_const.value * noise_strength)[None, :, :, None].astype(
+          self.dtype)
+    elif noise_mode != "none":
+      raise ValueError(f"noise_mode must be one of {NOISE_MODES}, "
+                       f"got {noise_mode!r}")
+    x = x + bias.astype(self.dtype)
+    gain = layers.ACTIVATION_GAINS["lrelu"]
+    clamp = self.conv_clamp
+    return layers.activate(x, "lrelu", gain, clamp)
+
+
+class ToRGB(nn.Module):
+  """Modulated 1x1 conv to `img_channels` without demodulation; the
+  equalized-lr gain 1/sqrt(fan_in) is applied to the styles."""
+  img_channels: int
+  conv_clamp: Optional[float] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, w: Array) -> Array:
+    c_in = x.shape[-1]
+    styles = layers.Dense(c_in, bias_init=1.0, name="affine")(w)
+    styles = styles * (1.0 / np.sqrt(c_in))
+    weight = self.param("weight", layers._normal_init(),
+                        (1, 1, c_in, self.img_channels))
+    bias = self.param("bias", nn.initializers.zeros, (self.img_channels,))
+    x = layers.modulated_conv2d(x, weight, styles, demodulate=False,
+                                dtype=self.dtype)
+    x = x + bias.astype(self.dtype)
+    return layers.activate(x, "linear", 1.0, self.conv_clamp)
+
+
+class SynthesisBlock(nn.Module):
+  """One resolution of the "skip" generator: (const | conv0 up) + conv1 + toRGB."""
+  in_channels: int          # 0 for the first (4x4) block
+  out_channels: int
+  resolution: int
+  img_channels: int
+  conv_clamp: Optional[float] = None
+  dtype: Dtype = jnp.float32
+
+  @property
+  def num_conv(self) -> int:
+    return 1 if self.in_channels == 0 else 2
+
+  @nn.compact
+  def __call__(self, x: Optional[Array], img: Optional[Array], ws: Array,
+               noise_mode: str = "random") -> Tuple[Array, Array]:
+    kw = dict(resolution=self.resolution, conv_clamp=self.conv_clamp,
+              dtype=self.dtype)
+    if self.in_channels == 0:
+      const = self.param("const", layers._normal_init(),
+                         (self.resolution, self.resolution, self.out_channels))
+      x = jnp.broadcast_to(const.astype(self.dtype)[None],
+                           (ws.shape[0],) + const.shape)
+      x = SynthesisLayer(self.out_channels, name="conv1", **kw)(
+          x, ws[:, 0], noise_mode)
+    else:
+      x = SynthesisLayer(self.out_channels, up=2, name="conv0", **kw)(
+          x, ws[:, 0], noise_mode)
+      x = SynthesisLayer(self.out_channels, name="conv1", **kw)(
+          x, ws[:, 1], noise_mode)
+    if img is not None:
+      img = layers.upsample2d(img, layers.fir_filter())
+    y = ToRGB(self.img_channels, conv_clamp=self.conv_clamp, dtype=self.dtype,
+              name="torgb")(x, ws[:, self.num_conv])
+    y = y.astype(jnp.float32)
+    img = y if img is None else img + y
+    return x, img
+
+
+class SynthesisNetwork(nn.Module):
+  """ws (N, num_ws, w_dim) -> images (N, R, R, img_channels), float32."""
+  w_dim: int
+  resolution: int
+  img_channels: int
+  channel_base: int = 32768
+  channel_max: int = 512
+  conv_clamp: Optional[float] = None
+  dtype: Dtype = jnp.float32
+
+  @property
+  def num_ws(self) -> int:
+    return num_ws(self.resolution)
+
+  @nn.compact
+  def __call__(self, ws: Array, noise_mode: str = "random") -> Array:
+    expected = (self.num_ws, self.w_dim)
+    if ws.ndim != 3 or tuple(ws.shape[1:]) != expected:
+      raise ValueError(f"ws must have shape (N, {expected[0]}, {expected[1]}), "
+                       f"got {ws.shape}")
+    ch = lambda r: channels_at(r, self.channel_base, self.channel_max)
+    x = img = None
+    w_idx = 0
+    for res in block_resolutions(self.resolution):
+      block = SynthesisBlock(
+          in_channels=ch(res // 2) if res > 4 else 0, out_channels=ch(res),
+          resolution=res, img_channels=self.img_channels,
+          conv_clamp=self.conv_clamp, dtype=self.dtype, name=f"b{res}")
+      # A block's toRGB shares its w with the next block's first conv.
+      x, img = block(x, img, ws[:, w_idx:w_idx + block.num_conv + 1],
+                     noise_mode)
+      w_idx += block.num_conv
+    return img
+
+
+class Generator(nn.Module):
+  """z -> images. Call with `noise_mode` in ('random', 'const', 'none'); the
+  'random' mode needs an rng stream named 'noise'."""
+  z_dim: int = 512
+  w_dim: int = 512
+  resolution: int = 256
+  img_channels: int = 5
+  mapping_layers: int = 3
+  mapping_lr_multiplier: float = 0.01
+  w_avg_beta: float = 0.995
+  channel_base: int = 16384
+  channel_max: int = 512
+  conv_clamp: Optional[float] = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.mapping = MappingNetwork(
+        z_dim=self.z_dim, w_dim=self.w_dim, num_ws=num_ws(self.resolution),
+        num_layers=self.mapping_layers, lr_multiplier=self.mapping_lr_multiplier,
+        w_avg_beta=self.w_avg_beta)
+    self.synthesis = SynthesisNetwork(
+        w_dim=self.w_dim, resolution=self.resolution,
+        img_channels=self.img_channels, channel_base=self.channel_base,
+        channel_max=self.channel_max, conv_clamp=self.conv_clamp,
+        dtype=self.dtype)
+
+  @property
+  def num_ws(self) -> int:
+    return num_ws(self.resolution)
+
+  def map(self, z: Array, truncation_psi: Union[float, Array] = 1.0,
+          truncation_cutoff: Optional[int] = None,
+          update_emas: bool = False) -> Array:
+    return self.mapping(z, truncation_psi, truncation_cutoff, update_emas)
+
+  def synthesize(self, ws: Array, noise_mode: str = "random") -> Array:
+    return self.synthesis(ws, noise_mode)
+
+  def __call__(self, z: Array, truncation_psi: Union[float, Array] = 1.0,
+               truncation_cutoff: Optional[int] = None,
+               noise_mode: str = "random", update_emas: bool = False) -> Array:
+    ws = self.mapping(z, truncation_psi, truncation_cutoff, update_emas)
+    return self.synthesis(ws, noise_mode)
+
+
+# ----------------------------------------------------------------------------
+# Discriminator.
+
+
+class DiscriminatorBlock(nn.Module):
+  """One resolution of the "resnet" discriminator (fromRGB only at the top):
+  conv0, conv1 with 2x downsampling, plus a 1x1 downsampling skip; both
+  branches scaled by sqrt(0.5)."""
+  in_channels: int          # 0 for the first (top-resolution) block
+  tmp_channels: int
+  out_channels: int
+  conv_clamp: Optional[float] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Optional[Array], img: Array) -> Array:
+    kw = dict(conv_clamp=self.conv_clamp, dtype=self.dtype)
+    if self.in_channels == 0:
+      y = layers.Conv2d(self.tmp_channels, 1, activation="lrelu",
+                        name="fromrgb", **kw)(img)
+      x = y if x is None else x + y
+    gain = math.sqrt(0.5)
+    y = layers.Conv2d(self.out_channels, 1, use_bias=False, down=2,
+                      name="skip", **kw)(x, gain=gain)
+    x = layers.Conv2d(self.tmp_channels, 3, activation="lrelu", name="conv0",
+                      **kw)(x)
+    x = layers.Conv2d(self.out_channels, 3, activation="lrelu", down=2,
+                      name="conv1", **kw)(x, gain=gain)
+    return y + x
+
+
+class DiscriminatorEpilogue(nn.Module):
+  """4x4: minibatch stddev, 3x3 conv, dense to `channels` (the embedding), logit.
+
+  Runs in float32. The 4x4 features are flattened in (C, H, W) order, as in
+  the reference implementation, so `fc.weight` imports by a plain transpose.
+  """
+  channels: int
+  mbstd_group_size: int = 4
+  mbstd_num_channels: int = 1
+  conv_clamp: Optional[float] = None
+
+  @nn.compact
+  def __call__(self, x: Array, mbstd_shards: int = 1
+               ) -> Tuple[Array, Dict[str, Array]]:
+    x = x.astype(jnp.float32)
+    if self.mbstd_num_channels > 0:
+      x = layers.minibatch_stddev(x, self.mbstd_group_size,
+                                  self.mbstd_num_channels, mbstd_shards)
+    x = layers.Conv2d(self.channels, 3, activation="lrelu",
+                      conv_clamp=self.conv_clamp, name="conv")(x)
+    conv_pooled = jnp.mean(x, axis=(1, 2))
+    x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+    fc = layers.Dense(self.channels, activation="lrelu", name="fc")(x)
+    logit = layers.Dense(1, name="out")(fc)
+    return logit, {"conv": conv_pooled, "fc": fc, "logit": logit}
+
+
+class Discriminator(nn.Module):
+  """images (N, R, R, img_channels) in [-1, 1] -> logits (N, 1).
+
+  With `return_features=True` also returns a dict of named float32 features
+  (see `embedding_layers`): 'fc' is GAN-DL's default embedding.
+  `mbstd_shards` splits the batch into that many contiguous slices for the
+  minibatch-stddev groups (data-parallel training passes the device count).
+  """
+  resolution: int = 256
+  img_channels: int = 5
+  channel_base: int = 16384
+  channel_max: int = 512
+  mbstd_group_size: int = 4
+  mbstd_num_channels: int = 1
+  conv_clamp: Optional[float] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, img: Array, return_features: bool = False,
+               mbstd_shards: int = 1):
+    expected = (self.resolution, self.resolution, self.img_channels)
+    if img.ndim != 4 or tuple(img.shape[1:]) != expected:
+      raise ValueError(f"discriminator input must have shape (N, "
+                       f"{', '.join(map(str, expected))}) (NHWC), got {img.shape}")
+    ch = lambda r: channels_at(r, self.channel_base, self.channel_max)
+    features = {}
+    x = None
+    img = img.astype(self.dtype)
+    for res in reversed(block_resolutions(self.resolution)[1:]):
+      x = DiscriminatorBlock(
+          in_channels=ch(res) if res < self.resolution else 0,
+          tmp_channels=ch(res), out_channels=ch(res // 2),
+          conv_clamp=self.conv_clamp, dtype=self.dtype, name=f"b{res}")(x, img)
+      features[f"b{res}"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    logit, epilogue = DiscriminatorEpilogue(
+        ch(4), self.mbstd_group_size, self.mbstd_num_channels,
+        conv_clamp=self.conv_clamp, name="b4")(x, mbstd_shards)
+    if return_features:
+      features.update(epilogue)
+      return logit, features
+    return logit
+
+
+# ----------------------------------------------------------------------------
+# Construction from a config.
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Dtype:
+  """'float32' | 'bfloat16' -> jnp dtype, with a clear error otherwise."""
+  if name not in _DTYPES:
+    raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, "
+                     f"got {name!r}")
+  return _DTYPES[name]
+
+
+def build(model_config: Any, dtype: Union[str, Dtype] = jnp.float32
+          ) -> Tuple[Generator, Discriminator]:
+  """(G, D) for a model config (`configs/gandl_rxrx19a.py: model_config()`).
+
+  `model_config` may be an ml_collections ConfigDict or a plain dict.
+  """
+  cfg = dict(model_config)
+  if isinstance(dtype, str):
+    dtype = compute_dtype(dtype)
+  check_resolution(cfg["resolution"])
+  clamp = cfg.get("conv_clamp")
+  G = Generator(
+      z_dim=cfg["z_dim"], w_dim=cfg["w_dim"], resolution=cfg["resolution"],
+      img_channels=cfg["img_channels"], mapping_layers=cfg["mapping_layers"],
+      mapping_lr_multiplier=cfg.get("mapping_lr_multiplier", 0.01),
+      w_avg_beta=cfg.get("w_avg_beta", 0.995),
+      channel_base=cfg["channel_base"], channel_max=cfg["channel_max"],
+      conv_clamp=clamp, dtype=dtype)
+  D = Discriminator(
+      resolution=cfg["resolution"], img_channels=cfg["img_channels"],
+      channel_base=cfg["channel_base"], channel_max=cfg["channel_max"],
+      mbstd_group_size=cfg.get("mbstd_group_size", 4),
+      mbstd_num_channels=cfg.get("mbstd_num_channels", 1),
+      conv_clamp=clamp, dtype=dtype)
+  return G, D
+
+
+def init(rng: Array, G: Generator, D: Discriminator, batch: int = 1
+         ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """Initial variables: G -> {'params', 'buffers'}, D -> {'params'}."""
+  g_key, d_key = jax.random.split(rng)
+  z = jnp.zeros((batch, G.z_dim), jnp.float32)
+  img = jnp.zeros((batch, D.resolution, D.resolution, D.img_channels))
+  # Jitted: one compilation instead of thousands of eager dispatches.
+  g_vars = jax.jit(lambda k: G.init({"params": k}, z, noise_mode="const"))(g_key)
+  d_vars = jax.jit(lambda k: D.init({"params": k}, img))(d_key)
+  return dict(g_vars), dict(d_vars)
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a pytree (e.g. `variables['params']`)."""
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
