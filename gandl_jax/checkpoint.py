@@ -1,0 +1,179 @@
+"""Model checkpoints: Orbax, one directory per step.
+
+Layout (shared by training and `tools/import_stylegan2_ada.py`):
+
+  WORKDIR/checkpoints/<step>/model   {'G': {'params', 'buffers'},
+                                      'G_ema': {'params', 'buffers'},
+                                      'D': {'params'}}      (StandardSave)
+  WORKDIR/checkpoints/<step>/meta    {'model': <model config dict>,
+                                      'step': int, 'kimg': float,
+                                      'source': str, ...}   (JsonSave)
+  WORKDIR/checkpoints/<step>/train   optimizer states etc. (training only)
+
+`restore_model` reads only `model` and `meta`, so it works on checkpoints
+written by training and by the importer alike, on any device topology (arrays
+come back on the first local device).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+PathLike = Union[str, os.PathLike, epath.Path]
+
+MODEL_ITEM = "model"
+META_ITEM = "meta"
+TRAIN_ITEM = "train"
+CHECKPOINTS_SUBDIR = "checkpoints"
+MODEL_KEYS = ("G", "G_ema", "D")
+_READ_OPTIONS = ocp.CheckpointManagerOptions(create=False)
+
+
+def checkpoint_dir(workdir: PathLike) -> epath.Path:
+  """WORKDIR/checkpoints (local path or gs://...)."""
+  return epath.Path(workdir) / CHECKPOINTS_SUBDIR
+
+
+def _check_model(model: Mapping[str, Any]) -> None:
+  missing = [k for k in MODEL_KEYS if k not in model]
+  if missing:
+    raise ValueError(f"model must hold {list(MODEL_KEYS)}; missing {missing}")
+  for k in ("G", "G_ema"):
+    if set(model[k]) != {"params", "buffers"}:
+      raise ValueError(f"model[{k!r}] must have exactly 'params' and "
+                       f"'buffers', got {sorted(model[k])}")
+  if "params" not in model["D"]:
+    raise ValueError(f"model['D'] must have 'params', got {sorted(model['D'])}")
+
+
+def _jsonable(x: Any) -> Any:
+  """Plain JSON types (ConfigDicts, numpy scalars and tuples converted)."""
+  if hasattr(x, "to_dict"):
+    x = x.to_dict()
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
+
+
+def save_model(directory: PathLike, step: int, model: Mapping[str, Any],
+               meta: Mapping[str, Any]) -> epath.Path:
+  """Writes `model` and `meta` as step `step` under `directory`.
+
+  `directory` is the checkpoints directory (see `checkpoint_dir`). Orbax
+  writes to a temporary directory and renames it when complete, so an
+  interrupted save never looks like a checkpoint. Returns the step directory.
+  """
+  _check_model(model)
+  meta = _jsonable(dict(meta))
+  if "model" not in meta:
+    raise ValueError("meta must hold the model config under 'model'")
+  meta.setdefault("step", int(step))
+  directory = epath.Path(directory)
+  with ocp.CheckpointManager(
+      directory, item_names=(MODEL_ITEM, META_ITEM)) as mngr:
+    if step in mngr.all_steps():
+      raise FileExistsError(f"{directory}: step {step} already exists")
+    mngr.save(int(step), args=ocp.args.Composite(**{
+        MODEL_ITEM: ocp.args.StandardSave(dict(model)),
+        META_ITEM: ocp.args.JsonSave(meta)}))
+    mngr.wait_until_finished()
+  return directory / str(int(step))
+
+
+def _resolve(path: PathLike) -> Tuple[epath.Path, Optional[int]]:
+  """(checkpoints directory, step or None) for a workdir / checkpoints dir /
+  step dir."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint path {path} does not exist")
+  if path.is_dir() and (path / CHECKPOINTS_SUBDIR).is_dir():
+    return path / CHECKPOINTS_SUBDIR, None
+  if path.name.isdigit() and (path / MODEL_ITEM).exists():
+    return path.parent, int(path.name)
+  return path, None
+
+
+def _reader(directory: epath.Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory, options=_READ_OPTIONS,
+      item_handlers={MODEL_ITEM: ocp.StandardCheckpointHandler(),
+                     META_ITEM: ocp.JsonCheckpointHandler()})
+
+
+def _restore_step(mngr: ocp.CheckpointManager, step: int
+                  ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  item_meta = mngr.item_metadata(step)[MODEL_ITEM]
+  if item_meta is None:
+    raise FileNotFoundError(f"step {step} has no '{MODEL_ITEM}' item")
+  device = jax.local_devices()[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                     sharding=sharding),
+      item_meta)
+  restored = mngr.restore(step, args=ocp.args.Composite(**{
+      MODEL_ITEM: ocp.args.StandardRestore(target),
+      META_ITEM: ocp.args.JsonRestore()}))
+  model, meta = restored[MODEL_ITEM], restored[META_ITEM]
+  _check_model(model)
+  return model, dict(meta)
+
+
+def list_steps(path: PathLike) -> Tuple[int, ...]:
+  """Steps available under a workdir or checkpoints directory."""
+  directory, step = _resolve(path)
+  if step is not None:
+    return (step,)
+  with _reader(directory) as mngr:
+    return tuple(sorted(mngr.all_steps()))
+
+
+def restore_model(path: PathLike, step: Optional[int] = None
+                  ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """Restores (model variables, meta) from a workdir, its checkpoints/ dir or
+  a step dir.
+
+  The latest step is used unless `step` is given (or `path` is a step dir).
+  If the latest step cannot be read (e.g. a partially copied checkpoint), the
+  previous ones are tried, with a warning; an explicit step never falls back.
+  """
+  directory, dir_step = _resolve(path)
+  if step is not None and dir_step is not None and step != dir_step:
+    raise ValueError(f"{path} is the directory of step {dir_step} but "
+                     f"step={step} was requested")
+  explicit = step if step is not None else dir_step
+  with _reader(directory) as mngr:
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(
+          f"no checkpoints found in {directory} (expected step directories "
+          f"'<step>/{MODEL_ITEM}' written by gandl-train or "
+          f"tools/import_stylegan2_ada.py)")
+    if explicit is not None:
+      if explicit not in steps:
+        raise FileNotFoundError(f"step {explicit} not found in {directory}; "
+                                f"available: {sorted(steps)}")
+      return _restore_step(mngr, explicit)
+    errors = []
+    for s in steps:
+      try:
+        result = _restore_step(mngr, s)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("checkpoint step %d in %s is unreadable (%s: %s); "
+                        "trying the previous one", s, directory,
+                        type(e).__name__, e)
+        errors.append(f"step {s}: {type(e).__name__}: {e}")
+        continue
+      return result
+    raise RuntimeError(f"no readable checkpoint in {directory}:\n  " +
+                       "\n  ".join(errors))

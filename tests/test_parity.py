@@ -1,0 +1,159 @@
+"""Numerical parity with NVlabs' stylegan2-ada-pytorch.
+
+The fixtures (tests/fixtures/parity_*.npz) hold reference weights, inputs and
+outputs computed once with the reference implementation by
+tools/make_parity_fixtures.py (no reference code is part of this repository).
+Weights go through the importer (tools/import_stylegan2_ada.py, the .npz
+path, no torch needed) into our Flax networks, which must reproduce:
+G images (noise 'const', psi 1 and 0.7), D logits and epilogue fc features
+(max abs error < 1e-4), and the R1 / path-length penalties of the reference's
+`StyleGAN2Loss` (relative error < 1e-4).
+
+Extra fixtures (e.g. the full-size 256x256 check, see docs/import.md) can be
+added with GANDL_PARITY_FIXTURES=/path/a.npz:/path/b.npz.
+"""
+import functools
+import glob
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gandl_jax import networks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures",
+                                         "parity_*.npz")))
+FIXTURES += [p for p in os.environ.get("GANDL_PARITY_FIXTURES", "").split(
+    os.pathsep) if p]
+ATOL = 1e-4
+RTOL = 1e-4
+
+# Known differences between our networks and the reference, per fixture and
+# check. parity_16_clamp: the reference's resnet D `skip` layer (a 1x1
+# Conv2dLayer without bias) is built without conv_clamp, ours clamps its
+# output at conv_clamp * sqrt(0.5); D outputs differ whenever conv_clamp is
+# set. Delete the entry once gandl_jax/networks.py stops clamping the skip.
+KNOWN_MISMATCHES = {
+    ("parity_16_clamp.npz", "d"): "D skip layer is clamped in ours, not in "
+                                  "the reference",
+    ("parity_16_clamp.npz", "r1"): "D skip layer is clamped in ours, not in "
+                                   "the reference",
+}
+
+
+def _load_importer():
+  spec = importlib.util.spec_from_file_location(
+      "import_stylegan2_ada", os.path.join(ROOT, "tools",
+                                           "import_stylegan2_ada.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(path):
+  importer = _load_importer()
+  f = dict(np.load(path, allow_pickle=False))
+  hints = json.loads(str(f["config_json"]))
+  model, config = importer.convert(importer.load_state_dicts(path), hints)
+  G, D = networks.build(config, jnp.float32)
+  return f, model, config, G, D
+
+
+def _check(path, check, errors):
+  """Asserts every (name, error, tolerance); known mismatches xfail while
+  they persist and fail loudly once they are fixed."""
+  failed = [f"{n}: {e:.3g} >= {t:g}" for n, e, t in errors if not e < t]
+  reason = KNOWN_MISMATCHES.get((os.path.basename(path), check))
+  if reason and failed:
+    pytest.xfail(f"{reason} ({'; '.join(failed)})")
+  if reason:
+    pytest.fail(f"known mismatch {reason!r} is gone: delete its "
+                "KNOWN_MISMATCHES entry")
+  assert not failed, "; ".join(failed)
+
+
+def _ids(paths):
+  return [os.path.basename(p) for p in paths]
+
+
+@pytest.fixture(params=FIXTURES, ids=_ids(FIXTURES))
+def fixture_path(request):
+  return request.param
+
+
+def test_fixtures_present():
+  names = _ids(FIXTURES)
+  assert "parity_32.npz" in names and "parity_16_clamp.npz" in names
+
+
+def test_generator_images(fixture_path):
+  f, model, _, G, _ = _setup(fixture_path)
+  g = model["G"]
+  z = jnp.asarray(f["z"])
+  ws = G.apply(g, z, method=G.map)
+  np.testing.assert_allclose(ws, f["ws_psi1"], rtol=0, atol=ATOL)
+  img1 = np.asarray(G.apply(g, z, truncation_psi=1.0, noise_mode="const"))
+  img07 = np.asarray(G.apply(g, z, truncation_psi=0.7, noise_mode="const"))
+  assert np.abs(img1 - f["g_img_psi1"]).max() < ATOL
+  assert np.abs(img07 - f["g_img_psi07"]).max() < ATOL
+  # The fixture exercises what it claims: truncation and constant noise
+  # change the images by far more than the tolerance.
+  assert np.abs(img1 - img07).max() > 100 * ATOL
+  no_noise = np.asarray(G.apply(g, z, truncation_psi=1.0, noise_mode="none"))
+  assert np.abs(img1 - no_noise).max() > 100 * ATOL
+
+
+def test_discriminator_logits_and_fc(fixture_path):
+  f, model, _, _, D = _setup(fixture_path)
+  logits, feats = D.apply(model["D"], jnp.asarray(f["d_img"]),
+                          return_features=True)
+  assert logits.shape == f["d_logits"].shape
+  _check(fixture_path, "d", [
+      ("logits", np.abs(np.asarray(logits) - f["d_logits"]).max(), ATOL),
+      ("fc", np.abs(np.asarray(feats["fc"]) - f["d_fc"]).max(), ATOL)])
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
+def test_r1_penalty(fixture_path):
+  """StyleGAN2Loss Dr1: ||d sum(D(x)) / dx||^2 per sample, times gamma/2."""
+  f, model, _, _, D = _setup(fixture_path)
+
+  def logit_sum(x):
+    return jnp.sum(D.apply(model["D"], x))
+
+  grads = jax.grad(logit_sum)(jnp.asarray(f["d_img"]))
+  penalty = jnp.sum(jnp.square(grads), axis=(1, 2, 3))
+  loss = penalty * (float(f["r1_gamma"]) / 2)
+  _check(fixture_path, "r1", [
+      ("r1_penalty", _rel_err(penalty, f["r1_penalty"]), RTOL),
+      ("r1_loss", _rel_err(loss, f["r1_loss"]), RTOL)])
+
+
+def test_path_length_penalty(fixture_path):
+  """StyleGAN2Loss Gpl: lengths of d sum(G(ws) * noise) / d ws, pl_mean
+  update and (length - mean)^2, with the fixture's fixed noise."""
+  f, model, _, G, _ = _setup(fixture_path)
+  noise = jnp.asarray(f["pl_noise"])
+
+  def projected(ws):
+    img = G.apply(model["G"], ws, noise_mode="const", method=G.synthesize)
+    return jnp.sum(img * noise)
+
+  grads = jax.grad(projected)(jnp.asarray(f["pl_ws"]))
+  lengths = jnp.sqrt(jnp.mean(jnp.sum(jnp.square(grads), axis=2), axis=1))
+  assert _rel_err(lengths, f["pl_lengths"]) < RTOL
+  prev, decay = float(f["pl_mean_prev"]), float(f["pl_decay"])
+  pl_mean = prev + decay * (jnp.mean(lengths) - prev)
+  assert _rel_err(pl_mean, f["pl_mean"]) < RTOL
+  penalty = jnp.square(lengths - pl_mean)
+  assert _rel_err(penalty, f["pl_penalty"]) < RTOL
