@@ -1,0 +1,93 @@
+"""Runs the launchers' commands, or prints them (`--dry-run`).
+
+The launchers run on a workstation that has `gcloud` but not necessarily this
+package, so everything under `launch/` uses the Python standard library only.
+
+A command is an argv list; `Runner.run` executes it without a shell, and
+`--dry-run` prints it with `shlex.join`, one command per line, so the printed
+text is exactly what would run and can be pasted into a POSIX shell. Lines that
+explain (for example the branches of the preemption watcher) start with `#`,
+so the whole output stays valid shell.
+"""
+import shlex
+import subprocess
+import sys
+import time
+from typing import Callable, Optional, Sequence, TextIO
+
+
+class CommandError(RuntimeError):
+  """A command exited with a non-zero status."""
+
+  def __init__(self, cmd: Sequence[str], returncode: int):
+    super().__init__(f"command failed with exit status {returncode}: "
+                     f"{shlex.join(cmd)}")
+    self.cmd = list(cmd)
+    self.returncode = returncode
+
+
+class Runner:
+  """Executes argv commands or, with `dry_run`, prints them."""
+
+  def __init__(self, dry_run: bool, out: Optional[TextIO] = None,
+               sleep: Callable[[float], None] = time.sleep):
+    self.dry_run = dry_run
+    self._out = out
+    self._sleep = sleep
+
+  @property
+  def out(self) -> TextIO:
+    return self._out if self._out is not None else sys.stdout
+
+  def _echo(self, line: str) -> None:
+    print(line, file=self.out, flush=True)
+
+  def comment(self, text: str) -> None:
+    """A `# text` line in dry-run output; progress on stderr otherwise."""
+    if self.dry_run:
+      self._echo(f"# {text}")
+    else:
+      print(f"[launch] {text}", file=sys.stderr, flush=True)
+
+  def run(self, cmd: Sequence[str], check: bool = True) -> int:
+    """Runs `cmd` (no shell); returns its exit status (0 in dry-run)."""
+    cmd = [str(c) for c in cmd]
+    if self.dry_run:
+      self._echo(shlex.join(cmd))
+      return 0
+    print(f"+ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    returncode = subprocess.run(cmd, check=False).returncode
+    if check and returncode != 0:
+      raise CommandError(cmd, returncode)
+    return returncode
+
+  def run_shell(self, line: str, check: bool = True) -> int:
+    """Runs a shell line (for `nohup ... &`); dry-run prints it verbatim."""
+    if self.dry_run:
+      self._echo(line)
+      return 0
+    print(f"+ {line}", file=sys.stderr, flush=True)
+    returncode = subprocess.run(["bash", "-c", line], check=False).returncode
+    if check and returncode != 0:
+      raise CommandError(["bash", "-c", line], returncode)
+    return returncode
+
+  def query(self, cmd: Sequence[str],
+            simulated: Callable[[], tuple]) -> tuple:
+    """Runs `cmd` capturing output: (returncode, stdout, stderr).
+
+    In dry-run the command is printed and `simulated()` supplies the answer,
+    so loops that branch on a probe (the watcher) can be shown end to end.
+    """
+    cmd = [str(c) for c in cmd]
+    if self.dry_run:
+      self._echo(shlex.join(cmd))
+      return simulated()
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+  def sleep(self, seconds: float) -> None:
+    if self.dry_run:
+      self._echo(f"sleep {int(seconds)}")
+    else:
+      self._sleep(seconds)
