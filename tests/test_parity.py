@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gandl_jax import losses
 from gandl_jax import networks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,14 +126,11 @@ def _rel_err(a, b):
 
 
 def test_r1_penalty(fixture_path):
-  """StyleGAN2Loss Dr1: ||d sum(D(x)) / dx||^2 per sample, times gamma/2."""
+  """StyleGAN2Loss Dr1 via gandl_jax.losses.r1_penalty over our D."""
   f, model, _, _, D = _setup(fixture_path)
-
-  def logit_sum(x):
-    return jnp.sum(D.apply(model["D"], x))
-
-  grads = jax.grad(logit_sum)(jnp.asarray(f["d_img"]))
-  penalty = jnp.sum(jnp.square(grads), axis=(1, 2, 3))
+  penalty, logits = losses.r1_penalty(
+      lambda x: D.apply(model["D"], x), jnp.asarray(f["d_img"]))
+  assert logits.shape == f["d_logits"].shape
   loss = penalty * (float(f["r1_gamma"]) / 2)
   _check(fixture_path, "r1", [
       ("r1_penalty", _rel_err(penalty, f["r1_penalty"]), RTOL),
@@ -140,20 +138,33 @@ def test_r1_penalty(fixture_path):
 
 
 def test_path_length_penalty(fixture_path):
-  """StyleGAN2Loss Gpl: lengths of d sum(G(ws) * noise) / d ws, pl_mean
-  update and (length - mean)^2, with the fixture's fixed noise."""
+  """StyleGAN2Loss Gpl via gandl_jax.losses over our G, with the fixture's
+  noise: `path_lengths` draws y from a key, so the synthesis output is
+  reweighted by y_ref / y, which makes J^T y equal the reference's J^T y_ref."""
   f, model, _, G, _ = _setup(fixture_path)
-  noise = jnp.asarray(f["pl_noise"])
+  ws = jnp.asarray(f["pl_ws"])
+  ref_noise = jnp.asarray(f["pl_noise"])
+  key = jax.random.PRNGKey(0)
+  h, w = ref_noise.shape[1], ref_noise.shape[2]
+  y = jax.random.normal(key, ref_noise.shape, jnp.float32) / np.sqrt(h * w)
+  reweight = ref_noise / y
 
-  def projected(ws):
-    img = G.apply(model["G"], ws, noise_mode="const", method=G.synthesize)
-    return jnp.sum(img * noise)
+  def synthesis_fn(ws_):
+    img = G.apply(model["G"], ws_, noise_mode="const", method=G.synthesize)
+    return img * reweight
 
-  grads = jax.grad(projected)(jnp.asarray(f["pl_ws"]))
-  lengths = jnp.sqrt(jnp.mean(jnp.sum(jnp.square(grads), axis=2), axis=1))
+  lengths, _ = losses.path_lengths(synthesis_fn, ws, key)
   assert _rel_err(lengths, f["pl_lengths"]) < RTOL
-  prev, decay = float(f["pl_mean_prev"]), float(f["pl_decay"])
-  pl_mean = prev + decay * (jnp.mean(lengths) - prev)
+
+  # Independent of the reweighting: the same lengths by direct jax.grad.
+  def projected(ws_):
+    img = G.apply(model["G"], ws_, noise_mode="const", method=G.synthesize)
+    return jnp.sum(img * ref_noise)
+  grads = jax.grad(projected)(ws)
+  direct = jnp.sqrt(jnp.mean(jnp.sum(jnp.square(grads), axis=2), axis=1))
+  assert _rel_err(direct, f["pl_lengths"]) < RTOL
+
+  penalty, pl_mean = losses.path_length_penalty(
+      lengths, jnp.float32(f["pl_mean_prev"]), float(f["pl_decay"]))
   assert _rel_err(pl_mean, f["pl_mean"]) < RTOL
-  penalty = jnp.square(lengths - pl_mean)
   assert _rel_err(penalty, f["pl_penalty"]) < RTOL
