@@ -1,0 +1,107 @@
+"""gandl-evaluate: downstream evaluation of site embeddings (GAN-DL protocol).
+
+  gandl-evaluate --embeddings emb.parquet --metadata RxRx19a/metadata.csv \
+      --output eval/ [--tasks control,cell_model,dose_response,rxrx1,truth] \
+      [--baseline recursion/embeddings.csv --baseline_name recursion] \
+      [--rxrx1_embeddings rx1.parquet --rxrx1_metadata RxRx1/metadata.csv] \
+      [--compounds "Remdesivir (GS-5734),GS-441524"] [--whiten] \
+      [--aggregate well]
+
+Writes OUTPUT/metrics.json, OUTPUT/report.md, OUTPUT/figures/*.png and the
+dose-response tables. See docs/evaluation.md.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import sys
+
+from absl import app, flags
+
+from gandl_jax.evaluate import classify, dose_response
+from gandl_jax.evaluate.pipeline import Options, evaluate
+from gandl_jax.evaluate.tasks import ALL_TASKS
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("embeddings", None, "Embeddings: our Parquet/CSV, Recursion's "
+                    "embeddings.csv, a per-experiment CSV, a directory of "
+                    "them or a comma-separated list.")
+flags.DEFINE_string("metadata", None, "metadata.csv to join by site_id "
+                    "(default: the metadata columns inside the embeddings).")
+flags.DEFINE_string("output", None, "Output directory.")
+flags.DEFINE_list("tasks", list(ALL_TASKS), f"Tasks, any of {list(ALL_TASKS)}.")
+flags.DEFINE_string("name", "embeddings", "Name of the embeddings in the report.")
+flags.DEFINE_string("baseline", None, "Second embeddings set evaluated side by "
+                    "side (e.g. Recursion's embeddings, a random-init model).")
+flags.DEFINE_string("baseline_name", "baseline", "Name of the baseline.")
+flags.DEFINE_string("baseline_metadata", None, "Metadata for the baseline "
+                    "(default: --metadata).")
+flags.DEFINE_string("rxrx1_embeddings", None, "RxRx1 embeddings for the "
+                    "zero-shot cell-type task.")
+flags.DEFINE_string("rxrx1_metadata", None, "RxRx1 metadata.csv.")
+flags.DEFINE_string("rxrx1_baseline", None, "RxRx1 embeddings of the baseline.")
+flags.DEFINE_string("truth", None, "synthetic_truth.csv (default: found next "
+                    "to the metadata or embeddings).")
+flags.DEFINE_string("compounds", "", "Comma-separated compound names to plot "
+                    "(CSV-quoted if a name holds a comma).")
+flags.DEFINE_bool("normalize", True, "Per-plate normalization by controls.")
+flags.DEFINE_bool("whiten", False, "PCA whitening fitted on control sites.")
+flags.DEFINE_integer("whiten_components", None, "Keep this many components.")
+flags.DEFINE_enum("aggregate", "site", ["site", "well"], "Evaluate sites or "
+                  "well means.")
+flags.DEFINE_enum("cell_type_features", "raw", ["raw", "normalized"],
+                  "Features for the cell-type tasks (see docs).")
+flags.DEFINE_integer("seed", 0, "Seed of splits and subsets.")
+flags.DEFINE_list("c_grid", ["0.001", "0.01", "0.1", "1"], "SVM C values.")
+flags.DEFINE_integer("cv_folds", 3, "Folds of the C search.")
+flags.DEFINE_integer("cv_max_rows", 8000, "Max training rows in the C search.")
+flags.DEFINE_integer("max_train_rows", 60000, "Max rows of the final fit.")
+flags.DEFINE_float("hit_threshold", 0.5, "Efficacy (rescue units) for a hit.")
+flags.DEFINE_integer("top_compounds", 6, "Compounds plotted from the ranking.")
+
+
+def parse_compounds(text: str):
+  if not text.strip():
+    return []
+  row = next(csv.reader(io.StringIO(text), skipinitialspace=True))
+  return [c.strip() for c in row if c.strip()]
+
+
+def main(argv):
+  del argv
+  if not FLAGS.embeddings or not FLAGS.output:
+    raise app.UsageError("--embeddings and --output are required")
+  try:
+    c_grid = tuple(float(c) for c in FLAGS.c_grid)
+  except ValueError as e:
+    raise app.UsageError(f"--c_grid must be numbers: {e}") from e
+  opts = Options(
+      normalize=FLAGS.normalize, whiten=FLAGS.whiten,
+      whiten_components=FLAGS.whiten_components, aggregate=FLAGS.aggregate,
+      cell_type_features=FLAGS.cell_type_features,
+      protocol=classify.ProtocolConfig(
+          seed=FLAGS.seed, c_grid=c_grid, cv_folds=FLAGS.cv_folds,
+          cv_max_rows=FLAGS.cv_max_rows, max_train_rows=FLAGS.max_train_rows),
+      fit=dose_response.FitConfig(), hit_threshold=FLAGS.hit_threshold,
+      top_compounds=FLAGS.top_compounds)
+  try:
+    evaluate(FLAGS.embeddings, FLAGS.output, metadata=FLAGS.metadata,
+             tasks=FLAGS.tasks, baseline=FLAGS.baseline,
+             baseline_name=FLAGS.baseline_name, name=FLAGS.name,
+             baseline_metadata=FLAGS.baseline_metadata,
+             rxrx1_embeddings=FLAGS.rxrx1_embeddings,
+             rxrx1_metadata=FLAGS.rxrx1_metadata,
+             rxrx1_baseline=FLAGS.rxrx1_baseline, truth=FLAGS.truth,
+             compounds=parse_compounds(FLAGS.compounds), options=opts)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"gandl-evaluate: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,466 @@
+"""Reading and writing site embeddings in every layout gandl-evaluate accepts.
+
+Layouts (detected from the column names):
+
+* ours (written by `gandl-export`): Parquet or CSV with `site_id`, the
+  metadata columns of `gandl_jax.schema` and feature columns named
+  `FEATURE_PREFIX + zero-padded index` (`f0000`, `f0001`, ...);
+* Recursion's `embeddings.csv`: `site_id` followed by numbered columns
+  (`0`, `1`, ... or `Unnamed: k`), with or without a header line;
+* Recursion's newer per-experiment CSVs: `feature_0` ... `feature_1023` plus
+  plate/well columns (and `site_id` or enough columns to build it). A
+  directory or a comma-separated list of such files is read as one table.
+
+Features are joined to `metadata.csv` by `site_id`; rows whose `site_id` is not
+in the metadata, duplicated rows and rows with missing (NaN / empty) feature
+values are dropped and counted in `Embeddings.issues`.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import os
+import re
+import tempfile
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from gandl_jax import schema
+
+# The feature-column convention shared with the exporter: f0000, f0001, ...
+FEATURE_PREFIX = "f"
+FEATURE_DIGITS = 4
+# Keys of the Parquet file metadata that the exporter records.
+META_KEY_LAYER = b"gandl.layer"
+META_KEY_STEP = b"gandl.checkpoint_step"
+
+_OURS = re.compile(r"^f(\d+)$")
+_RECURSION_NEW = re.compile(r"^feature_(\d+)$")
+_NUMBERED = re.compile(r"^(?:Unnamed: )?(\d+)$")
+_SITE_ID = re.compile(r"^[^_,]+_\d+_[A-Za-z]+\d+_\d+$")
+# Columns of Recursion's per-experiment CSVs that are not features.
+_ID_COLUMNS = ("site_id", "well_id", "experiment", "plate", "well", "site")
+
+
+def feature_name(index: int) -> str:
+  """Name of feature column `index`: `f0000` for 0 (more digits past 9999)."""
+  return f"{FEATURE_PREFIX}{index:0{FEATURE_DIGITS}d}"
+
+
+def feature_names(dim: int) -> List[str]:
+  return [feature_name(i) for i in range(dim)]
+
+
+@dataclasses.dataclass
+class Embeddings:
+  """Site (or well) embeddings with their metadata, rows aligned.
+
+  meta: one row per embedding; `site_id` plus the metadata columns.
+  features: float32 array (rows, dim).
+  issues: human-readable notes on what was dropped or repaired while loading.
+  """
+  meta: pd.DataFrame
+  features: np.ndarray
+  source: str = ""
+  issues: List[str] = dataclasses.field(default_factory=list)
+  file_metadata: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if len(self.meta) != len(self.features):
+      raise ValueError(
+          f"{self.source or 'embeddings'}: {len(self.meta)} metadata rows but "
+          f"{len(self.features)} feature rows")
+
+  @property
+  def dim(self) -> int:
+    return int(self.features.shape[1])
+
+  def subset(self, mask: np.ndarray) -> "Embeddings":
+    return Embeddings(self.meta.loc[mask].reset_index(drop=True),
+                      self.features[mask], self.source, list(self.issues),
+                      dict(self.file_metadata))
+
+
+# ---------------------------------------------------------------------------
+# Column classification.
+
+
+def _feature_index(name: str) -> Optional[int]:
+  for pattern in (_OURS, _RECURSION_NEW, _NUMBERED):
+    m = pattern.match(str(name))
+    if m:
+      return int(m.group(1))
+  return None
+
+
+def feature_columns(columns: Sequence[str], source: str = "") -> List[str]:
+  """The feature columns among `columns`, ordered by their index.
+
+  Raises ValueError when there are none or when two naming schemes mix.
+  """
+  found = {}
+  kinds = set()
+  # A pandas index written to CSV shows up as `Unnamed: 0`; when properly
+  # numbered columns exist, `Unnamed: k` columns are not features.
+  has_plain = any(_feature_index(c) is not None and
+                  not str(c).startswith("Unnamed") for c in columns)
+  for c in columns:
+    idx = _feature_index(c)
+    if idx is None or c in _ID_COLUMNS:
+      continue
+    if has_plain and str(c).startswith("Unnamed"):
+      continue
+    kind = ("ours" if _OURS.match(c) else
+            "feature_" if _RECURSION_NEW.match(c) else "numbered")
+    kinds.add(kind)
+    found[idx] = c
+  if not found:
+    raise ValueError(
+        f"{source}: no feature columns found; expected `{feature_name(0)}, "
+        f"{feature_name(1)}, ...` (gandl-export), `feature_0, feature_1, ...` "
+        f"or numbered columns after `site_id` (Recursion); got columns "
+        f"{list(columns)[:8]}...")
+  if len(kinds) > 1:
+    raise ValueError(f"{source}: feature columns mix naming schemes {sorted(kinds)}")
+  return [found[i] for i in sorted(found)]
+
+
+def _missing_indices(cols: Sequence[str]) -> List[int]:
+  idx = sorted(_feature_index(c) for c in cols)
+  present = set(idx)
+  return [i for i in range(idx[-1] + 1) if i not in present]
+
+
+# ---------------------------------------------------------------------------
+# Reading.
+
+
+def _expand_paths(path: Union[str, Sequence[str]]) -> List[str]:
+  if not isinstance(path, str):
+    out = []
+    for p in path:
+      out.extend(_expand_paths(p))
+    return out
+  if "," in path and not os.path.exists(path):
+    return _expand_paths([p for p in path.split(",") if p])
+  if os.path.isdir(path):
+    files = sorted(glob.glob(os.path.join(path, "*.parquet")) +
+                   glob.glob(os.path.join(path, "*.csv")) +
+                   glob.glob(os.path.join(path, "*.csv.gz")))
+    if not files:
+      raise FileNotFoundError(f"{path}: directory holds no .parquet or .csv files")
+    return files
+  if any(ch in path for ch in "*?["):
+    files = sorted(glob.glob(path))
+    if not files:
+      raise FileNotFoundError(f"{path}: no file matches")
+    return files
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: embeddings file not found")
+  return [path]
+
+
+def _is_parquet(path: str) -> bool:
+  return path.endswith((".parquet", ".pq"))
+
+
+def _read_csv_table(path: str) -> pa.Table:
+  """A CSV as an Arrow table; features as float32, a header line optional."""
+  with open(path, newline="", encoding="utf-8") if not path.endswith(".gz") \
+      else __import__("gzip").open(path, "rt", newline="", encoding="utf-8") as f:
+    reader = csv.reader(f)
+    try:
+      header = next(reader)
+    except StopIteration as e:
+      raise ValueError(f"{path}: empty file") from e
+  headerless = bool(header) and bool(_SITE_ID.match(header[0])) and all(
+      _is_float(v) for v in header[1:])
+  if headerless:
+    names = ["site_id"] + [str(i) for i in range(len(header) - 1)]
+  else:
+    names = [h if h else f"Unnamed: {i}" for i, h in enumerate(header)]
+  types = {}
+  feats = []
+  for n in names:
+    if n != "site_id" and _feature_index(n) is not None and n not in _ID_COLUMNS:
+      feats.append(n)
+  # `Unnamed: 0` holding a pandas index is not a feature when other numbered
+  # columns start at 0 too: keep only one column per index.
+  for n in feats:
+    types[n] = pa.float32()
+  for n in names:
+    if n in ("site_id", "well_id", "well", "experiment", "cell_type",
+             "disease_condition", "treatment", "SMILES", "dataset",
+             "well_type", "sirna"):
+      types[n] = pa.string()
+  read_opts = pa_csv.ReadOptions(column_names=names,
+                                 skip_rows=0 if headerless else 1)
+  convert = pa_csv.ConvertOptions(column_types=types, strings_can_be_null=True)
+  try:
+    return pa_csv.read_csv(path, read_options=read_opts, convert_options=convert)
+  except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+    raise ValueError(f"{path}: cannot parse as an embeddings CSV: {e}") from e
+
+
+def _is_float(v: str) -> bool:
+  try:
+    float(v)
+    return True
+  except ValueError:
+    return False
+
+
+def _table_to_matrix(table: pa.Table, cols: Sequence[str]) -> np.ndarray:
+  """Feature columns -> C-ordered float32 (rows, dim), nulls as NaN."""
+  n = table.num_rows
+  out = np.empty((n, len(cols)), dtype=np.float32)
+  block = 64
+  for start in range(0, len(cols), block):
+    names = cols[start:start + block]
+    tmp = np.empty((len(names), n), dtype=np.float32)
+    for j, c in enumerate(names):
+      col = table.column(c)
+      if col.type != pa.float32():
+        col = col.cast(pa.float32())
+      tmp[j] = col.to_numpy(zero_copy_only=False)
+    out[:, start:start + len(names)] = tmp.T
+  return out
+
+
+def _site_ids_from_columns(df: pd.DataFrame, path: str) -> Optional[pd.Series]:
+  """Build `site_id` for Recursion's per-experiment CSVs when it is absent."""
+  if "site_id" in df:
+    return df["site_id"].astype(str)
+  if "well_id" in df and "site" in df:
+    return df["well_id"].astype(str) + "_" + df["site"].astype(str)
+  if {"plate", "well", "site"} <= set(df.columns):
+    if "experiment" in df:
+      exp = df["experiment"].astype(str)
+    else:
+      stem = os.path.basename(path).split(".")[0]
+      exp = pd.Series([stem] * len(df), index=df.index)
+    return (exp + "_" + df["plate"].astype(int).astype(str) + "_" +
+            df["well"].astype(str) + "_" + df["site"].astype(int).astype(str))
+  return None
+
+
+def read_embeddings_file(path: Union[str, Sequence[str]]) -> Embeddings:
+  """Reads one or more embedding files (no metadata join yet)."""
+  paths = _expand_paths(path)
+  metas, feats, issues = [], [], []
+  file_meta: Dict[str, str] = {}
+  cols_ref = None
+  for p in paths:
+    if _is_parquet(p):
+      try:
+        table = pq.read_table(p)
+      except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{p}: not a readable Parquet file: {e}") from e
+      kv = table.schema.metadata or {}
+      for k, v in kv.items():
+        if k.startswith(b"gandl."):
+          file_meta[k.decode()] = v.decode()
+    else:
+      table = _read_csv_table(p)
+    cols = feature_columns(table.column_names, p)
+    missing = _missing_indices(cols)
+    if missing:
+      issues.append(
+          f"{p}: {len(missing)} feature column(s) missing from the numbering "
+          f"(first: {missing[:5]}); using the {len(cols)} present")
+    if cols_ref is not None and len(cols) != len(cols_ref):
+      raise ValueError(f"{p}: {len(cols)} feature columns, but {paths[0]} has "
+                       f"{len(cols_ref)}")
+    cols_ref = cols_ref or cols
+    X = _table_to_matrix(table, cols)
+    other = [c for c in table.column_names if c not in set(cols)]
+    meta = table.select(other).to_pandas() if other else pd.DataFrame(
+        index=range(table.num_rows))
+    del table
+    sid = _site_ids_from_columns(meta, p)
+    if sid is None:
+      raise ValueError(
+          f"{p}: no `site_id` column and no (`well_id`, `site`) or "
+          f"(`plate`, `well`, `site`) columns to build it from")
+    meta["site_id"] = sid.values
+    metas.append(meta)
+    feats.append(X)
+  meta = pd.concat(metas, ignore_index=True) if len(metas) > 1 else metas[0]
+  X = np.concatenate(feats) if len(feats) > 1 else feats[0]
+  return Embeddings(meta, X, ",".join(paths), issues, file_meta)
+
+
+def read_metadata(path: str) -> pd.DataFrame:
+  """metadata.csv (RxRx19a or RxRx1 columns) with typed columns, text as ''."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: metadata file not found")
+  df = pd.read_csv(path, dtype=str, keep_default_na=False)
+  if "site_id" not in df:
+    raise ValueError(f"{path}: metadata has no `site_id` column "
+                     f"(expected columns {schema.RXRX19A_COLUMNS})")
+  return _type_metadata(df, path)
+
+
+def _type_metadata(df: pd.DataFrame, source: str) -> pd.DataFrame:
+  df = df.copy()
+  for c in df.columns:
+    if c in schema.INT_COLUMNS:
+      vals = pd.to_numeric(df[c].replace("", np.nan), errors="coerce")
+      if vals.isna().any():
+        bad = df[c][vals.isna()].iloc[0]
+        raise ValueError(f"{source}: column `{c}` must be an integer, got {bad!r}")
+      df[c] = vals.astype(np.int64)
+    elif c in schema.FLOAT_COLUMNS:
+      vals = pd.to_numeric(df[c].replace("", np.nan), errors="coerce")
+      df[c] = vals.astype(np.float64)
+    elif c != "site_id" and (df[c].dtype == object or
+                             pd.api.types.is_string_dtype(df[c])):
+      df[c] = df[c].fillna("").astype(str)
+  df["site_id"] = df["site_id"].astype(str)
+  return df
+
+
+def _parse_site_ids(site_ids: pd.Series) -> pd.DataFrame:
+  parts = site_ids.str.rsplit("_", n=3, expand=True)
+  if parts.shape[1] != 4:
+    return pd.DataFrame(index=site_ids.index)
+  out = pd.DataFrame({"experiment": parts[0], "well": parts[2]})
+  out["plate"] = pd.to_numeric(parts[1], errors="coerce")
+  out["site"] = pd.to_numeric(parts[3], errors="coerce")
+  if out[["plate", "site"]].isna().any().any():
+    return pd.DataFrame(index=site_ids.index)
+  out["plate"] = out["plate"].astype(np.int64)
+  out["site"] = out["site"].astype(np.int64)
+  out["well_id"] = parts[0] + "_" + parts[1] + "_" + parts[2]
+  return out
+
+
+def join_metadata(emb: Embeddings, metadata: Optional[pd.DataFrame],
+                  metadata_source: str = "metadata") -> Embeddings:
+  """Aligns `emb` with `metadata` by site_id; drops and counts bad rows.
+
+  Without `metadata` the embeddings file's own metadata columns are used;
+  experiment/plate/well/site are parsed from `site_id` where absent.
+  """
+  issues = list(emb.issues)
+  meta = emb.meta
+  X = emb.features
+  keep = np.ones(len(meta), dtype=bool)
+  sid = meta["site_id"].astype(str)
+
+  dup = sid.duplicated(keep="first").to_numpy()
+  if dup.any():
+    issues.append(f"{emb.source}: {int(dup.sum())} duplicated site_id row(s) "
+                  f"dropped (first occurrence kept)")
+    keep &= ~dup
+
+  nan_rows = ~np.isfinite(X).all(axis=1)
+  if nan_rows.any():
+    issues.append(f"{emb.source}: {int(nan_rows.sum())} row(s) with missing, NaN "
+                  f"or infinite feature values dropped")
+    keep &= ~nan_rows
+
+  if metadata is not None:
+    md = metadata
+    if md["site_id"].duplicated().any():
+      n = int(md["site_id"].duplicated().sum())
+      issues.append(f"{metadata_source}: {n} duplicated site_id row(s); first kept")
+      md = md.drop_duplicates("site_id", keep="first")
+    index = pd.Index(md["site_id"].astype(str))
+    pos = index.get_indexer(sid)
+    unknown = (pos < 0) & keep
+    if unknown.any():
+      examples = sid[unknown].iloc[:3].tolist()
+      issues.append(f"{emb.source}: {int(unknown.sum())} site_id(s) not in "
+                    f"{metadata_source} dropped (e.g. {examples})")
+      keep &= pos >= 0
+    pos_kept = pos[keep]
+    missing = len(md) - len(np.unique(pos_kept))
+    if missing:
+      issues.append(f"{metadata_source}: {missing} site(s) have no embedding")
+    new_meta = md.iloc[pos_kept].reset_index(drop=True)
+  else:
+    new_meta = _type_metadata(meta.loc[keep].reset_index(drop=True), emb.source)
+    parsed = _parse_site_ids(new_meta["site_id"])
+    for c in parsed.columns:
+      if c not in new_meta:
+        new_meta[c] = parsed[c].values
+  if keep.all():
+    new_X = X
+  else:
+    new_X = X[keep]
+  return Embeddings(new_meta, new_X, emb.source, issues, emb.file_metadata)
+
+
+def load_embeddings(path: Union[str, Sequence[str]],
+                    metadata: Optional[Union[str, pd.DataFrame]] = None
+                    ) -> Embeddings:
+  """Reads embeddings (any layout) and joins them to metadata by site_id."""
+  emb = read_embeddings_file(path)
+  if isinstance(metadata, str):
+    md, src = read_metadata(metadata), metadata
+  elif metadata is not None:
+    md, src = _type_metadata(metadata, "metadata"), "metadata"
+  else:
+    md, src = None, ""
+  return join_metadata(emb, md, src)
+
+
+# ---------------------------------------------------------------------------
+# Writing (atomic).
+
+
+def atomic_write(path: str, write_fn, mode: str = "w") -> None:
+  """Calls write_fn(file_object) on a temp file next to `path`, then renames."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, mode) as f:
+      write_fn(f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_embeddings(path: str, meta: pd.DataFrame, features: np.ndarray,
+                     fmt: Optional[str] = None,
+                     file_metadata: Optional[Dict[str, str]] = None,
+                     include_metadata: bool = True) -> None:
+  """Writes embeddings in our layout (Parquet or CSV), atomically.
+
+  `site_id` first, then the metadata columns present in `meta` (when
+  `include_metadata`), then `f0000...`. `file_metadata` goes into the Parquet
+  schema metadata (e.g. {'gandl.layer': 'fc', 'gandl.checkpoint_step': '1000'}).
+  """
+  fmt = fmt or ("csv" if path.endswith((".csv", ".csv.gz")) else "parquet")
+  features = np.asarray(features, dtype=np.float32)
+  if features.ndim != 2 or len(features) != len(meta):
+    raise ValueError(f"features must be (rows={len(meta)}, dim), got {features.shape}")
+  cols = ["site_id"]
+  if include_metadata:
+    cols += [c for c in meta.columns if c != "site_id"]
+  arrays = [pa.array(meta[c].to_numpy()) for c in cols]
+  names = list(cols)
+  for j, name in enumerate(feature_names(features.shape[1])):
+    arrays.append(pa.array(features[:, j]))
+    names.append(name)
+  table = pa.Table.from_arrays(arrays, names=names)
+  if file_metadata:
+    table = table.replace_schema_metadata(
+        {k.encode(): str(v).encode() for k, v in file_metadata.items()})
+  if fmt == "parquet":
+    atomic_write(path, lambda f: pq.write_table(table, f), mode="wb")
+  elif fmt == "csv":
+    atomic_write(path, lambda f: pa_csv.write_csv(table, f), mode="wb")
+  else:
+    raise ValueError(f"unknown embeddings format {fmt!r}; use 'parquet' or 'csv'")

@@ -1,0 +1,453 @@
+"""`evaluate(...)`: load, post-process, run the tasks, write the report.
+
+One or two embeddings sets (the second, `baseline`, side by side: e.g. a
+random-init discriminator, or Recursion's published embeddings) go through the
+same post-processing and tasks; RxRx1 embeddings, when given, feed the
+zero-shot cell-type task. Each task's failure (bad input, absent classes) is
+recorded with its reason and the other tasks still run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import traceback
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+
+from gandl_jax import schema
+from gandl_jax.evaluate import (classify, dose_response, normalize, plots,
+                                report, tasks as task_lib,
+                                truth as truth_lib)
+from gandl_jax.evaluate.io import Embeddings, atomic_write, load_embeddings
+
+EmbeddingsInput = Union[str, Sequence[str], Embeddings]
+TRUTH_FILE = "synthetic_truth.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Post-processing and task settings (defaults: the paper's protocol)."""
+  normalize: bool = True            # per-plate normalization by controls
+  min_controls: int = 8             # fewer control sites: use all wells
+  whiten: bool = False              # PCA whitening fitted on control sites
+  whiten_components: Optional[int] = None
+  aggregate: str = "site"           # "site" or "well" (mean of sites)
+  # Features for the cell-type tasks (cell_model, rxrx1): "raw" = before
+  # per-plate normalization, which centers every plate on its own controls and
+  # so erases cell-type means (each plate holds one cell type); "normalized" =
+  # the same post-processed features as the other tasks.
+  cell_type_features: str = "raw"
+  protocol: classify.ProtocolConfig = classify.ProtocolConfig()
+  fit: dose_response.FitConfig = dose_response.FitConfig()
+  hit_threshold: float = 0.5
+  top_compounds: int = 6            # dose-response plots / table rows
+  table_rows: int = 15
+  projection_points: int = 15_000
+
+
+def _load(x: EmbeddingsInput, metadata, log) -> Tuple[Embeddings, bool]:
+  """(embeddings, owned) - owned arrays may be modified in place."""
+  if isinstance(x, Embeddings):
+    if metadata is not None:
+      from gandl_jax.evaluate.io import join_metadata, read_metadata
+      md = read_metadata(metadata) if isinstance(metadata, str) else metadata
+      return join_metadata(x, md, str(metadata) if isinstance(metadata, str)
+                           else "metadata"), False
+    return x, False
+  t = time.time()
+  emb = load_embeddings(x, metadata)
+  log(f"loaded {emb.source}: {len(emb.meta)} rows x {emb.dim} features "
+      f"({time.time() - t:.1f}s)")
+  return emb, True
+
+
+def postprocess(emb: Embeddings, opts: Options, owned: bool
+                ) -> Tuple[Embeddings, Dict]:
+  """Per-plate normalization, optional whitening and well aggregation."""
+  info: Dict = {}
+  X = emb.features
+  meta = emb.meta
+  parts = []
+  if opts.normalize:
+    try:
+      plates = normalize.plate_keys(meta)
+      ctrl = normalize.control_mask(meta)
+      X, pinfo = normalize.plate_normalize(X, plates, ctrl, opts.min_controls,
+                                           inplace=owned)
+      info["plate_normalization"] = {
+          "plates": pinfo.plates, "control_sites": pinfo.control_sites,
+          "plates_normalized_by_all_wells": len(pinfo.fallback_plates),
+          "fallback_plates": pinfo.fallback_plates[:20],
+          "controls": ("well_type == negative_control" if "well_type" in meta
+                       else "untreated sites (empty treatment)")}
+      parts.append(f"per-plate ({pinfo.plates} plates, "
+                   f"{len(pinfo.fallback_plates)} by all wells)")
+    except ValueError as e:
+      info["plate_normalization"] = {"status": "skipped", "reason": str(e)}
+      parts.append("no plate normalization")
+  if opts.whiten:
+    ctrl = normalize.control_mask(meta)
+    fit_rows = X[ctrl] if ctrl.sum() >= 2 else X
+    w = normalize.fit_whitening(fit_rows, opts.whiten_components,
+                                seed=opts.protocol.seed)
+    X = w.transform(X)
+    info["whitening"] = {"components": int(w.components.shape[1]),
+                         "fitted_on": ("control sites" if ctrl.sum() >= 2
+                                       else "all sites (no controls)"),
+                         "fit_rows": int(min(len(fit_rows), 100_000))}
+    parts.append(f"PCA whitening ({w.components.shape[1]} comps)")
+  if opts.aggregate == "well":
+    meta, X = normalize.aggregate_wells(meta, X)
+    info["aggregation"] = {"level": "well", "wells": int(len(meta))}
+    parts.append(f"well means ({len(meta)} wells)")
+  elif opts.aggregate != "site":
+    raise ValueError(f"aggregate must be 'site' or 'well', got {opts.aggregate!r}")
+  info["summary"] = ", ".join(parts) or "none"
+  return Embeddings(meta, X, emb.source, emb.issues, emb.file_metadata), info
+
+
+def _run_task(results: Dict, name: str, fn: Callable, log, timing: Dict):
+  t = time.time()
+  try:
+    out = fn()
+    val = out[0] if isinstance(out, tuple) else out
+    results[name] = {"status": "ok", **(val.summary if hasattr(val, "summary")
+                                         else val)}
+    log(f"  {name}: ok ({time.time() - t:.1f}s)")
+    return out
+  except (classify.TaskError, ValueError, KeyError) as e:
+    results[name] = {"status": "failed", "reason": str(e)}
+    log(f"  {name}: FAILED: {e}")
+  except Exception as e:  # pylint: disable=broad-except
+    results[name] = {"status": "failed",
+                     "reason": f"{type(e).__name__}: {e}",
+                     "traceback": traceback.format_exc(limit=4)}
+    log(f"  {name}: FAILED: {type(e).__name__}: {e}")
+  finally:
+    timing[name] = round(time.time() - t, 2)
+  return None
+
+
+def _find_truth(candidates: Sequence[Optional[str]]) -> Optional[str]:
+  for c in candidates:
+    if not c or not isinstance(c, str):
+      continue
+    d = c if os.path.isdir(c) else os.path.dirname(os.path.abspath(c.split(",")[0]))
+    p = os.path.join(d, TRUTH_FILE)
+    if os.path.exists(p):
+      return p
+  return None
+
+
+def _evaluate_set(name: str, emb_in: EmbeddingsInput, metadata,
+                  rx1_in, rx1_meta, wanted: Sequence[str], truth_df,
+                  truth_err: Optional[str], compounds: Sequence[str],
+                  opts: Options, out_dir: str, log) -> Tuple[Dict, Dict]:
+  """Runs every wanted task on one embeddings set; returns (metrics, extras)."""
+  timing: Dict = {}
+  res: Dict = {"tasks": {}, "timing_s": timing}
+  extras: Dict = {}
+  t0 = time.time()
+  emb, owned = _load(emb_in, metadata, log)
+  timing["load"] = round(time.time() - t0, 2)
+  if opts.cell_type_features not in ("raw", "normalized"):
+    raise ValueError(f"cell_type_features must be 'raw' or 'normalized', got "
+                     f"{opts.cell_type_features!r}")
+  raw_ct = opts.cell_type_features == "raw"
+  raw_sub, raw_err = None, None
+  if task_lib.CELL_MODEL in wanted and raw_ct:
+    try:
+      raw_sub = emb.subset(task_lib.control_rows(emb.meta, task_lib.CELL_MODEL))
+      if opts.aggregate == "well":
+        m, x = normalize.aggregate_wells(raw_sub.meta, raw_sub.features)
+        raw_sub = Embeddings(m, x, raw_sub.source)
+    except (classify.TaskError, ValueError) as e:
+      raw_err = str(e)
+  t = time.time()
+  emb, pp = postprocess(emb, opts, owned)
+  timing["postprocess"] = round(time.time() - t, 2)
+  res["input"] = {"source": emb.source, "rows": int(len(emb.meta)),
+                  "dim": emb.dim, "issues": emb.issues,
+                  "file_metadata": emb.file_metadata}
+  res["postprocessing"] = pp
+  T = res["tasks"]
+  cfg = opts.protocol
+  fitted = None
+  if task_lib.CONTROL in wanted or task_lib.DOSE_RESPONSE in wanted:
+    out = _run_task(T, task_lib.CONTROL,
+                    lambda: task_lib.control_classification(emb, cfg), log, timing)
+    fitted = out[1] if out else None
+  if task_lib.CELL_MODEL in wanted:
+    if raw_err is not None:
+      T[task_lib.CELL_MODEL] = {"status": "failed", "reason": raw_err}
+    else:
+      _run_task(T, task_lib.CELL_MODEL,
+                lambda: task_lib.cell_model_classification(
+                    raw_sub if raw_ct else emb, cfg), log, timing)
+      if task_lib.CELL_MODEL in T:
+        T[task_lib.CELL_MODEL]["features"] = (
+            "before per-plate normalization" if raw_ct else
+            "post-processed (" + pp["summary"] + ")")
+    raw_sub = None
+  if task_lib.DOSE_RESPONSE in wanted:
+    if fitted is None:
+      T[task_lib.DOSE_RESPONSE] = {
+          "status": "failed",
+          "reason": "needs the control classifier: " +
+                    T.get(task_lib.CONTROL, {}).get("reason", "not run")}
+    else:
+      dr = _run_task(T, task_lib.DOSE_RESPONSE, lambda: task_lib.dose_response_task(
+          emb, fitted, opts.fit, opts.hit_threshold, compounds,
+          opts.table_rows), log, timing)
+      if dr is not None:
+        extras["dose"] = dr
+        safe = _safe(name)
+        for kind, df in (("fits", dr.fits), ("points", dr.points)):
+          p = os.path.join(out_dir, f"dose_response_{kind}_{safe}.csv")
+          atomic_write(p, lambda f, df=df: df.to_csv(f, index=False))
+        T[task_lib.DOSE_RESPONSE]["files"] = [
+            f"dose_response_fits_{safe}.csv", f"dose_response_points_{safe}.csv"]
+  if task_lib.TRUTH in wanted:
+    if truth_df is None:
+      T[task_lib.TRUTH] = {"status": "skipped" if truth_err is None else "failed",
+                        "reason": truth_err or f"no {TRUTH_FILE} given or "
+                        f"found next to the metadata / embeddings"}
+    elif "dose" not in extras:
+      T[task_lib.TRUTH] = {"status": "failed", "reason": "needs dose-response: " +
+                        T.get(task_lib.DOSE_RESPONSE, {}).get("reason", "not run")}
+    else:
+      _run_task(T, task_lib.TRUTH,
+                lambda: truth_lib.compare(extras["dose"].fits, truth_df),
+                log, timing)
+  # 2-D projection for the report.
+  t = time.time()
+  try:
+    idx, coords = plots.projection(emb.features, opts.projection_points,
+                                   cfg.seed)
+    m = emb.meta.iloc[idx]
+    col = {}
+    if "disease_condition" in m:
+      col["condition"] = normalize.condition_labels(m)
+    if "cell_type" in m:
+      col["cell type"] = m["cell_type"].astype(str).to_numpy()
+    if col:
+      extras["projection"] = (coords, col)
+  except ValueError as e:
+    res["projection_error"] = str(e)
+  timing["projection"] = round(time.time() - t, 2)
+  del emb
+  # Zero-shot RxRx1.
+  if task_lib.RXRX1 in wanted:
+    if rx1_in is None:
+      T[task_lib.RXRX1] = {"status": "skipped", "reason":
+                        "no RxRx1 embeddings given (--rxrx1_embeddings)"}
+    else:
+      def _rx1():
+        e1, owned1 = _load(rx1_in, rx1_meta, log)
+        opts1 = (dataclasses.replace(opts, normalize=False, whiten=False)
+                 if raw_ct else opts)
+        e1, pp1 = postprocess(e1, opts1, owned1)
+        out = task_lib.rxrx1_cell_type(e1, cfg)
+        out["input"] = {"source": e1.source, "rows": int(len(e1.meta)),
+                        "issues": e1.issues}
+        out["postprocessing"] = pp1
+        out["features"] = ("before per-plate normalization" if raw_ct else
+                           "post-processed (" + pp1["summary"] + ")")
+        idx, coords = plots.projection(e1.features, opts.projection_points,
+                                       cfg.seed)
+        extras["projection_rxrx1"] = (coords, {
+            "cell type": e1.meta["cell_type"].astype(str).to_numpy()[idx]})
+        return out
+      _run_task(T, task_lib.RXRX1, _rx1, log, timing)
+  timing["total"] = round(time.time() - t0, 2)
+  return res, extras
+
+
+def _safe(name: str) -> str:
+  return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def evaluate(embeddings: EmbeddingsInput, output_dir: str,
+             metadata: Optional[Union[str, pd.DataFrame]] = None,
+             tasks: Optional[Sequence[str]] = None,
+             baseline: Optional[EmbeddingsInput] = None,
+             baseline_name: str = "baseline", name: str = "embeddings",
+             baseline_metadata: Optional[Union[str, pd.DataFrame]] = None,
+             rxrx1_embeddings: Optional[EmbeddingsInput] = None,
+             rxrx1_metadata: Optional[Union[str, pd.DataFrame]] = None,
+             rxrx1_baseline: Optional[EmbeddingsInput] = None,
+             truth: Optional[str] = None, compounds: Sequence[str] = (),
+             options: Options = Options(),
+             log: Callable[[str], None] = print) -> Dict:
+  """Evaluates embeddings (and optionally a baseline) into `output_dir`.
+
+  Writes metrics.json, report.md, figures/*.png and dose-response CSVs, each
+  atomically. Returns the metrics dict as written. `tasks`:
+  subset of ('control', 'cell_model', 'dose_response', 'rxrx1', 'truth');
+  default all. Unknown task names raise ValueError before anything runs.
+  """
+  wanted = list(tasks if tasks is not None else task_lib.ALL_TASKS)
+  unknown = [t for t in wanted if t not in task_lib.ALL_TASKS]
+  if unknown:
+    raise ValueError(f"unknown task(s) {unknown}; choose from "
+                     f"{task_lib.ALL_TASKS}")
+  if baseline is not None and baseline_name == name:
+    raise ValueError(f"baseline_name and name are both {name!r}")
+  os.makedirs(output_dir, exist_ok=True)
+  fig_dir = os.path.join(output_dir, "figures")
+  os.makedirs(fig_dir, exist_ok=True)
+  t_start = time.time()
+
+  truth_df, truth_err = None, None
+  if task_lib.TRUTH in wanted:
+    truth_path = truth or _find_truth(
+        [metadata if isinstance(metadata, str) else None,
+         embeddings if isinstance(embeddings, str) else None])
+    if truth_path:
+      try:
+        truth_df = truth_lib.read_truth(truth_path)
+        log(f"planted truth: {truth_path} ({len(truth_df)} compounds)")
+      except (ValueError, OSError) as e:
+        truth_err = f"{truth_path}: {e}"
+
+  sets = [(name, embeddings, metadata, rxrx1_embeddings)]
+  if baseline is not None:
+    sets.append((baseline_name, baseline,
+                 baseline_metadata if baseline_metadata is not None
+                 else metadata, rxrx1_baseline))
+  results: Dict[str, Dict] = {}
+  extras: Dict[str, Dict] = {}
+  for set_name, emb_in, md, rx1 in sets:
+    log(f"evaluating {set_name}")
+    r, x = _evaluate_set(set_name, emb_in, md, rx1, rxrx1_metadata, wanted,
+                         truth_df, truth_err, compounds, options, output_dir,
+                         log)
+    results[set_name] = r
+    extras[set_name] = x
+
+  figures = _figures(results, extras, fig_dir, compounds, options)
+  metrics = {
+      "version": 1,
+      "embeddings": {n: {"input": r["input"],
+                         "postprocessing": r["postprocessing"],
+                         **r["tasks"], "timing_s": r["timing_s"]}
+                     for n, r in results.items()},
+      "names": [s[0] for s in sets],
+      "tasks_requested": wanted,
+      "options": _options_dict(options),
+      "figures": figures,
+      "elapsed_s": round(time.time() - t_start, 2),
+  }
+  clean = report.write_metrics(os.path.join(output_dir, "metrics.json"),
+                               metrics)
+  report.write_report(os.path.join(output_dir, "report.md"),
+                      _markdown(clean, figures, options))
+  log(f"wrote {output_dir}/metrics.json and report.md "
+      f"({time.time() - t_start:.1f}s)")
+  return clean
+
+
+def _options_dict(o: Options) -> Dict:
+  d = dataclasses.asdict(o)
+  if d["whiten_components"] is None:
+    d["whiten_components"] = "all"
+  return d
+
+
+def _figures(results, extras, fig_dir, compounds, opts) -> Dict:
+  figs: Dict = {"confusion": {}, "projection": {}}
+  for n, r in results.items():
+    safe = _safe(n)
+    for task, title in ((task_lib.CONTROL, "control"),
+                        (task_lib.CELL_MODEL, "cell model"),
+                        (task_lib.RXRX1, "RxRx1 cell type")):
+      t = r["tasks"].get(task, {})
+      if t.get("status") != "ok":
+        continue
+      panels = [(f"{n}: {title}, {split} split", t[split]["confusion_matrix"],
+                 t[split]["classes"]) for split in ("random", "plate")
+                if t.get(split, {}).get("status") == "ok"]
+      if panels:
+        rel = f"figures/confusion_{task}_{safe}.png"
+        plots.confusion_figure(os.path.join(fig_dir, os.path.basename(rel)),
+                               panels)
+        figs["confusion"].setdefault(task, {})[n] = rel
+    for key, label in (("projection", "RxRx19a"), ("projection_rxrx1", "RxRx1")):
+      if key in extras[n]:
+        coords, col = extras[n][key]
+        rel = f"figures/{key}_{safe}.png"
+        plots.projection_figure(os.path.join(fig_dir, os.path.basename(rel)),
+                                coords, col, f"{n} ({label})")
+        figs["projection"].setdefault(label, {})[n] = rel
+  # Dose-response: the top compounds of each set plus the named ones.
+  keys: List[Tuple[str, str]] = []
+  dose_sets = []
+  for n in results:
+    dr = extras[n].get("dose")
+    if dr is None:
+      continue
+    dose_sets.append((n, dr.points, dr.fits))
+    for r in dr.fits.head(opts.top_compounds).itertuples():
+      if (r.group, r.treatment) not in keys:
+        keys.append((r.group, r.treatment))
+    for r in dr.fits[dr.fits["treatment"].isin(list(compounds))].itertuples():
+      if (r.group, r.treatment) not in keys:
+        keys.append((r.group, r.treatment))
+  if dose_sets and keys:
+    rel = "figures/dose_response.png"
+    plots.dose_response_figure(os.path.join(fig_dir, "dose_response.png"),
+                               keys, dose_sets)
+    figs["dose_response"] = rel
+  return figs
+
+
+def _markdown(m: Dict, figs: Dict, opts: Options) -> str:
+  sets = m["embeddings"]
+  names = m["names"]
+  cfg = opts.protocol
+  lines = [
+      "# GAN-DL evaluation report", "",
+      f"Embeddings: {', '.join(f'**{n}**' for n in names)}. Tasks: "
+      f"{', '.join(m['tasks_requested'])}. Elapsed {m['elapsed_s']} s.", "",
+      f"Protocol: seeded (seed {cfg.seed}) stratified {1 - cfg.test_size:.0%}/"
+      f"{cfg.test_size:.0%} split; class weights inversely proportional to "
+      f"class frequency; standardization + linear SVM (LinearSVC, primal), C "
+      f"in {list(cfg.c_grid)} chosen by {cfg.cv_folds}-fold CV (balanced "
+      f"accuracy) on the training part only (at most {cfg.cv_max_rows} rows); "
+      f"final fit on at most {cfg.max_train_rows} training rows. The plate "
+      f"split holds out whole plates (random site splits leak plate "
+      f"identity).", "",
+      report.inputs_section(sets),
+      report.classification_section(
+          "Control classification (Mock vs Active SARS-CoV-2)", task_lib.CONTROL,
+          sets, figs["confusion"].get(task_lib.CONTROL, {}),
+          "Untreated sites; positive class for F1 / ROC AUC: Active "
+          "SARS-CoV-2."),
+      report.classification_section(
+          "Cell model classification (HRCE vs VERO)", task_lib.CELL_MODEL, sets,
+          figs["confusion"].get(task_lib.CELL_MODEL, {}),
+          "Untreated Mock and Active sites; positive class: VERO."),
+      report.dose_response_section(sets, figs.get("dose_response"),
+                                   opts.table_rows),
+      report.classification_section(
+          "Zero-shot RxRx1 cell type (HEPG2, HUVEC, RPE, U2OS)", task_lib.RXRX1,
+          sets, figs["confusion"].get(task_lib.RXRX1, {}),
+          "4-class linear SVM on embeddings of RxRx1 sites (w1-w5); "
+          "ROC AUC = macro one-vs-rest."),
+      report.truth_section(sets),
+      "## 2-D projection", "",
+      "PCA of a random subset of post-processed embeddings; untreated sites "
+      "coloured by disease condition, treated sites grey.", "",
+  ]
+  for label, per in figs["projection"].items():
+    for n, rel in per.items():
+      lines += [f"![{label} projection, {n}]({rel})", ""]
+  nulls = m.get("null_reasons", {})
+  if nulls:
+    lines += ["## Values not computed", "",
+              report.table(["metric", "reason"],
+                           [[k, v] for k, v in list(nulls.items())[:60]]), ""]
+  return "\n".join(lines) + "\n"

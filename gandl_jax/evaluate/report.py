@@ -1,0 +1,220 @@
+"""metrics.json (finite numbers or null with a reason) and report.md."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from gandl_jax.evaluate.io import atomic_write
+
+
+def sanitize(obj: Any, reasons: Dict[str, str], path: str = "") -> Any:
+  """JSON-ready copy: numpy -> Python, NaN/inf -> None (reason recorded).
+
+  A None without a sibling `<key>_reason` / `reason` gets a generic reason.
+  """
+  if isinstance(obj, dict):
+    out = {}
+    for k, v in obj.items():
+      p = f"{path}.{k}" if path else str(k)
+      sv = sanitize(v, reasons, p)
+      if sv is None and v is None and f"{k}_reason" not in obj and \
+          "reason" not in obj and p not in reasons:
+        reasons[p] = "not available for this input"
+      out[str(k)] = sv
+    return out
+  if isinstance(obj, (list, tuple)):
+    return [sanitize(v, reasons, f"{path}[{i}]") for i, v in enumerate(obj)]
+  if isinstance(obj, np.ndarray):
+    return sanitize(obj.tolist(), reasons, path)
+  if isinstance(obj, (np.bool_, bool)):
+    return bool(obj)
+  if isinstance(obj, (np.integer,)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    v = float(obj)
+    if not math.isfinite(v):
+      reasons[path] = f"non-finite value ({v})"
+      return None
+    return v
+  return obj
+
+
+def write_metrics(path: str, metrics: Dict) -> Dict:
+  reasons: Dict[str, str] = {}
+  clean = sanitize(metrics, reasons)
+  clean["null_reasons"] = reasons
+  text = json.dumps(clean, indent=2, allow_nan=False)
+  atomic_write(path, lambda f: f.write(text + "\n"))
+  return clean
+
+
+# ---------------------------------------------------------------------------
+# Markdown.
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+  if v is None:
+    return "n/a"
+  if isinstance(v, bool):
+    return "yes" if v else "no"
+  if isinstance(v, (int, np.integer)):
+    return str(int(v))
+  if isinstance(v, (float, np.floating)):
+    if not math.isfinite(float(v)):
+      return "n/a"
+    return f"{float(v):.{digits}g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else \
+        f"{float(v):.{digits}f}"
+  return str(v)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  for r in rows:
+    lines.append("| " + " | ".join(_fmt(v).replace("|", "/") for v in r) + " |")
+  return "\n".join(lines)
+
+
+_CLS_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy",
+                                           "balanced accuracy"),
+                ("f1", "F1 (positive class)"), ("f1_macro", "F1 (macro)"),
+                ("roc_auc", "ROC AUC"), ("C", "C (chosen by CV)"),
+                ("n_train", "train sites"), ("n_train_used", "train sites used"),
+                ("n_test", "test sites"))
+
+
+def classification_section(title: str, task: str, sets: Dict[str, Dict],
+                           figures: Dict[str, str], note: str = "") -> str:
+  names = list(sets)
+  out = [f"## {title}", ""]
+  if note:
+    out += [note, ""]
+  rows = []
+  failures = []
+  for split in ("random", "plate"):
+    for key, label in _CLS_METRICS:
+      vals = []
+      for n in names:
+        t = sets[n].get(task, {})
+        s = t.get(split, {}) if t.get("status") == "ok" else {}
+        vals.append(s.get(key) if s.get("status") == "ok" else None)
+      if any(v is not None for v in vals):
+        rows.append([f"{split} split", label] + vals)
+  per_class_rows = []
+  for n in names:
+    t = sets[n].get(task, {})
+    if t.get("status") != "ok":
+      failures.append(f"- **{n}**: {t.get('status', 'not run')}: "
+                      f"{t.get('reason', '')}")
+      continue
+    for split in ("random", "plate"):
+      s = t.get(split, {})
+      if s.get("status") != "ok":
+        failures.append(f"- **{n}**, {split} split: {s.get('reason', '')}")
+        continue
+      for c, acc in s.get("per_class_accuracy", {}).items():
+        per_class_rows.append([n, f"{split} split", c, acc])
+  if rows:
+    out += [table(["split", "metric"] + names, rows), ""]
+  if per_class_rows:
+    out += ["Per-class accuracy (recall):", "",
+            table(["embeddings", "split", "class", "accuracy"], per_class_rows),
+            ""]
+  if failures:
+    out += ["Not computed:", ""] + failures + [""]
+  for n, fig in figures.items():
+    out += [f"![{title}: confusion matrices, {n}]({fig})", ""]
+  return "\n".join(out)
+
+
+def dose_response_section(sets: Dict[str, Dict], figure: Optional[str],
+                          top_n: int) -> str:
+  out = ["## Dose-response", "",
+         "The control classifier (random split) scores every treated, infected "
+         "site. Rescue scale: 0 = mean score of untreated Active SARS-CoV-2 "
+         "sites, 1 = mean of Mock sites (per cell type). A 4-parameter logistic "
+         "is fitted per compound and cell type; efficacy = fitted rescue at the "
+         "highest tested concentration.", ""]
+  rows = []
+  for n, s in sets.items():
+    t = s.get("dose_response", {})
+    if t.get("status") != "ok":
+      out.append(f"- **{n}**: {t.get('status', 'not run')}: "
+                 f"{t.get('reason', '')}")
+      continue
+    flags = t.get("flags", {})
+    rows.append([n, t["n_treated_sites"], t["n_compounds"], t["n_hits"],
+                 flags.get("ok", 0), flags.get("flat", 0),
+                 flags.get("ec50_outside_range", 0), flags.get("poor_fit", 0)])
+  if rows:
+    out += ["", table(["embeddings", "treated sites", "compounds", "hits",
+                       "fit ok", "flat", "EC50 outside range", "poor fit"],
+                      rows), ""]
+  for n, s in sets.items():
+    t = s.get("dose_response", {})
+    if t.get("status") != "ok":
+      continue
+    out += [f"Top {min(top_n, len(t['top']))} compounds, **{n}**:", "",
+            table(["rank", "compound", "cell type", "EC50 (uM)", "efficacy",
+                   "hill", "R^2", "flag"],
+                  [[r["rank"], r["treatment"], r["group"], r["ec50"],
+                    r["efficacy"], r["hill"], r["r2"], r["flag"]]
+                   for r in t["top"][:top_n]]), ""]
+    if t.get("named"):
+      out += [f"Named compounds, **{n}**:", "",
+              table(["rank", "compound", "cell type", "EC50 (uM)", "efficacy",
+                     "R^2", "flag"],
+                    [[r["rank"], r["treatment"], r["group"], r["ec50"],
+                      r["efficacy"], r["r2"], r["flag"]] for r in t["named"]]),
+              ""]
+    if t.get("named_not_found"):
+      out += [f"Not among the treated sites ({n}): "
+              f"{', '.join(t['named_not_found'])}", ""]
+  if figure:
+    out += [f"![dose-response curves]({figure})", ""]
+  return "\n".join(out)
+
+
+def truth_section(sets: Dict[str, Dict]) -> str:
+  out = ["## Planted truth (synthetic data)", ""]
+  rows = []
+  for n, s in sets.items():
+    t = s.get("truth", {})
+    if t.get("status") != "ok":
+      out.append(f"- **{n}**: {t.get('status', 'not run')}: "
+                 f"{t.get('reason', '')}")
+      continue
+    rows.append([n, t["true_hits"], t["hits_found"], t["predicted_hits"],
+                 t["hit_recall"], t["hit_precision"], t["n_ec50_pairs"],
+                 t["ec50_spearman"], t["ec50_median_abs_log10_error"]])
+  if rows:
+    out += ["", table(["embeddings", "true hits", "hits found",
+                       "called hits", "recall", "precision", "EC50 pairs",
+                       "EC50 Spearman", "median abs log10 EC50 error"], rows),
+            ""]
+  return "\n".join(out)
+
+
+def inputs_section(sets: Dict[str, Dict]) -> str:
+  rows = []
+  notes = []
+  for n, s in sets.items():
+    inp = s.get("input", {})
+    pp = s.get("postprocessing", {})
+    rows.append([n, inp.get("source", ""), inp.get("rows"), inp.get("dim"),
+                 pp.get("summary", "")])
+    for i in inp.get("issues", []):
+      notes.append(f"- **{n}**: {i}")
+  out = ["## Inputs", "", table(["embeddings", "file", "rows used", "dim",
+                                 "post-processing"], rows), ""]
+  if notes:
+    out += ["Input problems (rows dropped or repaired):", ""] + notes + [""]
+  return "\n".join(out)
+
+
+def write_report(path: str, text: str) -> None:
+  atomic_write(path, lambda f: f.write(text))

@@ -1,0 +1,230 @@
+"""The downstream tasks, each on one post-processed embeddings set.
+
+Each task function returns a JSON-ready dict; bad input raises
+`classify.TaskError` with the task name and row counts, which the caller
+records while the other tasks go on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from gandl_jax import schema
+from gandl_jax.evaluate import classify, dose_response, normalize
+from gandl_jax.evaluate.io import Embeddings
+
+CONTROL = "control"
+CELL_MODEL = "cell_model"
+DOSE_RESPONSE = "dose_response"
+RXRX1 = "rxrx1"
+TRUTH = "truth"
+ALL_TASKS: Tuple[str, ...] = (CONTROL, CELL_MODEL, DOSE_RESPONSE, RXRX1, TRUTH)
+
+SPLITS = ("random", "plate")
+
+
+def _require(meta: pd.DataFrame, cols: Sequence[str], task: str) -> None:
+  missing = [c for c in cols if c not in meta]
+  if missing:
+    raise classify.TaskError(
+        f"task {task}: metadata column(s) {missing} missing ({len(meta)} rows);"
+        f" pass --metadata with the dataset's metadata.csv")
+
+
+def control_rows(meta: pd.DataFrame, task: str = CONTROL) -> np.ndarray:
+  """Untreated Mock and Active SARS-CoV-2 sites (the paper's control groups)."""
+  _require(meta, ["disease_condition", "treatment"], task)
+  cond = meta["disease_condition"].astype(str).to_numpy()
+  sel = normalize.control_mask(meta) & np.isin(cond, [schema.MOCK, schema.ACTIVE])
+  if not sel.any():
+    raise classify.TaskError(
+        f"task {task}: no untreated `{schema.MOCK}` or `{schema.ACTIVE}` site "
+        f"among {len(meta)} rows")
+  return sel
+
+
+def _two_splits(X: np.ndarray, y: np.ndarray, classes: Sequence[str],
+                groups: np.ndarray, cfg: classify.ProtocolConfig, task: str,
+                positive: Optional[str]) -> Tuple[Dict, Optional[classify.Fitted]]:
+  out: Dict = {"n_rows": int(len(y)),
+               "class_counts": {c: int((y == c).sum()) for c in classes}}
+  fitted = None
+  for split in SPLITS:
+    try:
+      f = classify.run_protocol(X, y, classes, cfg, split=split, groups=groups,
+                                task=task, positive=positive)
+      out[split] = {"status": "ok", **f.metrics}
+      if split == "random":
+        fitted = f
+    except classify.TaskError as e:
+      out[split] = {"status": "failed", "reason": str(e)}
+  return out, fitted
+
+
+def control_classification(emb: Embeddings, cfg: classify.ProtocolConfig
+                           ) -> Tuple[Dict, classify.Fitted]:
+  sel = control_rows(emb.meta)
+  y = emb.meta["disease_condition"].astype(str).to_numpy()[sel]
+  classes = [schema.ACTIVE, schema.MOCK]
+  classify.check_classes(y, classes, CONTROL, cfg.min_per_class)
+  groups = normalize.plate_keys(emb.meta)[sel]
+  out, fitted = _two_splits(emb.features[sel], y, classes, groups, cfg,
+                            CONTROL, positive=schema.ACTIVE)
+  out["rows"] = "untreated Mock and Active SARS-CoV-2 sites"
+  if fitted is None:
+    raise classify.TaskError(f"task {CONTROL}: {out['random']['reason']}")
+  return out, fitted
+
+
+def cell_model_classification(emb: Embeddings, cfg: classify.ProtocolConfig
+                              ) -> Dict:
+  _require(emb.meta, ["cell_type"], CELL_MODEL)
+  sel = control_rows(emb.meta, CELL_MODEL)
+  y = emb.meta["cell_type"].astype(str).to_numpy()[sel]
+  classes = list(schema.RXRX19A_CELL_TYPES)
+  classify.check_classes(y, classes, CELL_MODEL, cfg.min_per_class)
+  groups = normalize.plate_keys(emb.meta)[sel]
+  out, _ = _two_splits(emb.features[sel], y, classes, groups, cfg, CELL_MODEL,
+                       positive="VERO")
+  out["rows"] = "untreated Mock and Active SARS-CoV-2 sites"
+  return out
+
+
+def rxrx1_cell_type(emb: Embeddings, cfg: classify.ProtocolConfig) -> Dict:
+  """Zero-shot RxRx1: 4-class linear SVM on cell type, per-class accuracy."""
+  _require(emb.meta, ["cell_type"], RXRX1)
+  y = emb.meta["cell_type"].astype(str).to_numpy()
+  known = np.isin(y, schema.RXRX1_CELL_TYPES)
+  if not known.all():
+    bad = sorted(set(y[~known]))[:5]
+    raise classify.TaskError(
+        f"task {RXRX1}: {int((~known).sum())} of {len(y)} rows have a cell_type "
+        f"outside {schema.RXRX1_CELL_TYPES} (e.g. {bad}); is this RxRx1 data?")
+  classes = list(schema.RXRX1_CELL_TYPES)
+  classify.check_classes(y, classes, RXRX1, cfg.min_per_class)
+  groups = normalize.plate_keys(emb.meta)
+  out, _ = _two_splits(emb.features, y, classes, groups, cfg, RXRX1, None)
+  out["rows"] = "all RxRx1 sites"
+  return out
+
+
+@dataclasses.dataclass
+class DoseResponseResult:
+  summary: Dict
+  points: pd.DataFrame
+  fits: pd.DataFrame
+
+
+def treated_rows(meta: pd.DataFrame) -> np.ndarray:
+  _require(meta, ["treatment", "treatment_conc", "disease_condition"],
+           DOSE_RESPONSE)
+  conc = pd.to_numeric(meta["treatment_conc"], errors="coerce").to_numpy()
+  treated = ~normalize.control_mask(meta)
+  infected = meta["disease_condition"].astype(str).to_numpy() == schema.ACTIVE
+  return treated & infected & np.isfinite(conc) & (conc > 0)
+
+
+def healthy_scores(model: classify.Fitted, X: np.ndarray,
+                   block: int = 32768) -> np.ndarray:
+  """Decision score oriented so that larger = more Mock-like."""
+  sign = 1.0 if model.classes[1] == schema.MOCK else -1.0
+  out = np.empty(len(X), dtype=np.float64)
+  for s in range(0, len(X), block):
+    out[s:s + block] = model.model.decision_function(X[s:s + block])
+  return sign * out
+
+
+def dose_response_task(emb: Embeddings, model: classify.Fitted,
+                       fit_cfg: dose_response.FitConfig,
+                       hit_threshold: float, compounds: Sequence[str],
+                       top_n: int) -> DoseResponseResult:
+  meta = emb.meta
+  treated = treated_rows(meta)
+  if not treated.any():
+    raise classify.TaskError(
+        f"task {DOSE_RESPONSE}: no treated `{schema.ACTIVE}` site with a "
+        f"positive treatment_conc among {len(meta)} rows")
+  ctrl = control_rows(meta, DOSE_RESPONSE)
+  cond = meta["disease_condition"].astype(str).to_numpy()
+  cell = (meta["cell_type"].astype(str).to_numpy() if "cell_type" in meta
+          else np.full(len(meta), "all"))
+  idx_ctrl = np.flatnonzero(ctrl)
+  idx_tr = np.flatnonzero(treated)
+  s_ctrl = healthy_scores(model, emb.features[idx_ctrl])
+  s_tr = healthy_scores(model, emb.features[idx_tr])
+  # Rescue scale, per cell type where both controls exist, else global.
+  mock_c = cond[idx_ctrl] == schema.MOCK
+  act_c = cond[idx_ctrl] == schema.ACTIVE
+  try:
+    glob = dose_response.rescue_scale(s_ctrl, mock_c, act_c)
+  except ValueError as e:
+    raise classify.TaskError(f"task {DOSE_RESPONSE}: {e}") from e
+  scales = {}
+  rescue = np.empty(len(idx_tr))
+  for ct in np.unique(cell[idx_tr]):
+    in_ct = cell[idx_ctrl] == ct
+    try:
+      a, m = dose_response.rescue_scale(s_ctrl, mock_c & in_ct, act_c & in_ct)
+      scales[str(ct)] = {"active_mean": a, "mock_mean": m, "from": ct}
+    except ValueError:
+      a, m = glob
+      scales[str(ct)] = {"active_mean": a, "mock_mean": m,
+                         "from": "all cell types (no paired controls)"}
+    rows = cell[idx_tr] == ct
+    rescue[rows] = (s_tr[rows] - a) / (m - a)
+  pred_healthy = s_tr > 0      # the classifier calls the site Mock
+  df = pd.DataFrame({
+      "group": cell[idx_tr],
+      "treatment": meta["treatment"].astype(str).to_numpy()[idx_tr],
+      "conc": pd.to_numeric(meta["treatment_conc"]).to_numpy()[idx_tr],
+      "rescue": rescue, "healthy": pred_healthy})
+  points = dose_response.summarize_points(df)
+  fits = dose_response.fit_all(points, fit_cfg, hit_threshold)
+  flags = fits["flag"].value_counts().to_dict()
+  summary: Dict = {
+      "n_treated_sites": int(len(idx_tr)),
+      "n_compounds": int(fits["treatment"].nunique()),
+      "n_fits": int(len(fits)),
+      "flags": {str(k): int(v) for k, v in flags.items()},
+      "n_hits": int(fits["hit"].sum()),
+      "hit_definition": f"flag ok and efficacy >= {hit_threshold} (rescue "
+                        f"units, 0 = infected controls, 1 = Mock)",
+      "rescue_scale": scales,
+      "control_sites_fraction_healthy": {
+          "Mock": float((s_ctrl[mock_c] > 0).mean()),
+          "Active SARS-CoV-2": float((s_ctrl[act_c] > 0).mean())},
+      "top": _fit_records(fits.head(top_n)),
+  }
+  if compounds:
+    named = fits[fits["treatment"].isin(list(compounds))]
+    summary["named"] = _fit_records(named)
+    absent = [c for c in compounds if c not in set(fits["treatment"])]
+    if absent:
+      summary["named_not_found"] = absent
+  return DoseResponseResult(summary, points, fits)
+
+
+def _fit_records(fits: pd.DataFrame) -> List[Dict]:
+  keep = ["rank", "group", "treatment", "flag", "ec50", "efficacy", "hill",
+          "bottom", "top", "r2", "n_sites", "n_concentrations",
+          "max_mean_rescue", "hit", "reason"]
+  recs = []
+  for r in fits[keep].to_dict("records"):
+    rec = {}
+    for k, v in r.items():
+      if isinstance(v, (np.bool_, bool)):
+        rec[k] = bool(v)
+      elif k in ("rank", "n_sites", "n_concentrations"):
+        rec[k] = int(v)
+      elif v is None or isinstance(v, str):
+        rec[k] = v
+      else:
+        v = float(v)
+        rec[k] = v if np.isfinite(v) else None
+    if rec.get("ec50") is None:
+      rec["ec50_reason"] = rec.get("reason") or "not fitted"
+    recs.append(rec)
+  return recs

@@ -1,0 +1,129 @@
+"""Loading embeddings in every layout; bad rows reported, not silently kept."""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gandl_jax import schema
+from gandl_jax.evaluate import io as eio
+from gandl_jax.evaluate import simulate
+
+
+@pytest.fixture(scope="module")
+def small():
+  cfg = simulate.SimConfig(sites_per_cell_type=(("HRCE", 48), ("VERO", 16)),
+                           wells_per_plate=8, dim=6, n_compounds=3,
+                           n_rescue=1, n_toxic=1)
+  md, X, _ = simulate.simulate_rxrx19a(cfg)
+  return md, X
+
+
+def test_feature_naming_convention():
+  assert eio.FEATURE_PREFIX == "f"
+  assert eio.feature_names(3) == ["f0000", "f0001", "f0002"]
+  assert eio.feature_name(1023) == "f1023"
+
+
+@pytest.mark.parametrize("ext", ["parquet", "csv"])
+def test_our_layout_roundtrip(tmp_path, small, ext):
+  md, X = small
+  p = str(tmp_path / f"emb.{ext}")
+  eio.write_embeddings(p, md, X, file_metadata={"gandl.layer": "fc"})
+  emb = eio.load_embeddings(p)
+  np.testing.assert_array_equal(emb.features, X)
+  assert list(emb.meta["site_id"]) == list(md["site_id"])
+  assert emb.meta["treatment"].tolist() == md["treatment"].tolist()
+  assert emb.meta["plate"].dtype.kind == "i"
+  assert emb.issues == []
+  if ext == "parquet":
+    assert emb.file_metadata["gandl.layer"] == "fc"
+  # No temp files left behind.
+  assert sorted(os.listdir(tmp_path)) == [f"emb.{ext}"]
+
+
+def _recursion_csv(path, md, X, header=True, index=False):
+  df = pd.DataFrame(X, columns=[str(i) for i in range(X.shape[1])])
+  df.insert(0, "site_id", md["site_id"].values)
+  df.to_csv(path, index=index, header=header)
+
+
+@pytest.mark.parametrize("header,index", [(True, False), (False, False),
+                                          (True, True)])
+def test_recursion_embeddings_csv(tmp_path, small, header, index):
+  md, X = small
+  p = str(tmp_path / "embeddings.csv")
+  _recursion_csv(p, md, X, header=header, index=index)
+  mp = str(tmp_path / "metadata.csv")
+  md.to_csv(mp, index=False)
+  emb = eio.load_embeddings(p, mp)
+  assert emb.dim == X.shape[1]
+  np.testing.assert_allclose(emb.features, X, rtol=1e-6)
+  assert list(emb.meta.columns) == list(schema.RXRX19A_COLUMNS)
+  assert emb.meta["disease_condition"].tolist() == md["disease_condition"].tolist()
+
+
+def test_recursion_per_experiment_csvs(tmp_path, small):
+  md, X = small
+  d = tmp_path / "emb"
+  d.mkdir()
+  for exp in md["experiment"].unique():
+    m = (md["experiment"] == exp).to_numpy()
+    df = pd.DataFrame(X[m], columns=[f"feature_{i}" for i in range(X.shape[1])])
+    # No site_id: built from the file name, plate, well and site.
+    df.insert(0, "site", md["site"].values[m])
+    df.insert(0, "well", md["well"].values[m])
+    df.insert(0, "plate", md["plate"].values[m])
+    df.to_csv(d / f"{exp}.csv", index=False)
+  mp = str(tmp_path / "metadata.csv")
+  md.to_csv(mp, index=False)
+  emb = eio.load_embeddings(str(d), mp)
+  assert len(emb.meta) == len(md)
+  order = pd.Index(md["site_id"]).get_indexer(emb.meta["site_id"])
+  np.testing.assert_allclose(emb.features, X[order], rtol=1e-6)
+  assert emb.issues == []
+
+
+def test_bad_rows_reported(tmp_path, small):
+  md, X = small
+  X = X.copy()
+  X[3, 2] = np.nan
+  X[5, 0] = np.inf
+  sids = md["site_id"].tolist()
+  sids[7] = "HRCE-9_99_Z99_1"
+  sids[8] = "HRCE-9_99_Z98_1"
+  sids[9] = sids[10]
+  meta = md.copy()
+  meta["site_id"] = sids
+  p = str(tmp_path / "emb.parquet")
+  eio.write_embeddings(p, meta[["site_id"]], X, include_metadata=False)
+  mp = str(tmp_path / "metadata.csv")
+  md.to_csv(mp, index=False)
+  emb = eio.load_embeddings(p, mp)
+  assert len(emb.meta) == len(md) - 5
+  text = "\n".join(emb.issues)
+  assert "2 row(s) with missing, NaN" in text
+  assert "2 site_id(s) not in" in text
+  assert "1 duplicated site_id" in text
+  assert np.isfinite(emb.features).all()
+
+
+def test_missing_feature_columns(tmp_path, small):
+  md, X = small
+  df = pd.DataFrame(X, columns=eio.feature_names(X.shape[1]))
+  df = df.drop(columns=["f0002"])
+  df.insert(0, "site_id", md["site_id"].values)
+  p = str(tmp_path / "e.csv")
+  df.to_csv(p, index=False)
+  emb = eio.load_embeddings(p, md)
+  assert emb.dim == X.shape[1] - 1
+  assert any("1 feature column(s) missing" in i and "[2]" in i
+             for i in emb.issues)
+
+
+def test_no_features_is_a_clear_error(tmp_path, small):
+  md, _ = small
+  p = str(tmp_path / "nofeat.csv")
+  md.to_csv(p, index=False)
+  with pytest.raises(ValueError, match="nofeat.csv: no feature columns"):
+    eio.load_embeddings(p)
