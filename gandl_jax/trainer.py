@@ -1,0 +1,269 @@
+"""The training state and the four jitted StyleGAN2 phases, sharded on a mesh.
+
+One iteration runs, in stylegan2-ada-pytorch's order:
+  G main  (every step)          non-saturating loss, style mixing
+  G reg   (every pl_interval)   path-length penalty on batch / pl_batch_shrink
+  D main  (every step)          logistic loss on fakes and reals; G EMA update
+  D reg   (every r1_interval)   R1 on reals
+Each phase is one `jax.jit` with explicit shardings (state replicated, batch
+split on the mesh's `data` axis) and the state donated, compiled once. Lazy
+regularization uses one Adam per network with lr * c and beta ** c,
+c = interval / (interval + 1), shared by its main and reg phases.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from gandl_jax import losses, networks, parallel
+
+Array = jax.Array
+Metrics = Dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array            # completed iterations
+  g_params: Any
+  g_buffers: Any         # mapping.w_avg, noise_const
+  d_params: Any
+  ema_params: Any        # G_ema
+  ema_buffers: Any
+  g_opt: Any
+  d_opt: Any
+  pl_mean: Array         # running mean of path lengths
+  rng: Array
+
+  def model_variables(self) -> Dict[str, Any]:
+    """{'G', 'G_ema', 'D'} in the checkpoint/`gandl_jax.load` layout."""
+    return {"G": {"params": self.g_params, "buffers": self.g_buffers},
+            "G_ema": {"params": self.ema_params, "buffers": self.ema_buffers},
+            "D": {"params": self.d_params}}
+
+
+def make_optimizer(lr: float, beta1: float, beta2: float, eps: float,
+                   reg_interval: int) -> optax.GradientTransformation:
+  """Adam with the lazy-regularization correction for `reg_interval`."""
+  lr, (b1, b2) = losses.lazy_regularization(lr, (beta1, beta2), reg_interval)
+  return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+
+
+def _global_norm(tree) -> Array:
+  return optax.global_norm(tree).astype(jnp.float32)
+
+
+class Trainer:
+  """Holds G, D, the optimizers and the compiled phases for one config/mesh.
+
+  `mbstd_shards` is the number of contiguous batch slices in which
+  minibatch-stddev groups are formed; it defaults to the mesh size so groups
+  never cross devices. Fixing it makes results independent of device count.
+  """
+
+  def __init__(self, config, mesh: Mesh, mbstd_shards: int = None):
+    self.config = config
+    self.mesh = mesh
+    self.G, self.D = networks.build(config.model, config.compute_dtype)
+    self.batch = int(config.batch_size)
+    self.mbstd_shards = int(mbstd_shards or mesh.devices.size)
+    o, l = config.optim, config.loss
+    self.g_tx = make_optimizer(o.g_lr, o.beta1, o.beta2, o.eps, l.pl_interval
+                               if l.pl_weight > 0 else 0)
+    self.d_tx = make_optimizer(o.d_lr, o.beta1, o.beta2, o.eps, l.r1_interval
+                               if l.r1_gamma > 0 else 0)
+    self.pl_batch = max(self.batch // int(l.pl_batch_shrink), 1)
+    self._repl = parallel.replicated(mesh)
+    self._data = parallel.data_sharded(mesh)
+    self._compiled = {}
+
+  # ------------------------------------------------------------ state
+
+  def init_state(self, seed: int) -> TrainState:
+    """A fresh, replicated state (same values on any mesh)."""
+    rng = jax.random.PRNGKey(seed)
+    init_key, state_key = jax.random.split(rng)
+    g_vars, d_vars = networks.init(init_key, self.G, self.D)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        g_params=g_vars["params"], g_buffers=g_vars["buffers"],
+        d_params=d_vars["params"],
+        ema_params=jax.tree_util.tree_map(jnp.copy, g_vars["params"]),
+        ema_buffers=jax.tree_util.tree_map(jnp.copy, g_vars["buffers"]),
+        g_opt=self.g_tx.init(g_vars["params"]),
+        d_opt=self.d_tx.init(d_vars["params"]),
+        pl_mean=jnp.zeros((), jnp.float32),
+        rng=state_key)
+    return parallel.replicate(state, self.mesh)
+
+  def state_sharding(self, state: TrainState):
+    return jax.tree_util.tree_map(lambda _: self._repl, state)
+
+  # ------------------------------------------------------------ pieces
+
+  def _generate(self, g_params, g_buffers, batch: int, key: Array
+                ) -> Tuple[Array, Array, Any]:
+    """Fakes with style mixing and w_avg tracking: (images, ws, buffers)."""
+    G = self.G
+    k_z, k_mix, k_cut, k_prob, k_noise = jax.random.split(key, 5)
+    z = jax.lax.with_sharding_constraint(
+        jax.random.normal(k_z, (batch, G.z_dim)), self._data)
+    ws, upd = G.apply({"params": g_params, "buffers": g_buffers}, z,
+                      update_emas=True, method=G.map, mutable=["buffers"])
+    buffers = upd["buffers"]
+    prob = float(self.config.loss.style_mixing_prob)
+    if prob > 0:
+      z2 = jax.lax.with_sharding_constraint(
+          jax.random.normal(k_mix, (batch, G.z_dim)), self._data)
+      ws2 = G.apply({"params": g_params, "buffers": buffers}, z2, method=G.map)
+      cutoff = jax.random.randint(k_cut, (), 1, G.num_ws)
+      cutoff = jnp.where(jax.random.uniform(k_prob) < prob, cutoff, G.num_ws)
+      mix = jnp.arange(G.num_ws)[None, :, None] >= cutoff
+      ws = jnp.where(mix, ws2, ws)
+    img = self._synthesize(g_params, buffers, ws, k_noise)
+    return img, ws, buffers
+
+  def _synthesize(self, g_params, buffers, ws, noise_key):
+    return self.G.apply({"params": g_params, "buffers": buffers}, ws,
+                        "random", method=self.G.synthesize,
+                        rngs={"noise": noise_key})
+
+  def _d(self, d_params, img, return_features=False):
+    return self.D.apply({"params": d_params}, img,
+                        return_features=return_features,
+                        mbstd_shards=self.mbstd_shards)
+
+  # ------------------------------------------------------------ phases
+
+  def g_main(self, state: TrainState) -> Tuple[TrainState, Metrics]:
+    rng, key = jax.random.split(state.rng)
+
+    def loss_fn(g_params):
+      img, _, buffers = self._generate(g_params, state.g_buffers, self.batch,
+                                       key)
+      logits = self._d(state.d_params, img)
+      return losses.g_nonsaturating_loss(logits), (buffers, logits)
+
+    (loss, (buffers, logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.g_params)
+    updates, g_opt = self.g_tx.update(grads, state.g_opt, state.g_params)
+    state = state.replace(g_params=optax.apply_updates(state.g_params, updates),
+                          g_buffers=buffers, g_opt=g_opt, rng=rng)
+    return state, {"G/loss": loss, "G/grad_norm": _global_norm(grads),
+                   "scores/fake": jnp.mean(logits.astype(jnp.float32))}
+
+  def g_reg(self, state: TrainState) -> Tuple[TrainState, Metrics]:
+    l = self.config.loss
+    rng, key, k_pl = jax.random.split(state.rng, 3)
+
+    def loss_fn(g_params):
+      _, ws, buffers = self._generate(g_params, state.g_buffers,
+                                      self.pl_batch, key)
+      k_noise, k_dir = jax.random.split(k_pl)
+      synth = lambda w: self._synthesize(g_params, buffers, w, k_noise)
+      lengths, _ = losses.path_lengths(synth, ws, k_dir)
+      penalty, new_mean = losses.path_length_penalty(lengths, state.pl_mean,
+                                                     l.pl_decay)
+      loss = jnp.mean(penalty * l.pl_weight) * l.pl_interval
+      return loss, (buffers, new_mean, lengths, penalty)
+
+    (loss, (buffers, new_mean, lengths, penalty)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.g_params)
+    updates, g_opt = self.g_tx.update(grads, state.g_opt, state.g_params)
+    state = state.replace(g_params=optax.apply_updates(state.g_params, updates),
+                          g_buffers=buffers, g_opt=g_opt,
+                          pl_mean=jax.lax.stop_gradient(new_mean), rng=rng)
+    return state, {"G/pl_penalty": jnp.mean(penalty),
+                   "G/pl_length": jnp.mean(lengths), "G/pl_mean": new_mean,
+                   "G/reg_grad_norm": _global_norm(grads)}
+
+  def d_main(self, state: TrainState, real: Array, ema_beta: Array
+             ) -> Tuple[TrainState, Metrics]:
+    rng, key = jax.random.split(state.rng)
+    fake, _, g_buffers = self._generate(state.g_params, state.g_buffers,
+                                        self.batch, key)
+    fake = jax.lax.stop_gradient(fake)
+
+    def loss_fn(d_params):
+      fake_logits = self._d(d_params, fake)
+      real_logits = self._d(d_params, real)
+      return losses.d_logistic_loss(real_logits, fake_logits), (
+          fake_logits, real_logits)
+
+    (loss, (fake_logits, real_logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.d_params)
+    updates, d_opt = self.d_tx.update(grads, state.d_opt, state.d_params)
+    # G EMA (G does not change in the D phases, so this equals updating at the
+    # end of the iteration): p_ema <- p + beta * (p_ema - p); buffers copied.
+    ema = jax.tree_util.tree_map(lambda p, e: p + ema_beta * (e - p),
+                                 state.g_params, state.ema_params)
+    state = state.replace(
+        d_params=optax.apply_updates(state.d_params, updates), d_opt=d_opt,
+        g_buffers=g_buffers, ema_params=ema, ema_buffers=g_buffers,
+        step=state.step + 1, rng=rng)
+    return state, {"D/loss": loss, "D/grad_norm": _global_norm(grads),
+                   "scores/real": jnp.mean(real_logits.astype(jnp.float32)),
+                   "scores/fake_d": jnp.mean(fake_logits.astype(jnp.float32))}
+
+  def d_reg(self, state: TrainState, real: Array) -> Tuple[TrainState, Metrics]:
+    l = self.config.loss
+
+    def loss_fn(d_params):
+      penalty, _ = losses.r1_penalty(lambda x: self._d(d_params, x), real)
+      return jnp.mean(penalty * (l.r1_gamma / 2)) * l.r1_interval, penalty
+
+    (loss, penalty), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.d_params)
+    updates, d_opt = self.d_tx.update(grads, state.d_opt, state.d_params)
+    state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
+                          d_opt=d_opt)
+    return state, {"D/r1_penalty": jnp.mean(penalty),
+                   "D/reg_grad_norm": _global_norm(grads)}
+
+  # ------------------------------------------------------------ compiled
+
+  def compiled(self, name: str, state: TrainState):
+    """The jitted phase `name` (compiled on first use, then cached)."""
+    if name not in self._compiled:
+      st = self.state_sharding(state)
+      fn = getattr(self, name)
+      extra = {"g_main": (), "g_reg": (), "d_main": (self._data, self._repl),
+               "d_reg": (self._data,)}[name]
+      self._compiled[name] = jax.jit(
+          fn, in_shardings=(st,) + extra, out_shardings=(st, self._repl),
+          donate_argnums=(0,))
+    return self._compiled[name]
+
+  def phases_for_step(self, step: int) -> Tuple[str, ...]:
+    """Which phases run at iteration `step` (regularizers at step 0, k*interval)."""
+    l = self.config.loss
+    out = ["g_main"]
+    if l.pl_weight > 0 and step % l.pl_interval == 0:
+      out.append("g_reg")
+    out.append("d_main")
+    if l.r1_gamma > 0 and step % l.r1_interval == 0:
+      out.append("d_reg")
+    return tuple(out)
+
+  def train_step(self, state: TrainState, real: Array, step: int, nimg: float
+                 ) -> Tuple[TrainState, Metrics]:
+    """One full iteration (all scheduled phases). `real` is a global batch."""
+    e = self.config.ema
+    beta = losses.ema_beta(self.batch, nimg, e.half_life_kimg, e.rampup)
+    beta = jax.device_put(jnp.float32(beta), self._repl)
+    metrics = {}
+    for name in self.phases_for_step(step):
+      fn = self.compiled(name, state)
+      if name == "d_main":
+        state, m = fn(state, real, beta)
+      elif name == "d_reg":
+        state, m = fn(state, real)
+      else:
+        state, m = fn(state)
+      metrics.update(m)
+    return state, metrics
