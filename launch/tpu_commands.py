@@ -33,6 +33,7 @@ DEFAULT_ACCELERATOR = "v3-8"
 # A zone that offers v3-8 (https://cloud.google.com/tpu/docs/regions-zones).
 DEFAULT_ZONE = "us-central1-a"
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+DEFAULT_PYTHON = "3.12"
 DEFAULT_CONFIG = "configs/gandl_rxrx19a.py:256"
 # TPU software version for JAX per generation
 # (https://cloud.google.com/tpu/docs/runtimes).
@@ -111,8 +112,11 @@ def add_install_args(parser: argparse.ArgumentParser) -> None:
                       "(default: the checkout holding this script).")
   group.add_argument("--git-ref", default=None,
                      help="Branch, tag or commit to check out (--git-url).")
-  group.add_argument("--python", default="python3",
-                     help="Interpreter on the workers that creates the venv.")
+  group.add_argument("--python-version", default=DEFAULT_PYTHON,
+                     help=f"Python of the workers' venv (default "
+                     f"{DEFAULT_PYTHON}, fetched with uv: the images' own "
+                     f"Python 3.10 only gets old JAX releases), or 'system' "
+                     f"for the image's python3.")
   group.add_argument("--jax-spec", default="jax[tpu]",
                      help="pip requirement for JAX (default 'jax[tpu]').")
   group.add_argument("--check-devices", action="store_true",
@@ -206,6 +210,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                    "use --spot")
 
   if install:
+    if args.python_version != "system" and not re.match(
+        r"^3\.[0-9]+(\.[0-9]+)?$", args.python_version):
+      parser.error(f"--python-version: expected 3.X[.Y] or 'system', "
+                   f"got {args.python_version!r}")
     if args.git_ref and not args.git_url:
       parser.error("--git-ref needs --git-url")
     if not args.git_url and not pathlib.Path(args.checkout, "setup.py").is_file():
@@ -343,19 +351,25 @@ def install_commands(args) -> List[List[str]]:
     cmds.append(ssh_command(
         args, f"rm -rf {REMOTE_SRC} && mkdir -p {REMOTE_SRC} && "
         f"tar -xzf {REMOTE_SRC}.tar.gz -C {REMOTE_SRC}"))
-  python = shlex.quote(args.python)
   pip = f"{REMOTE_VENV}/bin/pip"
-  # Ubuntu images may lack the venv module; install it only when needed.
-  venv = (f"{{ {python} -m venv {REMOTE_VENV} || {{ sudo apt-get -qq update "
-          f"&& sudo apt-get -qq install -y python3-venv && "
-          f"{python} -m venv {REMOTE_VENV}; }}; }}")
+  if args.python_version == "system":
+    # Ubuntu images may lack the venv module; install it only when needed.
+    venv = (f"{{ python3 -m venv {REMOTE_VENV} || {{ sudo apt-get -qq update "
+            f"&& sudo apt-get -qq install -y python3-venv && "
+            f"python3 -m venv {REMOTE_VENV}; }}; }}")
+  else:
+    # uv fetches a standalone CPython; --seed puts pip in the venv.
+    venv = (f"python3 -m pip install -q --user -U uv && rm -rf {REMOTE_VENV} "
+            f"&& {home('.local/bin/uv')} venv -q --seed --python "
+            f"{shlex.quote(args.python_version)} {REMOTE_VENV}")
   cmds.append(ssh_command(
       args, f"{venv} && {pip} install -q -U pip && "
       f"{pip} install -q -e ./{REMOTE_SRC} {shlex.quote(args.jax_spec)} && "
       f"{REMOTE_VENV}/bin/python -c "
       f"{shlex.quote('import gandl_jax, jax; print(jax.__version__)')}"))
   if args.check_devices:
-    probe = ('import jax; jax.distributed.initialize(); '
+    probe = ('import jax; from gandl_jax import parallel; '
+             'parallel.maybe_initialize_distributed(); '
              'print("process", jax.process_index(), "local devices", '
              'jax.local_device_count(), "devices", jax.device_count())')
     cmds.append(ssh_command(

@@ -158,11 +158,22 @@ def test_install_copies_checkout_to_all_workers():
       "rm -rf gandl-jax && mkdir -p gandl-jax && "
       "tar -xzf gandl-jax.tar.gz -C gandl-jax")
   pip = remote_script(lines[3])
-  assert "python3 -m venv gandl-venv" in pip
+  assert pip.startswith(
+      "python3 -m pip install -q --user -U uv && rm -rf gandl-venv && "
+      '"$HOME"/.local/bin/uv venv -q --seed --python 3.12 gandl-venv && ')
   assert "gandl-venv/bin/pip install -q -e ./gandl-jax 'jax[tpu]'" in pip
   assert pip.endswith("gandl-venv/bin/python -c 'import gandl_jax, jax; "
                       "print(jax.__version__)'")
   # The remote script is valid bash.
+  subprocess.run(["bash", "-n", "-c", pip], check=True)
+
+
+def test_install_with_system_python():
+  lines = dry(tpu_install.main, ["--name", "gandl", "--python-version",
+                                 "system"])
+  pip = remote_script(lines[-1])
+  assert pip.startswith("{ python3 -m venv gandl-venv || ")
+  assert "uv" not in pip
   subprocess.run(["bash", "-n", "-c", pip], check=True)
 
 
@@ -178,7 +189,8 @@ def test_install_from_git_with_ref_and_device_check():
       "rm -rf gandl-jax && git clone https://github.com/o/gandl-jax.git "
       "gandl-jax && git -C gandl-jax checkout v0.1.0")
   assert "-e ./gandl-jax 'jax[tpu]==0.6.2'" in remote_script(lines[1])
-  assert "jax.distributed.initialize()" in remote_script(lines[2])
+  assert "parallel.maybe_initialize_distributed()" in remote_script(lines[2])
+  assert "--python 3.12 " in remote_script(lines[1])
   assert not any(line.startswith(("tar", "gcloud compute tpus tpu-vm scp"))
                  for line in lines)
 
@@ -211,6 +223,8 @@ def test_install_errors(tmp_path, capsys):
   assert "has no setup.py" in error(
       tpu_install.main, ["--name", "gandl", "--checkout", str(tmp_path)],
       capsys)
+  assert "--python-version: expected 3.X[.Y] or 'system'" in error(
+      tpu_install.main, ["--name", "gandl", "--python-version", "py3"], capsys)
   assert "not allowed with argument" in error(
       tpu_install.main, ["--name", "gandl", "--checkout", str(REPO),
                          "--git-url", "https://x/y.git"], capsys)
