@@ -376,6 +376,7 @@ def test_printed_start_refuses_second_copy_and_stop_sends_sigterm(
   home = fake_worker
   assert _bash(remote_script(start), home, FAKE_SLEEP="30").returncode == 0
   _wait_for(home / "argv.txt")
+  _wait_for(home / tc.TRAIN_PID)
   status = tc.status_script()
   assert _bash(status, home).stdout == f"{tc.STATUS_PREFIX} running\n"
   again = _bash(remote_script(start), home, FAKE_SLEEP="30")
@@ -743,3 +744,60 @@ def test_scripts_run_as_programs_deterministically(script, argv, tmp_path):
   assert bad.returncode == 2
   assert "unrecognized arguments: --no-such-flag" in bad.stderr
   assert bad.stdout == ""
+
+
+# ------------------------------------------- live watcher, fake gcloud ---
+
+_FAKE_GCLOUD = r'''
+import os, subprocess, sys
+argv = sys.argv[1:]
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
+  log.write(" ".join(argv[2:4]) + "\n")
+if argv[2:4] == ["tpu-vm", "describe"]:
+  print("READY")
+elif argv[2:4] == ["tpu-vm", "ssh"]:
+  (script,) = [a[len("--command="):] for a in argv if a.startswith("--command=")]
+  sys.exit(subprocess.run(["bash", "-c", script], cwd=os.environ["HOME"]).returncode)
+else:
+  sys.exit("fake gcloud: unexpected " + " ".join(argv))
+'''
+
+
+def test_live_watcher_restarts_crashed_training_until_it_finishes(
+    fake_worker, tmp_path_factory, monkeypatch):
+  """The real loop, gcloud faked: the remote scripts run in a fake home."""
+  home = fake_worker
+  bin_dir = tmp_path_factory.mktemp("bin")
+  gcloud = bin_dir / "gcloud"
+  gcloud.write_text(f"#!{sys.executable}\n{_FAKE_GCLOUD}")
+  gcloud.chmod(0o755)
+  # The trainer fails on its first run and succeeds on the second.
+  train = home / "gandl-venv" / "bin" / "gandl-train"
+  train.write_text(
+      "#!/bin/bash\n"
+      'echo run >> "$HOME/runs.txt"\n'
+      '[ "$(wc -l < "$HOME/runs.txt")" -ge 2 ]\n')
+  log = home / "gcloud.log"
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.setenv("FAKE_GCLOUD_LOG", str(log))
+  (home / "runs.txt").write_text("run\n")    # that earlier run crashed...
+  (home / tc.TRAIN_EXIT).write_text("1\n")   # ...with status 1
+  naps = []
+
+  def nap(seconds):
+    naps.append(seconds)
+    assert len(naps) < 40, "watcher never finished"
+    time.sleep(0.1)
+
+  code = tpu_watch.main([*WATCH, "--max-restarts", "2"],
+                        out=io.StringIO(), sleep=nap)
+  assert code == 0
+  assert (home / "runs.txt").read_text().count("run") == 2
+  assert (home / tc.TRAIN_EXIT).read_text().strip() == "0"
+  calls = log.read_text().splitlines()
+  # describe, status (exited 1), start; then describe + status per poll.
+  assert calls[:3] == ["tpu-vm describe", "tpu-vm ssh", "tpu-vm ssh"]
+  assert set(calls) == {"tpu-vm describe", "tpu-vm ssh"}
+  assert set(naps) == {60}
+  assert "== start" in (home / tc.TRAIN_LOG).read_text()
