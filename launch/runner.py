@@ -72,18 +72,24 @@ class Runner:
       raise CommandError(["bash", "-c", line], returncode)
     return returncode
 
-  def query(self, cmd: Sequence[str],
-            simulated: Callable[[], tuple]) -> tuple:
+  def query(self, cmd: Sequence[str], simulated: Callable[[], tuple],
+            timeout: float = 300.0) -> tuple:
     """Runs `cmd` capturing output: (returncode, stdout, stderr).
 
     In dry-run the command is printed and `simulated()` supplies the answer,
     so loops that branch on a probe (the watcher) can be shown end to end.
+    A probe that hangs (ssh to a dying VM) is cut off after `timeout` seconds
+    and reported as exit status 124.
     """
     cmd = [str(c) for c in cmd]
     if self.dry_run:
       self._echo(shlex.join(cmd))
       return simulated()
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    try:
+      proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                            timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return 124, "", f"timed out after {timeout:g} s"
     return proc.returncode, proc.stdout, proc.stderr
 
   def sleep(self, seconds: float) -> None:

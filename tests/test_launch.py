@@ -801,3 +801,16 @@ def test_live_watcher_restarts_crashed_training_until_it_finishes(
   assert set(calls) == {"tpu-vm describe", "tpu-vm ssh"}
   assert set(naps) == {60}
   assert "== start" in (home / tc.TRAIN_LOG).read_text()
+
+
+def test_runner_live_run_query_and_timeout(tmp_path):
+  runner = runner_lib.Runner(dry_run=False, out=io.StringIO())
+  assert runner.run(["true"]) == 0
+  with pytest.raises(runner_lib.CommandError, match="exit status 3"):
+    runner.run(["bash", "-c", "exit 3"])
+  assert runner.run(["bash", "-c", "exit 3"], check=False) == 3
+  assert runner.query(["bash", "-c", "echo out; echo err >&2; exit 2"],
+                      None) == (2, "out\n", "err\n")
+  assert runner.query(["sleep", "5"], None, timeout=0.2)[0] == 124
+  runner.run_shell(f"echo hi > {shlex.quote(str(tmp_path / 'f'))}")
+  assert (tmp_path / "f").read_text() == "hi\n"
