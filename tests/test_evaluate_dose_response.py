@@ -1,0 +1,98 @@
+"""4PL fits recover known EC50s; intervals match closed forms / scipy."""
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from gandl_jax.evaluate import dose_response as dr
+
+DOSES = 10 * 10 ** (-0.5 * np.arange(8))[::-1]      # 8 half-log doses, uM
+
+
+def test_four_pl_closed_form():
+  c = np.array([0.01, 0.3, 1.0, 7.0])
+  y = dr.four_pl(c, 0.1, 0.9, 0.3, 1.7)
+  expect = 0.1 + 0.8 * c ** 1.7 / (c ** 1.7 + 0.3 ** 1.7)
+  np.testing.assert_allclose(y, expect, rtol=1e-12)
+  assert dr.four_pl(0.3, 0.1, 0.9, 0.3, 1.7) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("ec50,hill,bottom,top", [
+    (0.05, 1.0, 0.0, 1.0), (0.8, 1.5, 0.1, 0.9), (3.0, 0.8, -0.2, 1.2),
+    (0.3, 3.0, 0.0, 0.6)])
+def test_noiseless_recovery(ec50, hill, bottom, top):
+  y = dr.four_pl(DOSES, bottom, top, ec50, hill)
+  fit = dr.fit_4pl(DOSES, y)
+  assert fit["flag"] == dr.FLAG_OK
+  assert fit["ec50"] == pytest.approx(ec50, rel=1e-4)
+  assert fit["hill"] == pytest.approx(hill, rel=1e-4)
+  assert fit["bottom"] == pytest.approx(bottom, abs=1e-4)
+  assert fit["top"] == pytest.approx(top, abs=1e-4)
+  assert fit["efficacy"] == pytest.approx(
+      dr.four_pl(DOSES.max(), bottom, top, ec50, hill), abs=1e-5)
+  # Closed form: the fitted curve passes the midpoint at the EC50.
+  mid = dr.four_pl(fit["ec50"], fit["bottom"], fit["top"], fit["ec50"],
+                   fit["hill"])
+  assert mid == pytest.approx((bottom + top) / 2, abs=1e-4)
+
+
+def test_noisy_recovery():
+  rng = np.random.default_rng(0)
+  errs = []
+  for ec50 in (0.1, 0.4, 1.2, 2.5):
+    c = np.repeat(DOSES, 6)
+    y = dr.four_pl(c, 0.0, 1.0, ec50, 1.2) + 0.08 * rng.standard_normal(len(c))
+    fit = dr.fit_4pl(c, y)
+    assert fit["flag"] == dr.FLAG_OK
+    errs.append(abs(np.log10(fit["ec50"]) - np.log10(ec50)))
+  assert max(errs) < 0.15
+
+
+def test_flat_and_too_few():
+  rng = np.random.default_rng(1)
+  flat = dr.fit_4pl(DOSES, 0.3 + 0.01 * rng.standard_normal(len(DOSES)))
+  assert flat["flag"] == dr.FLAG_FLAT and flat["ec50"] is None
+  few = dr.fit_4pl(DOSES[:3], [0, 0.5, 1])
+  assert few["flag"] == dr.FLAG_FEW and "3 distinct" in few["reason"]
+
+
+def test_ec50_outside_range_flagged():
+  y = dr.four_pl(DOSES, 0.0, 1.0, 200.0, 1.0)     # EC50 far above the doses
+  fit = dr.fit_4pl(DOSES, y)
+  assert fit["flag"] in (dr.FLAG_OUTSIDE, dr.FLAG_FLAT)
+
+
+def test_wilson_known_value():
+  lo, hi = dr.wilson_interval(np.array([5]), np.array([10]))
+  assert lo[0] == pytest.approx(0.2366, abs=1e-4)
+  assert hi[0] == pytest.approx(0.7634, abs=1e-4)
+
+
+def test_summarize_points_t_interval():
+  rng = np.random.default_rng(2)
+  df = pd.DataFrame({"group": "HRCE", "treatment": "X",
+                     "conc": np.repeat([0.1, 1.0], 7),
+                     "rescue": rng.standard_normal(14),
+                     "healthy": rng.random(14) > 0.5})
+  pts = dr.summarize_points(df)
+  sub = df[df["conc"] == 1.0]["rescue"].to_numpy()
+  lo, hi = stats.t.interval(0.95, len(sub) - 1, loc=sub.mean(),
+                            scale=stats.sem(sub))
+  row = pts[pts["conc"] == 1.0].iloc[0]
+  assert row["ci_low"] == pytest.approx(lo) and row["ci_high"] == pytest.approx(hi)
+  assert row["n"] == 7
+
+
+def test_fit_all_ranks_actives_first():
+  rows = []
+  for name, ec50, top in (("inactive", 1.0, 0.0), ("weak", 1.0, 0.4),
+                          ("strong", 0.2, 1.0), ("strong_late", 2.0, 1.0)):
+    for c in DOSES:
+      rows.append({"group": "HRCE", "treatment": name, "conc": c, "n": 10,
+                   "mean": dr.four_pl(c, 0.0, top, ec50, 1.0) if top else
+                   0.01 * np.sin(c)})
+  fits = dr.fit_all(pd.DataFrame(rows), hit_threshold=0.5)
+  assert fits["treatment"].tolist()[:2] == ["strong", "strong_late"]
+  assert fits.set_index("treatment")["hit"].to_dict() == {
+      "strong": True, "strong_late": True, "weak": False, "inactive": False}
+  assert fits["rank"].tolist() == [1, 2, 3, 4]

@@ -1,0 +1,140 @@
+"""End to end: report files, baseline side by side, bad input, planted truth."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gandl_jax.evaluate import Options, evaluate, simulate, write_embeddings
+from gandl_jax.evaluate import classify
+
+CFG = simulate.SimConfig(sites_per_cell_type=(("HRCE", 1600), ("VERO", 640)),
+                         wells_per_plate=20, dim=24, n_compounds=8,
+                         n_rescue=3, n_toxic=1, infection_effect=3.0,
+                         frac_mock=0.12, frac_active=0.12, seed=4)
+FAST = Options(protocol=classify.ProtocolConfig(c_grid=(0.01, 1.0)),
+               projection_points=800, top_compounds=3)
+
+
+def _strict_json(path):
+  def bad(x):
+    raise AssertionError(f"non-finite JSON constant {x}")
+  with open(path) as f:
+    return json.load(f, parse_constant=bad)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  d = tmp_path_factory.mktemp("eval")
+  md, X, truth = simulate.simulate_rxrx19a(CFG)
+  md.to_csv(d / "metadata.csv", index=False)
+  truth.to_csv(d / "synthetic_truth.csv", index=False)
+  write_embeddings(str(d / "emb.parquet"), md, X)
+  rng = np.random.default_rng(9)
+  write_embeddings(str(d / "random.parquet"), md[["site_id"]],
+                   rng.standard_normal(X.shape).astype(np.float32),
+                   include_metadata=False)
+  m1, X1 = simulate.simulate_rxrx1(sites_per_cell_type=120, dim=24)
+  m1.to_csv(d / "rx1_metadata.csv", index=False)
+  write_embeddings(str(d / "rx1.parquet"), m1, X1)
+  return d, md, X, truth
+
+
+def test_full_report_with_baseline(data):
+  d, md, X, truth = data
+  out = d / "out"
+  m = evaluate(str(d / "emb.parquet"), str(out), metadata=str(d / "metadata.csv"),
+               baseline=str(d / "random.parquet"), baseline_name="random",
+               name="trained", rxrx1_embeddings=str(d / "rx1.parquet"),
+               compounds=["GS-441524", "Not A Compound"], options=FAST,
+               log=lambda s: None)
+  disk = _strict_json(out / "metrics.json")
+  assert disk["names"] == ["trained", "random"]
+  tr, rnd = disk["embeddings"]["trained"], disk["embeddings"]["random"]
+  for task in ("control", "cell_model", "dose_response", "truth", "rxrx1"):
+    assert tr[task]["status"] == "ok", (task, tr[task])
+  assert rnd["rxrx1"]["status"] == "skipped"
+  # The planted signal is found; random features are near chance.
+  assert tr["control"]["random"]["balanced_accuracy"] > 0.8
+  assert rnd["control"]["random"]["balanced_accuracy"] < 0.7
+  assert tr["control"]["plate"]["status"] == "ok"
+  assert tr["cell_model"]["plate"]["status"] == "ok"
+  assert tr["rxrx1"]["random"]["accuracy"] > 0.8
+  # Planted truth: all rescue compounds found, EC50 ranks agree.
+  t = tr["truth"]
+  assert t["true_hits"] == 3 and t["hits_found"] == 3
+  assert t["ec50_median_abs_log10_error"] < 0.3
+  assert tr["dose_response"]["named_not_found"] == ["Not A Compound"]
+  assert tr["dose_response"]["named"][0]["treatment"] == "GS-441524"
+  # Report and figures exist, figures referenced by the report.
+  report = (out / "report.md").read_text()
+  for rel in ("figures/dose_response.png",
+              "figures/confusion_control_trained.png",
+              "figures/confusion_control_random.png",
+              "figures/projection_trained.png",
+              "figures/projection_rxrx1_trained.png"):
+    assert (out / rel).stat().st_size > 1000
+    assert rel in report
+  assert "| random split | accuracy |" in report
+  assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+  assert m["embeddings"]["trained"]["control"]["random"]["accuracy"] == \
+      tr["control"]["random"]["accuracy"]
+
+
+def test_bad_input_reported_other_tasks_run(data, tmp_path):
+  d, md, X, _ = data
+  X = X.copy()
+  X[:5, 1] = np.nan
+  meta = md[["site_id"]].copy()
+  meta.loc[10:12, "site_id"] = ["NOPE_1_A01_1", "NOPE_1_A01_2", "NOPE_1_A01_3"]
+  p = str(tmp_path / "bad.parquet")
+  write_embeddings(p, meta, X, include_metadata=False)
+  md_no_vero = md[md["cell_type"] == "HRCE"]
+  # VERO site_ids are now unknown too: cell_model has a single class.
+  m = evaluate(p, str(tmp_path / "out"), metadata=md_no_vero,
+               tasks=["control", "cell_model", "rxrx1"], options=FAST,
+               log=lambda s: None)
+  e = m["embeddings"]["embeddings"]
+  issues = "\n".join(e["input"]["issues"])
+  assert "5 row(s) with missing, NaN or infinite" in issues
+  n_vero = int((md["cell_type"] == "VERO").sum())
+  assert f"{n_vero + 3} site_id(s) not in metadata" in issues
+  assert e["control"]["status"] == "ok"
+  assert e["cell_model"]["status"] == "failed"
+  assert "task cell_model" in e["cell_model"]["reason"]
+  assert "'VERO': 0" in e["cell_model"]["reason"]
+  assert e["rxrx1"]["status"] == "skipped"
+  assert "dose_response" not in e
+  _strict_json(tmp_path / "out" / "metrics.json")
+
+
+def test_unknown_task_rejected(data, tmp_path):
+  d = data[0]
+  with pytest.raises(ValueError, match="unknown task"):
+    evaluate(str(d / "emb.parquet"), str(tmp_path), tasks=["contrl"])
+
+
+def test_cli(data, tmp_path):
+  d = data[0]
+  out = tmp_path / "cli"
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  r = subprocess.run(
+      [sys.executable, "-m", "gandl_jax.cli.evaluate",
+       f"--embeddings={d / 'emb.parquet'}", f"--output={out}",
+       "--tasks=control,dose_response", "--c_grid=0.1",
+       '--compounds="Remdesivir (GS-5734)",GS-441524', "--aggregate=well"],
+      capture_output=True, text=True, env=env, timeout=240)
+  assert r.returncode == 0, r.stderr[-2000:]
+  m = _strict_json(out / "metrics.json")
+  e = m["embeddings"]["embeddings"]
+  assert e["postprocessing"]["aggregation"]["level"] == "well"
+  assert e["control"]["random"]["C"] == 0.1
+  assert {r["treatment"] for r in e["dose_response"]["named"]} == {
+      "Remdesivir (GS-5734)", "GS-441524"}
+  r = subprocess.run([sys.executable, "-m", "gandl_jax.cli.evaluate",
+                      "--embeddings=/nonexistent.parquet", f"--output={out}"],
+                     capture_output=True, text=True, env=env, timeout=120)
+  assert r.returncode == 2 and "/nonexistent.parquet" in r.stderr
