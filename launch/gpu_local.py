@@ -188,17 +188,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     parser.error(f"--mem-fraction: expected a fraction in (0, 1], "
                  f"got {args.mem_fraction}")
   if hasattr(args, "config"):
-    config_file = args.config.partition(":")[0]
-    if not (tc.REPO_ROOT / config_file).is_file():
-      parser.error(f"--config: {config_file} not found in {tc.REPO_ROOT} "
-                   f"(paths are relative to the repository root)")
-    for override in args.overrides:
-      key, sep, _ = override.partition("=")
-      if not sep or not tc._KEY_RE.match(key):
-        parser.error(f"--set: expected KEY=VALUE with a dotted config key, "
-                     f"got {override!r}")
-      if key == "data.path":
-        parser.error("--set data.path=...: use --data instead")
+    tc.check_config(parser, args.config)
+    tc.check_overrides(parser, args.overrides)
   if hasattr(args, "data") and not args.data.strip():
     parser.error("--data: expected a shard directory or glob, got ''")
 

@@ -225,12 +225,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def _check_run_args(parser, args, *, data: bool) -> None:
-  config_file = args.config.partition(":")[0]
-  if not config_file.endswith(".py"):
-    parser.error(f"--config: expected FILE.py[:ARG], got {args.config!r}")
-  if not (REPO_ROOT / config_file).is_file():
-    parser.error(f"--config: {config_file} not found in {REPO_ROOT} "
-                 f"(paths are relative to the repository root)")
+  config_file = check_config(parser, args.config)
   bucket = None
   if args.bucket is not None:
     try:
@@ -262,7 +257,23 @@ def _check_run_args(parser, args, *, data: bool) -> None:
       parser.error(f"{flag}: expected a gs:// path (all TPU workers share "
                    f"it and it survives preemption), got {value!r}")
   args.workdir = args.workdir.rstrip("/")
-  for override in getattr(args, "overrides", []):
+  check_overrides(parser, getattr(args, "overrides", []))
+
+
+def check_config(parser: argparse.ArgumentParser, config: str) -> str:
+  """Checks a FILE.py[:ARG] config spec; returns FILE.py."""
+  config_file = config.partition(":")[0]
+  if not config_file.endswith(".py"):
+    parser.error(f"--config: expected FILE.py[:ARG], got {config!r}")
+  if not (REPO_ROOT / config_file).is_file():
+    parser.error(f"--config: {config_file} not found in {REPO_ROOT} "
+                 f"(paths are relative to the repository root)")
+  return config_file
+
+
+def check_overrides(parser: argparse.ArgumentParser,
+                    overrides: List[str]) -> None:
+  for override in overrides:
     key, sep, _ = override.partition("=")
     if not sep or not _KEY_RE.match(key):
       parser.error(f"--set: expected KEY=VALUE with a dotted config key, "

@@ -711,6 +711,8 @@ def test_gpu_all_stages(monkeypatch):
       "e.csv"], "--embeddings: expected a .parquet file"),
     (["all", "--workdir", "w", "--data", "d", "--metadata", "m",
       "--background"], "--background applies to 'train' only"),
+    (["train", "--workdir", "w", "--data", "d", "--config",
+      "configs/missing.py:64"], "--config: configs/missing.py not found"),
     (["serve"], "invalid choice: 'serve'"),
     (["install", "--bogus"], "unrecognized arguments: --bogus"),
 ])
