@@ -1,0 +1,120 @@
+"""5-channel fluorescence images -> RGB composites and image grids, for viewing.
+
+Inputs are uint8 NHWC (or HWC) arrays whose channels follow
+`gandl_jax.schema.RXRX19A_CHANNELS` (w1 Hoechst, w2 ConA, w3 Phalloidin,
+w4 Syto14, w5 WGA). Styles:
+
+  'bgr'   Hoechst -> blue, mean(ConA, Syto14) -> green,
+          mean(Phalloidin, WGA) -> red.
+  'rxrx'  the colouring of Recursion's rxrx1-utils (`rxrx.io.RGB_MAP`): each
+          channel w_i is scaled by 255 / range_i, clipped to 1, times its RGB
+          colour (truncated to integers), then summed and clipped to 255.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence, Tuple
+
+import numpy as np
+
+from gandl_jax import schema
+
+STYLES = ("bgr", "rxrx")
+
+# rxrx1-utils rxrx/io.py RGB_MAP: channel index -> (RGB colour, display range).
+RXRX_RGB_MAP: Mapping[int, Tuple[Tuple[int, int, int], Tuple[int, int]]] = {
+    1: ((19, 0, 249), (0, 51)),
+    2: ((42, 255, 31), (0, 107)),
+    3: ((255, 0, 25), (0, 64)),
+    4: ((45, 255, 252), (0, 191)),
+    5: ((250, 0, 253), (0, 89)),
+    6: ((254, 255, 40), (0, 191)),
+}
+
+# 'bgr' style: RGB output channel -> stain short names averaged into it.
+BGR_GROUPS: Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]] = (
+    ("phalloidin", "wga"),   # red
+    ("cona", "syto14"),      # green
+    ("hoechst",),            # blue
+)
+
+
+def _as_batch(images: np.ndarray, channels: Sequence[schema.Channel]
+              ) -> Tuple[np.ndarray, bool]:
+  images = np.asarray(images)
+  single = images.ndim == 3
+  if single:
+    images = images[None]
+  if images.ndim != 4:
+    raise ValueError(f"images must be NHWC or HWC, got shape {images.shape}")
+  if images.dtype != np.uint8:
+    raise TypeError(f"images must be uint8, got {images.dtype}")
+  if images.shape[-1] != len(channels):
+    raise ValueError(f"images have {images.shape[-1]} channels, expected "
+                     f"{len(channels)} ({[c.short for c in channels]})")
+  return images, single
+
+
+def to_rgb(images: np.ndarray, style: str = "bgr",
+           channels: Sequence[schema.Channel] = schema.RXRX19A_CHANNELS
+           ) -> np.ndarray:
+  """uint8 (N, H, W, C) or (H, W, C) -> uint8 RGB (N, H, W, 3) / (H, W, 3)."""
+  images, single = _as_batch(images, channels)
+  if style == "bgr":
+    by_short = {c.short: i for i, c in enumerate(channels)}
+    out = []
+    for group in BGR_GROUPS:
+      idx = [by_short[s] for s in group if s in by_short]
+      if not idx:
+        raise ValueError(f"'bgr' composite needs one of {group} among the "
+                         f"channels {[c.short for c in channels]}")
+      out.append(np.mean(images[..., idx].astype(np.float32), axis=-1))
+    rgb = np.clip(np.rint(np.stack(out, axis=-1)), 0, 255).astype(np.uint8)
+  elif style == "rxrx":
+    acc = np.zeros(images.shape[:3] + (3,), np.int64)
+    for i, ch in enumerate(channels):
+      if ch.index not in RXRX_RGB_MAP:
+        raise ValueError(f"no rxrx colour for channel w{ch.index}")
+      colour, (lo, hi) = RXRX_RGB_MAP[ch.index]
+      x = (images[..., i].astype(np.float64) / 255.0) / ((hi - lo) / 255.0)
+      x = np.minimum(x + lo / 255.0, 1.0)
+      acc += (x[..., None] * np.asarray(colour, np.float64)).astype(np.int64)
+    rgb = np.minimum(acc, 255).astype(np.uint8)
+  else:
+    raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+  return rgb[0] if single else rgb
+
+
+def channel_strip(images: np.ndarray, pad: int = 2) -> np.ndarray:
+  """Raw per-channel view: uint8 (N, H, W, C) -> (N, H, C*W + (C-1)*pad)
+  greyscale, channels side by side in their stored order."""
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[None]
+  if images.ndim != 4 or images.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 NHWC, got {images.dtype} "
+                     f"{images.shape}")
+  n, h, w, c = images.shape
+  out = np.zeros((n, h, c * w + (c - 1) * pad), np.uint8)
+  for i in range(c):
+    out[:, :, i * (w + pad):i * (w + pad) + w] = images[..., i]
+  return out
+
+
+def grid(images: np.ndarray, cols: int = 0, pad: int = 2,
+         pad_value: int = 0) -> np.ndarray:
+  """Tiles (N, H, W[, C]) into one (rows*H + ..., cols*W + ...[, C]) image;
+  `cols=0` picks a near-square layout. Unused cells stay `pad_value`."""
+  images = np.asarray(images)
+  if images.ndim not in (3, 4) or len(images) == 0:
+    raise ValueError(f"images must be a non-empty (N, H, W[, C]) batch, got "
+                     f"{images.shape}")
+  n, h, w = images.shape[:3]
+  cols = cols if cols > 0 else int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  shape = (rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad)
+  out = np.full(shape + images.shape[3:], pad_value, images.dtype)
+  for k in range(n):
+    r, c = divmod(k, cols)
+    y, x = r * (h + pad), c * (w + pad)
+    out[y:y + h, x:x + w] = images[k]
+  return out

@@ -1,0 +1,379 @@
+"""Importer (tools/import_stylegan2_ada.py), model checkpoints, the public
+API (gandl_jax.load / Model), composites and gandl-generate.
+
+Uses the reference fixture tests/fixtures/parity_32.npz (weights and outputs of
+stylegan2-ada-pytorch, see tools/make_parity_fixtures.py); torch is not needed.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gandl_jax import api
+from gandl_jax import checkpoint
+from gandl_jax import composite
+from gandl_jax import schema
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "parity_32.npz")
+
+
+def _load_importer():
+  spec = importlib.util.spec_from_file_location(
+      "import_stylegan2_ada", os.path.join(ROOT, "tools",
+                                           "import_stylegan2_ada.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+imp = _load_importer()
+
+
+@pytest.fixture(scope="module")
+def ref():
+  return dict(np.load(FIXTURE, allow_pickle=False))
+
+
+@pytest.fixture(scope="module")
+def sds():
+  return imp.load_state_dicts(FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, sds):
+  wd = str(tmp_path_factory.mktemp("imported"))
+  # G_ema differs from G so that the API's use of G_ema is observable.
+  sds = dict(sds)
+  sds["G_ema"] = dict(sds["G"])
+  sds["G_ema"]["mapping.w_avg"] = sds["G"]["mapping.w_avg"] + 1.0
+  imp.import_to_workdir(sds, {"mbstd_group_size": 4}, wd,
+                        "/x/network-snapshot-000120.pkl", step=3)
+  return wd
+
+
+# ----------------------------------------------------------------------------
+# Architecture inference.
+
+
+@pytest.mark.parametrize("res,base,cmax", [
+    (256, 16384, 512), (32, 512, 64), (64, 16384, 512), (1024, 32768, 512),
+    (32, 1024, 128)])
+def test_channel_base_max_roundtrip(res, base, cmax):
+  channels = {r: min(base // r, cmax) for r in (2**i for i in range(
+      2, int(np.log2(res)) + 1))}
+  b, m = imp._channels_to_base_max(channels)
+  assert m == max(channels.values())
+  assert all(min(b // r, m) == c for r, c in channels.items())
+  if any(c < cmax for c in channels.values()):
+    assert (b, m) == (base, cmax)
+
+
+def test_channel_counts_not_stylegan_refused():
+  with pytest.raises(ValueError, match="channel_base"):
+    imp._channels_to_base_max({4: 64, 8: 64, 16: 48, 32: 8})
+
+
+def test_infer_config_from_tensors(sds, ref):
+  cfg = imp.infer_model_config(sds, {"mbstd_group_size": 4})
+  assert cfg == json.loads(str(ref["config_json"]))
+
+
+def test_layout_transposes():
+  w = np.arange(2 * 3 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 3)  # OIHW
+  hwio = imp.torch_to_ours("b8.conv0.weight", w)
+  assert hwio.shape == (3, 3, 3, 2) and hwio[2, 1, 0, 1] == w[1, 0, 2, 1]
+  d = np.arange(6, dtype=np.float32).reshape(2, 3)  # (out, in)
+  assert imp.torch_to_ours("b4.fc.weight", d)[2, 1] == d[1, 2]
+  c = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+  assert imp.torch_to_ours("synthesis.b4.const", c)[3, 1, 0] == c[0, 3, 1]
+  assert imp.torch_to_ours("x.noise_strength", np.float32(2.0)).shape == ()
+
+
+def test_refuses_conditional(sds):
+  g = dict(sds["G"])
+  g["mapping.embed.weight"] = np.zeros((64, 10), np.float32)
+  with pytest.raises(ValueError, match="conditional"):
+    imp.infer_model_config({"G": g, "D": sds["D"]})
+  d = dict(sds["D"])
+  d["mapping.fc0.weight"] = np.zeros((64, 10), np.float32)
+  with pytest.raises(ValueError, match="conditional"):
+    imp.infer_model_config({"G": sds["G"], "D": d})
+
+
+def test_refuses_other_architectures(sds):
+  g = {k: v for k, v in sds["G"].items()
+       if not k.startswith("synthesis.b8.torgb.")}
+  with pytest.raises(ValueError, match="skip"):
+    imp.infer_model_config({"G": g, "D": sds["D"]})
+  d = {k: v for k, v in sds["D"].items() if not k.startswith("b16.skip.")}
+  with pytest.raises(ValueError, match="resnet"):
+    imp.infer_model_config({"G": sds["G"], "D": d})
+
+
+def test_unmappable_keys_listed(sds):
+  g = dict(sds["G"])
+  g["synthesis.b8.conv0.extra_thing"] = np.zeros(3, np.float32)
+  del g["synthesis.b16.conv1.noise_strength"]
+  with pytest.raises(ValueError) as e:
+    imp.convert({"G": g, "D": sds["D"]})
+  msg = str(e.value)
+  assert "synthesis.b8.conv0.extra_thing" in msg
+  assert "synthesis.b16.conv1.noise_strength" in msg
+
+
+def test_convert_values_and_skips_filters(sds):
+  model, cfg = imp.convert(sds, {"mbstd_group_size": 4})
+  assert cfg["resolution"] == 32
+  g = model["G"]
+  np.testing.assert_array_equal(g["buffers"]["mapping"]["w_avg"],
+                                sds["G"]["mapping.w_avg"])
+  np.testing.assert_array_equal(
+      g["buffers"]["synthesis"]["b16"]["conv0"]["noise_const"],
+      sds["G"]["synthesis.b16.conv0.noise_const"])
+  np.testing.assert_array_equal(
+      g["params"]["mapping"]["fc1"]["weight"],
+      sds["G"]["mapping.fc1.weight"].T)
+  np.testing.assert_array_equal(
+      model["D"]["params"]["b4"]["fc"]["weight"], sds["D"]["b4.fc.weight"].T)
+  assert any(k.endswith("resample_filter") for k in sds["G"])
+  assert "resample_filter" not in json.dumps(
+      {k: list(v) for k, v in g["params"]["synthesis"]["b8"].items()})
+  # No G_ema given: G's weights.
+  np.testing.assert_array_equal(
+      model["G_ema"]["params"]["synthesis"]["b4"]["const"],
+      g["params"]["synthesis"]["b4"]["const"])
+
+
+def test_kimg_from_filename():
+  assert imp.kimg_from_filename("a/network-snapshot-001234.pkl") == 1234.0
+  assert imp.kimg_from_filename("model.pt") is None
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+
+
+def test_checkpoint_roundtrip_and_resolution(workdir, sds):
+  model, meta = checkpoint.restore_model(workdir)
+  assert meta["source"] == "import_stylegan2_ada"
+  assert meta["step"] == 3 and meta["kimg"] == 120.0
+  assert meta["model"]["channel_base"] == 512
+  np.testing.assert_array_equal(
+      np.asarray(model["D"]["params"]["b32"]["conv1"]["weight"]),
+      sds["D"]["b32.conv1.weight"].transpose(2, 3, 1, 0))
+  for path in (checkpoint.checkpoint_dir(workdir),
+               os.path.join(workdir, "checkpoints", "3")):
+    _, m2 = checkpoint.restore_model(path)
+    assert m2["step"] == 3
+  assert checkpoint.list_steps(workdir) == (3,)
+  with pytest.raises(FileNotFoundError, match="step 9"):
+    checkpoint.restore_model(workdir, step=9)
+
+
+def test_checkpoint_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    checkpoint.restore_model(tmp_path / "nope")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    checkpoint.restore_model(tmp_path / "empty")
+  with pytest.raises(ValueError, match="missing"):
+    checkpoint.save_model(tmp_path / "c", 0, {"G": {}}, {"model": {}})
+
+
+def test_checkpoint_falls_back_to_previous_step(tmp_path):
+  tree = {"params": {"w": np.ones((2, 2), np.float32)},
+          "buffers": {"b": np.zeros(2, np.float32)}}
+  model = {"G": tree, "G_ema": tree,
+           "D": {"params": {"w": np.arange(3, dtype=np.float32)}}}
+  d = checkpoint.checkpoint_dir(tmp_path)
+  checkpoint.save_model(d, 1, model, {"model": {"x": 1}})
+  checkpoint.save_model(d, 2, model, {"model": {"x": 2}})
+  with pytest.raises(FileExistsError):
+    checkpoint.save_model(d, 2, model, {"model": {"x": 2}})
+  _, meta = checkpoint.restore_model(tmp_path)
+  assert meta["model"] == {"x": 2}
+  # Damage the latest step: the previous one is used.
+  for root, _, files in os.walk(str(d / "2" / "model")):
+    for name in files:
+      with open(os.path.join(root, name), "w") as fh:
+        fh.write("garbage")
+  _, meta = checkpoint.restore_model(tmp_path)
+  assert meta["model"] == {"x": 1} and meta["step"] == 1
+  with pytest.raises(Exception):
+    checkpoint.restore_model(tmp_path, step=2)
+
+
+# ----------------------------------------------------------------------------
+# Public API.
+
+
+@pytest.fixture(scope="module")
+def model(workdir):
+  import gandl_jax
+  return gandl_jax.load(workdir, batch_size=8)
+
+
+def test_api_generate_matches_reference(model, ref, sds):
+  assert model.step == 3 and model.config["resolution"] == 32
+  # G_ema has w_avg + 1: psi=1 is unaffected by w_avg and equals the
+  # reference G; psi=0.7 must differ from the reference (G_ema is used).
+  imgs = model.generate(z=ref["z"], truncation_psi=1.0)
+  expected = np.clip(ref["g_img_psi1"] * 127.5 + 128, 0, 255).astype(np.uint8)
+  assert imgs.dtype == np.uint8 and imgs.shape == expected.shape
+  assert np.abs(imgs.astype(int) - expected).max() <= 1
+  f = model.generate_float(z=ref["z"][:3], truncation_psi=1.0)
+  assert np.abs(f - ref["g_img_psi1"][:3]).max() < 1e-4
+  f07 = model.generate_float(z=ref["z"][:3], truncation_psi=0.7)
+  assert np.abs(f07 - ref["g_img_psi07"][:3]).max() > 1e-2
+
+
+def test_api_seeds_convention(model):
+  z = np.random.RandomState(5).randn(1, model.z_dim)
+  a = model.generate(seeds=[5, 6])
+  b = model.generate(z=np.concatenate([z, np.random.RandomState(6).randn(
+      1, model.z_dim)]))
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(model.generate(seeds=5), a[:1])
+  r1 = model.generate(seeds=[5], noise_mode="random", noise_seed=1)
+  r2 = model.generate(seeds=[5], noise_mode="random", noise_seed=2)
+  assert not np.array_equal(r1, r2)
+  with pytest.raises(ValueError, match="exactly one"):
+    model.generate()
+  with pytest.raises(ValueError, match="noise_mode"):
+    model.generate(seeds=[1], noise_mode="bogus")
+  # More seeds than one batch (batch_size 8), with a partial last batch.
+  many = model.generate(seeds=range(11))
+  np.testing.assert_array_equal(many[5:7], a)
+
+
+def test_api_discriminate_and_embed(model, ref):
+  u8 = np.clip(np.rint((ref["d_img"] + 1) * 127.5), 0, 255).astype(np.uint8)
+  logits = model.discriminate(u8)
+  fc = model.embed(u8)
+  assert logits.shape == (8,) and logits.dtype == np.float32
+  assert fc.shape == (8, 64) and fc.dtype == np.float32
+  # Same normalization as training: equals D on u8 / 127.5 - 1 directly.
+  from gandl_jax import networks
+  _, D = networks.build(model.config)
+  x = u8.astype(np.float32) / 127.5 - 1
+  wd_vars = model._d_vars  # pylint: disable=protected-access
+  ref_logits, feats = D.apply(wd_vars, x, return_features=True)
+  np.testing.assert_allclose(logits, np.asarray(ref_logits)[:, 0], atol=1e-5)
+  np.testing.assert_allclose(fc, np.asarray(feats["fc"]), atol=1e-5)
+  # Quantization to uint8 moves D by little; the reference on float images.
+  assert np.abs(fc - ref["d_fc"]).max() < 0.2
+  # Other layers, and a batch padded up to the group size.
+  b16 = model.embed(u8[:5], layer="b16")
+  assert b16.shape == (5, 64)  # output of b16 has the 8x8 channel count
+  with pytest.raises(ValueError, match="unknown layer"):
+    model.embed(u8, layer="nope")
+
+
+def test_api_input_errors(model):
+  with pytest.raises(TypeError, match="uint8"):
+    model.embed(np.zeros((2, 32, 32, 5), np.float32))
+  with pytest.raises(ValueError, match=r"\(N, 32, 32, 5\)"):
+    model.embed(np.zeros((2, 64, 64, 5), np.uint8))
+  with pytest.raises(ValueError, match="5 channels"):
+    model.discriminate(np.zeros((2, 32, 32, 3), np.uint8))
+  with pytest.raises(ValueError, match="single image"):
+    model.discriminate(np.zeros((32, 32, 5), np.uint8))
+
+
+# ----------------------------------------------------------------------------
+# Composites and gandl-generate.
+
+
+def test_composite_bgr_and_rxrx():
+  img = np.zeros((1, 2, 2, 5), np.uint8)
+  img[0, 0, 0] = [200, 10, 20, 30, 40]   # hoechst, cona, phall, syto, wga
+  rgb = composite.to_rgb(img, "bgr")
+  assert rgb.shape == (1, 2, 2, 3)
+  assert tuple(rgb[0, 0, 0]) == (30, 20, 200)  # R=(20+40)/2 G=(10+30)/2 B
+  assert tuple(composite.to_rgb(img[0], "bgr")[0, 0]) == (30, 20, 200)
+  # rxrx1-utils: channel 1 alone at value 51 (its full range) gives its colour.
+  one = np.zeros((1, 1, 5), np.uint8)
+  one[0, 0, 0] = 51
+  assert tuple(composite.to_rgb(one, "rxrx")[0, 0]) == (19, 0, 249)
+  # Independent numpy of the rxrx formula on random data.
+  rng = np.random.RandomState(0)
+  x = rng.randint(0, 256, (4, 4, 5)).astype(np.uint8)
+  colours = np.array([[19, 0, 249], [42, 255, 31], [255, 0, 25],
+                      [45, 255, 252], [250, 0, 253]], float)
+  hi = np.array([51, 107, 64, 191, 89], float)
+  want = np.zeros((4, 4, 3), int)
+  for c in range(5):
+    s = np.minimum(x[..., c] / hi[c], 1.0)
+    want += (s[..., None] * colours[c]).astype(int)
+  np.testing.assert_array_equal(composite.to_rgb(x, "rxrx"),
+                                np.minimum(want, 255))
+  with pytest.raises(ValueError, match="channels"):
+    composite.to_rgb(np.zeros((2, 2, 3), np.uint8))
+  with pytest.raises(ValueError, match="style"):
+    composite.to_rgb(img, "nope")
+  assert [c.index for c in schema.RXRX19A_CHANNELS] == [1, 2, 3, 4, 5]
+
+
+def test_grid_and_strip():
+  imgs = np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2)
+  g = composite.grid(imgs, cols=2, pad=1)
+  assert g.shape == (5, 5)
+  np.testing.assert_array_equal(g[3:5, 0:2], imgs[2])
+  assert g[3, 3] == 0
+  s = composite.channel_strip(np.stack([imgs] * 5, -1)[:, :, :, :5], pad=1)
+  assert s.shape == (3, 2, 5 * 2 + 4)
+  np.testing.assert_array_equal(s[1, :, 3:5], imgs[1])
+
+
+def test_parse_seeds():
+  from gandl_jax.cli import generate
+  assert generate.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+  with pytest.raises(ValueError, match="seeds"):
+    generate.parse_seeds("a-b")
+  with pytest.raises(ValueError, match="seeds"):
+    generate.parse_seeds("5-2")
+
+
+def test_save_samples(model, tmp_path):
+  from PIL import Image
+  out = tmp_path / "s.npz"
+  api.save_samples(model, str(out), [0, 1, 2])
+  with np.load(out) as z:
+    np.testing.assert_array_equal(z["images"], model.generate(seeds=[0, 1, 2]))
+    assert list(z["seeds"]) == [0, 1, 2]
+  png = tmp_path / "g.png"
+  api.save_samples(model, str(png), [0, 1, 2, 3], view="rxrx", cols=2)
+  assert Image.open(png).size == (2 * 32 + 2, 2 * 32 + 2)
+  raw = tmp_path / "raw.png"
+  api.save_samples(model, str(raw), [0, 1], view="raw")
+  im = np.asarray(Image.open(raw))
+  assert im.shape == (2 * 32 + 2, 5 * 32 + 4 * 2)
+  np.testing.assert_array_equal(im[:32, 34:66],
+                                model.generate(seeds=[0])[0, :, :, 1])
+  with pytest.raises(ValueError, match=".png or .npz"):
+    api.save_samples(model, str(tmp_path / "x.jpg"), [0])
+  assert sorted(os.listdir(tmp_path)) == ["g.png", "raw.png", "s.npz"]
+
+
+def test_import_cli_end_to_end(tmp_path):
+  """The tool as users run it (--state_dicts .npz path, no torch)."""
+  wd = tmp_path / "wd"
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tools", "import_stylegan2_ada.py"),
+       "--state_dicts", FIXTURE, "--workdir", str(wd)],
+      capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert '"channel_max": 64' in r.stdout
+  _, meta = checkpoint.restore_model(wd)
+  assert meta["source"] == "import_stylegan2_ada" and meta["step"] == 0
+  r = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tools", "import_stylegan2_ada.py"),
+       "--state_dicts", str(tmp_path / "missing.pt"), "--workdir", str(wd)],
+      capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert r.returncode != 0 and "does not exist" in r.stderr
