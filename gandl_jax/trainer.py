@@ -71,7 +71,8 @@ class Trainer:
     self.mesh = mesh
     self.G, self.D = networks.build(config.model, config.compute_dtype)
     self.batch = int(config.batch_size)
-    self.mbstd_shards = int(mbstd_shards or mesh.devices.size)
+    self.mbstd_shards = int(mbstd_shards or config.get("mbstd_shards", 0)
+                            or mesh.devices.size)
     o, l = config.optim, config.loss
     self.g_tx = make_optimizer(o.g_lr, o.beta1, o.beta2, o.eps, l.pl_interval
                                if l.pl_weight > 0 else 0)

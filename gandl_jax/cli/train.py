@@ -1,0 +1,40 @@
+r"""gandl-train: train GAN-DL (StyleGAN2) on TFRecord shards.
+
+  gandl-train --config configs/gandl_rxrx19a.py:256 --workdir DIR \
+      --config.data.path 'SHARDS/*.tfrecord' [--config.batch_size=64 ...]
+
+Re-running the same command resumes from DIR's latest checkpoint.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from gandl_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (get_config); override keys with "
+    "--config.key=value.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Checkpoints, metrics and samples go here (local or gs://).")
+_MAX_STEPS = flags.DEFINE_integer(
+    "max_steps", None, "Stop after this many iterations of this run (debugging).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                     max_steps=_MAX_STEPS.value)
+  print(f"Training {summary['reason']} at step {summary['step']} "
+        f"({summary['kimg']:.3f} kimg); workdir {summary['workdir']}")
+  if summary["reason"] == "preempted":
+    # Not finished: a distinct status lets launchers restart (128 + SIGTERM).
+    raise SystemExit(143)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,173 @@
+"""Training phases: schedules, Adam corrections, EMA, R1, path length, and
+identical results on 1 and 8 devices."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gandl_jax import defaults, losses, parallel, trainer
+
+
+def tiny_config(**overrides):
+  config = defaults.base_config()
+  config.model = defaults.model_config(
+      resolution=8, z_dim=16, w_dim=16, channel_base=64, channel_max=16,
+      mbstd_group_size=2)
+  config.batch_size = 8
+  config.loss.r1_gamma = 1.0
+  config.ema.half_life_kimg = 0.01
+  for k, v in overrides.items():
+    node = config
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return config
+
+
+def real_batch(n=8, res=8, seed=0):
+  return np.random.RandomState(seed).uniform(-1, 1, (n, res, res, 5)).astype(
+      np.float32)
+
+
+def test_lazy_regularization_schedule():
+  tr = trainer.Trainer(tiny_config(), parallel.make_mesh(jax.devices()[:1]))
+  g_reg = [s for s in range(33) if "g_reg" in tr.phases_for_step(s)]
+  d_reg = [s for s in range(33) if "d_reg" in tr.phases_for_step(s)]
+  assert g_reg == list(range(0, 33, 4))
+  assert d_reg == [0, 16, 32]
+  assert tr.phases_for_step(5) == ("g_main", "d_main")
+  assert tr.phases_for_step(16) == ("g_main", "g_reg", "d_main", "d_reg")
+  off = trainer.Trainer(tiny_config(**{"loss.r1_gamma": 0.0,
+                                       "loss.pl_weight": 0.0}),
+                        parallel.make_mesh(jax.devices()[:1]))
+  assert off.phases_for_step(0) == ("g_main", "d_main")
+
+
+def test_adam_lazy_correction_by_hand():
+  lr, b2, eps, interval = 0.0025, 0.99, 1e-8, 16
+  c = 16 / 17
+  got_lr, (got_b1, got_b2) = losses.lazy_regularization(lr, (0.0, b2), interval)
+  assert got_lr == pytest.approx(lr * c) and got_b1 == 0.0
+  assert got_b2 == pytest.approx(b2 ** c)
+  # Two Adam steps on one scalar, computed by hand.
+  tx = trainer.make_optimizer(lr, 0.0, b2, eps, interval)
+  p = jnp.asarray(1.0)
+  st = tx.init(p)
+  g1, g2 = 0.5, -0.2
+  u1, st = tx.update(jnp.asarray(g1), st, p)
+  u2, st = tx.update(jnp.asarray(g2), st, p)
+  bb = b2 ** c
+  v1 = (1 - bb) * g1**2 / (1 - bb)
+  v2 = (bb * (1 - bb) * g1**2 + (1 - bb) * g2**2) / (1 - bb**2)
+  np.testing.assert_allclose(u1, -lr * c * g1 / (math.sqrt(v1) + eps), rtol=1e-5)
+  np.testing.assert_allclose(u2, -lr * c * g2 / (math.sqrt(v2) + eps), rtol=1e-5)
+
+
+def test_ema_beta_formula():
+  assert losses.ema_beta(64, 0, 20.0) == pytest.approx(0.5 ** (64 / 20000))
+  # Ramp-up caps the half-life at nimg * rampup.
+  assert losses.ema_beta(64, 1000, 20.0, 0.05) == pytest.approx(0.5 ** (64 / 50))
+  assert losses.ema_beta(64, 10**9, 20.0, 0.05) == pytest.approx(
+      0.5 ** (64 / 20000))
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  tr = trainer.Trainer(tiny_config(), parallel.make_mesh(jax.devices()[:1]))
+  return tr, tr.init_state(0)
+
+
+def test_d_main_updates_ema_and_step(one_device):
+  tr, state = one_device
+  state = jax.tree_util.tree_map(jnp.copy, state)
+  g = jax.device_get(state.g_params)
+  ema_old = jax.tree_util.tree_map(lambda x: x + 1.0, g)  # make EMA differ
+  state = state.replace(ema_params=jax.tree_util.tree_map(jnp.asarray, ema_old))
+  beta = 0.75
+  new, metrics = tr.compiled("d_main", state)(
+      state, parallel.host_to_global(real_batch(), tr.mesh), jnp.float32(beta))
+  want = jax.tree_util.tree_map(lambda p, e: p + beta * (e - p), g, ema_old)
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(new.ema_params)),
+                  jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  assert int(new.step) == 1
+  # G is untouched by the D phase; D is.
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(new.g_params)),
+                  jax.tree_util.tree_leaves(g)):
+    np.testing.assert_array_equal(a, b)
+  assert np.isfinite(float(metrics["D/loss"]))
+
+
+def test_r1_penalty_equals_finite_differences(one_device):
+  tr, state = one_device
+  d_params = state.d_params
+  x = jnp.asarray(real_batch(2, seed=3))
+  fn = lambda img: tr.D.apply({"params": d_params}, img)
+  penalty, _ = losses.r1_penalty(fn, x)
+  # Central differences of sum(D(x)) along every input coordinate.
+  eps = 1e-2
+  flat = x.reshape(-1)
+  eye = jnp.eye(flat.size, dtype=jnp.float32) * eps
+
+  @jax.jit
+  def fd(rows):
+    plus = jax.vmap(lambda d: jnp.sum(fn((flat + d).reshape(x.shape))))(rows)
+    minus = jax.vmap(lambda d: jnp.sum(fn((flat - d).reshape(x.shape))))(rows)
+    return (plus - minus) / (2 * eps)
+
+  grad = jnp.concatenate([fd(eye[i:i + 160]) for i in range(0, flat.size, 160)])
+  want = jnp.sum(grad.reshape(2, -1) ** 2, axis=1)
+  np.testing.assert_allclose(penalty, want, rtol=2e-2)
+  assert float(jnp.min(penalty)) > 0
+
+
+def test_path_lengths_match_explicit_jacobian(one_device):
+  tr, state = one_device
+  G = tr.G
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, 16))
+  ws = G.apply({"params": state.g_params, "buffers": state.g_buffers}, z,
+               method=G.map)
+  synth = lambda w: G.apply({"params": state.g_params,
+                             "buffers": state.g_buffers}, w, "const",
+                            method=G.synthesize)
+  key = jax.random.PRNGKey(7)
+  lengths, img = losses.path_lengths(synth, ws, key)
+  y = jax.random.normal(key, img.shape) / math.sqrt(8 * 8)
+  jac = jax.jacrev(synth)(ws)                 # (N, H, W, C, N, num_ws, w_dim)
+  jty = jnp.einsum("nhwc,nhwcmkd->mkd", y, jac)
+  want = jnp.sqrt(jnp.mean(jnp.sum(jty**2, axis=2), axis=1))
+  np.testing.assert_allclose(lengths, want, rtol=1e-4)
+  # Penalty uses the updated running mean, like the reference.
+  pen, new_mean = losses.path_length_penalty(lengths, jnp.float32(0.5), 0.01)
+  m = 0.5 + 0.01 * (float(jnp.mean(lengths)) - 0.5)
+  np.testing.assert_allclose(new_mean, m, rtol=1e-6)
+  np.testing.assert_allclose(pen, (lengths - m) ** 2, rtol=1e-5)
+
+
+def _run_all_phases(num_devices):
+  # A large Adam eps makes updates proportional to gradients, so float
+  # reduction-order differences are not amplified into sign flips.
+  config = tiny_config(**{"optim.eps": 1.0, "mbstd_shards": 8})
+  config.batch_size = 16
+  tr = trainer.Trainer(config, parallel.make_mesh(jax.devices()[:num_devices]))
+  state = tr.init_state(0)
+  real = parallel.host_to_global(real_batch(16), tr.mesh)
+  assert tr.phases_for_step(0) == ("g_main", "g_reg", "d_main", "d_reg")
+  state, metrics = tr.train_step(state, real, 0, 0)
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_one_iteration_identical_on_1_and_8_devices():
+  s1, m1 = _run_all_phases(1)
+  s8, m8 = _run_all_phases(8)
+  assert set(m1) == set(m8) and {"G/loss", "G/pl_penalty", "D/loss",
+                                 "D/r1_penalty"} <= set(m1)
+  for k in m1:
+    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert int(s1.step) == 1 and float(s1.pl_mean) > 0
