@@ -85,7 +85,10 @@ def _ids(paths):
 
 @pytest.fixture(params=FIXTURES, ids=_ids(FIXTURES))
 def fixture_path(request):
-  return request.param
+  # Full float32 matmuls/convs: GPUs and TPUs otherwise default to TF32 /
+  # bfloat16 passes, which are far from the reference's float32.
+  with jax.default_matmul_precision("highest"):
+    yield request.param
 
 
 def test_fixtures_present():
