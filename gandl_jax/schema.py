@@ -85,3 +85,24 @@ def image_relpath(experiment: str, plate: int, well: str, site: int,
                   channel: int) -> str:
   """Path of one channel PNG below `images/`, e.g. `HRCE-1/Plate1/AA02_s2_w3.png`."""
   return f"{experiment}/Plate{plate}/{well}_s{site}_w{channel}.png"
+
+
+# TFRecord shards written by gandl-convert (gandl_jax/data/convert.py) and read
+# by gandl_jax/data/pipeline.py. One tf.train.Example per site:
+#   image                      bytes: raw uint8 array, row-major H x W x C
+#   height, width, channels    int64: its shape
+#   every metadata.csv column  int64 (INT_COLUMNS), float (FLOAT_COLUMNS; NaN
+#                              when empty) or bytes (UTF-8 text, may be empty)
+TFRECORD_IMAGE = "image"
+TFRECORD_SHAPE: Tuple[str, ...] = ("height", "width", "channels")
+DATASET_INFO_FILE = "dataset_info.json"   # next to the shards
+SITES_INDEX_FILE = "sites.csv"            # next to the shards: shard, position, metadata
+
+
+def column_type(column: str) -> str:
+  """TFRecord type of a metadata column: "int64", "float" or "bytes"."""
+  if column in INT_COLUMNS:
+    return "int64"
+  if column in FLOAT_COLUMNS:
+    return "float"
+  return "bytes"

@@ -610,8 +610,13 @@ def _render_chunk(args) -> List[Tuple[int, dict]]:
       if d not in made:
         os.makedirs(d, exist_ok=True)
         made.add(d)
-      Image.fromarray(img[ch], mode="L").save(path, format="PNG",
+      buf = io.BytesIO()
+      Image.fromarray(img[ch], mode="L").save(buf, format="PNG",
                                               compress_level=compress_level)
+      tmp = f"{path}.tmp-{os.getpid()}"
+      with open(tmp, "wb") as f:   # whole files only, even if interrupted
+        f.write(buf.getvalue())
+      os.replace(tmp, path)
     out.append((spec.index, truth))
   return out
 

@@ -1,0 +1,47 @@
+r"""gandl-synth: writes the synthetic RxRx19a (or RxRx1) tree.
+
+  gandl-synth --output /tmp/synth --size 256 --plates 2 --seed 0
+  gandl-synth --output /tmp/synth --dataset rxrx1 --size 128
+
+See docs/data.md for what is planted (synthetic_truth.csv).
+"""
+from absl import app
+from absl import flags
+from absl import logging
+
+_OUTPUT = flags.DEFINE_string("output", None, "Parent directory; the tree goes "
+                              "to OUTPUT/RxRx19a or OUTPUT/RxRx1.", required=True)
+_DATASET = flags.DEFINE_enum("dataset", "rxrx19a", ["rxrx19a", "rxrx1"],
+                             "Which public layout to imitate.")
+_SIZE = flags.DEFINE_integer("size", 256, "Site edge in pixels.")
+_PLATES = flags.DEFINE_list("plates", None, "Plates per experiment (one number) "
+                            "or a list of plate numbers; default 2.")
+_WELLS = flags.DEFINE_integer("wells_per_plate", None, "Default 48 (rxrx19a), "
+                              "24 (rxrx1).")
+_EXPERIMENTS = flags.DEFINE_integer("experiments", 1, "RxRx1: experiments per "
+                                    "cell type (the last one is 'test').")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_WORKERS = flags.DEFINE_integer("workers", None, "Processes (default: all cores).")
+
+
+def main(argv):
+  del argv
+  from gandl_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  plates = None
+  if _PLATES.value:
+    vals = [int(p) for p in _PLATES.value]
+    plates = vals[0] if len(vals) == 1 else vals
+  root = synthetic.generate(_OUTPUT.value, dataset=_DATASET.value, size=_SIZE.value,
+                            plates=plates, seed=_SEED.value,
+                            wells_per_plate=_WELLS.value,
+                            experiments=_EXPERIMENTS.value, workers=_WORKERS.value)
+  logging.info("Wrote %s", root)
+  print(root)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

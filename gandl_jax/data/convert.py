@@ -1,0 +1,341 @@
+"""RxRx19a / RxRx1 (or the synthetic tree) -> deterministic TFRecord shards.
+
+Output directory (local or gs://)::
+
+  {dataset}-{i:05d}-of-{n:05d}.tfrecord   one tf.train.Example per site
+                                          (layout: gandl_jax/schema.py)
+  dataset_info.json                       counts, resolution, channels,
+                                          per-channel mean/std, source, command
+  sites.csv                               shard, position and metadata of every
+                                          converted site, in shard order
+  errors.csv                              site_id, path, reason of every site
+                                          that could not be converted
+  _progress/                              one JSON per finished shard (resume)
+
+Sites are assigned to shards by a fixed permutation (seed 42) of the valid
+metadata rows, so every shard mixes plates and conditions and the output is
+identical for any worker count. Each shard is written to a temporary name and
+renamed when complete; a rerun keeps finished shards whose plan (site ids,
+resolution, channels, source size) is unchanged and redoes the rest.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from absl import logging
+
+from gandl_jax import schema
+from gandl_jax.data import reader
+
+SHARD_SEED = 42
+TARGET_SHARD_BYTES = 128 * 2**20
+MIN_SHARDS = 16          # so that up to 16 hosts each read whole files
+PROGRESS_DIR = "_progress"
+ERRORS_FILE = "errors.csv"
+FORMAT_VERSION = 1
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except (RuntimeError, ValueError):
+    pass
+  return tf
+
+
+def shard_name(dataset: str, index: int, num_shards: int) -> str:
+  return f"{dataset}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def default_num_shards(num_sites: int, resolution: int, num_channels: int) -> int:
+  """About 128 MiB per shard, and at least min(16, sites) shards."""
+  total = num_sites * resolution * resolution * num_channels
+  return max(1, math.ceil(total / TARGET_SHARD_BYTES), min(MIN_SHARDS, num_sites))
+
+
+def encode_example(image: np.ndarray, meta: Dict[str, object], dataset: str) -> bytes:
+  """One site as a serialized tf.train.Example (see schema.TFRECORD_*)."""
+  tf = _tf()
+  feat = tf.train.Feature
+  f = {
+      schema.TFRECORD_IMAGE: feat(bytes_list=tf.train.BytesList(
+          value=[np.ascontiguousarray(image, np.uint8).tobytes()])),
+  }
+  for name, n in zip(schema.TFRECORD_SHAPE, image.shape):
+    f[name] = feat(int64_list=tf.train.Int64List(value=[int(n)]))
+  for col in schema.COLUMNS[dataset]:
+    kind = schema.column_type(col)
+    v = meta[col]
+    if kind == "int64":
+      f[col] = feat(int64_list=tf.train.Int64List(value=[int(v)]))
+    elif kind == "float":
+      f[col] = feat(float_list=tf.train.FloatList(value=[float(v)]))
+    else:
+      f[col] = feat(bytes_list=tf.train.BytesList(value=[str(v).encode("utf-8")]))
+  return tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString()
+
+
+def _write_text(path: str, text: str) -> None:
+  """Writes via a temporary file and a rename (local or gs://)."""
+  tf = _tf()
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _csv(columns: Sequence[str], rows: Sequence[Dict[str, object]]) -> str:
+  import csv  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+  w.writeheader()
+  for r in rows:
+    w.writerow({c: ("" if isinstance(r.get(c), float) and math.isnan(r[c])
+                    else r.get(c, "")) for c in columns})
+  return buf.getvalue()
+
+
+def _plan_key(site_ids: Sequence[str], resolution: int, channels: Sequence[int],
+              source_size: Sequence[int], compression: str) -> str:
+  h = hashlib.sha1()
+  h.update(json.dumps([FORMAT_VERSION, resolution, list(channels),
+                       list(source_size), compression]).encode())
+  for s in site_ids:
+    h.update(s.encode() + b"\n")
+  return h.hexdigest()
+
+
+class _Progress:
+  """Logs sites done, rate and ETA."""
+
+  def __init__(self, total: int, already: int):
+    self.total, self.done, self.start = total, already, time.time()
+    self.base = already
+
+  def update(self, n: int, shard: str) -> None:
+    self.done += n
+    el = time.time() - self.start
+    rate = (self.done - self.base) / el if el > 0 else 0.0
+    left = self.total - self.done
+    eta = datetime.timedelta(seconds=int(left / rate)) if rate > 0 else "?"
+    pct = 100.0 * self.done / max(self.total, 1)
+    logging.info("%s done: %d/%d sites (%.1f%%), %.1f sites/s, ETA %s",
+                 shard, self.done, self.total, pct, rate, eta)
+
+
+def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
+            subset: str = "all", num_shards: Optional[int] = None,
+            workers: int = 1, channels: Optional[Sequence[int]] = None,
+            compression: str = "", overwrite: bool = False,
+            source_size: Optional[Tuple[int, int]] = None,
+            command: Optional[str] = None) -> Dict[str, object]:
+  """Converts a dataset tree to TFRecord shards; returns a summary dict.
+
+  Args:
+    dataset: "rxrx19a" or "rxrx1" (selects columns and channels).
+    input_dir: root of the download (holds metadata.csv and images/).
+    output_dir: where shards go (created; local or gs://).
+    resolution: output edge in pixels (area-averaged from the source).
+    subset: "all" or "controls" (RxRx19a: untreated wells; RxRx1: control
+      wells).
+    num_shards: default about 128 MiB per shard, at least 16.
+    workers: processes decoding and resizing PNGs (1: in this process).
+    channels: channel numbers to stack (default: all five of RxRx19a;
+      w1..w5 of RxRx1).
+    compression: "" (none; fastest to read) or "GZIP".
+    overwrite: redo every shard even when a finished one exists.
+    source_size: (height, width) every PNG must have; default: the most
+      common size among a few probed sites.
+    command: recorded in dataset_info.json (the CLI passes its argv).
+
+  Returns:
+    {"num_examples", "num_failed", "num_shards", "output_dir", "errors_csv",
+     "dataset_info", "skipped_shards"}.
+
+  Raises:
+    reader.MetadataError: metadata.csv missing or without the published
+      columns (nothing is written).
+    ValueError: bad arguments, or shards of another plan in output_dir.
+  """
+  tf = _tf()
+  dataset = dataset.lower()
+  channels = reader.check_channels(dataset, channels)
+  if resolution < 4:
+    raise ValueError(f"resolution must be >= 4, got {resolution}")
+  compression = (compression or "").upper()
+  if compression not in ("", "GZIP"):
+    raise ValueError(f"compression must be '' or 'GZIP', got {compression!r}")
+
+  df = reader.select_subset(reader.read_metadata(dataset, input_dir), dataset, subset)
+  errors: List[Dict[str, object]] = []
+  metas: List[Dict[str, object]] = []
+  seen = set()
+  for row in df.to_dict("records"):
+    try:
+      m = reader.parse_row(row, dataset)
+    except reader.SiteError as e:
+      errors.append(dict(site_id=row.get("site_id", ""),
+                         path=reader.join(input_dir, "metadata.csv"),
+                         reason=e.reason))
+      continue
+    if m["site_id"] in seen:
+      errors.append(dict(site_id=m["site_id"], path=reader.join(input_dir, "metadata.csv"),
+                         reason="duplicate site_id (first row kept)"))
+      continue
+    seen.add(m["site_id"])
+    metas.append(m)
+  if not metas:
+    raise reader.MetadataError(f"{reader.join(input_dir, 'metadata.csv')}: no "
+                               f"usable rows for subset {subset!r}")
+  if source_size is None:
+    source_size = reader.probe_source_size(input_dir, metas, channels)
+  source_size = tuple(int(s) for s in source_size)
+  logging.info("%s: %d sites, source images %dx%d, converting to %dx%d x %d channels",
+               input_dir, len(metas), source_size[1], source_size[0], resolution,
+               resolution, len(channels))
+
+  n = num_shards or default_num_shards(len(metas), resolution, len(channels))
+  n = min(n, len(metas))
+  perm = np.random.default_rng(SHARD_SEED).permutation(len(metas))
+  plan = [[metas[i] for i in part] for part in np.array_split(perm, n)]
+
+  tf.io.gfile.makedirs(output_dir)
+  prog_dir = reader.join(output_dir, PROGRESS_DIR)
+  tf.io.gfile.makedirs(prog_dir)
+  others = [p for p in tf.io.gfile.glob(reader.join(output_dir, f"{dataset}-*-of-*.tfrecord"))
+            if not p.endswith(f"-of-{n:05d}.tfrecord")]
+  if others:
+    raise ValueError(f"{output_dir} already holds shards of another conversion "
+                     f"(e.g. {others[0]}); use an empty output directory or "
+                     f"delete them")
+
+  keys = [_plan_key([m["site_id"] for m in part], resolution, channels,
+                    source_size, compression) for part in plan]
+  stats: List[Optional[dict]] = [None] * n
+  for i in range(n):
+    path = reader.join(output_dir, shard_name(dataset, i, n))
+    sp = reader.join(prog_dir, shard_name(dataset, i, n) + ".json")
+    if not overwrite and tf.io.gfile.exists(path) and tf.io.gfile.exists(sp):
+      with tf.io.gfile.GFile(sp, "r") as f:
+        s = json.load(f)
+      if s.get("plan") == keys[i]:
+        stats[i] = s
+  skipped = sum(s is not None for s in stats)
+  if skipped:
+    logging.info("Resuming: %d of %d shards already complete", skipped, n)
+  progress = _Progress(len(metas), sum(len(plan[i]) for i in range(n) if stats[i]))
+
+  pool = None
+  if workers > 1 and skipped < n:
+    # spawn: workers import only numpy/PIL (reader.py), not TF or JAX.
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+  try:
+    options = tf.io.TFRecordOptions(compression_type=compression or None)
+    for i in range(n):
+      if stats[i] is not None:
+        continue
+      name = shard_name(dataset, i, n)
+      path = reader.join(output_dir, name)
+      tmp = f"{path}.tmp-{os.getpid()}"
+      tasks = [(input_dir, m, channels, resolution, source_size) for m in plan[i]]
+      results = (pool.imap(reader.load_task, tasks, chunksize=4) if pool
+                 else map(reader.load_task, tasks))
+      s_sum = np.zeros(len(channels))
+      s_sq = np.zeros(len(channels))
+      written, shard_errors = [], []
+      with tf.io.TFRecordWriter(tmp, options) as w:
+        for r in results:
+          if r.image is None:
+            shard_errors.append(dict(site_id=r.meta["site_id"], path=r.path,
+                                     reason=r.error))
+            continue
+          w.write(encode_example(r.image, r.meta, dataset))
+          x = r.image.reshape(-1, len(channels)).astype(np.float64)
+          s_sum += x.sum(0)
+          s_sq += (x * x).sum(0)
+          written.append(r.meta["site_id"])
+      stats[i] = dict(plan=keys[i], shard=name, site_ids=written,
+                      errors=shard_errors, sum=s_sum.tolist(), sumsq=s_sq.tolist(),
+                      pixels=len(written) * resolution * resolution)
+      # Progress record first, shard rename last: a shard file under its
+      # final name always has its record.
+      _write_text(reader.join(prog_dir, name + ".json"), json.dumps(stats[i]))
+      tf.io.gfile.rename(tmp, path, overwrite=True)
+      progress.update(len(plan[i]), name)
+  finally:
+    if pool is not None:
+      pool.close()
+      pool.join()
+
+  # Summary files.
+  by_id = {m["site_id"]: m for m in metas}
+  index_rows = []
+  for i, s in enumerate(stats):
+    for pos, sid in enumerate(s["site_ids"]):
+      index_rows.append(dict(shard=s["shard"], position=pos, **by_id[sid]))
+    errors += s["errors"]
+  pixels = sum(s["pixels"] for s in stats)
+  tot = np.sum([s["sum"] for s in stats], 0)
+  tot_sq = np.sum([s["sumsq"] for s in stats], 0)
+  mean = tot / max(pixels, 1)
+  std = np.sqrt(np.maximum(tot_sq / max(pixels, 1) - mean**2, 0.0))
+  num_examples = len(index_rows)
+  channel_names = {c.index: c for c in schema.CHANNELS[dataset]}
+  info = dict(
+      format_version=FORMAT_VERSION,
+      dataset=dataset,
+      num_examples=num_examples,
+      num_failed=len(errors),
+      num_shards=n,
+      shards=[dict(file=s["shard"], num_examples=len(s["site_ids"])) for s in stats],
+      resolution=resolution,
+      channels=[dict(index=c, stain=channel_names[c].stain,
+                     target=channel_names[c].target) for c in channels],
+      num_channels=len(channels),
+      image=dict(dtype="uint8", layout="HWC", feature=schema.TFRECORD_IMAGE,
+                 shape=[resolution, resolution, len(channels)]),
+      columns={c: schema.column_type(c) for c in schema.COLUMNS[dataset]},
+      compression=compression,
+      mean=[round(float(v), 4) for v in mean],
+      std=[round(float(v), 4) for v in std],
+      subset=subset,
+      source=input_dir,
+      source_size=list(source_size),
+      resize="area average",
+      shard_seed=SHARD_SEED,
+      command=command or (f"gandl_jax.data.convert.convert(dataset={dataset!r}, "
+                          f"input_dir={input_dir!r}, output_dir={output_dir!r}, "
+                          f"resolution={resolution}, subset={subset!r}, "
+                          f"num_shards={num_shards}, channels={list(channels)})"),
+      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  )
+  cols = ("shard", "position") + tuple(schema.COLUMNS[dataset])
+  _write_text(reader.join(output_dir, schema.SITES_INDEX_FILE), _csv(cols, index_rows))
+  errors_path = reader.join(output_dir, ERRORS_FILE)
+  _write_text(errors_path, _csv(("site_id", "path", "reason"), errors))
+  _write_text(reader.join(output_dir, schema.DATASET_INFO_FILE),
+              json.dumps(info, indent=2) + "\n")
+  summary = dict(num_examples=num_examples, num_failed=len(errors), num_shards=n,
+                 skipped_shards=skipped, output_dir=output_dir,
+                 errors_csv=errors_path,
+                 dataset_info=reader.join(output_dir, schema.DATASET_INFO_FILE))
+  logging.info("Converted %d sites into %d shards in %s; %d failed%s", num_examples,
+               n, output_dir, len(errors),
+               f" (see {errors_path})" if errors else "")
+  return summary
+
+
+def main_command() -> str:
+  """The current command line, for dataset_info.json."""
+  return " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])

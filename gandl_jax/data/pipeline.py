@@ -1,0 +1,635 @@
+"""tf.data input pipeline over the converter's TFRecord shards.
+
+Two entry points, both delivering global `jax.Array`s sharded on the mesh's
+`data` axis (via `gandl_jax.parallel.host_to_global`):
+
+* `train_batches`: infinite, shuffled, augmented float32 images in [-1, 1].
+  Files are split per host (`files[process_index::process_count]`); every
+  epoch has its own seeds (file order, shuffle, flips/rotations), so the stream
+  is a pure function of (seed, host, batch number) and `start_batch` resumes
+  it exactly: epoch = start // sites_per_host, then the first
+  `start % sites_per_host` records of that epoch are skipped (read, not
+  decoded; at most one epoch of this host's files).
+* `eval_batches`: every (filtered) site exactly once, in shard order, uint8,
+  no augmentation, the last batch padded, with a `valid` mask, the metadata
+  and each row's global `index` (its position in sites.csv) as host-local
+  numpy arrays. Hosts read disjoint files and all hosts yield the same number
+  of batches (short hosts yield padding), so collective steps line up. Process
+  0 merges per-host outputs by sorting on `index` (padding has index -1); the
+  result does not depend on the number of hosts.
+
+Metadata filters (`config.data.filter`, `eval_batches(filter=...)`) are either
+a dict `{column: value or [values]}` (all must hold) or an expression::
+
+  disease_condition in ['Mock', 'Active SARS-CoV-2'] and cell_type == 'HRCE'
+  treatment == '' and not (plate > 2)
+  treatment_conc >= 1.0 or disease_condition != 'Active SARS-CoV-2'
+
+with `==, !=, <, <=, >, >=, in, not in`, `and`, `or`, `not` and parentheses;
+the left side is a metadata column, the right side a literal or a list of
+literals. Unknown columns and type mismatches are errors. The same filter is
+evaluated on `sites.csv` (to count sites without reading images) and inside
+tf.data (to select records).
+
+Paths are local or `gs://` (tf.io.gfile everywhere).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from gandl_jax import parallel
+from gandl_jax import schema
+
+FilterSpec = Union[None, str, Mapping[str, Any]]
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:  # TF serves only tf.data: keep it off accelerators.
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except (RuntimeError, ValueError):
+    pass
+  return tf
+
+
+# --------------------------------------------------------------------------
+# Locating shards and their metadata.
+
+
+def _has_glob(p: str) -> bool:
+  return any(ch in p for ch in "*?[")
+
+
+def shard_dir(path: str) -> str:
+  """Directory of the shards for a directory, a glob or a shard file."""
+  tf = _tf()
+  path = path.rstrip("/")
+  if _has_glob(path) or (not tf.io.gfile.isdir(path) and path.endswith(".tfrecord")):
+    d = os.path.dirname(path)
+    if _has_glob(d):
+      raise ValueError(f"{path}: wildcards are allowed only in the file name, "
+                       "not in the directory")
+    return d
+  return path
+
+
+def list_shards(path: str) -> List[str]:
+  """Sorted shard files for a directory (`*.tfrecord`), a glob or a file."""
+  tf = _tf()
+  if not path:
+    raise ValueError("data path is empty; set config.data.path to a shard "
+                     "directory or glob (e.g. '/data/shards/rxrx19a-256/*.tfrecord')")
+  p = path.rstrip("/")
+  if _has_glob(p):
+    files = tf.io.gfile.glob(p)
+  elif tf.io.gfile.isdir(p):
+    files = tf.io.gfile.glob(os.path.join(p, "*.tfrecord"))
+  else:
+    files = [p] if tf.io.gfile.exists(p) else []
+  files = sorted(f for f in files if ".tmp-" not in f)
+  if not files:
+    raise FileNotFoundError(f"{path}: no TFRecord shards found (run gandl-convert "
+                            "first)")
+  return files
+
+
+def read_dataset_info(path: str) -> Dict[str, Any]:
+  """dataset_info.json that sits next to the shards of `path`."""
+  tf = _tf()
+  d = shard_dir(path)
+  f = os.path.join(d, schema.DATASET_INFO_FILE)
+  if not tf.io.gfile.exists(f):
+    raise FileNotFoundError(
+        f"{f} not found: {path} does not look like gandl-convert output "
+        f"(every shard directory has a {schema.DATASET_INFO_FILE}); convert the "
+        "dataset with gandl-convert")
+  with tf.io.gfile.GFile(f, "r") as fh:
+    try:
+      info = json.load(fh)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{f}: not valid JSON ({e})") from e
+  for key in ("resolution", "num_channels", "columns", "dataset"):
+    if key not in info:
+      raise ValueError(f"{f}: missing field {key!r}")
+  return info
+
+
+def read_sites_index(path: str):
+  """sites.csv next to the shards: shard, position and typed metadata."""
+  import pandas as pd  # pylint: disable=import-outside-toplevel
+  tf = _tf()
+  f = os.path.join(shard_dir(path), schema.SITES_INDEX_FILE)
+  if not tf.io.gfile.exists(f):
+    raise FileNotFoundError(f"{f} not found (written by gandl-convert next to "
+                            "the shards)")
+  with tf.io.gfile.GFile(f, "rb") as fh:
+    df = pd.read_csv(fh, dtype=str, keep_default_na=False)
+  for c in df.columns:
+    kind = "int64" if c == "position" else schema.column_type(c)
+    if kind == "int64":
+      df[c] = df[c].astype(np.int64)
+    elif kind == "float":
+      df[c] = df[c].replace("", "nan").astype(np.float64)
+  return df
+
+
+# --------------------------------------------------------------------------
+# Metadata filters.
+
+_CMP = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=",
+        ast.Gt: ">", ast.GtE: ">=", ast.In: "in", ast.NotIn: "not in"}
+
+
+class MetadataFilter:
+  """A parsed filter; evaluate with `.tf(features)` or `.pandas(df)`."""
+
+  def __init__(self, spec: FilterSpec, columns: Mapping[str, str]):
+    self.columns = dict(columns)
+    self.spec = spec
+    if spec is None or (isinstance(spec, str) and not spec.strip()) or (
+        isinstance(spec, Mapping) and not spec):
+      self.tree = None
+    elif isinstance(spec, str):
+      try:
+        node = ast.parse(spec.strip(), mode="eval").body
+      except SyntaxError as e:
+        raise ValueError(f"filter {spec!r}: not a valid expression ({e.msg})") from None
+      self.tree = self._compile(node)
+    elif isinstance(spec, Mapping):
+      parts = []
+      for col, val in spec.items():
+        if isinstance(val, (list, tuple, set, frozenset)):
+          parts.append(self._leaf(col, "in", list(val)))
+        else:
+          parts.append(self._leaf(col, "==", val))
+      self.tree = ("and", parts)
+    else:
+      raise TypeError(f"filter must be a string, a dict or None, got {type(spec).__name__}")
+
+  @property
+  def used_columns(self) -> List[str]:
+    out: List[str] = []
+
+    def walk(t):
+      if t[0] == "cmp":
+        if t[1] not in out:
+          out.append(t[1])
+      elif t[0] == "not":
+        walk(t[1])
+      else:
+        for c in t[1]:
+          walk(c)
+    if self.tree is not None:
+      walk(self.tree)
+    return out
+
+  def _leaf(self, col: str, op: str, value: Any):
+    if col not in self.columns:
+      raise ValueError(f"filter {self.spec!r}: unknown column {col!r}; columns "
+                       f"are {sorted(self.columns)}")
+    kind = self.columns[col]
+    values = value if op in ("in", "not in") else [value]
+    if op in ("in", "not in") and not isinstance(value, list):
+      raise ValueError(f"filter {self.spec!r}: '{op}' needs a list, e.g. "
+                       f"{col} in ['a', 'b']")
+    for v in values:
+      ok = (isinstance(v, str) if kind == "bytes" else
+            isinstance(v, int) and not isinstance(v, bool) if kind == "int64" else
+            isinstance(v, (int, float)) and not isinstance(v, bool))
+      if not ok:
+        want = {"bytes": "a string", "int64": "an integer", "float": "a number"}[kind]
+        raise ValueError(f"filter {self.spec!r}: column {col!r} holds {want}, "
+                         f"got {v!r}")
+    if kind == "bytes" and op in ("<", "<=", ">", ">="):
+      raise ValueError(f"filter {self.spec!r}: '{op}' is not supported on the "
+                       f"text column {col!r}")
+    return ("cmp", col, op, value)
+
+  def _compile(self, node):
+    if isinstance(node, ast.BoolOp):
+      kind = "and" if isinstance(node.op, ast.And) else "or"
+      return (kind, [self._compile(v) for v in node.values])
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+      return ("not", self._compile(node.operand))
+    if isinstance(node, ast.Compare):
+      if len(node.ops) != 1:
+        raise ValueError(f"filter {self.spec!r}: chained comparisons are not "
+                         "supported; combine with 'and'")
+      if not isinstance(node.left, ast.Name):
+        raise ValueError(f"filter {self.spec!r}: the left side of a comparison "
+                         "must be a column name")
+      op = _CMP.get(type(node.ops[0]))
+      if op is None:
+        raise ValueError(f"filter {self.spec!r}: unsupported operator")
+      try:
+        value = ast.literal_eval(node.comparators[0])
+      except ValueError:
+        raise ValueError(f"filter {self.spec!r}: the right side of a comparison "
+                         "must be a literal or a list of literals") from None
+      if isinstance(value, tuple):
+        value = list(value)
+      return self._leaf(node.left.id, op, value)
+    raise ValueError(f"filter {self.spec!r}: expected comparisons joined by "
+                     "and/or/not, e.g. \"cell_type == 'HRCE' and "
+                     "disease_condition in ['Mock']\"")
+
+  def tf(self, features: Mapping[str, Any]):
+    """Boolean scalar tensor for one parsed example."""
+    tf = _tf()
+
+    def ev(t):
+      if t[0] == "and":
+        out = ev(t[1][0])
+        for c in t[1][1:]:
+          out = tf.logical_and(out, ev(c))
+        return out
+      if t[0] == "or":
+        out = ev(t[1][0])
+        for c in t[1][1:]:
+          out = tf.logical_or(out, ev(c))
+        return out
+      if t[0] == "not":
+        return tf.logical_not(ev(t[1]))
+      _, col, op, value = t
+      x = features[col]
+      if op in ("in", "not in"):
+        if not value:
+          hit = tf.constant(False)
+        else:
+          hit = tf.reduce_any(tf.equal(x, tf.constant(value, dtype=x.dtype)))
+        return hit if op == "in" else tf.logical_not(hit)
+      v = tf.constant(value, dtype=x.dtype)
+      return {"==": tf.equal, "!=": tf.not_equal, "<": tf.less,
+              "<=": tf.less_equal, ">": tf.greater, ">=": tf.greater_equal}[op](x, v)
+
+    return tf.constant(True) if self.tree is None else ev(self.tree)
+
+  def pandas(self, df) -> np.ndarray:
+    """Boolean mask over the rows of a sites.csv DataFrame."""
+
+    def ev(t):
+      if t[0] == "and":
+        return np.logical_and.reduce([ev(c) for c in t[1]])
+      if t[0] == "or":
+        return np.logical_or.reduce([ev(c) for c in t[1]])
+      if t[0] == "not":
+        return ~ev(t[1])
+      _, col, op, value = t
+      x = df[col].to_numpy()
+      if op in ("in", "not in"):
+        hit = np.isin(x, np.asarray(value, dtype=x.dtype)) if value else \
+            np.zeros(len(x), bool)
+        return hit if op == "in" else ~hit
+      return {"==": np.equal, "!=": np.not_equal, "<": np.less,
+              "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}[op](x, value)
+
+    if self.tree is None:
+      return np.ones(len(df), bool)
+    return np.asarray(ev(self.tree), bool)
+
+
+# --------------------------------------------------------------------------
+# Parsing.
+
+
+def _feature_spec(info: Mapping[str, Any], columns: Sequence[str]):
+  tf = _tf()
+  spec = {schema.TFRECORD_IMAGE: tf.io.FixedLenFeature([], tf.string)}
+  for c in columns:
+    kind = info["columns"][c]
+    spec[c] = tf.io.FixedLenFeature(
+        [], {"int64": tf.int64, "float": tf.float32, "bytes": tf.string}[kind])
+  return spec
+
+
+def _decode_image(raw, info):
+  tf = _tf()
+  r, c = int(info["resolution"]), int(info["num_channels"])
+  img = tf.io.decode_raw(raw, tf.uint8)
+  return tf.reshape(img, [r, r, c])
+
+
+def _record_dataset(files, info, cycle_length: int = 1):
+  tf = _tf()
+  compression = info.get("compression") or None
+  files_ds = files if isinstance(files, tf.data.Dataset) else \
+      tf.data.Dataset.from_tensor_slices(list(files))
+  if cycle_length <= 1:
+    return files_ds.flat_map(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=compression))
+  return files_ds.interleave(
+      lambda f: tf.data.TFRecordDataset(f, compression_type=compression,
+                                        buffer_size=8 * 2**20),
+      cycle_length=cycle_length, block_length=1,
+      num_parallel_calls=cycle_length, deterministic=True)
+
+
+def _host_files(files: Sequence[str], process_index: int, process_count: int) -> List[str]:
+  return list(files[process_index::process_count])
+
+
+def _check_shape(info: Mapping[str, Any], path: str, resolution: Optional[int],
+                 channels: Union[None, int, Sequence[int]]) -> None:
+  if resolution is not None and int(info["resolution"]) != int(resolution):
+    raise ValueError(
+        f"{path}: shards are {info['resolution']}x{info['resolution']} but the "
+        f"model expects {resolution}x{resolution}; convert at --resolution "
+        f"{resolution} or change the config's resolution")
+  if channels is None:
+    return
+  if isinstance(channels, (int, np.integer)):
+    if int(info["num_channels"]) != int(channels):
+      raise ValueError(f"{path}: shards have {info['num_channels']} channels, the "
+                       f"model expects {channels}")
+  else:
+    have = [c["index"] if isinstance(c, Mapping) else int(c)
+            for c in info.get("channels", [])]
+    if list(have) != [int(c) for c in channels]:
+      raise ValueError(f"{path}: shards hold channels {have}, expected "
+                       f"{list(channels)}")
+
+
+def _get(cfg: Any, key: str, default: Any) -> Any:
+  if isinstance(cfg, Mapping):
+    v = cfg.get(key, default)
+  else:
+    v = getattr(cfg, key, default)
+  return default if v is None else v
+
+
+def host_sites(path: str, filter: FilterSpec = None,  # pylint: disable=redefined-builtin
+               process_index: int = 0, process_count: int = 1):
+  """Rows of sites.csv (filtered) that this host reads, in reading order.
+
+  The frame keeps its sites.csv row number as the index (the global `index`
+  of eval_batches).
+  """
+  info = read_dataset_info(path)
+  files = list_shards(path)
+  df = read_sites_index(path)
+  flt = MetadataFilter(filter, info["columns"])
+  names = [os.path.basename(f) for f in _host_files(files, process_index, process_count)]
+  order = {n: i for i, n in enumerate(names)}
+  sel = df[df["shard"].isin(names).to_numpy() & flt.pandas(df)]
+  key = sel["shard"].map(order).to_numpy() * (1 << 32) + sel["position"].to_numpy()
+  return sel.iloc[np.argsort(key, kind="stable")]
+
+
+# --------------------------------------------------------------------------
+# Training stream.
+
+
+def train_dataset(path: str, *, host_batch: int, seed: int,
+                  filter: FilterSpec = None,  # pylint: disable=redefined-builtin
+                  shuffle_buffer: int = 4096, x_flip: bool = True,
+                  rot90: bool = True, num_parallel_calls: int = -1,
+                  prefetch: int = 2, start_batch: int = 0,
+                  process_index: int = 0, process_count: int = 1,
+                  resolution: Optional[int] = None,
+                  channels: Union[None, int, Sequence[int]] = None,
+                  normalize: bool = True):
+  """This host's infinite tf.data stream of image batches (see module doc).
+
+  Returns (dataset, sites_per_epoch_on_this_host). Elements are float32
+  (host_batch, R, R, C) in [-1, 1] (uint8 when `normalize` is False).
+  """
+  tf = _tf()
+  info = read_dataset_info(path)
+  _check_shape(info, path, resolution, channels)
+  files = list_shards(path)
+  if len(files) < process_count:
+    raise ValueError(f"{path}: {len(files)} shard files for {process_count} hosts; "
+                     "convert with --num_shards >= the number of hosts")
+  host = _host_files(files, process_index, process_count)
+  flt = MetadataFilter(filter, info["columns"])
+  n_host = len(host_sites(path, filter, process_index, process_count))
+  if n_host == 0:
+    raise ValueError(f"{path}: no sites on host {process_index} of {process_count}"
+                     f" match the filter {filter!r}")
+  start = int(start_batch) * int(host_batch)
+  epoch0, skip = divmod(start, n_host)
+  spec = _feature_spec(info, flt.used_columns)
+  autotune = tf.data.AUTOTUNE
+  npc = autotune if num_parallel_calls in (None, -1) else int(num_parallel_calls)
+  nf = len(host)
+  host_t = tf.constant(host)
+  base = np.int64(seed) * 1_000_003 + process_index * 7_919
+
+  def one_epoch(epoch):
+    s = tf.stack([tf.constant(base, tf.int64), epoch])
+    order = tf.random.experimental.stateless_shuffle(tf.range(nf), seed=s)
+    ds = _record_dataset(tf.data.Dataset.from_tensor_slices(tf.gather(host_t, order)),
+                         info, cycle_length=min(nf, 8))
+    ds = ds.map(lambda r: tf.io.parse_single_example(r, spec), num_parallel_calls=npc,
+                deterministic=True)
+    if flt.tree is not None:
+      ds = ds.filter(flt.tf)
+    ds = ds.map(lambda f: f[schema.TFRECORD_IMAGE])
+    if shuffle_buffer and shuffle_buffer > 1:
+      ds = ds.shuffle(int(shuffle_buffer), seed=base * 31 + epoch * 1_000_033 + 17,
+                      reshuffle_each_iteration=False)
+    ep = tf.data.Dataset.from_tensors(epoch).repeat()
+    return tf.data.Dataset.zip((ep, tf.data.Dataset.range(n_host), ds))
+
+  ds = tf.data.Dataset.range(epoch0, 2**62).flat_map(one_epoch)
+  if skip:
+    ds = ds.skip(skip)
+
+  def decode(epoch, idx, raw):
+    img = _decode_image(raw, info)
+    if x_flip or rot90:
+      s = tf.stack([base + epoch * 7 + 3, idx])
+      if x_flip:
+        flip = tf.random.stateless_uniform([], seed=s, dtype=tf.float32) < 0.5
+        img = tf.cond(flip, lambda: tf.reverse(img, axis=[1]), lambda: img)
+      if rot90:
+        k = tf.random.stateless_uniform([], seed=s + 1, minval=0, maxval=4,
+                                        dtype=tf.int32)
+        img = tf.image.rot90(img, k)
+    r, c = int(info["resolution"]), int(info["num_channels"])
+    img = tf.ensure_shape(img, [r, r, c])
+    if normalize:
+      img = tf.cast(img, tf.float32) * (2.0 / 255.0) - 1.0
+    return img
+
+  ds = ds.map(decode, num_parallel_calls=npc, deterministic=True)
+  ds = ds.batch(int(host_batch), drop_remainder=True)
+  ds = ds.prefetch(autotune if prefetch in (None, -1) else int(prefetch))
+  opts = tf.data.Options()
+  opts.deterministic = True
+  opts.threading.private_threadpool_size = 0
+  return ds.with_options(opts), n_host
+
+
+def train_batches(data_config: Any, *, global_batch: int, mesh, seed: int,
+                  resolution: int, channels: Union[int, Sequence[int]],
+                  start_batch: int = 0) -> Iterator[Dict[str, Any]]:
+  """Infinite iterator of {'image': float32 (global_batch, R, R, C)} jax.Arrays.
+
+  `data_config` is `config.data` (path, filter, shuffle_buffer, x_flip, rot90,
+  num_parallel_calls, prefetch). `start_batch` is the number of batches
+  already consumed (resume); the stream continues exactly where it stopped.
+  Shapes, channels and the filter are checked before anything is compiled.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  path = _get(data_config, "path", "")
+  parallel.check_global_batch(global_batch, mesh)
+  host_batch = parallel.host_batch_size(global_batch)
+  ds, _ = train_dataset(
+      path, host_batch=host_batch, seed=seed,
+      filter=_get(data_config, "filter", None) or None,
+      shuffle_buffer=_get(data_config, "shuffle_buffer", 4096),
+      x_flip=bool(_get(data_config, "x_flip", True)),
+      rot90=bool(_get(data_config, "rot90", True)),
+      num_parallel_calls=_get(data_config, "num_parallel_calls", -1),
+      prefetch=_get(data_config, "prefetch", 2), start_batch=start_batch,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      resolution=resolution, channels=channels)
+
+  def gen():
+    for batch in ds.as_numpy_iterator():
+      yield {"image": parallel.host_to_global(batch, mesh)}
+
+  return gen()
+
+
+# --------------------------------------------------------------------------
+# Evaluation / export stream.
+
+
+def _pad_value(kind: str):
+  return {"int64": -1, "float": math.nan, "bytes": ""}[kind]
+
+
+def eval_host_batches(path: str, *, host_batch: int,
+                      filter: FilterSpec = None,  # pylint: disable=redefined-builtin
+                      process_index: int = 0, process_count: int = 1,
+                      ) -> Tuple[Iterator[Dict[str, np.ndarray]], int]:
+  """This host's eval batches as numpy dicts, and the batch count (all hosts).
+
+  Each dict: 'image' uint8 (host_batch, R, R, C), 'valid' bool, 'index' int64
+  (row of sites.csv, -1 for padding) and every metadata column (str / int64 /
+  float). All hosts get the same number of batches.
+  """
+  tf = _tf()
+  info = read_dataset_info(path)
+  files = list_shards(path)
+  flt = MetadataFilter(filter, info["columns"])
+  counts = [len(host_sites(path, filter, h, process_count)) for h in range(process_count)]
+  if sum(counts) == 0:
+    raise ValueError(f"{path}: no sites match the filter {filter!r}")
+  num_batches = max(math.ceil(c / host_batch) for c in counts)
+  rows = host_sites(path, filter, process_index, process_count)
+  want_ids = rows["site_id"].to_numpy()
+  want_index = rows.index.to_numpy().astype(np.int64)
+  columns = list(info["columns"])
+  spec = _feature_spec(info, columns)
+  host = _host_files(files, process_index, process_count)
+  r, c = int(info["resolution"]), int(info["num_channels"])
+
+  def parse(rec):
+    f = tf.io.parse_single_example(rec, spec)
+    f[schema.TFRECORD_IMAGE] = _decode_image(f[schema.TFRECORD_IMAGE], info)
+    return f
+
+  def gen():
+    done = 0
+    if host:
+      ds = _record_dataset(host, info).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                           deterministic=True)
+      if flt.tree is not None:
+        ds = ds.filter(flt.tf)
+      ds = ds.batch(host_batch).prefetch(2)
+      for b in ds.as_numpy_iterator():
+        n = len(b[schema.TFRECORD_IMAGE])
+        out = {"image": np.zeros((host_batch, r, r, c), np.uint8)}
+        out["image"][:n] = b[schema.TFRECORD_IMAGE]
+        out["valid"] = np.arange(host_batch) < n
+        ids = [x.decode("utf-8") for x in b["site_id"]]
+        if done + n > len(want_ids) or list(want_ids[done:done + n]) != ids:
+          raise ValueError(f"{path}: shards and {schema.SITES_INDEX_FILE} disagree "
+                           f"near site {ids[0]!r}; reconvert the dataset")
+        idx = np.full(host_batch, -1, np.int64)
+        idx[:n] = want_index[done:done + n]
+        out["index"] = idx
+        for col in columns:
+          kind = info["columns"][col]
+          v = b[col]
+          if kind == "bytes":
+            arr = np.full(host_batch, "", dtype=object)
+            arr[:n] = [x.decode("utf-8") for x in v]
+          else:
+            arr = np.full(host_batch, _pad_value(kind),
+                          np.int64 if kind == "int64" else np.float32)
+            arr[:n] = v
+          out[col] = arr
+        done += n
+        yield out
+    if done != len(want_ids):
+      raise ValueError(f"{path}: read {done} sites on host {process_index}, "
+                       f"{schema.SITES_INDEX_FILE} lists {len(want_ids)}")
+    emitted = math.ceil(done / host_batch)
+    for _ in range(num_batches - emitted):
+      out = {"image": np.zeros((host_batch, r, r, c), np.uint8),
+             "valid": np.zeros(host_batch, bool),
+             "index": np.full(host_batch, -1, np.int64)}
+      for col in columns:
+        kind = info["columns"][col]
+        out[col] = (np.full(host_batch, "", dtype=object) if kind == "bytes" else
+                    np.full(host_batch, _pad_value(kind),
+                            np.int64 if kind == "int64" else np.float32))
+      yield out
+
+  return gen(), num_batches
+
+
+def eval_batches(path: str, *, global_batch: int, mesh,
+                 filter: FilterSpec = None,  # pylint: disable=redefined-builtin
+                 ) -> Iterator[Dict[str, Any]]:
+  """Every site once: {'image': global uint8 jax.Array, 'valid', 'index', metadata}.
+
+  'image' is sharded on the mesh's data axis; 'valid', 'index' and the
+  metadata columns are numpy arrays for this host's rows, in the order this
+  host fed them (use `host_rows` to bring a model output back to the same
+  rows). Merging across hosts: each host keeps rows with `valid`, process 0
+  concatenates all hosts' rows and sorts by `index`.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  parallel.check_global_batch(global_batch, mesh)
+  host_batch = parallel.host_batch_size(global_batch)
+  it, _ = eval_host_batches(path, host_batch=host_batch, filter=filter,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+
+  def gen():
+    for b in it:
+      b = dict(b)
+      b["image"] = parallel.host_to_global(b["image"], mesh)
+      yield b
+
+  return gen()
+
+
+def num_eval_batches(path: str, *, global_batch: int,
+                     filter: FilterSpec = None,  # pylint: disable=redefined-builtin
+                     process_count: Optional[int] = None) -> int:
+  """How many batches eval_batches yields (the same on every host)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  pc = jax.process_count() if process_count is None else process_count
+  hb = global_batch // pc
+  return max(math.ceil(len(host_sites(path, filter, h, pc)) / hb) for h in range(pc))
+
+
+def host_rows(x, mesh) -> np.ndarray:
+  """This host's rows of a data-sharded global array, in the order it fed them."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.global_array_to_host_local_array(
+      x, mesh, P(parallel.DATA_AXIS)))
