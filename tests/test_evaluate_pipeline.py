@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from gandl_jax.evaluate import Options, evaluate, simulate, write_embeddings

@@ -10,19 +10,20 @@ healthy (Mock) with a Wilson interval. A four-parameter logistic
     y(c) = bottom + (top - bottom) / (1 + (EC50 / c) ** hill),  hill > 0
 
 is fitted per compound (and cell type) to the per-concentration means,
-weighted by sqrt(sites), in log10 concentration. Efficacy = the fitted rescue
+weighted by the number of sites, in log10 concentration, by a batched
+box-constrained Levenberg-Marquardt (all compounds at once, best of three
+starts). Efficacy = the fitted rescue
 at the highest tested concentration (no extrapolation beyond the data).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
+from scipy import stats
 
 FLAG_OK = "ok"
 FLAG_OUTSIDE = "ec50_outside_range"
@@ -42,15 +43,6 @@ def _four_pl_log(logc, bottom, top, log_ec50, hill):
   return bottom + (top - bottom) / (1.0 + 10.0 ** (hill * (log_ec50 - logc)))
 
 
-def _jac_log(logc, bottom, top, log_ec50, hill):
-  e = 10.0 ** (hill * (log_ec50 - logc))
-  g = 1.0 / (1.0 + e)
-  d = top - bottom
-  dg = -g * g * e * math.log(10.0)      # d g / d (hill * (log_ec50 - logc))
-  return np.stack([1.0 - g, g, d * dg * hill, d * dg * (log_ec50 - logc)],
-                  axis=1)
-
-
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
   min_points: int = 4          # distinct concentrations needed for a fit
@@ -61,68 +53,118 @@ class FitConfig:
   log_ec50_margin: float = 2.0  # decades beyond the tested range allowed
 
 
-def fit_4pl(conc: Sequence[float], response: Sequence[float],
-            weights: Optional[Sequence[float]] = None,
-            cfg: FitConfig = FitConfig()) -> Dict:
-  """Fits the 4PL; returns parameters, quality numbers and a flag.
+def _bounds(lo: np.ndarray, hi: np.ndarray, cfg: FitConfig
+            ) -> Tuple[np.ndarray, np.ndarray]:
+  b = len(lo)
+  lb = np.stack([np.full(b, cfg.level_bounds[0]), np.full(b, cfg.level_bounds[0]),
+                 lo - cfg.log_ec50_margin, np.full(b, cfg.hill_bounds[0])], 1)
+  ub = np.stack([np.full(b, cfg.level_bounds[1]), np.full(b, cfg.level_bounds[1]),
+                 hi + cfg.log_ec50_margin, np.full(b, cfg.hill_bounds[1])], 1)
+  return lb, ub
 
-  Keys: bottom, top, ec50, log10_ec50, hill, efficacy, r2, rmse, n_points,
-  flag, reason. EC50 is None (with `reason`) when not meaningful.
+
+def _model_b(x: np.ndarray, P: np.ndarray) -> np.ndarray:
+  """4PL in log10 conc for a batch: x (B, M), P (B, 4) -> (B, M)."""
+  e = np.power(10.0, np.clip(P[:, 3:4] * (P[:, 2:3] - x), -300, 300))
+  return P[:, 0:1] + (P[:, 1:2] - P[:, 0:1]) / (1.0 + e)
+
+
+def _jac_b(x: np.ndarray, P: np.ndarray) -> np.ndarray:
+  """d model / d (bottom, top, log_ec50, hill): (B, M, 4)."""
+  u = np.clip(P[:, 3:4] * (P[:, 2:3] - x), -300, 300)
+  e = np.power(10.0, u)
+  g = 1.0 / (1.0 + e)
+  d = P[:, 1:2] - P[:, 0:1]
+  dg = -g * g * e * math.log(10.0)
+  return np.stack([1.0 - g, g, d * dg * P[:, 3:4], d * dg * (P[:, 2:3] - x)],
+                  axis=2)
+
+
+def lm_fit_batch(x: np.ndarray, y: np.ndarray, w: np.ndarray, P0: np.ndarray,
+                 lb: np.ndarray, ub: np.ndarray, max_iter: int = 300
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+  """Box-constrained (projected) Levenberg-Marquardt for many 4PL fits at once.
+
+  x, y, w: (B, M) log10 conc, response, weights (0 = padding). Minimizes
+  sum w * (model - y)^2 per row. Returns (params (B, 4), weighted SSE (B,)).
   """
-  c = np.asarray(conc, dtype=np.float64)
-  y = np.asarray(response, dtype=np.float64)
-  w = (np.ones_like(y) if weights is None else
-       np.asarray(weights, dtype=np.float64))
-  ok = np.isfinite(c) & np.isfinite(y) & (c > 0) & np.isfinite(w) & (w > 0)
-  c, y, w = c[ok], y[ok], w[ok]
-  out = {"n_points": int(len(c)), "bottom": None, "top": None, "ec50": None,
+  sw = np.sqrt(w)
+  P = np.clip(P0.astype(np.float64), lb, ub)
+  r = sw * (_model_b(x, P) - y)
+  cost = np.sum(r * r, axis=1)
+  lam = np.full(len(P), 1e-3)
+  eye = np.eye(4)
+  done = np.zeros(len(P), dtype=bool)
+  for _ in range(max_iter):
+    J = sw[:, :, None] * _jac_b(x, P)
+    A = np.einsum("bmi,bmj->bij", J, J)
+    g = np.einsum("bmi,bm->bi", J, r)
+    diag = np.einsum("bii->bi", A)
+    damp = lam[:, None] * np.maximum(diag, 1e-9) + 1e-12 * (1.0 + diag.sum(1,
+                                                                 keepdims=True))
+    delta = -np.linalg.solve(A + damp[:, :, None] * eye, g[:, :, None])[:, :, 0]
+    Pn = np.clip(P + delta, lb, ub)
+    rn = sw * (_model_b(x, Pn) - y)
+    cn = np.sum(rn * rn, axis=1)
+    better = np.isfinite(cn) & (cn < cost)
+    gain = np.where(better, (cost - cn) / np.maximum(cost, 1e-300), 0.0)
+    P[better] = Pn[better]
+    r[better] = rn[better]
+    cost[better] = cn[better]
+    lam = np.clip(np.where(better, lam / 3.0, lam * 4.0), 1e-12, 1e12)
+    done |= (better & (gain < 1e-12)) | (lam >= 1e10) | (cost < 1e-28)
+    if done.all():
+      break
+  return P, cost
+
+
+def _starts(x: np.ndarray, y: np.ndarray, w: np.ndarray, lo: np.ndarray,
+            hi: np.ndarray) -> List[np.ndarray]:
+  """Three starting points per row: EC50 at mid, lower and upper quarter."""
+  order = np.argsort(np.where(w > 0, x, np.inf), axis=1)
+  ys = np.take_along_axis(y, order, 1)
+  n = (w > 0).sum(1)
+  k = np.maximum(1, n // 4)
+  idx = np.arange(x.shape[1])[None, :]
+  first = (idx < k[:, None])
+  last = (idx >= (n - k)[:, None]) & (idx < n[:, None])
+  y_lo = (ys * first).sum(1) / first.sum(1)
+  y_hi = (ys * last).sum(1) / last.sum(1)
+  out = []
+  for f in (0.5, 0.25, 0.75):
+    out.append(np.stack([y_lo, y_hi, lo + f * (hi - lo), np.ones_like(lo)], 1))
+  return out
+
+
+def fit_4pl_arrays(x: np.ndarray, y: np.ndarray, w: np.ndarray,
+                   cfg: FitConfig) -> Tuple[np.ndarray, np.ndarray]:
+  """Best-of-three-starts fits for padded rows; returns (params, SSE)."""
+  big = np.where(w > 0, x, np.inf)
+  lo = big.min(1)
+  hi = np.where(w > 0, x, -np.inf).max(1)
+  lb, ub = _bounds(lo, hi, cfg)
+  best_p, best_c = None, None
+  for P0 in _starts(x, y, w, lo, hi):
+    with np.errstate(all="ignore"):
+      P, c = lm_fit_batch(x, y, w, P0, lb, ub)
+    if best_p is None:
+      best_p, best_c = P, c
+    else:
+      take = c < best_c
+      best_p[take], best_c[take] = P[take], c[take]
+  return best_p, best_c
+
+
+def _assess(p: np.ndarray, x: np.ndarray, y: np.ndarray, w: np.ndarray,
+            cfg: FitConfig) -> Dict:
+  """Quality numbers and flag of one fit (x in log10 conc, no padding)."""
+  lo, hi = x.min(), x.max()
+  out = {"n_points": int(len(x)), "bottom": None, "top": None, "ec50": None,
          "log10_ec50": None, "hill": None, "efficacy": None, "r2": None,
          "rmse": None}
-  n_conc = len(np.unique(c))
-  if n_conc < cfg.min_points:
-    out.update(flag=FLAG_FEW, reason=f"{n_conc} distinct concentration(s); "
-               f"a 4PL fit needs >= {cfg.min_points}")
+  if not np.all(np.isfinite(p)):
+    out.update(flag=FLAG_FAILED, reason="least squares produced no finite fit")
     return out
-  x = np.log10(c)
-  lo, hi = x.min(), x.max()
-  order = np.argsort(x)
-  y_lo = y[order][:max(1, len(y) // 4)].mean()
-  y_hi = y[order][-max(1, len(y) // 4):].mean()
-  lb = [cfg.level_bounds[0], cfg.level_bounds[0], lo - cfg.log_ec50_margin,
-        cfg.hill_bounds[0]]
-  ub = [cfg.level_bounds[1], cfg.level_bounds[1], hi + cfg.log_ec50_margin,
-        cfg.hill_bounds[1]]
-  sw = np.sqrt(w)
-
-  def resid(p):
-    return sw * (_four_pl_log(x, *p) - y)
-
-  def jac(p):
-    return sw[:, None] * _jac_log(x, *p)
-
-  best = None
-  starts = [(lo + hi) / 2.0, lo + (hi - lo) / 4.0, hi - (hi - lo) / 4.0]
-  for s in starts:
-    p0 = np.clip([y_lo, y_hi, s, 1.0], np.add(lb, 1e-9), np.subtract(ub, 1e-9))
-    try:
-      with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = optimize.least_squares(resid, p0, jac=jac, bounds=(lb, ub),
-                                   method="trf", max_nfev=300)
-    except (ValueError, np.linalg.LinAlgError):
-      continue
-    if not np.all(np.isfinite(r.x)):
-      continue
-    sse = float(np.sum(r.fun ** 2))
-    if best is None or sse < best[1]:
-      best = (r.x, sse)
-    r2_try = _r2(y, _four_pl_log(x, *r.x), w)
-    if r2_try is not None and r2_try > 0.95:
-      break
-  if best is None:
-    out.update(flag=FLAG_FAILED, reason="least squares failed from every start")
-    return out
-  p = best[0]
   bottom, top, log_ec50, hill = (float(v) for v in p)
   pred = _four_pl_log(x, *p)
   r2 = _r2(y, pred, w)
@@ -132,7 +174,6 @@ def fit_4pl(conc: Sequence[float], response: Sequence[float],
   if abs(top - bottom) < cfg.min_effect or np.ptp(y) < cfg.min_effect:
     out.update(flag=FLAG_FLAT, reason=f"effect below {cfg.min_effect} rescue "
                f"units: EC50 undefined")
-    out["r2"] = r2
     return out
   out["log10_ec50"] = log_ec50
   out["ec50"] = float(10.0 ** log_ec50)
@@ -144,6 +185,60 @@ def fit_4pl(conc: Sequence[float], response: Sequence[float],
   else:
     out.update(flag=FLAG_OK, reason="")
   return out
+
+
+def _few(n_conc: int, n_points: int, cfg: FitConfig) -> Dict:
+  return {"n_points": n_points, "bottom": None, "top": None, "ec50": None,
+          "log10_ec50": None, "hill": None, "efficacy": None, "r2": None,
+          "rmse": None, "flag": FLAG_FEW,
+          "reason": f"{n_conc} distinct concentration(s); a 4PL fit needs >= "
+                    f"{cfg.min_points}"}
+
+
+def _clean(conc, response, weights):
+  c = np.asarray(conc, dtype=np.float64)
+  y = np.asarray(response, dtype=np.float64)
+  w = (np.ones_like(y) if weights is None else
+       np.asarray(weights, dtype=np.float64))
+  ok = np.isfinite(c) & np.isfinite(y) & (c > 0) & np.isfinite(w) & (w > 0)
+  return c[ok], y[ok], w[ok]
+
+
+def fit_4pl(conc: Sequence[float], response: Sequence[float],
+            weights: Optional[Sequence[float]] = None,
+            cfg: FitConfig = FitConfig()) -> Dict:
+  """Fits the 4PL to one curve; returns parameters, quality and a flag.
+
+  Keys: bottom, top, ec50, log10_ec50, hill, efficacy, r2, rmse, n_points,
+  flag, reason. EC50 is None (with `reason`) when not meaningful.
+  """
+  return fit_4pl_many([(conc, response, weights)], cfg)[0]
+
+
+def fit_4pl_many(curves: Sequence[Tuple], cfg: FitConfig = FitConfig()
+                 ) -> List[Dict]:
+  """fit_4pl over many (conc, response, weights) curves, solved as one batch."""
+  results: List[Optional[Dict]] = [None] * len(curves)
+  rows = []
+  for i, (c, y, w) in enumerate(curves):
+    c, y, w = _clean(c, y, w)
+    n_conc = len(np.unique(c))
+    if n_conc < cfg.min_points:
+      results[i] = _few(n_conc, len(c), cfg)
+    else:
+      rows.append((i, np.log10(c), y, w))
+  if rows:
+    m = max(len(r[1]) for r in rows)
+    X = np.zeros((len(rows), m))
+    Y = np.zeros((len(rows), m))
+    W = np.zeros((len(rows), m))
+    for k, (_, x, y, w) in enumerate(rows):
+      X[k, :len(x)], Y[k, :len(x)], W[k, :len(x)] = x, y, w
+      X[k, len(x):] = x.min()
+    P, _ = fit_4pl_arrays(X, Y, W, cfg)
+    for k, (i, x, y, w) in enumerate(rows):
+      results[i] = _assess(P[k], x, y, w, cfg)
+  return results
 
 
 def _r2(y, pred, w) -> Optional[float]:
@@ -207,19 +302,19 @@ def fit_all(points: pd.DataFrame, cfg: FitConfig = FitConfig(),
   Rank: acceptable fits (flag ok) by efficacy, descending, then by EC50; then
   the others by their best observed mean rescue.
   """
-  rows = []
+  rows, curves = [], []
   for (group, treatment), sub in points.groupby(["group", "treatment"],
                                                 sort=True):
-    fit = fit_4pl(sub["conc"].to_numpy(), sub["mean"].to_numpy(),
-                  weights=sub["n"].to_numpy(), cfg=cfg)
-    fit["group"] = group
-    fit["treatment"] = treatment
-    fit["n_sites"] = int(sub["n"].sum())
-    fit["n_concentrations"] = int(sub["conc"].nunique())
-    fit["max_mean_rescue"] = float(sub["mean"].max())
-    fit["conc_min"] = float(sub["conc"].min())
-    fit["conc_max"] = float(sub["conc"].max())
-    rows.append(fit)
+    curves.append((sub["conc"].to_numpy(), sub["mean"].to_numpy(),
+                   sub["n"].to_numpy()))
+    rows.append({"group": group, "treatment": treatment,
+                 "n_sites": int(sub["n"].sum()),
+                 "n_concentrations": int(sub["conc"].nunique()),
+                 "max_mean_rescue": float(sub["mean"].max()),
+                 "conc_min": float(sub["conc"].min()),
+                 "conc_max": float(sub["conc"].max())})
+  for row, fit in zip(rows, fit_4pl_many(curves, cfg)):
+    row.update(fit)
   cols = ["group", "treatment", "flag", "ec50", "log10_ec50", "efficacy",
           "bottom", "top", "hill", "r2", "rmse", "n_points", "n_concentrations",
           "n_sites", "max_mean_rescue", "conc_min", "conc_max", "reason"]

@@ -216,16 +216,30 @@ def _is_float(v: str) -> bool:
     return False
 
 
-def _table_to_matrix(table: pa.Table, cols: Sequence[str]) -> np.ndarray:
+class _ParquetColumns:
+  """Reads a Parquet file's columns on demand (bounded memory: one block of
+  columns at a time instead of the whole table)."""
+
+  def __init__(self, pfile: pq.ParquetFile):
+    self._f = pfile
+    self.column_names = list(pfile.schema_arrow.names)
+    self.num_rows = pfile.metadata.num_rows
+
+  def select(self, names: Sequence[str]) -> pa.Table:
+    return self._f.read(columns=list(names))
+
+
+def _table_to_matrix(table, cols: Sequence[str]) -> np.ndarray:
   """Feature columns -> C-ordered float32 (rows, dim), nulls as NaN."""
   n = table.num_rows
   out = np.empty((n, len(cols)), dtype=np.float32)
   block = 64
   for start in range(0, len(cols), block):
     names = cols[start:start + block]
+    part = table.select(names)
     tmp = np.empty((len(names), n), dtype=np.float32)
     for j, c in enumerate(names):
-      col = table.column(c)
+      col = part.column(c)
       if col.type != pa.float32():
         col = col.cast(pa.float32())
       tmp[j] = col.to_numpy(zero_copy_only=False)
@@ -259,13 +273,14 @@ def read_embeddings_file(path: Union[str, Sequence[str]]) -> Embeddings:
   for p in paths:
     if _is_parquet(p):
       try:
-        table = pq.read_table(p)
+        pfile = pq.ParquetFile(p)
       except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{p}: not a readable Parquet file: {e}") from e
-      kv = table.schema.metadata or {}
+      kv = pfile.schema_arrow.metadata or {}
       for k, v in kv.items():
         if k.startswith(b"gandl."):
           file_meta[k.decode()] = v.decode()
+      table = _ParquetColumns(pfile)
     else:
       table = _read_csv_table(p)
     cols = feature_columns(table.column_names, p)

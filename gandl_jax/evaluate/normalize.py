@@ -8,7 +8,7 @@ variation; plates with too few control sites fall back to all their wells.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import pandas as pd

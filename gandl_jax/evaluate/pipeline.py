@@ -14,10 +14,8 @@ import time
 import traceback
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import pandas as pd
 
-from gandl_jax import schema
 from gandl_jax.evaluate import (classify, dose_response, normalize, plots,
                                 report, tasks as task_lib,
                                 truth as truth_lib)

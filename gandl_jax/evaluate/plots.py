@@ -4,7 +4,7 @@ Every figure is written atomically (temp file, then rename).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import matplotlib
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 

@@ -16,7 +16,7 @@ The truth table has the columns read by `gandl_jax.evaluate.truth`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import pandas as pd
