@@ -8,7 +8,7 @@
 
 `images` are uint8 NHWC arrays as read from the PNGs/TFRecords, with the
 model's resolution and channel count (5 for RxRx19a); they are normalized
-inside exactly as in training (x / 127.5 - 1).
+inside exactly as in training (x * 2/255 - 1).
 
 Minibatch standard deviation: as in the reference implementation, D's output
 for an image depends weakly on the other images of its minibatch-stddev
@@ -51,9 +51,14 @@ def to_uint8(images: Any) -> np.ndarray:
   return np.clip(x, 0, 255).astype(np.uint8)
 
 
+# uint8 -> [-1, 1] exactly as the training input pipeline does it
+# (gandl_jax/data/pipeline.py: x * (2 / 255) - 1 in float32).
+_SCALE = np.float32(2.0 / 255.0)
+
+
 def normalize_images(images: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] -> float32 [-1, 1] (x / 127.5 - 1), as in training."""
-  return images.astype(np.float32) / 127.5 - 1.0
+  """uint8 [0, 255] -> float32 [-1, 1] (x * 2/255 - 1), as in training."""
+  return images.astype(np.float32) * _SCALE - np.float32(1.0)
 
 
 class Model:
@@ -97,7 +102,7 @@ class Model:
                      rngs=rngs)
 
     def _disc(d_vars, images_u8):
-      x = images_u8.astype(jnp.float32) / 127.5 - 1.0
+      x = images_u8.astype(jnp.float32) * _SCALE - 1.0
       logits, feats = D.apply(d_vars, x, return_features=True)
       return {k: v.astype(jnp.float32) for k, v in feats.items()} | {
           "logit": logits.astype(jnp.float32)}
@@ -219,6 +224,55 @@ class Model:
     feats = self._run_d(images, [layer])[layer]
     return feats.reshape(len(feats), -1)
 
+  def sharded_embed_fn(self, mesh: Any, layer: str = "fc"):
+    """Data-parallel `embed` on `mesh` (a `parallel.make_mesh` mesh).
+
+    Returns `fn(images) -> features`: `images` a global (B, R, R, C) array
+    sharded on the mesh's `data` axis, uint8 in [0, 255] or float in [-1, 1];
+    `features` a (B, F) float32 array with the same sharding. The minibatch-
+    stddev groups are formed over the whole global batch exactly as `embed`
+    forms them for one batch of B images (`mbstd_shards=1`), so the features
+    do not depend on the number of devices; B must be a multiple of the
+    mesh size and of min(mbstd_group_size, B).
+    """
+    # pylint: disable=import-outside-toplevel
+    from gandl_jax import parallel
+    if layer not in self.embedding_layers:
+      raise ValueError(f"unknown layer {layer!r}; available: "
+                       f"{list(self.embedding_layers)}")
+    repl, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
+
+    def put(x):
+      host = np.asarray(x)
+      return jax.make_array_from_callback(host.shape, repl,
+                                          lambda idx: host[idx])
+
+    d_vars = jax.tree_util.tree_map(put, self._d_vars)
+    D = self._D
+
+    def _features(variables, images):
+      if images.dtype == jnp.uint8:
+        x = images.astype(jnp.float32) * _SCALE - 1.0
+      else:
+        x = images.astype(jnp.float32)
+      logits, feats = D.apply(variables, x, return_features=True)
+      feats = dict(feats, logit=logits)
+      return feats[layer].astype(jnp.float32).reshape(x.shape[0], -1)
+
+    jitted = jax.jit(_features, in_shardings=(repl, data), out_shardings=data)
+    group = self._group
+    n_dev = int(mesh.devices.size)
+
+    def fn(images):
+      b = int(images.shape[0])
+      if b % n_dev or b % min(group, b):
+        raise ValueError(f"batch {b} must be a multiple of the mesh size "
+                         f"({n_dev}) and of the minibatch-stddev group "
+                         f"({min(group, b)})")
+      return jitted(d_vars, images)
+
+    return fn
+
 
 def load(checkpoint_dir_or_path: Union[str, Any], step: Optional[int] = None,
          compute_dtype: str = "float32", batch_size: int = 64) -> Model:
@@ -249,6 +303,9 @@ def _atomic_write(path: str, write_fn) -> None:
   os.close(fd)
   try:
     write_fn(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

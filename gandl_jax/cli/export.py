@@ -1,0 +1,74 @@
+"""gandl-export: discriminator embeddings for every site of a set of shards.
+
+  gandl-export --workdir runs/rxrx19a-256 --data shards/rxrx19a-256 \
+      --output embeddings.parquet
+  gandl-export --checkpoint runs/rxrx19a-256/checkpoints/120000 \
+      --data 'gs://b/shards/*.tfrecord' --output gs://b/export/emb.parquet \
+      --layer fc --batch 256
+  gandl-export --workdir W --data S --output embeddings.csv --format csv
+
+One row per site: `site_id`, the metadata columns and the features (`f0000`,
+...); `--format csv` writes Recursion's layout (`site_id` + features). Runs on
+every device (and every host of a pod: start it on all workers; OUTPUT must
+then be on shared storage). See docs/export.md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint "
+                    "unless --step).")
+flags.DEFINE_string("checkpoint", None, "Instead of --workdir: a workdir, its "
+                    "checkpoints/ dir or a step dir.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+flags.DEFINE_string("data", None, "Shards written by gandl-convert (directory "
+                    "or glob; local or gs://).")
+flags.DEFINE_string("output", None, "Embeddings file (.parquet or .csv).")
+flags.DEFINE_string("layer", "fc", "D feature layer ('fc' is GAN-DL's "
+                    "embedding; 'conv', 'logit', 'b{res}' also exist).")
+flags.DEFINE_integer("batch", 64, "Global batch over all devices and hosts; "
+                     "fixes the minibatch-stddev groups (recorded in the file).")
+flags.DEFINE_enum("format", None, ["parquet", "csv"], "Output format (default "
+                  "from the file name: .csv -> csv, else parquet).")
+flags.DEFINE_string("filter", None, "Metadata filter, e.g. \"treatment == ''\" "
+                    "(see gandl_jax/data/pipeline.py).")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                  "Compute dtype of D.")
+flags.DEFINE_float("progress_every", 30.0, "Seconds between progress lines.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
+    raise app.UsageError("give exactly one of --workdir or --checkpoint")
+  for name in ("data", "output"):
+    if not FLAGS[name].value:
+      raise app.UsageError(f"--{name} is required")
+  # pylint: disable=import-outside-toplevel
+  from gandl_jax import export
+  from gandl_jax import parallel
+  parallel.maybe_initialize_distributed()
+  try:
+    summary = export.export_embeddings(
+        FLAGS.workdir or FLAGS.checkpoint, FLAGS.data, FLAGS.output,
+        layer=FLAGS.layer, batch=FLAGS.batch, fmt=FLAGS.format,
+        step=FLAGS.step, filter=FLAGS.filter,
+        compute_dtype=FLAGS.compute_dtype,
+        progress_every_s=FLAGS.progress_every)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"gandl-export: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(summary.as_dict()))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
