@@ -37,23 +37,14 @@ def main(argv):
   del argv
   # Imported here so that conversion worker processes (spawned) stay light.
   from gandl_jax.data import convert  # pylint: disable=import-outside-toplevel
-  from gandl_jax.data import reader  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.INFO)
   channels = [int(c.lstrip("w")) for c in _CHANNELS.value] if _CHANNELS.value else None
-  try:
-    summary = convert.convert(
-        _DATASET.value, _INPUT.value, _OUTPUT.value, _RESOLUTION.value,
-        subset=_SUBSET.value, num_shards=_NUM_SHARDS.value,
-        workers=_WORKERS.value, channels=channels,
-        compression=_COMPRESSION.value, overwrite=_OVERWRITE.value,
-        command=convert.main_command())
-  except reader.MetadataError as e:
-    print(f"gandl-convert: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"converted {summary['num_examples']} sites into {summary['num_shards']} "
-        f"shards in {summary['output_dir']}; {summary['num_failed']} failed"
-        + (f" (see {summary['errors_csv']})" if summary["num_failed"] else ""))
-  sys.exit(1 if summary["num_failed"] else 0)
+  sys.exit(convert.run_command(
+      dataset=_DATASET.value, input_dir=_INPUT.value, output_dir=_OUTPUT.value,
+      resolution=_RESOLUTION.value, subset=_SUBSET.value,
+      num_shards=_NUM_SHARDS.value, workers=_WORKERS.value, channels=channels,
+      compression=_COMPRESSION.value, overwrite=_OVERWRITE.value,
+      command=convert.main_command()))
 
 
 def run():

@@ -336,6 +336,23 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   return summary
 
 
+def run_command(**kwargs) -> int:
+  """`convert(**kwargs)` for the CLI: prints the summary, returns the exit status.
+
+  0: every site converted; 1: some sites failed (listed in errors.csv, the
+  rest converted); 2: metadata.csv unusable (nothing written).
+  """
+  try:
+    summary = convert(**kwargs)
+  except reader.MetadataError as e:
+    print(f"gandl-convert: {e}", file=sys.stderr)
+    return 2
+  print(f"converted {summary['num_examples']} sites into {summary['num_shards']} "
+        f"shards in {summary['output_dir']}; {summary['num_failed']} failed"
+        + (f" (see {summary['errors_csv']})" if summary["num_failed"] else ""))
+  return 1 if summary["num_failed"] else 0
+
+
 def main_command() -> str:
   """The current command line, for dataset_info.json."""
   return " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])

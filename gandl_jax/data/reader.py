@@ -163,12 +163,21 @@ def decode_png(data: bytes, path: str) -> np.ndarray:
                     path) from None
 
 
-def resize_area(img: np.ndarray, resolution: int) -> np.ndarray:
-  """Area-averaging resize of a square uint8 (H, W) image to (R, R) uint8.
+def area_weights(src: int, dst: int) -> np.ndarray:
+  """(dst, src) matrix: row i averages the source pixels output pixel i covers,
+  each weighted by the length of its overlap with [i*src/dst, (i+1)*src/dst)."""
+  edges = np.arange(dst + 1, dtype=np.float64) * (src / dst)
+  lo, hi = edges[:-1, None], edges[1:, None]
+  j = np.arange(src, dtype=np.float64)[None, :]
+  w = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None)
+  return w / w.sum(axis=1, keepdims=True)
 
-  Integer factors average exact k x k blocks; other factors use PIL's box
-  filter on float data (each output pixel is the area-weighted mean of the
-  input pixels it covers). Rounds half up to the nearest level.
+
+def resize_area(img: np.ndarray, resolution: int) -> np.ndarray:
+  """Area-averaging resize of a uint8 (H, W) image to (R, R) uint8.
+
+  Each output pixel is the area-weighted mean of the input pixels it covers
+  (exact k x k block means for integer factors), rounded half up.
   """
   h, w = img.shape
   if (h, w) == (resolution, resolution):
@@ -177,8 +186,7 @@ def resize_area(img: np.ndarray, resolution: int) -> np.ndarray:
     kh, kw = h // resolution, w // resolution
     x = img.reshape(resolution, kh, resolution, kw).astype(np.float32).mean(axis=(1, 3))
   else:
-    x = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize(
-        (resolution, resolution), Image.BOX), np.float32)
+    x = area_weights(h, resolution) @ img.astype(np.float64) @ area_weights(w, resolution).T
   return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
 
 

@@ -16,10 +16,12 @@ shards; TFDS output is for `tfds.load` users.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 from gandl_jax import schema
 from gandl_jax.data import reader
@@ -56,6 +58,13 @@ class Rxrx19a(tfds.core.GeneratorBasedBuilder):
       for r in _RESOLUTIONS
   ]
   DEFAULT_CONFIG_NAME = "256"
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # TFDS 4.9's default resolves the path through the `importlib_resources`
+    # backport, which is not installed on Python >= 3.9; the file is enough.
+    return epath.Path(inspect.getfile(cls))
 
   def _info(self) -> tfds.core.DatasetInfo:
     r = self.builder_config.resolution

@@ -1,0 +1,261 @@
+"""gandl-convert: round trip, bad inputs, refusal, resume, determinism, TFDS."""
+import csv
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from gandl_jax import schema
+from gandl_jax.data import convert
+from gandl_jax.data import pipeline
+from gandl_jax.data import reader
+from gandl_jax.data import synthetic
+
+SMILES_WITH_COMMAS = "C[C@H](N)C(=O)O.Cl |r,c:1,t:2|"
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+  out = tmp_path_factory.mktemp("tree")
+  root = synthetic.generate(str(out), dataset="rxrx19a", size=64, plates=[1],
+                            wells_per_plate=16, seed=1, workers=1)
+  # A CXSMILES with commas, spaces and '|' (CSV-quoted), as in the real file.
+  df = pd.read_csv(os.path.join(root, "metadata.csv"), dtype=str, keep_default_na=False)
+  df.loc[df.index[df.treatment != ""][0], "SMILES"] = SMILES_WITH_COMMAS
+  df.to_csv(os.path.join(root, "metadata.csv"), index=False)
+  return root
+
+
+def _reference_site(root, r, resolution):
+  """Independent reference: PIL decode, k x k block mean in numpy, round."""
+  planes = []
+  for ch in range(1, 6):
+    p = os.path.join(root, "images", r["experiment"], f"Plate{r['plate']}",
+                     f"{r['well']}_s{r['site']}_w{ch}.png")
+    a = np.asarray(Image.open(p), np.float64)
+    k = a.shape[0] // resolution
+    planes.append(np.floor(a.reshape(resolution, k, resolution, k).mean((1, 3)) + 0.5))
+  return np.stack(planes, -1).astype(np.uint8)
+
+
+def _eval_all(path, host_batch=32, **kw):
+  it, _ = pipeline.eval_host_batches(path, host_batch=host_batch, **kw)
+  out = []
+  for b in it:
+    for i in np.nonzero(b["valid"])[0]:
+      out.append({k: v[i] for k, v in b.items()})
+  return out
+
+
+def test_round_trip_images_and_metadata(tree, tmp_path):
+  shards = str(tmp_path / "shards")
+  summary = convert.convert("rxrx19a", tree, shards, 32, num_shards=4, workers=1)
+  df = pd.read_csv(os.path.join(tree, "metadata.csv"), dtype=str, keep_default_na=False)
+  assert summary["num_examples"] == len(df) and summary["num_failed"] == 0
+  names = sorted(os.listdir(shards))
+  assert [n for n in names if n.endswith(".tfrecord")] == [
+      f"rxrx19a-{i:05d}-of-00004.tfrecord" for i in range(4)]
+  info = pipeline.read_dataset_info(shards)
+  assert info["num_examples"] == len(df) and info["resolution"] == 32
+  assert [c["index"] for c in info["channels"]] == [1, 2, 3, 4, 5]
+  assert sum(s["num_examples"] for s in info["shards"]) == len(df)
+
+  got = _eval_all(shards)
+  ids = [g["site_id"] for g in got]
+  assert sorted(ids) == sorted(df.site_id) and len(set(ids)) == len(ids)
+  by_id = {r["site_id"]: r for r in df.to_dict("records")}
+  ref_images = {}
+  for g in got:
+    r = by_id[g["site_id"]]
+    ref = _reference_site(tree, r, 32)
+    ref_images[g["site_id"]] = ref
+    np.testing.assert_array_equal(g["image"], ref)
+    for col in schema.RXRX19A_COLUMNS:
+      if col in schema.INT_COLUMNS:
+        assert g[col] == int(r[col]), col
+      elif col in schema.FLOAT_COLUMNS:
+        want = float(r[col]) if r[col] else np.nan
+        np.testing.assert_allclose(g[col], want, rtol=1e-6)
+      else:
+        assert g[col] == r[col], col
+  assert SMILES_WITH_COMMAS in {g["SMILES"] for g in got}
+
+  # Per-channel mean/std in dataset_info match the images.
+  stack = np.stack(list(ref_images.values())).reshape(-1, 5).astype(np.float64)
+  np.testing.assert_allclose(info["mean"], stack.mean(0), atol=1e-3)
+  np.testing.assert_allclose(info["std"], stack.std(0), atol=1e-3)
+
+  # The training stream visits each site exactly once per epoch.
+  n = len(df)
+  ds, n_host = pipeline.train_dataset(shards, host_batch=16, seed=5, x_flip=False,
+                                      rot90=False, shuffle_buffer=64, normalize=False)
+  assert n_host == n
+  key = {v.tobytes(): k for k, v in ref_images.items()}
+  batches = list(ds.take(2 * n // 16).as_numpy_iterator())
+  seen = [key[x.tobytes()] for b in batches for x in b]
+  epoch1, epoch2 = seen[:n], seen[n:]
+  assert sorted(epoch1) == sorted(df.site_id) and sorted(epoch2) == sorted(df.site_id)
+  assert epoch1 != epoch2                    # reshuffled each epoch
+
+
+def _write_png(path, array):
+  Image.fromarray(np.asarray(array, np.uint8), mode="L").save(path)
+
+
+def test_bad_inputs_listed_in_errors_csv_rest_converted(tree, tmp_path):
+  root = str(tmp_path / "RxRx19a")
+  shutil.copytree(tree, root)
+  df = pd.read_csv(os.path.join(root, "metadata.csv"), dtype=str, keep_default_na=False)
+  rows = df.to_dict("records")
+  img = lambda r, ch: os.path.join(root, "images", schema.image_relpath(  # noqa: E731
+      r["experiment"], int(r["plate"]), r["well"], int(r["site"]), ch))
+  missing, corrupt, wrong, noimg = rows[3], rows[10], rows[20], rows[30]
+  os.remove(img(missing, 3))
+  with open(img(corrupt, 2), "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n this is not a png")
+  _write_png(img(wrong, 1), np.zeros((40, 40)))
+  for ch in range(1, 6):
+    os.remove(img(noimg, ch))
+  # A row whose plate is not a number.
+  bad_row = dict(rows[40], plate="x", site_id="HRCE-1_x_B02_1")
+  df = pd.concat([df, pd.DataFrame([bad_row])], ignore_index=True)
+  df.to_csv(os.path.join(root, "metadata.csv"), index=False)
+
+  out = str(tmp_path / "shards")
+  status = convert.run_command(dataset="rxrx19a", input_dir=root, output_dir=out,
+                               resolution=32, num_shards=3)
+  assert status == 1                             # some sites failed
+
+  with open(os.path.join(out, "errors.csv"), newline="") as f:
+    errs = {r["site_id"]: r for r in csv.DictReader(f)}
+  assert set(errs) == {missing["site_id"], corrupt["site_id"], wrong["site_id"],
+                       noimg["site_id"], "HRCE-1_x_B02_1"}
+  assert "missing channel file w3" in errs[missing["site_id"]]["reason"]
+  assert errs[missing["site_id"]]["path"] == img(missing, 3)
+  assert "corrupt" in errs[corrupt["site_id"]]["reason"]
+  assert errs[corrupt["site_id"]]["path"] == img(corrupt, 2)
+  assert "40x40" in errs[wrong["site_id"]]["reason"]
+  assert "64x64" in errs[wrong["site_id"]]["reason"]
+  assert "no image files" in errs[noimg["site_id"]]["reason"]
+  assert "column plate" in errs["HRCE-1_x_B02_1"]["reason"]
+
+  info = pipeline.read_dataset_info(out)
+  assert info["num_examples"] == len(rows) - 4 and info["num_failed"] == 5
+  got = {g["site_id"]: g for g in _eval_all(out)}
+  assert len(got) == len(rows) - 4 and not set(errs) & set(got)
+  for r in (rows[0], rows[11], rows[21], rows[-1]):
+    np.testing.assert_array_equal(got[r["site_id"]]["image"], _reference_site(root, r, 32))
+
+
+def test_malformed_metadata_refused_up_front(tree, tmp_path):
+  root = str(tmp_path / "RxRx19a")
+  os.makedirs(root)
+  df = pd.read_csv(os.path.join(tree, "metadata.csv"), dtype=str, keep_default_na=False)
+  df.drop(columns=["well", "SMILES"]).to_csv(os.path.join(root, "metadata.csv"),
+                                             index=False)
+  out = str(tmp_path / "shards")
+  with pytest.raises(reader.MetadataError, match=r"\['well', 'SMILES'\]"):
+    convert.convert("rxrx19a", root, out, 32)
+  assert not os.path.exists(out) or not [f for f in os.listdir(out)
+                                         if f.endswith(".tfrecord")]
+  with pytest.raises(reader.MetadataError, match="not found"):
+    convert.convert("rxrx19a", str(tmp_path / "nowhere"), out, 32)
+  # The CLI's exit status is 2.
+  assert convert.run_command(dataset="rxrx19a", input_dir=root, output_dir=out,
+                             resolution=32) == 2
+
+
+def test_resume_and_worker_count_give_identical_shards(tree, tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  s1 = convert.convert("rxrx19a", tree, a, 16, subset="controls", num_shards=5,
+                       workers=1)
+  s2 = convert.convert("rxrx19a", tree, b, 16, subset="controls", num_shards=5,
+                       workers=2)
+  files = sorted(f for f in os.listdir(a) if f.endswith(".tfrecord"))
+  assert len(files) == 5
+  for f in files:
+    with open(os.path.join(a, f), "rb") as fa, open(os.path.join(b, f), "rb") as fb:
+      assert fa.read() == fb.read(), f
+  df = pd.read_csv(os.path.join(tree, "metadata.csv"), dtype=str, keep_default_na=False)
+  assert s1["num_examples"] == s2["num_examples"] == (df.treatment == "").sum()
+
+  # Resume: one shard lost (and a stale temp file) -> only it is redone.
+  with open(os.path.join(a, files[2]), "rb") as f:
+    before = f.read()
+  os.remove(os.path.join(a, files[2]))
+  with open(os.path.join(a, files[2] + ".tmp-123"), "wb") as f:
+    f.write(b"partial")
+  mtime = os.path.getmtime(os.path.join(a, files[0]))
+  s3 = convert.convert("rxrx19a", tree, a, 16, subset="controls", num_shards=5)
+  assert s3["skipped_shards"] == 4 and s3["num_examples"] == s1["num_examples"]
+  assert os.path.getmtime(os.path.join(a, files[0])) == mtime
+  with open(os.path.join(a, files[2]), "rb") as f:
+    assert f.read() == before
+  assert len(_eval_all(a + "/*.tfrecord")) == s1["num_examples"]
+  # A different plan (other resolution) in the same directory is refused.
+  with pytest.raises(ValueError, match="another conversion"):
+    convert.convert("rxrx19a", tree, a, 16, subset="controls", num_shards=4)
+
+
+def test_resize_area_matches_overlap_reference():
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (50, 50)).astype(np.uint8)
+
+  def weights(src, dst):
+    w = np.zeros((dst, src))
+    for i in range(dst):
+      lo, hi = i * src / dst, (i + 1) * src / dst
+      for j in range(src):
+        w[i, j] = max(0.0, min(hi, j + 1) - max(lo, j))
+    return w / w.sum(1, keepdims=True)
+
+  w = weights(50, 32)
+  ref = np.floor(w @ img.astype(np.float64) @ w.T + 0.5)
+  got = reader.resize_area(img, 32).astype(np.float64)
+  np.testing.assert_array_equal(got, ref)
+  # A constant image stays constant; the mean is preserved.
+  np.testing.assert_array_equal(reader.resize_area(np.full((50, 50), 77, np.uint8), 32), 77)
+  big = rng.integers(0, 256, (96, 96)).astype(np.uint8)
+  np.testing.assert_array_equal(
+      reader.resize_area(big, 32),
+      np.floor(big.reshape(32, 3, 32, 3).mean((1, 3)) + 0.5).astype(np.uint8))
+  w = weights(50, 25)
+  np.testing.assert_array_equal(reader.resize_area(img, 25),
+                                np.floor(w @ img @ w.T + 0.5).astype(np.uint8))
+
+
+def test_rxrx1_channel_selection(tmp_path):
+  root = synthetic.generate(str(tmp_path), dataset="rxrx1", size=32, plates=1,
+                            wells_per_plate=6, seed=0, workers=1)
+  out = str(tmp_path / "s")
+  convert.convert("rxrx1", root, out, 16, channels=[1, 2, 6])
+  info = pipeline.read_dataset_info(out)
+  assert info["num_channels"] == 3
+  assert info["channels"][2]["stain"] == "MitoTracker Deep Red"
+  assert set(info["columns"]) == set(schema.RXRX1_COLUMNS)
+  got = _eval_all(out, host_batch=8)
+  assert got[0]["image"].shape == (16, 16, 3)
+  assert {g["cell_type"] for g in got} == set(schema.RXRX1_CELL_TYPES)
+  with pytest.raises(ValueError, match="channels"):
+    convert.convert("rxrx19a", root, out, 16, channels=[6])
+
+
+def test_tfds_builder_matches_converter(tree, tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from gandl_jax.data import tfds_rxrx19a
+  builder = tfds_rxrx19a.Rxrx19a(config="32", data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.path.dirname(tree)))
+  ds = builder.as_dataset(split="train")
+  ex = {e["site_id"].decode(): e for e in tfds.as_numpy(ds)}
+  df = pd.read_csv(os.path.join(tree, "metadata.csv"), dtype=str, keep_default_na=False)
+  assert sorted(ex) == sorted(df.site_id)
+  r = df.iloc[7].to_dict()
+  np.testing.assert_array_equal(ex[r["site_id"]]["image"], _reference_site(tree, r, 32))
+  assert ex[r["site_id"]]["disease_condition"].decode() == r["disease_condition"]
+  assert "rxrx.ai" in tfds_rxrx19a.Rxrx19a.MANUAL_DOWNLOAD_INSTRUCTIONS
