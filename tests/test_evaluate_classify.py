@@ -27,7 +27,7 @@ def test_matches_plain_sklearn_pipeline():
   Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, stratify=y,
                                         random_state=3)
   pipe = make_pipeline(StandardScaler(), LinearSVC(class_weight="balanced",
-                                                   dual=False))
+                                                   dual=False, tol=1e-3))
   grid = GridSearchCV(pipe, {"linearsvc__C": [1e-3, 1e-2, 1e-1, 1.0]},
                       scoring="balanced_accuracy",
                       cv=StratifiedKFold(3, shuffle=True, random_state=3))

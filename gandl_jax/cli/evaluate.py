@@ -54,8 +54,9 @@ flags.DEFINE_enum("cell_type_features", "raw", ["raw", "normalized"],
 flags.DEFINE_integer("seed", 0, "Seed of splits and subsets.")
 flags.DEFINE_list("c_grid", ["0.001", "0.01", "0.1", "1"], "SVM C values.")
 flags.DEFINE_integer("cv_folds", 3, "Folds of the C search.")
-flags.DEFINE_integer("cv_max_rows", 6000, "Max training rows in the C search.")
+flags.DEFINE_integer("cv_max_rows", 4000, "Max training rows in the C search.")
 flags.DEFINE_integer("max_train_rows", 60000, "Max rows of the final fit.")
+flags.DEFINE_float("svm_tol", 1e-3, "LinearSVC stopping tolerance.")
 flags.DEFINE_float("hit_threshold", 0.5, "Efficacy (rescue units) for a hit.")
 flags.DEFINE_integer("top_compounds", 6, "Compounds plotted from the ranking.")
 
@@ -81,7 +82,8 @@ def main(argv):
       cell_type_features=FLAGS.cell_type_features,
       protocol=classify.ProtocolConfig(
           seed=FLAGS.seed, c_grid=c_grid, cv_folds=FLAGS.cv_folds,
-          cv_max_rows=FLAGS.cv_max_rows, max_train_rows=FLAGS.max_train_rows),
+          cv_max_rows=FLAGS.cv_max_rows, max_train_rows=FLAGS.max_train_rows,
+          tol=FLAGS.svm_tol),
       fit=dose_response.FitConfig(), hit_threshold=FLAGS.hit_threshold,
       top_compounds=FLAGS.top_compounds)
   try:
