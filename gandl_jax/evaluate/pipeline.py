@@ -412,7 +412,8 @@ def _markdown(m: Dict, figs: Dict, opts: Options) -> str:
       f"{', '.join(m['tasks_requested'])}. Elapsed {m['elapsed_s']} s.", "",
       f"Protocol: seeded (seed {cfg.seed}) stratified {1 - cfg.test_size:.0%}/"
       f"{cfg.test_size:.0%} split; class weights inversely proportional to "
-      f"class frequency; standardization + linear SVM (LinearSVC, primal), C "
+      f"class frequency; standardization + linear SVM (LinearSVC, squared "
+      f"hinge, L2; tol {cfg.tol}), C "
       f"in {list(cfg.c_grid)} chosen by {cfg.cv_folds}-fold CV (balanced "
       f"accuracy) on the training part only (at most {cfg.cv_max_rows} rows); "
       f"final fit on at most {cfg.max_train_rows} training rows. The plate "
