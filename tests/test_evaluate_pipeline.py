@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from gandl_jax.evaluate import Options, evaluate, simulate, write_embeddings
@@ -137,3 +138,22 @@ def test_cli(data, tmp_path):
                       "--embeddings=/nonexistent.parquet", f"--output={out}"],
                      capture_output=True, text=True, env=env, timeout=120)
   assert r.returncode == 2 and "/nonexistent.parquet" in r.stderr
+
+
+def test_recursion_csv_without_metadata_reports_each_task(data, tmp_path):
+  d, md, X, _ = data
+  df = pd.DataFrame(X, columns=[str(i) for i in range(X.shape[1])])
+  df.insert(0, "site_id", md["site_id"].values)
+  p = tmp_path / "embeddings.csv"
+  df.to_csv(p, index=False)
+  m = evaluate(str(p), str(tmp_path / "out"), tasks=["control", "cell_model",
+                                                     "dose_response"],
+               options=FAST, log=lambda s: None)
+  e = m["embeddings"]["embeddings"]
+  # Plates come from the site_id, so normalization still ran.
+  assert e["postprocessing"]["plate_normalization"]["plates"] > 1
+  for task in ("control", "cell_model", "dose_response"):
+    assert e[task]["status"] == "failed"
+  assert "--metadata" in e["control"]["reason"]
+  assert "control classifier" in e["dose_response"]["reason"]
+  assert (tmp_path / "out" / "report.md").exists()

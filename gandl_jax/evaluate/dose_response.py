@@ -278,11 +278,15 @@ def rescue_scale(healthy_score: np.ndarray, is_mock: np.ndarray,
 def summarize_points(df: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
   """Per (group, treatment, conc): n, mean rescue + CI, fraction healthy + CI.
 
-  `df` columns: group, treatment, conc, rescue, healthy (bool).
+  `df` columns: group, treatment, conc, rescue, healthy (bool), optionally
+  score (the raw classifier score, averaged into `score_mean`).
   """
   g = df.groupby(["group", "treatment", "conc"], sort=True)
-  out = g.agg(n=("rescue", "size"), mean=("rescue", "mean"),
-              sd=("rescue", "std"), k=("healthy", "sum")).reset_index()
+  aggs = dict(n=("rescue", "size"), mean=("rescue", "mean"),
+              sd=("rescue", "std"), k=("healthy", "sum"))
+  if "score" in df:
+    aggs["score_mean"] = ("score", "mean")
+  out = g.agg(**aggs).reset_index()
   n = out["n"].to_numpy(np.float64)
   tq = np.where(n > 1, stats.t.ppf(0.5 + level / 2, np.maximum(n - 1, 1)), np.nan)
   half = tq * out["sd"].to_numpy() / np.sqrt(n)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import gzip
 import os
 import re
 import tempfile
@@ -172,8 +173,8 @@ def _is_parquet(path: str) -> bool:
 
 def _read_csv_table(path: str) -> pa.Table:
   """A CSV as an Arrow table; features as float32, a header line optional."""
-  with open(path, newline="", encoding="utf-8") if not path.endswith(".gz") \
-      else __import__("gzip").open(path, "rt", newline="", encoding="utf-8") as f:
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", newline="", encoding="utf-8") as f:
     reader = csv.reader(f)
     try:
       header = next(reader)

@@ -180,7 +180,7 @@ def dose_response_task(emb: Embeddings, model: classify.Fitted,
       "group": cell[idx_tr],
       "treatment": meta["treatment"].astype(str).to_numpy()[idx_tr],
       "conc": pd.to_numeric(meta["treatment_conc"]).to_numpy()[idx_tr],
-      "rescue": rescue, "healthy": pred_healthy})
+      "rescue": rescue, "healthy": pred_healthy, "score": s_tr})
   points = dose_response.summarize_points(df)
   fits = dose_response.fit_all(points, fit_cfg, hit_threshold)
   flags = fits["flag"].value_counts().to_dict()
