@@ -29,7 +29,8 @@ def test_feature_naming_convention():
 def test_our_layout_roundtrip(tmp_path, small, ext):
   md, X = small
   p = str(tmp_path / f"emb.{ext}")
-  eio.write_embeddings(p, md, X, file_metadata={"gandl.layer": "fc"})
+  eio.write_embeddings(p, md, X, file_metadata={eio.META_KEY_LAYER: "fc",
+                                                eio.META_KEY_STEP: 1200})
   emb = eio.load_embeddings(p)
   np.testing.assert_array_equal(emb.features, X)
   assert list(emb.meta["site_id"]) == list(md["site_id"])
@@ -37,7 +38,8 @@ def test_our_layout_roundtrip(tmp_path, small, ext):
   assert emb.meta["plate"].dtype.kind == "i"
   assert emb.issues == []
   if ext == "parquet":
-    assert emb.file_metadata["gandl.layer"] == "fc"
+    assert emb.file_metadata == {"gandl.layer": "fc",
+                                 "gandl.checkpoint_step": "1200"}
   # No temp files left behind.
   assert sorted(os.listdir(tmp_path)) == [f"emb.{ext}"]
 

@@ -37,9 +37,10 @@ from gandl_jax import schema
 # The feature-column convention shared with the exporter: f0000, f0001, ...
 FEATURE_PREFIX = "f"
 FEATURE_DIGITS = 4
-# Keys of the Parquet file metadata that the exporter records.
-META_KEY_LAYER = b"gandl.layer"
-META_KEY_STEP = b"gandl.checkpoint_step"
+# Keys of the Parquet file metadata that the exporter records (read back into
+# `Embeddings.file_metadata`; any key starting with `gandl.` is kept).
+META_KEY_LAYER = "gandl.layer"
+META_KEY_STEP = "gandl.checkpoint_step"
 
 _OURS = re.compile(r"^f(\d+)$")
 _RECURSION_NEW = re.compile(r"^feature_(\d+)$")
