@@ -365,15 +365,16 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
 
 
 def host_sites(path: str, filter: FilterSpec = None,  # pylint: disable=redefined-builtin
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, *,
+               _table=None, _files=None, _info=None):
   """Rows of sites.csv (filtered) that this host reads, in reading order.
 
   The frame keeps its sites.csv row number as the index (the global `index`
   of eval_batches).
   """
-  info = read_dataset_info(path)
-  files = list_shards(path)
-  df = read_sites_index(path)
+  info = _info or read_dataset_info(path)
+  files = _files or list_shards(path)
+  df = read_sites_index(path) if _table is None else _table
   flt = MetadataFilter(filter, info["columns"])
   names = [os.path.basename(f) for f in _host_files(files, process_index, process_count)]
   order = {n: i for i, n in enumerate(names)}
@@ -409,7 +410,8 @@ def train_dataset(path: str, *, host_batch: int, seed: int,
                      "convert with --num_shards >= the number of hosts")
   host = _host_files(files, process_index, process_count)
   flt = MetadataFilter(filter, info["columns"])
-  n_host = len(host_sites(path, filter, process_index, process_count))
+  n_host = len(host_sites(path, filter, process_index, process_count,
+                          _files=files, _info=info))
   if n_host == 0:
     raise ValueError(f"{path}: no sites on host {process_index} of {process_count}"
                      f" match the filter {filter!r}")
@@ -522,11 +524,14 @@ def eval_host_batches(path: str, *, host_batch: int,
   info = read_dataset_info(path)
   files = list_shards(path)
   flt = MetadataFilter(filter, info["columns"])
-  counts = [len(host_sites(path, filter, h, process_count)) for h in range(process_count)]
+  table = read_sites_index(path)
+  kw = dict(_table=table, _files=files, _info=info)
+  counts = [len(host_sites(path, filter, h, process_count, **kw))
+            for h in range(process_count)]
   if sum(counts) == 0:
     raise ValueError(f"{path}: no sites match the filter {filter!r}")
   num_batches = max(math.ceil(c / host_batch) for c in counts)
-  rows = host_sites(path, filter, process_index, process_count)
+  rows = host_sites(path, filter, process_index, process_count, **kw)
   want_ids = rows["site_id"].to_numpy()
   want_index = rows.index.to_numpy().astype(np.int64)
   columns = list(info["columns"])
@@ -624,7 +629,10 @@ def num_eval_batches(path: str, *, global_batch: int,
   import jax  # pylint: disable=import-outside-toplevel
   pc = jax.process_count() if process_count is None else process_count
   hb = global_batch // pc
-  return max(math.ceil(len(host_sites(path, filter, h, pc)) / hb) for h in range(pc))
+  kw = dict(_table=read_sites_index(path), _files=list_shards(path),
+            _info=read_dataset_info(path))
+  return max(math.ceil(len(host_sites(path, filter, h, pc, **kw)) / hb)
+             for h in range(pc))
 
 
 def host_rows(x, mesh) -> np.ndarray:
