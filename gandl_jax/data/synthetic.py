@@ -640,7 +640,8 @@ def generate(output_dir: str, dataset: str = "rxrx19a", size: int = 256,
     wells_per_plate: defaults 48 (rxrx19a; 15 controls, 33 treated so two
       plates hold every compound x dose once) and 24 (rxrx1).
     experiments: RxRx1 only, experiments per cell type (the last is `test`).
-    workers: processes (default: all cores); output does not depend on it.
+    workers: processes (default: all cores; small jobs run in-process);
+      the output does not depend on it.
     compress_level: PNG zlib level (1 is fast; files are still lossless).
   """
   dataset = dataset.lower()
@@ -660,7 +661,11 @@ def generate(output_dir: str, dataset: str = "rxrx19a", size: int = 256,
   chunk = 32
   tasks = [(specs[i:i + chunk], root, size, nch, seed, compress_level)
            for i in range(0, len(specs), chunk)]
-  workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+  if workers is None:
+    # Small jobs run inline: starting processes would cost more than it saves.
+    small = len(specs) * size * size < 2_000_000
+    workers = 1 if small else (os.cpu_count() or 1)
+  workers = max(1, int(workers))
   results: List[Tuple[int, dict]] = []
   if workers == 1 or len(tasks) == 1:
     for t in tasks:
