@@ -194,6 +194,7 @@ def test_resume_and_worker_count_give_identical_shards(tree, tmp_path):
   s3 = convert.convert("rxrx19a", tree, a, 16, subset="controls", num_shards=5)
   assert s3["skipped_shards"] == 4 and s3["num_examples"] == s1["num_examples"]
   assert os.path.getmtime(os.path.join(a, files[0])) == mtime
+  assert not os.path.exists(os.path.join(a, files[2] + ".tmp-123"))
   with open(os.path.join(a, files[2]), "rb") as f:
     assert f.read() == before
   assert len(_eval_all(a + "/*.tfrecord")) == s1["num_examples"]

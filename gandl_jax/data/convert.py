@@ -171,6 +171,8 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   tf = _tf()
   dataset = dataset.lower()
   channels = reader.check_channels(dataset, channels)
+  if "://" not in input_dir:
+    input_dir = os.path.abspath(input_dir)
   if resolution < 4:
     raise ValueError(f"resolution must be >= 4, got {resolution}")
   compression = (compression or "").upper()
@@ -219,6 +221,11 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
     raise ValueError(f"{output_dir} already holds shards of another conversion "
                      f"(e.g. {others[0]}); use an empty output directory or "
                      f"delete them")
+
+  # Temporary files of an interrupted run (never read; shards are renamed
+  # only when complete).
+  for stale in tf.io.gfile.glob(reader.join(output_dir, f"{dataset}-*.tfrecord.tmp-*")):
+    tf.io.gfile.remove(stale)
 
   keys = [_plan_key([m["site_id"] for m in part], resolution, channels,
                     source_size, compression) for part in plan]
