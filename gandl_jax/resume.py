@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -115,6 +116,8 @@ class TrainCheckpointer:
         checkpoint.MODEL_ITEM: ocp.args.StandardRestore(_abstract(model)),
         checkpoint.TRAIN_ITEM: ocp.args.StandardRestore(_abstract(train)),
         checkpoint.META_ITEM: ocp.args.JsonRestore()})
+    unreadable = []
+    result = None
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         r = self.manager.restore(step, args=target)
@@ -122,10 +125,29 @@ class TrainCheckpointer:
         logging.warning("checkpoint step %d in %s is unreadable (%s: %s); "
                         "falling back to the previous one", step,
                         self.directory, type(e).__name__, e)
+        unreadable.append(step)
         continue
-      return (_join(r[checkpoint.MODEL_ITEM], r[checkpoint.TRAIN_ITEM]),
-              dict(r[checkpoint.META_ITEM]))
-    return None
+      result = (_join(r[checkpoint.MODEL_ITEM], r[checkpoint.TRAIN_ITEM]),
+                dict(r[checkpoint.META_ITEM]))
+      break
+    for step in unreadable:   # training will write these steps again
+      self._set_aside(step)
+    return result
+
+  def _set_aside(self, step: int) -> None:
+    """Moves an unreadable step to WORKDIR/checkpoints_unreadable/ (kept for
+    inspection); where directories cannot be renamed (GCS), deletes it."""
+    src = self.directory / str(step)
+    dst_dir = self.directory.parent / "checkpoints_unreadable"
+    try:
+      dst_dir.mkdir(parents=True, exist_ok=True)
+      dst = dst_dir / f"{step}-{int(time.time())}"
+      src.rename(dst)
+      logging.warning("moved unreadable checkpoint %s to %s", src, dst)
+    except Exception:  # pylint: disable=broad-except
+      self.manager.delete(step)
+      logging.warning("deleted unreadable checkpoint %s", src)
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

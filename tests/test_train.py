@@ -1,0 +1,244 @@
+"""The training job end to end on tiny synthetic shards: resume, preemption
+(SIGTERM, kill -9), monitoring output, config validation."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gandl_jax import checkpoint, defaults, parallel, train
+from gandl_jax.data import convert, synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  """Tiny synthetic RxRx19a converted at 8x8 and 32x32."""
+  root = tmp_path_factory.mktemp("data")
+  tree = synthetic.generate(str(root / "raw"), size=32, plates=1,
+                            wells_per_plate=16, seed=0)
+  out = {}
+  for res in (8, 32):
+    convert.convert("rxrx19a", tree, str(root / f"shards{res}"), res,
+                    num_shards=2)
+    out[res] = str(root / f"shards{res}" / "*.tfrecord")
+  return out
+
+
+def tiny_config(path, **overrides):
+  config = defaults.base_config()
+  config.model = defaults.model_config(
+      resolution=8, z_dim=16, w_dim=16, channel_base=64, channel_max=16,
+      mbstd_group_size=2)
+  config.data.path = path
+  config.data.shuffle_buffer = 16
+  config.batch_size = 8
+  config.total_kimg = 0.032          # 4 iterations
+  config.checkpoint_every_kimg = 0.016
+  config.log_every_kimg = 0.008
+  config.image_grid_every_kimg = 0.016
+  config.image_grid_size = 2
+  config.loss.r1_interval = 2
+  config.loss.pl_interval = 2
+  config.ema.half_life_kimg = 0.01
+  for k, v in overrides.items():
+    node = config
+    *path_, last = k.split(".")
+    for p in path_:
+      node = node[p]
+    node[last] = v
+  return config
+
+
+def _leaves(workdir, step=None):
+  model, meta = checkpoint.restore_model(workdir, step)
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(model)], meta
+
+
+def test_resume_equals_uninterrupted(shards, tmp_path):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  straight = tiny_config(shards[8])
+  s = train.train_and_evaluate(straight, str(tmp_path / "a"), mesh=mesh)
+  assert s["step"] == 4 and s["reason"] == "finished"
+  # Half, stop, resume the same command, the other half.
+  first = train.train_and_evaluate(tiny_config(shards[8]), str(tmp_path / "b"),
+                                   mesh=mesh, max_steps=2)
+  assert first["step"] == 2
+  second = train.train_and_evaluate(tiny_config(shards[8]),
+                                    str(tmp_path / "b"), mesh=mesh)
+  assert second["step"] == 4
+  a, meta_a = _leaves(str(tmp_path / "a"))
+  b, meta_b = _leaves(str(tmp_path / "b"))
+  assert meta_a["step"] == meta_b["step"] == 4
+  assert meta_b["nimg"] == 32 and meta_b["data_position"] == 4
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+  # Monitoring: JSON lines with finite, moving losses; TensorBoard; grids.
+  lines = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [1, 2, 3, 4]
+  for key in ("G/loss", "D/loss", "perf/img_per_sec", "progress/kimg"):
+    assert all(np.isfinite(l[key]) for l in lines), key
+  assert len({round(l["D/loss"], 6) for l in lines}) > 1
+  assert any("D/r1_penalty" in l for l in lines)
+  assert any("G/pl_penalty" in l for l in lines)
+  assert glob.glob(str(tmp_path / "a" / "tb" / "events.out.tfevents.*"))
+  assert len(glob.glob(str(tmp_path / "a" / "samples" / "fakes-*.png"))) == 2
+  assert json.load(open(tmp_path / "a" / "config.json"))["batch_size"] == 8
+
+
+def test_non_finite_loss_stops_with_clear_error(shards, tmp_path):
+  config = tiny_config(shards[8], **{"optim.d_lr": float("inf")})
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d+"):
+    train.train_and_evaluate(config, str(tmp_path / "w"), mesh=mesh)
+  # Nothing non-finite was checkpointed.
+  for step in checkpoint.list_steps(str(tmp_path / "w")) if os.path.isdir(
+      tmp_path / "w" / "checkpoints") else ():
+    leaves, _ = _leaves(str(tmp_path / "w"), step)
+    assert all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def _train_cmd(config_path, workdir, *flags):
+  return [sys.executable, "-m", "gandl_jax.cli.train",
+          f"--config={config_path}", f"--workdir={workdir}", *flags]
+
+
+def _wait_for(predicate, timeout, proc):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if predicate():
+      return True
+    if proc.poll() is not None:
+      return predicate()
+    time.sleep(0.2)
+  return False
+
+
+def test_sigterm_saves_and_kill9_mid_save_leaves_restorable_workdir(
+    shards, tmp_path):
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+      "from test_train import tiny_config\n"
+      "def get_config(arg=''):\n"
+      f"  c = tiny_config({shards[8]!r})\n"
+      "  c.total_kimg = 100.0\n"
+      "  c.checkpoint_every_kimg = float(arg or 100.0)\n"
+      "  c.log_every_kimg = 0.008\n"
+      "  c.image_grid_every_kimg = 100.0\n"
+      "  return c\n")
+  workdir = tmp_path / "w"
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
+  metrics = workdir / "metrics.jsonl"
+
+  # 1. SIGTERM: a final checkpoint at the current step, exit status 143.
+  proc = subprocess.Popen(_train_cmd(cfg_file, workdir), env=env, cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  try:
+    assert _wait_for(lambda: metrics.exists() and len(
+        metrics.read_text().splitlines()) >= 2, 300, proc), proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, out
+  steps = checkpoint.list_steps(str(workdir))
+  assert len(steps) == 1 and steps[0] >= 2, (steps, out)
+  sigterm_step = steps[0]
+
+  # 2. kill -9 while asynchronous saves are being written (one per step).
+  cfg_every_step = str(cfg_file) + ":0.008"
+  proc = subprocess.Popen(_train_cmd(cfg_every_step, workdir), env=env,
+                          cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+  try:
+    assert _wait_for(lambda: len(checkpoint.list_steps(str(workdir))) >= 3,
+                     300, proc), proc.stdout.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    proc.kill()
+  latest = max(checkpoint.list_steps(str(workdir)))
+  assert latest > sigterm_step
+  _, meta = _leaves(str(workdir))          # restorable
+  assert meta["step"] >= sigterm_step
+
+
+
+def test_unreadable_latest_checkpoint_is_skipped_and_set_aside(tmp_path):
+  from gandl_jax import resume, trainer  # pylint: disable=import-outside-toplevel
+  config = tiny_config("")
+  tr = trainer.Trainer(config, parallel.make_mesh(jax.devices()[:1]))
+  state = tr.init_state(0)
+  ckpt = resume.TrainCheckpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, state, {"model": config.model.to_dict(), "nimg": 8})
+  later = state.replace(pl_mean=state.pl_mean + 1.0)
+  ckpt.save(2, later, {"model": config.model.to_dict(), "nimg": 16})
+  for f in glob.glob(str(tmp_path / "checkpoints" / "2" / "train" / "**"),
+                     recursive=True):
+    if os.path.isfile(f):
+      os.remove(f)
+  restored, meta = ckpt.restore_latest(state)
+  assert meta["step"] == 1 and float(restored.pl_mean) == 0.0
+  assert ckpt.latest_step() == 1
+  assert glob.glob(str(tmp_path / "checkpoints_unreadable" / "2-*"))
+  ckpt.save(2, later, {"model": config.model.to_dict(), "nimg": 16})  # again
+  ckpt.close()
+  assert checkpoint.list_steps(str(tmp_path)) == (1, 2)
+
+
+@pytest.mark.slow  # ~1-2 min of compilation; test_resume_* covers the same code
+def test_demo_config_short_run(shards, tmp_path):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      "demo", os.path.join(REPO, "configs", "demo.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  config.data.path = shards[32]
+  config.log_every_kimg = 2 * config.batch_size / 1000
+  config.image_grid_every_kimg = 4 * config.batch_size / 1000
+  config.image_grid_size = 3
+  s = train.train_and_evaluate(config, str(tmp_path), max_steps=4)
+  assert s["step"] == 4
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert len(lines) == 2
+  for key in ("G/loss", "D/loss"):
+    assert all(np.isfinite(l[key]) for l in lines)
+    assert lines[0][key] != lines[1][key]
+  png = glob.glob(str(tmp_path / "samples" / "*.png"))
+  assert len(png) == 1 and os.path.getsize(png[0]) > 100
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"foo": 1}, "unknown key 'config.foo'"),
+    ({"model.resolution": 48}, "power of two"),
+    ({"batch_size": 12}, "multiple of the number of devices"),
+    ({"model.img_channels": 3}, "has 5 channels but config.model.img_channels=3"),
+    ({"model.resolution": 16}, "has resolution 8 but"),
+])
+def test_config_errors_before_compilation(shards, tmp_path, override, message):
+  config = tiny_config(shards[8])
+  for k, v in override.items():
+    if k == "foo":
+      config.foo = v
+    else:
+      node = config
+      *p, last = k.split(".")
+      for q in p:
+        node = node[q]
+      node[last] = v
+  with pytest.raises(ValueError, match=message):
+    devices = jax.devices() if "batch_size" in override else jax.devices()[:1]
+    train.train_and_evaluate(config, str(tmp_path),
+                             mesh=parallel.make_mesh(devices))
+  assert not os.path.exists(tmp_path / "checkpoints")
