@@ -377,3 +377,41 @@ def test_import_cli_end_to_end(tmp_path):
        "--state_dicts", str(tmp_path / "missing.pt"), "--workdir", str(wd)],
       capture_output=True, text=True, env=env, timeout=300, check=False)
   assert r.returncode != 0 and "does not exist" in r.stderr
+
+
+def test_load_training_style_checkpoint(tmp_path, workdir, model):
+  """A checkpoint as training writes it (arrays sharded over an 8-device
+  mesh, an extra `train` item) loads through the same API."""
+  import jax
+  import orbax.checkpoint as ocp
+  variables, meta = checkpoint.restore_model(workdir)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded = jax.tree_util.tree_map(lambda x: jax.device_put(x, repl),
+                                   variables)
+  meta = dict(meta, source="gandl-train", step=7)
+  with ocp.CheckpointManager(checkpoint.checkpoint_dir(tmp_path),
+                             item_names=("model", "train", "meta")) as mngr:
+    mngr.save(7, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(sharded),
+        train=ocp.args.StandardSave({"opt": jax.device_put(
+            np.ones(16, np.float32), jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec("data")))}),
+        meta=ocp.args.JsonSave(meta)))
+    mngr.wait_until_finished()
+  import gandl_jax
+  m = gandl_jax.load(tmp_path, batch_size=8)
+  assert m.step == 7 and m.meta["source"] == "gandl-train"
+  np.testing.assert_array_equal(m.generate(seeds=[1, 2]),
+                                model.generate(seeds=[1, 2]))
+
+
+def test_sharded_embed_matches_embed(model, ref):
+  """Model.sharded_embed_fn on an 8-device mesh == Model.embed on one batch."""
+  import jax
+  from gandl_jax import parallel
+  mesh = parallel.make_mesh(jax.devices()[:8])
+  u8 = np.clip(np.rint((ref["d_img"] + 1) * 127.5), 0, 255).astype(np.uint8)
+  fn = model.sharded_embed_fn(mesh)
+  x = jax.device_put(u8, parallel.data_sharded(mesh))
+  np.testing.assert_allclose(np.asarray(fn(x)), model.embed(u8), atol=1e-5)

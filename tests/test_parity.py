@@ -69,6 +69,8 @@ def _setup(path):
 def _check(path, check, errors):
   """Asserts every (name, error, tolerance); known mismatches xfail while
   they persist and fail loudly once they are fixed."""
+  for n, e, t in errors:  # shown with `pytest -s`
+    print(f"[{os.path.basename(path)}] {check} {n}: {e:.3g} (tol {t:g})")
   failed = [f"{n}: {e:.3g} >= {t:g}" for n, e, t in errors if not e < t]
   reason = KNOWN_MISMATCHES.get((os.path.basename(path), check))
   if reason and failed:
@@ -101,11 +103,12 @@ def test_generator_images(fixture_path):
   g = model["G"]
   z = jnp.asarray(f["z"])
   ws = G.apply(g, z, method=G.map)
-  np.testing.assert_allclose(ws, f["ws_psi1"], rtol=0, atol=ATOL)
   img1 = np.asarray(G.apply(g, z, truncation_psi=1.0, noise_mode="const"))
   img07 = np.asarray(G.apply(g, z, truncation_psi=0.7, noise_mode="const"))
-  assert np.abs(img1 - f["g_img_psi1"]).max() < ATOL
-  assert np.abs(img07 - f["g_img_psi07"]).max() < ATOL
+  _check(fixture_path, "g", [
+      ("ws", np.abs(np.asarray(ws) - f["ws_psi1"]).max(), ATOL),
+      ("img_psi1", np.abs(img1 - f["g_img_psi1"]).max(), ATOL),
+      ("img_psi07", np.abs(img07 - f["g_img_psi07"]).max(), ATOL)])
   # The fixture exercises what it claims: truncation and constant noise
   # change the images by far more than the tolerance.
   assert np.abs(img1 - img07).max() > 100 * ATOL
@@ -157,7 +160,6 @@ def test_path_length_penalty(fixture_path):
     return img * reweight
 
   lengths, _ = losses.path_lengths(synthesis_fn, ws, key)
-  assert _rel_err(lengths, f["pl_lengths"]) < RTOL
 
   # Independent of the reweighting: the same lengths by direct jax.grad.
   def projected(ws_):
@@ -165,9 +167,16 @@ def test_path_length_penalty(fixture_path):
     return jnp.sum(img * ref_noise)
   grads = jax.grad(projected)(ws)
   direct = jnp.sqrt(jnp.mean(jnp.sum(jnp.square(grads), axis=2), axis=1))
-  assert _rel_err(direct, f["pl_lengths"]) < RTOL
 
   penalty, pl_mean = losses.path_length_penalty(
       lengths, jnp.float32(f["pl_mean_prev"]), float(f["pl_decay"]))
-  assert _rel_err(pl_mean, f["pl_mean"]) < RTOL
-  assert _rel_err(penalty, f["pl_penalty"]) < RTOL
+  if "pl_lengths_nonfused" in f:  # the reference's own float32 spread
+    print(f"[{os.path.basename(fixture_path)}] pl reference fused vs "
+          f"non-fused modconv: "
+          f"{_rel_err(f['pl_lengths_nonfused'], f['pl_lengths']):.3g}; ours "
+          f"vs non-fused: {_rel_err(lengths, f['pl_lengths_nonfused']):.3g}")
+  _check(fixture_path, "pl", [
+      ("pl_lengths", _rel_err(lengths, f["pl_lengths"]), RTOL),
+      ("pl_lengths_direct", _rel_err(direct, f["pl_lengths"]), RTOL),
+      ("pl_mean", _rel_err(pl_mean, f["pl_mean"]), RTOL),
+      ("pl_penalty", _rel_err(penalty, f["pl_penalty"]), RTOL)])

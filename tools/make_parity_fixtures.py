@@ -28,6 +28,8 @@ What is stored (float32 unless noted; images in NHWC, the layout gandl-jax uses;
   pl_ws, pl_noise       inputs of the path-length term (ws, and the noise
                         already divided by sqrt(H*W)); pl_noise is NHWC
   pl_lengths            sqrt(mean_i sum_j (d(sum img*noise)/d ws)^2)
+  pl_lengths_nonfused   the same through the reference's non-fused modulated
+                        conv (fused_modconv=False): its own float32 spread
   pl_mean_prev, pl_decay, pl_mean, pl_penalty
                         pl_mean = lerp(pl_mean_prev, mean(pl_lengths), decay),
                         pl_penalty = (pl_lengths - pl_mean)^2
@@ -194,6 +196,12 @@ def build_reference(args):
   pl_mean_prev = torch.tensor(args.pl_mean_prev, dtype=torch.float32)
   pl_mean = pl_mean_prev.lerp(pl_lengths.mean(), args.pl_decay)
   pl_penalty = (pl_lengths - pl_mean).square()
+  # The reference's own float32 spread: the same lengths through its
+  # non-fused modulated-conv path (the one ADA trains with).
+  img_nf = G.synthesis(pl_ws, noise_mode="const", fused_modconv=False)
+  grads_nf = torch.autograd.grad(outputs=[(img_nf * pl_noise).sum()],
+                                 inputs=[pl_ws], only_inputs=True)[0]
+  out["pl_lengths_nonfused"] = grads_nf.square().sum(2).mean(1).sqrt().numpy()
   out["pl_ws"] = pl_ws.detach().numpy()
   out["pl_noise"] = _nhwc(pl_noise)
   out["pl_lengths"] = pl_lengths.detach().numpy()
@@ -212,6 +220,9 @@ def save_npz(out, path):
   os.close(fd)
   try:
     np.savez_compressed(tmp, **out)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
