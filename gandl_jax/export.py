@@ -57,8 +57,8 @@ ROWS_PER_GROUP = 8192           # Parquet row group size (rows buffered)
 
 # Parquet key-value metadata written by the exporter. `gandl.layer` and
 # `gandl.checkpoint_step` are the keys gandl-evaluate reads (evaluate/io.py).
-META_LAYER = emb_io.META_KEY_LAYER.decode()
-META_STEP = emb_io.META_KEY_STEP.decode()
+META_LAYER = str(emb_io.META_KEY_LAYER)
+META_STEP = str(emb_io.META_KEY_STEP)
 META_KIMG = "gandl.checkpoint_kimg"
 META_CHECKPOINT = "gandl.checkpoint"
 META_MODEL_CONFIG = "gandl.model_config"
@@ -454,9 +454,21 @@ def export_model(model: api.Model, data: str, output: str, *,
   meta_cols: List[str] = []
   num_batches = 0
   start = time.monotonic()
+  def in_flight():
+    """(batch number, batch, features) with the next batch already
+    dispatched, so D computes while the host writes the previous rows."""
+    pending = None
+    for i, b in enumerate(batches):
+      feats = embed(b["image"])  # asynchronous dispatch
+      if pending is not None:
+        yield pending
+      pending = (i, b, feats)
+    if pending is not None:
+      yield pending
+
   try:
-    for b_index, b in enumerate(batches):
-      x = pipeline.host_rows(embed(b["image"]), mesh)
+    for b_index, b, feats in in_flight():
+      x = pipeline.host_rows(feats, mesh)
       valid = np.asarray(b["valid"], bool).reshape(-1)
       if len(valid) != len(x):
         raise ValueError(f"batch {b_index}: {len(valid)} `valid` flags for "
