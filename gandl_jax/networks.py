@@ -300,8 +300,9 @@ class DiscriminatorBlock(nn.Module):
                         name="fromrgb", **kw)(img)
       x = y if x is None else x + y
     gain = math.sqrt(0.5)
+    # As in the reference, the skip branch is never clamped.
     y = layers.Conv2d(self.out_channels, 1, use_bias=False, down=2,
-                      name="skip", **kw)(x, gain=gain)
+                      dtype=self.dtype, name="skip")(x, gain=gain)
     x = layers.Conv2d(self.tmp_channels, 3, activation="lrelu", name="conv0",
                       **kw)(x)
     x = layers.Conv2d(self.out_channels, 3, activation="lrelu", down=2,
