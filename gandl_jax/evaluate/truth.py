@@ -1,7 +1,8 @@
 """Comparison of recovered dose-response with planted truth (synthetic data).
 
-`synthetic_truth.csv` holds one row per compound (optionally per cell type).
-Columns read (first alias found wins; case-insensitive):
+`synthetic_truth.csv` holds one row per compound (optionally per cell type),
+or is `gandl-synth`'s long layout (`kind, name, ..., parameter, value`, of
+which the `compound` rows are used). Columns read (first alias found wins; case-insensitive):
 
 * compound name: `treatment` | `compound`
 * EC50 in uM: `ec50` | `ec50_um` | `ec50_uM`  (empty for compounds without one)
@@ -32,9 +33,25 @@ def _col(df: pd.DataFrame, aliases) -> Optional[str]:
   return None
 
 
+def _from_long(df: pd.DataFrame) -> pd.DataFrame:
+  """`gandl-synth`'s long layout (kind, name, ..., parameter, value; one row
+  per planted parameter) -> one row per compound with `compound`, `role` and
+  `ec50_uM` columns."""
+  rows = df[df["kind"] == "compound"]
+  wide = rows.pivot_table(index="name", columns="parameter", values="value",
+                          aggfunc="first")
+  out = pd.DataFrame({"compound": wide.index.astype(str)})
+  out["role"] = wide["role"].to_numpy() if "role" in wide else ""
+  out["ec50_uM"] = (pd.to_numeric(wide["ec50_uM"], errors="coerce").to_numpy()
+                    if "ec50_uM" in wide else np.nan)
+  return out
+
+
 def read_truth(path: str) -> pd.DataFrame:
   """Normalized truth table: treatment, [cell_type], true_ec50, true_hit, role."""
   df = pd.read_csv(path, keep_default_na=True)
+  if {"kind", "name", "parameter", "value"} <= set(df.columns):
+    df = _from_long(df)
   name = _col(df, NAME_ALIASES)
   if name is None:
     raise ValueError(f"{path}: truth file needs a compound column "

@@ -1,0 +1,181 @@
+"""The whole GAN-DL pipeline on the built-in synthetic data, in one call.
+
+  synthetic RxRx19a + RxRx1  ->  TFRecord shards  ->  train configs/demo.py
+  ->  export D embeddings (trained, and the same D at initialization)
+  ->  evaluate both side by side  ->  DIR/report/{report.md, metrics.json, figures/}
+
+Each stage records completion in DIR/stages/<stage>.done; re-running reuses
+finished stages (training itself resumes from its last checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import jax
+import ml_collections
+
+from gandl_jax import checkpoint, defaults, export, parallel, train
+from gandl_jax.data import convert, synthetic
+from gandl_jax.trainer import Trainer
+
+NAMED_COMPOUNDS = ("Remdesivir (GS-5734)", "GS-441524")
+TRAINED = "GAN-DL (trained D)"
+BASELINE = "untrained D (random init)"
+
+
+def demo_config() -> ml_collections.ConfigDict:
+  """configs/demo.py's model and schedule (kept in the library so the
+  installed `gandl-demo` needs no checkout)."""
+  config = defaults.base_config()
+  config.model = defaults.model_config(
+      resolution=32, z_dim=64, w_dim=64,
+      channel_base=1024,   # 4..16: 64 feature maps, 32: 32
+      channel_max=64, mbstd_group_size=4)
+  config.compute_dtype = "float32"
+  config.batch_size = 16
+  config.total_kimg = 2.0
+  config.checkpoint_every_kimg = 0.5
+  config.keep_checkpoint_every_kimg = 1.0
+  config.log_every_kimg = 0.128
+  config.image_grid_every_kimg = 0.5
+  config.data.shuffle_buffer = 512
+  config.loss.r1_gamma = 0.1
+  config.ema.half_life_kimg = 0.5
+  return config
+
+
+class _Stages:
+  """Completion markers: DIR/stages/<name>.done holds a JSON summary."""
+
+  def __init__(self, workdir: str, log: Callable[[str], None]):
+    self.dir = os.path.join(workdir, "stages")
+    os.makedirs(self.dir, exist_ok=True)
+    self.log = log
+
+  def run(self, name: str, fn: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    path = os.path.join(self.dir, f"{name}.done")
+    if os.path.exists(path):
+      self.log(f"[{name}] already done (delete {path} to redo)")
+      with open(path, encoding="utf-8") as f:
+        return json.load(f)
+    self.log(f"[{name}] ...")
+    t0 = time.time()
+    summary = dict(fn() or {})
+    summary["seconds"] = round(time.time() - t0, 1)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+    self.log(f"[{name}] done in {summary['seconds']:.0f} s")
+    return summary
+
+
+def headline(metrics: Dict[str, Any]) -> List[str]:
+  """Short lines with the main figures per embedding set."""
+  lines = []
+  for name, res in metrics.get("embeddings", {}).items():
+    parts = []
+    for task, label in (("control", "Mock vs Active"),
+                        ("cell_model", "HRCE vs VERO"),
+                        ("rxrx1", "RxRx1 4 cell types (zero-shot)")):
+      acc = _find(res, (task, "random", "balanced_accuracy"))
+      if isinstance(acc, (int, float)):
+        parts.append(f"{label} bal. acc {acc:.3f}")
+    hits = _find(res, ("truth", "hits_found"))
+    total = _find(res, ("truth", "true_hits"))
+    if hits is not None:
+      parts.append(f"planted rescuers recovered {hits}"
+                   + (f"/{total}" if total is not None else ""))
+    lines.append(f"{name}: " + (", ".join(parts) if parts else "see report"))
+  return lines
+
+
+def _find(tree: Any, keys) -> Any:
+  for k in keys:
+    if not isinstance(tree, dict) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
+def run_demo(workdir: str, size: int = 64, seed: int = 0,
+             config: Optional[ml_collections.ConfigDict] = None,
+             log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """Runs (or resumes) every stage; returns {'report': path, 'metrics': ...}."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config = config or demo_config()
+  res = int(config.model.resolution)
+  stages = _Stages(workdir, log)
+  raw = os.path.join(workdir, "raw")
+  shards = {d: os.path.join(workdir, "shards", d) for d in ("rxrx19a", "rxrx1")}
+  emb = os.path.join(workdir, "embeddings")
+  t_start = time.time()
+
+  def make_data():
+    roots = {d: synthetic.generate(raw, dataset=d, size=size, seed=seed)
+             for d in ("rxrx19a", "rxrx1")}
+    return {"roots": roots}
+  roots = stages.run("synthetic", make_data)["roots"]
+
+  def make_shards():
+    return {d: convert.convert(d, roots[d], shards[d], res,
+                               workers=max(1, (os.cpu_count() or 1)))
+            for d in ("rxrx19a", "rxrx1")}
+  stages.run("convert", make_shards)
+
+  config.data.path = os.path.join(shards["rxrx19a"], "*.tfrecord")
+  train_dir = os.path.join(workdir, "train")
+  stages.run("train", lambda: train.train_and_evaluate(config, train_dir))
+
+  def save_initial():
+    # The same initialization training started from (same seed): the
+    # baseline shows what training bought.
+    tr = Trainer(config, parallel.make_mesh())
+    state = jax.device_get(tr.init_state(config.seed))
+    path = checkpoint.save_model(
+        checkpoint.checkpoint_dir(os.path.join(workdir, "init")), 0,
+        state.model_variables(),
+        {"model": config.model.to_dict(), "step": 0, "kimg": 0.0,
+         "source": "gandl-demo (initialization)"})
+    return {"checkpoint": str(path)}
+  stages.run("init_checkpoint", save_initial)
+
+  def do_export():
+    out = {}
+    for tag, ckpt in (("trained", train_dir),
+                      ("init", os.path.join(workdir, "init"))):
+      for d in ("rxrx19a", "rxrx1"):
+        path = os.path.join(emb, f"{tag}_{d}.parquet")
+        out[f"{tag}_{d}"] = export.export_embeddings(
+            ckpt, os.path.join(shards[d], "*.tfrecord"), path,
+            batch=64).as_dict()
+    return out
+  stages.run("export", do_export)
+
+  report_dir = os.path.join(workdir, "report")
+
+  def do_evaluate():
+    from gandl_jax import evaluate  # pylint: disable=import-outside-toplevel
+    metrics = evaluate.evaluate(
+        os.path.join(emb, "trained_rxrx19a.parquet"), report_dir,
+        metadata=os.path.join(roots["rxrx19a"], "metadata.csv"),
+        name=TRAINED,
+        baseline=os.path.join(emb, "init_rxrx19a.parquet"),
+        baseline_name=BASELINE,
+        rxrx1_embeddings=os.path.join(emb, "trained_rxrx1.parquet"),
+        rxrx1_metadata=os.path.join(roots["rxrx1"], "metadata.csv"),
+        rxrx1_baseline=os.path.join(emb, "init_rxrx1.parquet"),
+        truth=os.path.join(roots["rxrx19a"], "synthetic_truth.csv"),
+        compounds=NAMED_COMPOUNDS, log=log)
+    return {"report": os.path.join(report_dir, "report.md"),
+            "headline": headline(metrics)}
+  summary = stages.run("evaluate", do_evaluate)
+  with open(os.path.join(report_dir, "metrics.json"), encoding="utf-8") as f:
+    metrics = json.load(f)
+  return {"report": os.path.join(report_dir, "report.md"),
+          "metrics": metrics, "headline": headline(metrics),
+          "seconds": round(time.time() - t_start, 1),
+          "stages": summary}
