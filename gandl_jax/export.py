@@ -18,9 +18,10 @@ group); `fmt="csv"` writes Recursion's layout (`site_id` + features).
 
 Minibatch stddev: D's features for a site depend weakly on the other sites of
 its minibatch-stddev group. Batches are fixed (B consecutive sites in shard
-order; groups formed over the whole global batch as `Model.embed` does), so
-the output is a deterministic function of checkpoint, shards, filter and B,
-independent of the number of devices or hosts.
+order, B / hosts from each host's files; groups formed over the whole global
+batch as `Model.embed` does), so the output is a deterministic function of
+checkpoint, shards, filter, B and the number of hosts, independent of the
+number of devices per host.
 
 Several hosts: each host writes its rows to `OUTPUT.part-{process_index}`;
 after a barrier process 0 merges them in global order into OUTPUT and removes
@@ -72,6 +73,7 @@ META_BATCHING = "gandl.batching"
 META_NUM_SITES = "gandl.num_sites"
 META_FEATURE_DIM = "gandl.feature_dim"
 META_COMPUTE_DTYPE = "gandl.compute_dtype"
+META_NUM_HOSTS = "gandl.num_hosts"
 
 # Keys of an eval_batches batch that are not metadata columns (`index`: the
 # site's row in sites.csv, the global order key; -1 for padding).
@@ -363,13 +365,16 @@ class Progress:
     self.start = time.monotonic()
     self._last = self.start
     self.done = 0
+    self._logged = -1
 
   def update(self, sites: int, force: bool = False) -> None:
     self.done += sites
     now = time.monotonic()
+    if force and self.done == self._logged:
+      return
     if not force and now - self._last < self.every_s:
       return
-    self._last = now
+    self._last, self._logged = now, self.done
     self.log(self.line(now))
 
   def line(self, now: Optional[float] = None) -> str:
@@ -435,10 +440,11 @@ def export_model(model: api.Model, data: str, output: str, *,
       META_FILTER: filter or "", META_BATCH: batch,
       META_MBSTD_GROUP: min(group, batch),
       META_MBSTD_CHANNELS: int(model.config.get("mbstd_num_channels", 1)),
-      META_COMPUTE_DTYPE: compute_dtype,
+      META_COMPUTE_DTYPE: compute_dtype, META_NUM_HOSTS: n_hosts,
       META_BATCHING: (
-          f"fixed batches of {batch} consecutive sites in shard order, the "
-          f"last padded; minibatch-stddev groups of {min(group, batch)} "
+          f"fixed batches of {batch} sites: {batch // n_hosts} consecutive "
+          f"sites in shard order from each of {n_hosts} host(s), the last "
+          f"padded; minibatch-stddev groups of {min(group, batch)} "
           f"strided over the whole batch (sample i in group i mod "
           f"{batch // min(group, batch)}), as Model.embed with "
           f"batch_size={batch}"),
@@ -536,6 +542,8 @@ def export_embeddings(checkpoint: str, data: str, output: str, *,
   if not checkpoint:
     raise ValueError("no checkpoint given (--workdir or --checkpoint)")
   fmt = output_format(output, fmt)
+  if not _is_remote(checkpoint):  # Orbax wants absolute paths
+    checkpoint = os.path.abspath(checkpoint)
   try:
     model = api.load(checkpoint, step, compute_dtype=compute_dtype)
   except FileNotFoundError as e:

@@ -285,3 +285,60 @@ def test_cli(env, tmp_path):
       cli.main(argv[:1])
   finally:
     flags.FLAGS.unparse_flags()
+
+
+_HOST = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid, workdir, shards, out, batch = sys.argv[1:]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2,
+                           process_id=int(pid))
+from gandl_jax import export
+s = export.export_embeddings(workdir, shards, out, batch=int(batch))
+print("SITES", s.num_sites)
+"""
+
+
+def test_two_hosts_write_parts_and_merge(env, tmp_path):
+  """Two real JAX processes (2 CPU devices each): every site once, in shard
+  order, features equal Model.embed on the global batches the two hosts
+  form together (each host's files; B/2 sites from each)."""
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  out = str(tmp_path / "emb.parquet")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  penv = dict(os.environ, PYTHONPATH=repo)
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _HOST, str(port), str(i), env["workdir"],
+       env["shards"], out, str(BATCH)], env=penv, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=240)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  assert "SITES 256" in logs[0]
+  t = pq.read_table(out)
+  assert t.schema.metadata[b"gandl.num_hosts"] == b"2"
+  assert t.column("site_id").to_pylist() == env["sites"]["site_id"].tolist()
+  assert export.ROW_COLUMN not in t.column_names
+  assert not _no_leftovers(tmp_path)
+  # Reference: the hosts' batches side by side, through Model.embed.
+  model = api.load(env["workdir"], batch_size=BATCH)
+  host = [pipeline.eval_host_batches(env["shards"], host_batch=BATCH // 2,
+                                     process_index=h, process_count=2)[0]
+          for h in range(2)]
+  feats, index = [], []
+  for b0, b1 in zip(*host):
+    images = np.concatenate([b0["image"], b1["image"]])
+    valid = np.concatenate([b0["valid"], b1["valid"]])
+    feats.append(model.embed(images)[valid])
+    index.append(np.concatenate([b0["index"], b1["index"]])[valid])
+  ref = np.concatenate(feats)[np.argsort(np.concatenate(index))]
+  np.testing.assert_allclose(_features(t), ref, rtol=1e-5, atol=1e-5)
+

@@ -60,7 +60,7 @@ def main(argv):
         step=FLAGS.step, filter=FLAGS.filter,
         compute_dtype=FLAGS.compute_dtype,
         progress_every_s=FLAGS.progress_every)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, RuntimeError) as e:
     print(f"gandl-export: error: {e}", file=sys.stderr)
     sys.exit(1)
   print(json.dumps(summary.as_dict()))
