@@ -35,9 +35,17 @@ MODEL_KEYS = ("G", "G_ema", "D")
 _READ_OPTIONS = ocp.CheckpointManagerOptions(create=False)
 
 
+def _path(p: PathLike) -> epath.Path:
+  """epath.Path; local paths made absolute (Orbax refuses relative ones)."""
+  s = os.fspath(p)
+  if "://" not in s:
+    s = os.path.abspath(s)
+  return epath.Path(s)
+
+
 def checkpoint_dir(workdir: PathLike) -> epath.Path:
   """WORKDIR/checkpoints (local path or gs://...)."""
-  return epath.Path(workdir) / CHECKPOINTS_SUBDIR
+  return _path(workdir) / CHECKPOINTS_SUBDIR
 
 
 def _check_model(model: Mapping[str, Any]) -> None:
@@ -78,7 +86,7 @@ def save_model(directory: PathLike, step: int, model: Mapping[str, Any],
   if "model" not in meta:
     raise ValueError("meta must hold the model config under 'model'")
   meta.setdefault("step", int(step))
-  directory = epath.Path(directory)
+  directory = _path(directory)
   with ocp.CheckpointManager(
       directory, item_names=(MODEL_ITEM, META_ITEM)) as mngr:
     if step in mngr.all_steps():
@@ -93,7 +101,7 @@ def save_model(directory: PathLike, step: int, model: Mapping[str, Any],
 def _resolve(path: PathLike) -> Tuple[epath.Path, Optional[int]]:
   """(checkpoints directory, step or None) for a workdir / checkpoints dir /
   step dir."""
-  path = epath.Path(path)
+  path = _path(path)
   if not path.exists():
     raise FileNotFoundError(f"checkpoint path {path} does not exist")
   if path.is_dir() and (path / CHECKPOINTS_SUBDIR).is_dir():

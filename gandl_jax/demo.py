@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 import jax
 import ml_collections
 
-from gandl_jax import checkpoint, defaults, export, parallel, train
+from gandl_jax import api, checkpoint, defaults, export, parallel, train
 from gandl_jax.data import convert, synthetic
 from gandl_jax.trainer import Trainer
 
@@ -147,11 +147,12 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
     out = {}
     for tag, ckpt in (("trained", train_dir),
                       ("init", os.path.join(workdir, "init"))):
+      model = api.load(ckpt)   # loaded and compiled once for both datasets
       for d in ("rxrx19a", "rxrx1"):
         path = os.path.join(emb, f"{tag}_{d}.parquet")
-        out[f"{tag}_{d}"] = export.export_embeddings(
-            ckpt, os.path.join(shards[d], "*.tfrecord"), path,
-            batch=64).as_dict()
+        out[f"{tag}_{d}"] = export.export_model(
+            model, os.path.join(shards[d], "*.tfrecord"), path, batch=64,
+            checkpoint=ckpt).as_dict()
     return out
   stages.run("export", do_export)
 

@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
-from absl import logging
 
 
 class NonFiniteError(FloatingPointError):
@@ -190,6 +189,6 @@ def average(history: List[Tuple[int, Mapping[str, Any]]]) -> Dict[str, float]:
 
 
 def log_info(message: str) -> None:
+  """A progress message on stdout, from process 0 only."""
   if jax.process_index() == 0:
-    logging.info("%s", message)
     print(message, flush=True)

@@ -171,3 +171,23 @@ def test_one_iteration_identical_on_1_and_8_devices():
   for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s8)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert int(s1.step) == 1 and float(s1.pl_mean) > 0
+
+
+def test_bfloat16_training_keeps_float32_state_and_compiles_once():
+  config = tiny_config(**{"compute_dtype": "bfloat16", "loss.r1_interval": 2,
+                          "loss.pl_interval": 2})
+  tr = trainer.Trainer(config, parallel.make_mesh(jax.devices()[:1]))
+  state = tr.init_state(0)
+  real = parallel.host_to_global(real_batch(), tr.mesh)
+  for step in range(4):   # every phase runs twice, with changing EMA betas
+    state, metrics = tr.train_step(state, real, step, step * 8)
+    for k, v in jax.device_get(metrics).items():
+      assert np.isfinite(v) and np.asarray(v).dtype == np.float32, k
+  leaves = jax.tree_util.tree_leaves((state.g_params, state.d_params,
+                                       state.ema_params, state.g_opt,
+                                       state.d_opt))
+  floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert len(floats) > 100 and all(x.dtype == jnp.float32 for x in floats)
+  # No recompilation after the first call of each phase.
+  assert sorted(tr._compiled) == ["d_main", "d_reg", "g_main", "g_reg"]
+  assert all(fn._cache_size() == 1 for fn in tr._compiled.values())

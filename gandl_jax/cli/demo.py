@@ -7,6 +7,7 @@ with DIR/report/report.md. Re-running reuses finished stages.
 """
 from absl import app, flags
 
+from gandl_jax import cli
 from gandl_jax import demo
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes.")
@@ -18,6 +19,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
   out = demo.run_demo(_WORKDIR.value, size=_SIZE.value, seed=_SEED.value)
   print("\n=== GAN-DL demo finished in "
         f"{out['seconds'] / 60:.1f} min ===")

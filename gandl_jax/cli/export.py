@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags
 
+from gandl_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint "
                     "unless --step).")
@@ -44,6 +46,7 @@ flags.DEFINE_float("progress_every", 30.0, "Seconds between progress lines.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  cli.quiet_library_logs()
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError("give exactly one of --workdir or --checkpoint")
   for name in ("data", "output"):

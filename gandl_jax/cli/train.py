@@ -8,6 +8,7 @@ Re-running the same command resumes from DIR's latest checkpoint.
 from absl import app, flags
 from ml_collections import config_flags
 
+from gandl_jax import cli
 from gandl_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,6 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
   summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                      max_steps=_MAX_STEPS.value)
   print(f"Training {summary['reason']} at step {summary['step']} "
