@@ -467,15 +467,15 @@ def parse_train_status(stdout: str) -> str:
 
 # ------------------------------------------------- export and evaluation ---
 
-def export_commands(args, local_output: str) -> List[List[str]]:
-  """gandl-export on all workers (JAX spans the slice), upload from worker 0."""
-  export = (f"mkdir -p {home(REMOTE_OUT)} && cd {home(REMOTE_SRC)} && "
+def export_commands(args) -> List[List[str]]:
+  """gandl-export on all workers (JAX spans the slice). The output is on GCS,
+  which every worker sees: each host writes OUTPUT.part-N there and worker 0
+  merges them into OUTPUT."""
+  export = (f"cd {home(REMOTE_SRC)} && "
             f"{home(REMOTE_VENV)}/bin/gandl-export "
-            + shlex.join(["--workdir", args.workdir, "--data", args.data])
-            + f" --output {local_output}")
-  upload = (f"gcloud storage cp {local_output} "
-            f"{shlex.quote(args.output)}")
-  return [ssh_command(args, export), ssh_command(args, upload, worker="0")]
+            + shlex.join(["--workdir", args.workdir, "--data", args.data,
+                          "--output", args.output]))
+  return [ssh_command(args, export)]
 
 
 def evaluate_commands(args, local_embeddings: str,

@@ -68,9 +68,9 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
     parser.error(f"--output: expected a .parquet file, got {args.output!r}")
   cmds = []
   if export:
-    cmds += tc.export_commands(args, LOCAL_EMBEDDINGS)
+    cmds += tc.export_commands(args)
   if evaluate:
-    cmds += tc.evaluate_commands(args, LOCAL_EMBEDDINGS, download=not export)
+    cmds += tc.evaluate_commands(args, LOCAL_EMBEDDINGS, download=True)
   runner = runner_lib.Runner(args.dry_run, out=out)
   try:
     for cmd in cmds:

@@ -395,18 +395,18 @@ def test_export_and_evaluate_commands():
   lines = dry(tpu_export_evaluate.main, [
       "--name", "gandl", "--bucket", BUCKET, "--metadata",
       "gs://my-bucket/rxrx19a/metadata.csv"])
-  assert len(lines) == 3
+  assert len(lines) == 2
   assert flag(lines[0], "worker") == ["--worker=all"]
+  # Every host writes its part straight to GCS; worker 0 merges.
   assert remote_script(lines[0]) == (
-      'mkdir -p "$HOME"/gandl-out && cd "$HOME"/gandl-jax && '
+      'cd "$HOME"/gandl-jax && '
       f'"$HOME"/gandl-venv/bin/gandl-export --workdir {WORKDIR} '
-      f"--data '{DATA}' --output \"$HOME\"/gandl-out/embeddings.parquet")
+      f"--data '{DATA}' --output {WORKDIR}/export/embeddings.parquet")
   assert flag(lines[1], "worker") == ["--worker=0"]
-  assert remote_script(lines[1]) == (
-      'gcloud storage cp "$HOME"/gandl-out/embeddings.parquet '
-      f"{WORKDIR}/export/embeddings.parquet")
-  assert flag(lines[2], "worker") == ["--worker=0"]
-  evaluate = remote_script(lines[2])
+  evaluate = remote_script(lines[1])
+  assert evaluate.startswith(
+      'mkdir -p "$HOME"/gandl-out && gcloud storage cp '
+      f'{WORKDIR}/export/embeddings.parquet "$HOME"/gandl-out/embeddings.parquet')
   assert ("gcloud storage cp gs://my-bucket/rxrx19a/metadata.csv "
           '"$HOME"/gandl-out/metadata.csv') in evaluate
   assert ('"$HOME"/gandl-venv/bin/gandl-evaluate --embeddings '
@@ -436,8 +436,8 @@ def test_export_alone_needs_no_metadata():
   lines = dry(tpu_export_evaluate.main, [
       "--name", "gandl", "--bucket", BUCKET, "--stage", "export",
       "--output", "gs://b2/e.parquet"])
-  assert len(lines) == 2
-  assert remote_script(lines[1]).endswith(" gs://b2/e.parquet")
+  assert len(lines) == 1
+  assert remote_script(lines[0]).endswith(" --output gs://b2/e.parquet")
 
 
 @pytest.mark.parametrize("argv,message", [
