@@ -8,6 +8,7 @@ HERE = pathlib.Path(__file__).parent
 # TensorFlow serves only tf.data. The CPU build keeps it off TPUs/GPUs and is
 # much smaller; it exists for Linux x86_64 (Cloud TPU VMs, most GPU boxes).
 _TF_CPU = 'sys_platform == "linux" and platform_machine == "x86_64"'
+_TF_FULL = 'sys_platform != "linux" or platform_machine != "x86_64"'
 
 setup(
     name="gandl-jax",
@@ -25,7 +26,7 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         f"tensorflow-cpu>=2.16; {_TF_CPU}",
-        f"tensorflow>=2.16; not ({_TF_CPU})",
+        f"tensorflow>=2.16; {_TF_FULL}",
         "tensorflow-datasets>=4.9.6",
         "ml-collections>=0.1.1",
         "numpy>=1.26",
