@@ -35,16 +35,10 @@ ATOL = 1e-4
 RTOL = 1e-4
 
 # Known differences between our networks and the reference, per fixture and
-# check. parity_16_clamp: the reference's resnet D `skip` layer (a 1x1
-# Conv2dLayer without bias) is built without conv_clamp, ours clamps its
-# output at conv_clamp * sqrt(0.5); D outputs differ whenever conv_clamp is
-# set. Delete the entry once gandl_jax/networks.py stops clamping the skip.
-KNOWN_MISMATCHES = {
-    ("parity_16_clamp.npz", "d"): "D skip layer is clamped in ours, not in "
-                                  "the reference",
-    ("parity_16_clamp.npz", "r1"): "D skip layer is clamped in ours, not in "
-                                   "the reference",
-}
+# check: {(fixture file, check): reason}. Such a check xfails while the
+# difference persists and fails loudly once it is gone. (The last one, a
+# clamped D skip branch, was fixed in gandl_jax/networks.py.)
+KNOWN_MISMATCHES = {}
 
 
 def _load_importer():
