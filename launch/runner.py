@@ -97,3 +97,18 @@ class Runner:
       self._echo(f"sleep {int(seconds)}")
     else:
       self._sleep(seconds)
+
+
+def run_all(cmds: Sequence[Sequence[str]], dry_run: bool,
+            out: Optional[TextIO] = None) -> int:
+  """Runs (or, with dry_run, prints) `cmds` in order; stops at the first
+  failure with its message on stderr and returns its exit status (0 if all
+  succeed)."""
+  runner = Runner(dry_run, out=out)
+  try:
+    for cmd in cmds:
+      runner.run(cmd)
+  except CommandError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return e.returncode
+  return 0

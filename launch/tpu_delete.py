@@ -27,14 +27,7 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   tc.check_args(parser, args)
-  runner = runner_lib.Runner(args.dry_run, out=out)
-  try:
-    for cmd in tc.delete_commands(args):
-      runner.run(cmd)
-  except runner_lib.CommandError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return e.returncode
-  return 0
+  return runner_lib.run_all(tc.delete_commands(args), args.dry_run, out=out)
 
 
 if __name__ == "__main__":

@@ -71,14 +71,7 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
     cmds += tc.export_commands(args)
   if evaluate:
     cmds += tc.evaluate_commands(args, LOCAL_EMBEDDINGS, download=True)
-  runner = runner_lib.Runner(args.dry_run, out=out)
-  try:
-    for cmd in cmds:
-      runner.run(cmd)
-  except runner_lib.CommandError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return e.returncode
-  return 0
+  return runner_lib.run_all(cmds, args.dry_run, out=out)
 
 
 if __name__ == "__main__":

@@ -72,14 +72,7 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
                    f"got {args.worker!r}")
     if args.lines < 1:
       parser.error(f"--lines: expected a positive count, got {args.lines}")
-  runner = runner_lib.Runner(args.dry_run, out=out)
-  try:
-    for cmd in commands(args):
-      runner.run(cmd)
-  except runner_lib.CommandError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return e.returncode
-  return 0
+  return runner_lib.run_all(commands(args), args.dry_run, out=out)
 
 
 if __name__ == "__main__":
