@@ -4,23 +4,16 @@ finished stages."""
 import json
 import os
 
-from gandl_jax import demo, defaults
+from gandl_jax import demo
+from tiny import tiny_config
 
 
 def tiny_demo_config():
-  config = defaults.base_config()
-  config.model = defaults.model_config(
-      resolution=8, z_dim=16, w_dim=16, channel_base=64, channel_max=16,
-      mbstd_group_size=2)
-  config.batch_size = 16           # 8 simulated devices x 2
-  config.total_kimg = 0.032
-  config.checkpoint_every_kimg = 0.032
-  config.log_every_kimg = 0.016
-  config.image_grid_every_kimg = 0.032
-  config.image_grid_size = 2
-  config.data.shuffle_buffer = 64
-  config.ema.half_life_kimg = 0.01
-  return config
+  return tiny_config(**{"batch_size": 16,   # 8 simulated devices x 2
+                        "checkpoint_every_kimg": 0.032,
+                        "log_every_kimg": 0.016,
+                        "image_grid_every_kimg": 0.032,
+                        "data.shuffle_buffer": 64})
 
 
 def test_demo_runs_every_stage_and_reuses_them(tmp_path):

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from gandl_jax import checkpoint, defaults, parallel, train
+import tiny
+from gandl_jax import checkpoint, parallel, train
 from gandl_jax.data import convert, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,28 +34,9 @@ def shards(tmp_path_factory):
 
 
 def tiny_config(path, **overrides):
-  config = defaults.base_config()
-  config.model = defaults.model_config(
-      resolution=8, z_dim=16, w_dim=16, channel_base=64, channel_max=16,
-      mbstd_group_size=2)
-  config.data.path = path
-  config.data.shuffle_buffer = 16
-  config.batch_size = 8
-  config.total_kimg = 0.032          # 4 iterations
-  config.checkpoint_every_kimg = 0.016
-  config.log_every_kimg = 0.008
-  config.image_grid_every_kimg = 0.016
-  config.image_grid_size = 2
-  config.loss.r1_interval = 2
-  config.loss.pl_interval = 2
-  config.ema.half_life_kimg = 0.01
-  for k, v in overrides.items():
-    node = config
-    *path_, last = k.split(".")
-    for p in path_:
-      node = node[p]
-    node[last] = v
-  return config
+  """tests/tiny.py's config with every regularizer twice in 4 iterations."""
+  return tiny.tiny_config(path, **{"loss.r1_interval": 2,
+                                   "loss.pl_interval": 2, **overrides})
 
 
 def _leaves(workdir, step=None):
@@ -227,16 +209,7 @@ def test_demo_config_short_run(shards, tmp_path):
     ({"model.resolution": 16}, "has resolution 8 but"),
 ])
 def test_config_errors_before_compilation(shards, tmp_path, override, message):
-  config = tiny_config(shards[8])
-  for k, v in override.items():
-    if k == "foo":
-      config.foo = v
-    else:
-      node = config
-      *p, last = k.split(".")
-      for q in p:
-        node = node[q]
-      node[last] = v
+  config = tiny_config(shards[8], **override)
   with pytest.raises(ValueError, match=message):
     devices = jax.devices() if "batch_size" in override else jax.devices()[:1]
     train.train_and_evaluate(config, str(tmp_path),

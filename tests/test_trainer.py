@@ -8,24 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from gandl_jax import defaults, losses, parallel, trainer
-
-
-def tiny_config(**overrides):
-  config = defaults.base_config()
-  config.model = defaults.model_config(
-      resolution=8, z_dim=16, w_dim=16, channel_base=64, channel_max=16,
-      mbstd_group_size=2)
-  config.batch_size = 8
-  config.loss.r1_gamma = 1.0
-  config.ema.half_life_kimg = 0.01
-  for k, v in overrides.items():
-    node = config
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return config
+from gandl_jax import losses, parallel, trainer
+from tiny import tiny_config
 
 
 def real_batch(n=8, res=8, seed=0):

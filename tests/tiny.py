@@ -1,0 +1,32 @@
+"""The tiny GAN-DL config the tests share: 8x8 images, 16 feature maps."""
+from gandl_jax import defaults
+
+
+def override(config, overrides):
+  """Sets dotted keys, e.g. {'loss.r1_gamma': 2.0}; returns `config`."""
+  for key, value in overrides.items():
+    *parents, last = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+def tiny_config(path: str = "", **overrides):
+  """Batch 8; 4 iterations (0.032 kimg), checkpoints every 2, logs every 1."""
+  config = defaults.base_config()
+  config.model = defaults.model_config(
+      resolution=8, z_dim=16, w_dim=16, channel_base=64, channel_max=16,
+      mbstd_group_size=2)
+  config.data.path = path
+  config.data.shuffle_buffer = 16
+  config.batch_size = 8
+  config.total_kimg = 0.032
+  config.checkpoint_every_kimg = 0.016
+  config.log_every_kimg = 0.008
+  config.image_grid_every_kimg = 0.016
+  config.image_grid_size = 2
+  config.loss.r1_gamma = 1.0
+  config.ema.half_life_kimg = 0.01
+  return override(config, overrides)
