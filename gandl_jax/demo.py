@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import ml_collections
+from jax.sharding import Mesh
 
 from gandl_jax import api, checkpoint, defaults, export, parallel, train
 from gandl_jax.data import convert, synthetic
@@ -102,11 +103,15 @@ def _find(tree: Any, keys) -> Any:
 
 def run_demo(workdir: str, size: int = 64, seed: int = 0,
              config: Optional[ml_collections.ConfigDict] = None,
-             log: Callable[[str], None] = print) -> Dict[str, Any]:
-  """Runs (or resumes) every stage; returns {'report': path, 'metrics': ...}."""
+             log: Callable[[str], None] = print,
+             mesh: Optional[Mesh] = None) -> Dict[str, Any]:
+  """Runs (or resumes) every stage; returns {'report': path, 'metrics': ...}.
+
+  `mesh` defaults to all devices (training and export)."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = config or demo_config()
+  mesh = mesh or parallel.make_mesh()
   res = int(config.model.resolution)
   stages = _Stages(workdir, log)
   raw = os.path.join(workdir, "raw")
@@ -128,12 +133,13 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
 
   config.data.path = os.path.join(shards["rxrx19a"], "*.tfrecord")
   train_dir = os.path.join(workdir, "train")
-  stages.run("train", lambda: train.train_and_evaluate(config, train_dir))
+  stages.run("train", lambda: train.train_and_evaluate(config, train_dir,
+                                                       mesh=mesh))
 
   def save_initial():
     # The same initialization training started from (same seed): the
     # baseline shows what training bought.
-    tr = Trainer(config, parallel.make_mesh())
+    tr = Trainer(config, mesh)
     state = jax.device_get(tr.init_state(config.seed))
     path = checkpoint.save_model(
         checkpoint.checkpoint_dir(os.path.join(workdir, "init")), 0,
@@ -152,7 +158,7 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
         path = os.path.join(emb, f"{tag}_{d}.parquet")
         out[f"{tag}_{d}"] = export.export_model(
             model, os.path.join(shards[d], "*.tfrecord"), path, batch=64,
-            checkpoint=ckpt).as_dict()
+            checkpoint=ckpt, mesh=mesh).as_dict()
     return out
   stages.run("export", do_export)
 

@@ -4,22 +4,23 @@ finished stages."""
 import json
 import os
 
-from gandl_jax import demo
+import jax
+
+from gandl_jax import demo, parallel
 from tiny import tiny_config
 
 
 def tiny_demo_config():
-  return tiny_config(**{"batch_size": 16,   # 8 simulated devices x 2
-                        "checkpoint_every_kimg": 0.032,
-                        "log_every_kimg": 0.016,
-                        "image_grid_every_kimg": 0.032,
+  # test_train.py's programs (XLA's persistent cache compiles them once).
+  return tiny_config(**{"loss.r1_interval": 2, "loss.pl_interval": 2,
                         "data.shuffle_buffer": 64})
 
 
 def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   lines = []
+  mesh = parallel.make_mesh(jax.devices()[:1])
   out = demo.run_demo(str(tmp_path), size=32, config=tiny_demo_config(),
-                      log=lines.append)
+                      log=lines.append, mesh=mesh)
   report = tmp_path / "report" / "report.md"
   assert out["report"] == str(report) and report.exists()
   metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
@@ -42,7 +43,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   # Second run: every stage is reused.
   lines.clear()
   demo.run_demo(str(tmp_path), size=32, config=tiny_demo_config(),
-                log=lines.append)
+                log=lines.append, mesh=mesh)
   reused = [l for l in lines if "already done" in l]
   assert len(reused) == 6, lines
   assert os.path.exists(tmp_path / "stages" / "train.done")
