@@ -415,3 +415,22 @@ def test_sharded_embed_matches_embed(model, ref):
   fn = model.sharded_embed_fn(mesh)
   x = jax.device_put(u8, parallel.data_sharded(mesh))
   np.testing.assert_allclose(np.asarray(fn(x)), model.embed(u8), atol=1e-5)
+
+
+def test_generate_cli(workdir, model, tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  out = tmp_path / "s.npz"
+  r = subprocess.run(
+      [sys.executable, "-m", "gandl_jax.cli.generate", "--checkpoint",
+       workdir, "--seeds", "3-4,9", "--truncation_psi", "0.5", "--out",
+       str(out)], capture_output=True, text=True, env=env, timeout=300,
+      check=False)
+  assert r.returncode == 0, r.stderr[-2000:]
+  with np.load(out) as z:
+    np.testing.assert_array_equal(
+        z["images"], model.generate(seeds=[3, 4, 9], truncation_psi=0.5))
+  r = subprocess.run(
+      [sys.executable, "-m", "gandl_jax.cli.generate", "--checkpoint",
+       workdir, "--seeds", "a", "--out", str(out)], capture_output=True,
+      text=True, env=env, timeout=300, check=False)
+  assert r.returncode != 0 and "cannot parse 'a'" in r.stderr

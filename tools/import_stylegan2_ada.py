@@ -126,13 +126,15 @@ def load_pickle(path: str) -> Tuple[Dict[str, StateDict], Dict[str, Any]]:
         + (f" with keys {sorted(data)}" if isinstance(data, dict) else "")
         + " (TensorFlow stylegan2 pickles must first be converted with the "
         "reference's legacy.py)")
-  missing = [k for k in ("G", "D", "G_ema") if k not in data]
-  if "D" in missing:
+  if "D" not in data:
     raise ImportErrorWithKeys(f"{path}: the pickle has no 'D' (keys "
                               f"{sorted(data)}); GAN-DL needs the "
                               "discriminator")
   sds = {k: _to_numpy(data[k].state_dict()) for k in ("G", "D", "G_ema")
          if k in data}
+  if "G" not in sds:
+    logging.warning("%s has no 'G': using G_ema's weights for G", path)
+    sds["G"] = sds["G_ema"]
   hints = _module_hints(data.get("G_ema", data.get("G")), data["D"])
   return sds, hints
 

@@ -66,14 +66,20 @@ def main(argv):
     raise app.UsageError("--checkpoint is required")
   if not FLAGS.out:
     raise app.UsageError("--out is required (.png or .npz)")
-  seeds = parse_seeds(FLAGS.seeds)
-  model = api.load(FLAGS.checkpoint, FLAGS.step,
-                   compute_dtype=FLAGS.compute_dtype,
-                   batch_size=FLAGS.batch_size)
-  summary = api.save_samples(
-      model, FLAGS.out, seeds, truncation_psi=FLAGS.truncation_psi,
-      noise_mode=FLAGS.noise_mode, noise_seed=FLAGS.noise_seed,
-      view=FLAGS.view, cols=FLAGS.cols)
+  try:
+    seeds = parse_seeds(FLAGS.seeds)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  try:
+    model = api.load(FLAGS.checkpoint, FLAGS.step,
+                     compute_dtype=FLAGS.compute_dtype,
+                     batch_size=FLAGS.batch_size)
+    summary = api.save_samples(
+        model, FLAGS.out, seeds, truncation_psi=FLAGS.truncation_psi,
+        noise_mode=FLAGS.noise_mode, noise_seed=FLAGS.noise_seed,
+        view=FLAGS.view, cols=FLAGS.cols)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"gandl-generate: {e}") from e
   print(json.dumps(summary))
 
 
