@@ -114,8 +114,11 @@ def _resolve(path: PathLike) -> Tuple[epath.Path, Optional[int]]:
 def _reader(directory: epath.Path) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       directory, options=_READ_OPTIONS,
+      # `train` is registered (never restored here) so that Orbax does not
+      # warn about an item it has no handler for.
       item_handlers={MODEL_ITEM: ocp.StandardCheckpointHandler(),
-                     META_ITEM: ocp.JsonCheckpointHandler()})
+                     META_ITEM: ocp.JsonCheckpointHandler(),
+                     TRAIN_ITEM: ocp.StandardCheckpointHandler()})
 
 
 def _restore_step(mngr: ocp.CheckpointManager, step: int
