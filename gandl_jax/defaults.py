@@ -30,7 +30,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       channel_max=512,
       mbstd_group_size=4,
       mbstd_num_channels=1,
-      conv_clamp=config_dict.placeholder(float),  # None: no clamping
+      conv_clamp=config_dict.FieldReference(None, field_type=float),  # None: no clamping
   ))
   cfg.update(overrides)
   return cfg
@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.ema = ml_collections.ConfigDict(dict(
       half_life_kimg=20.0,
-      rampup=config_dict.placeholder(float),  # e.g. 0.05; None: no ramp-up
+      rampup=config_dict.FieldReference(None, field_type=float),  # e.g. 0.05; None: no ramp-up
   ))
   return config
 

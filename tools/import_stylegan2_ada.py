@@ -1,7 +1,7 @@
 r"""Imports stylegan2-ada-pytorch networks into a gandl-jax checkpoint.
 
 Inputs (pick one):
-  --pkl network-snapshot-XXXXXX.pkl   a training pickle ({'G', 'D', 'G_ema',
+  --pkl network-snapshot-NNNNNN.pkl   a training pickle ({'G', 'D', 'G_ema',
         ...}); unpickling needs PyTorch and the user's checkout of
         https://github.com/NVlabs/stylegan2-ada-pytorch on PYTHONPATH (its
         `torch_utils` and `dnnlib` packages).
