@@ -215,3 +215,20 @@ def test_config_errors_before_compilation(shards, tmp_path, override, message):
     train.train_and_evaluate(config, str(tmp_path),
                              mesh=parallel.make_mesh(devices))
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path):
+  cfg = tmp_path / "bad.py"
+  cfg.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+      "from tiny import tiny_config\n"
+      "def get_config(arg=''):\n"
+      "  return tiny_config('/nonexistent/*.tfrecord')\n")
+  out = subprocess.run(
+      _train_cmd(cfg, tmp_path / "w", "--config.model.resolution=48"),
+      env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, capture_output=True,
+      text=True, timeout=300)
+  assert out.returncode == 1
+  assert "gandl-train: error: invalid config" in out.stderr
+  assert "power of two" in out.stderr and "Traceback" not in out.stderr

@@ -1,5 +1,6 @@
 """Thin absl entry points: each parses flags and calls one library function."""
 import logging as _std_logging
+import sys as _sys
 
 
 class _DropLibraryInfo(_std_logging.Filter):
@@ -17,3 +18,15 @@ def quiet_library_logs() -> None:
   logger = _std_logging.getLogger("absl")
   if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
     logger.addFilter(_DropLibraryInfo())
+
+
+# Errors a user can fix (bad config, missing or mismatched data, unreadable
+# files): one clear line instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError,
+               FloatingPointError)
+
+
+def fail(program: str, error: BaseException, status: int = 1) -> None:
+  """Prints `program: error: ...` to stderr and exits with `status`."""
+  print(f"{program}: error: {error}", file=_sys.stderr)
+  raise SystemExit(status)

@@ -20,7 +20,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
-  out = demo.run_demo(_WORKDIR.value, size=_SIZE.value, seed=_SEED.value)
+  try:
+    out = demo.run_demo(_WORKDIR.value, size=_SIZE.value, seed=_SEED.value)
+  except cli.USER_ERRORS as e:
+    cli.fail("gandl-demo", e)
   print("\n=== GAN-DL demo finished in "
         f"{out['seconds'] / 60:.1f} min ===")
   for line in out["headline"]:

@@ -25,8 +25,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
-  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                     max_steps=_MAX_STEPS.value)
+  try:
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                       max_steps=_MAX_STEPS.value)
+  except cli.USER_ERRORS as e:
+    cli.fail("gandl-train", e)
   print(f"Training {summary['reason']} at step {summary['step']} "
         f"({summary['kimg']:.3f} kimg); workdir {summary['workdir']}")
   if summary["reason"] == "preempted":
