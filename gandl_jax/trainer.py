@@ -12,7 +12,6 @@ c = interval / (interval + 1), shared by its main and reg phases.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, Tuple
 
 import flax

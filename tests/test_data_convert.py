@@ -1,7 +1,5 @@
 """gandl-convert: round trip, bad inputs, refusal, resume, determinism, TFDS."""
 import csv
-import io
-import json
 import os
 import shutil
 

@@ -1,11 +1,9 @@
 """Input pipeline: per-host coverage, filters, resume, global arrays, errors."""
-import json
 import os
 import shutil
 
 import jax
 import numpy as np
-import pandas as pd
 import pytest
 
 from gandl_jax import parallel
