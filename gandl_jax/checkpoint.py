@@ -60,14 +60,14 @@ def _check_model(model: Mapping[str, Any]) -> None:
     raise ValueError(f"model['D'] must have 'params', got {sorted(model['D'])}")
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
   """Plain JSON types (ConfigDicts, numpy scalars and tuples converted)."""
   if hasattr(x, "to_dict"):
     x = x.to_dict()
   if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, np.generic):
     return x.item()
   return x
@@ -82,7 +82,7 @@ def save_model(directory: PathLike, step: int, model: Mapping[str, Any],
   interrupted save never looks like a checkpoint. Returns the step directory.
   """
   _check_model(model)
-  meta = _jsonable(dict(meta))
+  meta = jsonable(dict(meta))
   if "model" not in meta:
     raise ValueError("meta must hold the model config under 'model'")
   meta.setdefault("step", int(step))

@@ -99,7 +99,7 @@ class TrainCheckpointer:
   def save(self, step: int, state: TrainState, meta: Dict[str, Any],
            force: bool = False) -> bool:
     model, train = _split(state)
-    meta = checkpoint._jsonable(dict(meta))  # pylint: disable=protected-access
+    meta = checkpoint.jsonable(dict(meta))
     meta["step"] = int(step)
     saved = self.manager.save(int(step), force=force, args=ocp.args.Composite(**{
         checkpoint.MODEL_ITEM: ocp.args.StandardSave(model),

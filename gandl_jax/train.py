@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from gandl_jax import api, composite, defaults, monitor, parallel
 from gandl_jax.data import pipeline
 from gandl_jax.resume import TrainCheckpointer
-from gandl_jax.trainer import Trainer, TrainState
+from gandl_jax.trainer import Trainer
 
 
 def _steps(kimg: float, batch: int) -> int:
@@ -51,30 +51,6 @@ def _write_grid(writer, trainer, sample, state, z, step, cols):
       sample(state.ema_params, state.ema_buffers, z)))
   writer.write_image(step, "fakes", composite.grid(composite.to_rgb(images),
                                                    cols=cols))
-
-
-def _flops_per_iteration(trainer: Trainer, state: TrainState, real, beta
-                         ) -> Optional[float]:
-  """Amortized FLOPs of one iteration (XLA cost analysis of each phase)."""
-  l = trainer.config.loss
-  args = {"g_main": (state,), "g_reg": (state,), "d_main": (state, real, beta),
-          "d_reg": (state, real)}
-  weights = {"g_main": 1.0, "d_main": 1.0,
-             "g_reg": 1.0 / l.pl_interval if l.pl_weight > 0 else 0.0,
-             "d_reg": 1.0 / l.r1_interval if l.r1_gamma > 0 else 0.0}
-  total = 0.0
-  for name, w in weights.items():
-    if w == 0:
-      continue
-    try:
-      lowered = trainer.compiled(name, state).lower(*args[name])
-      flops = monitor.compiled_flops(lowered)
-    except Exception:  # pylint: disable=broad-except
-      flops = None
-    if flops is None:
-      return None
-    total += w * flops
-  return total
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -156,8 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       stop = ckpt.should_stop(step)
       save = step % ckpt_every == 0 or step == end_step or stop
       if flops_per_iter is None and step == 1:
-        beta = jax.device_put(jnp.float32(0.9), parallel.replicated(mesh))
-        flops_per_iter = _flops_per_iteration(trainer, state, real, beta) or 0.0
+        flops_per_iter = trainer.flops_per_iteration(state, real) or 0.0
       if step % log_every == 0 or save:
         host = jax.device_get(history)
         monitor.check_finite(host)   # before anything is saved

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from gandl_jax import losses, networks, parallel
+from gandl_jax import losses, monitor, networks, parallel
 
 Array = jax.Array
 Metrics = Dict[str, Array]
@@ -238,6 +238,30 @@ class Trainer:
           fn, in_shardings=(st,) + extra, out_shardings=(st, self._repl),
           donate_argnums=(0,))
     return self._compiled[name]
+
+  def flops_per_iteration(self, state: TrainState, real: Array):
+    """Amortized FLOPs of one iteration from XLA's cost analysis of each
+    phase (regularizers weighted by 1/interval), or None where the backend
+    does not report them. Lowers the phases; compiles nothing new."""
+    l = self.config.loss
+    beta = jax.device_put(jnp.float32(0.5), self._repl)
+    phases = (("g_main", 1.0, (state,)), ("d_main", 1.0, (state, real, beta)),
+              ("g_reg", 1.0 / l.pl_interval if l.pl_weight > 0 else 0.0,
+               (state,)),
+              ("d_reg", 1.0 / l.r1_interval if l.r1_gamma > 0 else 0.0,
+               (state, real)))
+    total = 0.0
+    for name, weight, args in phases:
+      if weight == 0:
+        continue
+      try:
+        flops = monitor.compiled_flops(self.compiled(name, state).lower(*args))
+      except Exception:  # pylint: disable=broad-except
+        flops = None
+      if flops is None:
+        return None
+      total += weight * flops
+    return total
 
   def phases_for_step(self, step: int) -> Tuple[str, ...]:
     """Which phases run at iteration `step` (regularizers at step 0, k*interval)."""

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from gandl_jax import defaults, losses, monitor, parallel
+from gandl_jax import defaults, monitor, parallel
 from gandl_jax.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -71,15 +71,7 @@ def main(argv):
   dt = time.time() - t0
 
   img_s = _ITERS.value * b / dt
-  beta = jax.device_put(jnp.float32(losses.ema_beta(b, 0, 10.0)),
-                        parallel.replicated(mesh))
-  flops = 0.0
-  for name, weight, args in (
-      ("g_main", 1.0, (state,)), ("d_main", 1.0, (state, real, beta)),
-      ("g_reg", 1.0 / config.loss.pl_interval, (state,)),
-      ("d_reg", 1.0 / config.loss.r1_interval, (state, real))):
-    f = monitor.compiled_flops(tr.compiled(name, state).lower(*args))
-    flops = None if (f is None or flops is None) else flops + weight * f
+  flops = tr.flops_per_iteration(state, real)
   result = {
       "device": jax.devices()[0].device_kind, "num_devices": n_dev,
       "resolution": r, "batch": b, "compute_dtype": config.compute_dtype,
