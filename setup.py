@@ -41,7 +41,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        # Only tools/import_stylegan2_ada.py needs torch; nothing else imports it.
+        # Only gandl-import (gandl_jax/interop) needs torch; nothing else imports it.
         "import": ["torch>=2.0"],
     },
     entry_points={
@@ -53,6 +53,7 @@ setup(
             "gandl-export=gandl_jax.cli.export:run",
             "gandl-evaluate=gandl_jax.cli.evaluate:run",
             "gandl-generate=gandl_jax.cli.generate:run",
+            "gandl-import=gandl_jax.cli.import_weights:run",
         ],
     },
 )

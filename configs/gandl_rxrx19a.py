@@ -18,7 +18,7 @@ Debug the same config on a laptop CPU (tiny batch, few steps):
 """
 import ml_collections
 
-from gandl_jax import defaults
+from gandl_jax import config as config_lib
 
 # resolution -> (channel_base, batch, mbstd_group, lr, r1_gamma, ema_kimg)
 PRESETS = {
@@ -36,8 +36,8 @@ def get_config(arg: str = "256") -> ml_collections.ConfigDict:
                      f"{resolution}")
   channel_base, batch, mbstd_group, lr, gamma, ema_kimg = PRESETS[resolution]
 
-  config = defaults.base_config()
-  config.model = defaults.model_config(
+  config = config_lib.base_config()
+  config.model = config_lib.model_config(
       resolution=resolution, channel_base=channel_base,
       mbstd_group_size=mbstd_group)
   config.compute_dtype = "bfloat16"    # parameters and optimizer stay float32

@@ -1,6 +1,6 @@
 """Model checkpoints: Orbax, one directory per step.
 
-Layout (shared by training and `tools/import_stylegan2_ada.py`):
+Layout (shared by training and `gandl-import`):
 
   WORKDIR/checkpoints/<step>/model   {'G': {'params', 'buffers'},
                                       'G_ema': {'params', 'buffers'},
@@ -16,14 +16,16 @@ come back on the first local device).
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import jax
 import numpy as np
+from absl import logging
 import orbax.checkpoint as ocp
 from etils import epath
+
+from gandl_jax import io as gio
 
 PathLike = Union[str, os.PathLike, epath.Path]
 
@@ -37,10 +39,7 @@ _READ_OPTIONS = ocp.CheckpointManagerOptions(create=False)
 
 def _path(p: PathLike) -> epath.Path:
   """epath.Path; local paths made absolute (Orbax refuses relative ones)."""
-  s = os.fspath(p)
-  if "://" not in s:
-    s = os.path.abspath(s)
-  return epath.Path(s)
+  return epath.Path(gio.absolute(os.fspath(p)))
 
 
 def checkpoint_dir(workdir: PathLike) -> epath.Path:
@@ -169,7 +168,7 @@ def restore_model(path: PathLike, step: Optional[int] = None
       raise FileNotFoundError(
           f"no checkpoints found in {directory} (expected step directories "
           f"'<step>/{MODEL_ITEM}' written by gandl-train or "
-          f"tools/import_stylegan2_ada.py)")
+          f"gandl-import)")
     if explicit is not None:
       if explicit not in steps:
         raise FileNotFoundError(f"step {explicit} not found in {directory}; "

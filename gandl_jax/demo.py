@@ -18,9 +18,17 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from gandl_jax import api, checkpoint, defaults, export, parallel, train
+from absl import logging
+
+from gandl_jax import checkpoint
+from gandl_jax import config as config_lib
 from gandl_jax.data import convert, synthetic
-from gandl_jax.trainer import Trainer
+from gandl_jax.inference import api
+from gandl_jax.inference import export
+from gandl_jax import io as gio
+from gandl_jax import sharding
+from gandl_jax.train import loop as train_loop
+from gandl_jax.train.steps import Trainer
 
 NAMED_COMPOUNDS = ("Remdesivir (GS-5734)", "GS-441524")
 TRAINED = "GAN-DL (trained D)"
@@ -30,8 +38,8 @@ BASELINE = "untrained D (random init)"
 def demo_config() -> ml_collections.ConfigDict:
   """configs/demo.py's model and schedule (kept in the library so the
   installed `gandl-demo` needs no checkout)."""
-  config = defaults.base_config()
-  config.model = defaults.model_config(
+  config = config_lib.base_config()
+  config.model = config_lib.model_config(
       resolution=32, z_dim=64, w_dim=64,
       channel_base=1024,   # 4..16: 64 feature maps, 32: 32
       channel_max=64, mbstd_group_size=4)
@@ -66,9 +74,7 @@ class _Stages:
     t0 = time.time()
     summary = dict(fn() or {})
     summary["seconds"] = round(time.time() - t0, 1)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    gio.write_json(path, summary)
     self.log(f"[{name}] done in {summary['seconds']:.0f} s")
     return summary
 
@@ -103,7 +109,7 @@ def _find(tree: Any, keys) -> Any:
 
 def run_demo(workdir: str, size: int = 64, seed: int = 0,
              config: Optional[ml_collections.ConfigDict] = None,
-             log: Callable[[str], None] = print,
+             log: Callable[[str], None] = logging.info,
              mesh: Optional[Mesh] = None) -> Dict[str, Any]:
   """Runs (or resumes) every stage; returns {'report': path, 'metrics': ...}.
 
@@ -111,7 +117,7 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = config or demo_config()
-  mesh = mesh or parallel.make_mesh()
+  mesh = mesh or sharding.make_mesh()
   res = int(config.model.resolution)
   stages = _Stages(workdir, log)
   raw = os.path.join(workdir, "raw")
@@ -133,7 +139,7 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
 
   config.data.path = os.path.join(shards["rxrx19a"], "*.tfrecord")
   train_dir = os.path.join(workdir, "train")
-  stages.run("train", lambda: train.train_and_evaluate(config, train_dir,
+  stages.run("train", lambda: train_loop.train(config, train_dir,
                                                        mesh=mesh))
 
   def save_initial():

@@ -96,6 +96,7 @@ def image_relpath(experiment: str, plate: int, well: str, site: int,
 TFRECORD_IMAGE = "image"
 TFRECORD_SHAPE: Tuple[str, ...] = ("height", "width", "channels")
 DATASET_INFO_FILE = "dataset_info.json"   # next to the shards
+SYNTHETIC_TRUTH_FILE = "synthetic_truth.csv"  # planted truth, gandl-synth's tree root
 SITES_INDEX_FILE = "sites.csv"            # next to the shards: shard, position, metadata
 
 

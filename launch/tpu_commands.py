@@ -379,8 +379,8 @@ def install_commands(args) -> List[List[str]]:
       f"{REMOTE_VENV}/bin/python -c "
       f"{shlex.quote('import gandl_jax, jax; print(jax.__version__)')}"))
   if args.check_devices:
-    probe = ('import jax; from gandl_jax import parallel; '
-             'parallel.maybe_initialize_distributed(); '
+    probe = ('import jax; from gandl_jax import sharding; '
+             'sharding.maybe_initialize_distributed(); '
              'print("process", jax.process_index(), "local devices", '
              'jax.local_device_count(), "devices", jax.device_count())')
     cmds.append(ssh_command(

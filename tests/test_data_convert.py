@@ -2,17 +2,19 @@
 import csv
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from gandl_jax import schema
 from gandl_jax.data import convert
 from gandl_jax.data import pipeline
 from gandl_jax.data import reader
 from gandl_jax.data import synthetic
+from gandl_jax import schema
 
 SMILES_WITH_COMMAS = "C[C@H](N)C(=O)O.Cl |r,c:1,t:2|"
 
@@ -125,9 +127,8 @@ def test_bad_inputs_listed_in_errors_csv_rest_converted(tree, tmp_path):
   df.to_csv(os.path.join(root, "metadata.csv"), index=False)
 
   out = str(tmp_path / "shards")
-  status = convert.run_command(dataset="rxrx19a", input_dir=root, output_dir=out,
-                               resolution=32, num_shards=3)
-  assert status == 1                             # some sites failed
+  summary = convert.convert("rxrx19a", root, out, 32, num_shards=3)
+  assert summary["num_failed"] == 5              # the rest is converted
 
   with open(os.path.join(out, "errors.csv"), newline="") as f:
     errs = {r["site_id"]: r for r in csv.DictReader(f)}
@@ -163,9 +164,12 @@ def test_malformed_metadata_refused_up_front(tree, tmp_path):
                                          if f.endswith(".tfrecord")]
   with pytest.raises(reader.MetadataError, match="not found"):
     convert.convert("rxrx19a", str(tmp_path / "nowhere"), out, 32)
-  # The CLI's exit status is 2.
-  assert convert.run_command(dataset="rxrx19a", input_dir=root, output_dir=out,
-                             resolution=32) == 2
+  # The CLI: exit status 1 (README, "Exit status") and one line naming it.
+  r = subprocess.run([sys.executable, "-m", "gandl_jax.cli.convert",
+                      "--input", root, "--output", out, "--resolution", "32"],
+                     capture_output=True, text=True, check=False, timeout=300)
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert "gandl-convert: error:" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_resume_and_worker_count_give_identical_shards(tree, tmp_path):
@@ -186,13 +190,13 @@ def test_resume_and_worker_count_give_identical_shards(tree, tmp_path):
   with open(os.path.join(a, files[2]), "rb") as f:
     before = f.read()
   os.remove(os.path.join(a, files[2]))
-  with open(os.path.join(a, files[2] + ".tmp-123"), "wb") as f:
+  with open(os.path.join(a, "." + files[2] + ".tmp-123.tfrecord"), "wb") as f:
     f.write(b"partial")
   mtime = os.path.getmtime(os.path.join(a, files[0]))
   s3 = convert.convert("rxrx19a", tree, a, 16, subset="controls", num_shards=5)
   assert s3["skipped_shards"] == 4 and s3["num_examples"] == s1["num_examples"]
   assert os.path.getmtime(os.path.join(a, files[0])) == mtime
-  assert not os.path.exists(os.path.join(a, files[2] + ".tmp-123"))
+  assert not os.path.exists(os.path.join(a, "." + files[2] + ".tmp-123.tfrecord"))
   with open(os.path.join(a, files[2]), "rb") as f:
     assert f.read() == before
   assert len(_eval_all(a + "/*.tfrecord")) == s1["num_examples"]

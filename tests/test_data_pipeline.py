@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from gandl_jax import parallel
-from gandl_jax import schema
 from gandl_jax.data import convert
 from gandl_jax.data import pipeline
 from gandl_jax.data import synthetic
+from gandl_jax import schema
+from gandl_jax import sharding
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_filters_expression_dict_and_errors(shards):
 
 
 def test_train_batches_global_arrays_and_exact_resume(shards):
-  mesh = parallel.make_mesh()
+  mesh = sharding.make_mesh()
   n_dev = mesh.devices.size
   cfg = dict(path=shards + "/*.tfrecord", filter="cell_type == 'VERO'",
              shuffle_buffer=32, x_flip=True, rot90=True, num_parallel_calls=2,
@@ -132,7 +132,7 @@ def test_train_batches_global_arrays_and_exact_resume(shards):
   b = next(it)["image"]
   assert isinstance(b, jax.Array) and b.dtype == np.float32
   assert b.shape == (gb, 16, 16, 5)
-  assert b.sharding.is_equivalent_to(parallel.data_sharded(mesh), 4)
+  assert b.sharding.is_equivalent_to(sharding.data_sharded(mesh), 4)
   assert -1.0 <= float(b.min()) and float(b.max()) <= 1.0
   # Normalization maps uint8 levels to exact multiples of 2/255 in [-1, 1].
   x = ref[0][0]
@@ -165,7 +165,7 @@ def test_augmentation_is_flip_and_rot90_of_a_stored_site(shards):
 
 
 def test_eval_batches_global_uint8_with_padding(shards):
-  mesh = parallel.make_mesh()
+  mesh = sharding.make_mesh()
   table = _site_table(shards)
   gb = 40                                       # 256 sites -> 7 batches, last padded
   batches = list(pipeline.eval_batches(shards, global_batch=gb, mesh=mesh))
@@ -184,15 +184,15 @@ def test_eval_batches_global_uint8_with_padding(shards):
 
 
 def test_clear_errors_before_compilation(shards, tmp_path):
-  mesh = parallel.make_mesh()
+  mesh = sharding.make_mesh()
   cfg = dict(path=shards)
-  with pytest.raises(ValueError, match="16x16 but the model expects 32x32"):
+  with pytest.raises(ValueError, match="resolution 16 but the model expects 32"):
     pipeline.train_batches(cfg, global_batch=8, mesh=mesh, seed=0, resolution=32,
                            channels=5)
-  with pytest.raises(ValueError, match="5 channels, the model expects 3"):
+  with pytest.raises(ValueError, match="5 channels but the model expects 3"):
     pipeline.train_batches(cfg, global_batch=8, mesh=mesh, seed=0, resolution=16,
                            channels=3)
-  with pytest.raises(ValueError, match="not divisible"):
+  with pytest.raises(ValueError, match="multiple of"):
     pipeline.train_batches(cfg, global_batch=12, mesh=mesh, seed=0, resolution=16,
                            channels=5)
   bare = tmp_path / "bare"

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from gandl_jax import schema
 from gandl_jax.data import synthetic
+from gandl_jax import schema
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import os
 
 import jax
 
-from gandl_jax import demo, parallel
+from gandl_jax import demo
+from gandl_jax import sharding
 from tiny import tiny_config
 
 
@@ -18,7 +19,7 @@ def tiny_demo_config():
 
 def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   lines = []
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.devices()[:1])
   out = demo.run_demo(str(tmp_path), size=32, config=tiny_demo_config(),
                       log=lines.append, mesh=mesh)
   report = tmp_path / "report" / "report.md"

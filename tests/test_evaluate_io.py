@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gandl_jax import schema
+from gandl_jax import embeddings
 from gandl_jax.evaluate import io as eio
 from gandl_jax.evaluate import simulate
+from gandl_jax import schema
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +21,17 @@ def small():
 
 
 def test_feature_naming_convention():
-  assert eio.FEATURE_PREFIX == "f"
-  assert eio.feature_names(3) == ["f0000", "f0001", "f0002"]
-  assert eio.feature_name(1023) == "f1023"
+  assert embeddings.FEATURE_PREFIX == "f"
+  assert embeddings.feature_names(3) == ["f0000", "f0001", "f0002"]
+  assert embeddings.feature_name(1023) == "f1023"
 
 
 @pytest.mark.parametrize("ext", ["parquet", "csv"])
 def test_our_layout_roundtrip(tmp_path, small, ext):
   md, X = small
   p = str(tmp_path / f"emb.{ext}")
-  eio.write_embeddings(p, md, X, file_metadata={eio.META_KEY_LAYER: "fc",
-                                                eio.META_KEY_STEP: 1200})
+  embeddings.write(p, md, X, file_metadata={embeddings.META_KEY_LAYER: "fc",
+                                                embeddings.META_KEY_STEP: 1200})
   emb = eio.load_embeddings(p)
   np.testing.assert_array_equal(emb.features, X)
   assert list(emb.meta["site_id"]) == list(md["site_id"])
@@ -98,7 +99,7 @@ def test_bad_rows_reported(tmp_path, small):
   meta = md.copy()
   meta["site_id"] = sids
   p = str(tmp_path / "emb.parquet")
-  eio.write_embeddings(p, meta[["site_id"]], X, include_metadata=False)
+  embeddings.write(p, meta[["site_id"]], X, include_metadata=False)
   mp = str(tmp_path / "metadata.csv")
   md.to_csv(mp, index=False)
   emb = eio.load_embeddings(p, mp)
@@ -112,7 +113,7 @@ def test_bad_rows_reported(tmp_path, small):
 
 def test_missing_feature_columns(tmp_path, small):
   md, X = small
-  df = pd.DataFrame(X, columns=eio.feature_names(X.shape[1]))
+  df = pd.DataFrame(X, columns=embeddings.feature_names(X.shape[1]))
   df = df.drop(columns=["f0002"])
   df.insert(0, "site_id", md["site_id"].values)
   p = str(tmp_path / "e.csv")

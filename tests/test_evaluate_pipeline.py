@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gandl_jax.evaluate import Options, evaluate, simulate, write_embeddings
+from gandl_jax.embeddings import write as write_embeddings
 from gandl_jax.evaluate import classify
+from gandl_jax.evaluate import Options, evaluate, simulate
 
 CFG = simulate.SimConfig(sites_per_cell_type=(("HRCE", 1600), ("VERO", 640)),
                          wells_per_plate=20, dim=24, n_compounds=8,
@@ -137,7 +138,7 @@ def test_cli(data, tmp_path):
   r = subprocess.run([sys.executable, "-m", "gandl_jax.cli.evaluate",
                       "--embeddings=/nonexistent.parquet", f"--output={out}"],
                      capture_output=True, text=True, env=env, timeout=120)
-  assert r.returncode == 2 and "/nonexistent.parquet" in r.stderr
+  assert r.returncode == 1 and "/nonexistent.parquet" in r.stderr
 
 
 def test_recursion_csv_without_metadata_reports_each_task(data, tmp_path):

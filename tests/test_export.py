@@ -10,16 +10,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gandl_jax import api
 from gandl_jax import checkpoint
-from gandl_jax import defaults
-from gandl_jax import export
-from gandl_jax import networks
-from gandl_jax import parallel
+from gandl_jax import config as config_lib
 from gandl_jax.data import convert
 from gandl_jax.data import pipeline
 from gandl_jax.data import synthetic
+from gandl_jax import embeddings
 from gandl_jax.evaluate import io as emb_io
+from gandl_jax.inference import api
+from gandl_jax.inference import export
+from gandl_jax.model import networks
+from gandl_jax import progress as progress_lib
+from gandl_jax import schema
+from gandl_jax import sharding
 
 RES = 16
 STEP = 7
@@ -42,7 +45,7 @@ def _save(directory, cfg, seed=0):
 
 
 def _tiny(**kw):
-  return defaults.model_config(resolution=RES, img_channels=5, z_dim=8,
+  return config_lib.model_config(resolution=RES, img_channels=5, z_dim=8,
                                w_dim=8, mapping_layers=1, channel_base=128,
                                channel_max=16, **kw)
 
@@ -65,7 +68,7 @@ def env(tmp_path_factory):
 
 
 def _mesh(n):
-  return parallel.make_mesh(jax.devices()[:n])
+  return sharding.make_mesh(jax.devices()[:n])
 
 
 def _export(env, out, n_devices=8, **kw):
@@ -108,7 +111,7 @@ def test_every_site_once_on_1_and_8_devices(env, tmp_path):
     assert ids == sites["site_id"].tolist()          # shard order
     # Metadata columns, in the published order, with their values.
     assert t.column_names[:11] == list(
-        export.schema.RXRX19A_COLUMNS)
+        schema.RXRX19A_COLUMNS)
     assert t.column("plate").type == pa.int64()
     assert t.column("well").to_pylist() == sites["well"].tolist()
     conc = [float(v) if v else np.nan for v in sites["treatment_conc"]]
@@ -166,7 +169,7 @@ def test_csv_layout(env, tmp_path):
   assert summary.format == "csv"
   with open(out) as f:
     header = f.readline().strip().split(",")
-  assert header == ["site_id"] + emb_io.feature_names(16)
+  assert header == ["site_id"] + embeddings.feature_names(16)
   df = pd.read_csv(out)
   assert df["site_id"].tolist() == env["sites"]["site_id"].tolist()
   ref, _ = _reference(env, "fc", BATCH)
@@ -213,7 +216,7 @@ def test_errors(env, tmp_path):
   # A model at another resolution and channel count than the shards.
   other = tmp_path / "other"
   _save(checkpoint.checkpoint_dir(other),
-        defaults.model_config(resolution=32, img_channels=3, z_dim=8, w_dim=8,
+        config_lib.model_config(resolution=32, img_channels=3, z_dim=8, w_dim=8,
                               mapping_layers=1, channel_base=128,
                               channel_max=16))
   with pytest.raises(ValueError) as e:
@@ -222,7 +225,7 @@ def test_errors(env, tmp_path):
   assert env["shards"] in msg and "resolution 16" in msg and "32" in msg
   assert "5 channels" in msg and "expects 3" in msg
   with pytest.raises(ValueError, match="format"):
-    export.output_format("x.parquet", "tsv")
+    embeddings.output_format("x.parquet", "tsv")
   assert not out.exists() and not _no_leftovers(tmp_path)
 
 
@@ -249,18 +252,18 @@ def test_merge_parts_restores_global_order(tmp_path):
 
 
 def test_check_batch_and_progress():
-  export.check_batch(24, 8, 1, 4)
-  export.check_batch(2, 1, 1, 4)       # group shrinks to the batch
+  sharding.check_batch(24, 8, 1, 4)
+  sharding.check_batch(2, 1, 1, 4)       # group shrinks to the batch
   with pytest.raises(ValueError, match="try 8 or 16"):
-    export.check_batch(12, 8, 1, 4)
+    sharding.check_batch(12, 8, 1, 4)
   with pytest.raises(ValueError, match="multiple of 4"):
-    export.check_batch(6, 2, 1, 4)
+    sharding.check_batch(6, 2, 1, 4)
   lines = []
-  p = export.Progress(100, every_s=0.0, log=lines.append)
+  p = progress_lib.Progress(100, name="export", every_s=0.0, log=lines.append)
   p.start -= 10.0
   p.update(50)
   assert "50/100" in lines[-1] and "sites/s" in lines[-1]
-  assert "ETA 0:00:1" in lines[-1]      # 50 sites left at ~5 sites/s
+  assert "ETA 00:00:1" in lines[-1]      # 50 sites left at ~5 sites/s
 
 
 def test_cli(env, tmp_path):
@@ -272,7 +275,9 @@ def test_cli(env, tmp_path):
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
   try:
-    cli.main(argv[:1])
+    with pytest.raises(SystemExit) as e:
+      cli.main(argv[:1])
+    assert e.value.code == 0
     df = pd.read_csv(out)
     assert len(df) == 256 and df.columns[1] == "f0000"
     flags.FLAGS.unparse_flags()
@@ -281,8 +286,9 @@ def test_cli(env, tmp_path):
       cli.main(argv[:1])
     flags.FLAGS.unparse_flags()
     flags.FLAGS(argv + ["--layer", "nope"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:   # README "Exit status": 1
       cli.main(argv[:1])
+    assert e.value.code == 1
   finally:
     flags.FLAGS.unparse_flags()
 
@@ -296,7 +302,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 port, pid, workdir, shards, out, batch = sys.argv[1:]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2,
                            process_id=int(pid))
-from gandl_jax import export
+from gandl_jax.inference import export
 s = export.export_embeddings(workdir, shards, out, batch=int(batch))
 print("SITES", s.num_sites)
 """

@@ -4,7 +4,6 @@ API (gandl_jax.load / Model), composites and gandl-generate.
 Uses the reference fixture tests/fixtures/parity_32.npz (weights and outputs of
 stylegan2-ada-pytorch, see tools/make_parity_fixtures.py); torch is not needed.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,9 +12,12 @@ import sys
 import numpy as np
 import pytest
 
-from gandl_jax import api
 from gandl_jax import checkpoint
-from gandl_jax import composite
+from gandl_jax import images as image_lib
+from gandl_jax.inference import api
+from gandl_jax.inference import export
+from gandl_jax.inference import samples
+from gandl_jax.interop import stylegan2_ada
 from gandl_jax import schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,12 +25,7 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "parity_32.npz")
 
 
 def _load_importer():
-  spec = importlib.util.spec_from_file_location(
-      "import_stylegan2_ada", os.path.join(ROOT, "tools",
-                                           "import_stylegan2_ada.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return stylegan2_ada
 
 
 imp = _load_importer()
@@ -258,10 +255,10 @@ def test_api_discriminate_and_embed(model, ref):
   assert logits.shape == (8,) and logits.dtype == np.float32
   assert fc.shape == (8, 64) and fc.dtype == np.float32
   # Same normalization as training: equals D on u8 / 127.5 - 1 directly.
-  from gandl_jax import networks
+  from gandl_jax.model import networks
   _, D = networks.build(model.config)
   x = u8.astype(np.float32) / 127.5 - 1
-  wd_vars = model._d_vars  # pylint: disable=protected-access
+  wd_vars = model.d_variables
   ref_logits, feats = D.apply(wd_vars, x, return_features=True)
   np.testing.assert_allclose(logits, np.asarray(ref_logits)[:, 0], atol=1e-5)
   np.testing.assert_allclose(fc, np.asarray(feats["fc"]), atol=1e-5)
@@ -292,14 +289,14 @@ def test_api_input_errors(model):
 def test_composite_bgr_and_rxrx():
   img = np.zeros((1, 2, 2, 5), np.uint8)
   img[0, 0, 0] = [200, 10, 20, 30, 40]   # hoechst, cona, phall, syto, wga
-  rgb = composite.to_rgb(img, "bgr")
+  rgb = image_lib.to_rgb(img, "bgr")
   assert rgb.shape == (1, 2, 2, 3)
   assert tuple(rgb[0, 0, 0]) == (30, 20, 200)  # R=(20+40)/2 G=(10+30)/2 B
-  assert tuple(composite.to_rgb(img[0], "bgr")[0, 0]) == (30, 20, 200)
+  assert tuple(image_lib.to_rgb(img[0], "bgr")[0, 0]) == (30, 20, 200)
   # rxrx1-utils: channel 1 alone at value 51 (its full range) gives its colour.
   one = np.zeros((1, 1, 5), np.uint8)
   one[0, 0, 0] = 51
-  assert tuple(composite.to_rgb(one, "rxrx")[0, 0]) == (19, 0, 249)
+  assert tuple(image_lib.to_rgb(one, "rxrx")[0, 0]) == (19, 0, 249)
   # Independent numpy of the rxrx formula on random data.
   rng = np.random.RandomState(0)
   x = rng.randint(0, 256, (4, 4, 5)).astype(np.uint8)
@@ -310,22 +307,22 @@ def test_composite_bgr_and_rxrx():
   for c in range(5):
     s = np.minimum(x[..., c] / hi[c], 1.0)
     want += (s[..., None] * colours[c]).astype(int)
-  np.testing.assert_array_equal(composite.to_rgb(x, "rxrx"),
+  np.testing.assert_array_equal(image_lib.to_rgb(x, "rxrx"),
                                 np.minimum(want, 255))
   with pytest.raises(ValueError, match="channels"):
-    composite.to_rgb(np.zeros((2, 2, 3), np.uint8))
+    image_lib.to_rgb(np.zeros((2, 2, 3), np.uint8))
   with pytest.raises(ValueError, match="style"):
-    composite.to_rgb(img, "nope")
+    image_lib.to_rgb(img, "nope")
   assert [c.index for c in schema.RXRX19A_CHANNELS] == [1, 2, 3, 4, 5]
 
 
 def test_grid_and_strip():
   imgs = np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2)
-  g = composite.grid(imgs, cols=2, pad=1)
+  g = image_lib.grid(imgs, cols=2, pad=1)
   assert g.shape == (5, 5)
   np.testing.assert_array_equal(g[3:5, 0:2], imgs[2])
   assert g[3, 3] == 0
-  s = composite.channel_strip(np.stack([imgs] * 5, -1)[:, :, :, :5], pad=1)
+  s = image_lib.channel_strip(np.stack([imgs] * 5, -1)[:, :, :, :5], pad=1)
   assert s.shape == (3, 2, 5 * 2 + 4)
   np.testing.assert_array_equal(s[1, :, 3:5], imgs[1])
 
@@ -342,21 +339,21 @@ def test_parse_seeds():
 def test_save_samples(model, tmp_path):
   from PIL import Image
   out = tmp_path / "s.npz"
-  api.save_samples(model, str(out), [0, 1, 2])
+  samples.save_samples(model, str(out), [0, 1, 2])
   with np.load(out) as z:
     np.testing.assert_array_equal(z["images"], model.generate(seeds=[0, 1, 2]))
     assert list(z["seeds"]) == [0, 1, 2]
   png = tmp_path / "g.png"
-  api.save_samples(model, str(png), [0, 1, 2, 3], view="rxrx", cols=2)
+  samples.save_samples(model, str(png), [0, 1, 2, 3], view="rxrx", cols=2)
   assert Image.open(png).size == (2 * 32 + 2, 2 * 32 + 2)
   raw = tmp_path / "raw.png"
-  api.save_samples(model, str(raw), [0, 1], view="raw")
+  samples.save_samples(model, str(raw), [0, 1], view="raw")
   im = np.asarray(Image.open(raw))
   assert im.shape == (2 * 32 + 2, 5 * 32 + 4 * 2)
   np.testing.assert_array_equal(im[:32, 34:66],
                                 model.generate(seeds=[0])[0, :, :, 1])
   with pytest.raises(ValueError, match=".png or .npz"):
-    api.save_samples(model, str(tmp_path / "x.jpg"), [0])
+    samples.save_samples(model, str(tmp_path / "x.jpg"), [0])
   assert sorted(os.listdir(tmp_path)) == ["g.png", "raw.png", "s.npz"]
 
 
@@ -365,7 +362,7 @@ def test_import_cli_end_to_end(tmp_path):
   wd = tmp_path / "wd"
   env = dict(os.environ, PYTHONPATH=ROOT)
   r = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tools", "import_stylegan2_ada.py"),
+      [sys.executable, "-m", "gandl_jax.cli.import_weights",
        "--state_dicts", FIXTURE, "--workdir", str(wd)],
       capture_output=True, text=True, env=env, timeout=300, check=False)
   assert r.returncode == 0, r.stderr[-2000:]
@@ -407,13 +404,13 @@ def test_load_training_style_checkpoint(tmp_path, workdir, model):
 
 
 def test_sharded_embed_matches_embed(model, ref):
-  """Model.sharded_embed_fn on an 8-device mesh == Model.embed on one batch."""
+  """export.sharded_embed_fn on an 8-device mesh == Model.embed on one batch."""
   import jax
-  from gandl_jax import parallel
-  mesh = parallel.make_mesh(jax.devices()[:8])
+  from gandl_jax import sharding
+  mesh = sharding.make_mesh(jax.devices()[:8])
   u8 = np.clip(np.rint((ref["d_img"] + 1) * 127.5), 0, 255).astype(np.uint8)
-  fn = model.sharded_embed_fn(mesh)
-  x = jax.device_put(u8, parallel.data_sharded(mesh))
+  fn = export.sharded_embed_fn(model, mesh)
+  x = jax.device_put(u8, sharding.data_sharded(mesh))
   np.testing.assert_allclose(np.asarray(fn(x)), model.embed(u8), atol=1e-5)
 
 

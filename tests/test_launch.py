@@ -189,7 +189,7 @@ def test_install_from_git_with_ref_and_device_check():
       "rm -rf gandl-jax && git clone https://github.com/o/gandl-jax.git "
       "gandl-jax && git -C gandl-jax checkout v0.1.0")
   assert "-e ./gandl-jax 'jax[tpu]==0.6.2'" in remote_script(lines[1])
-  assert "parallel.maybe_initialize_distributed()" in remote_script(lines[2])
+  assert "sharding.maybe_initialize_distributed()" in remote_script(lines[2])
   assert "--python 3.12 " in remote_script(lines[1])
   assert not any(line.startswith(("tar", "gcloud compute tpus tpu-vm scp"))
                  for line in lines)

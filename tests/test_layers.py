@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from gandl_jax import layers
+from gandl_jax.model import layers
 
 RNG = np.random.default_rng(0)
 FIR = np.outer([1, 3, 3, 1], [1, 3, 3, 1]) / 64.0

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gandl_jax import networks
+from gandl_jax.model import networks
 
 
 def _cfg(resolution, channel_base=16384, channel_max=512, z=512, **kw):

@@ -3,7 +3,7 @@
 The fixtures (tests/fixtures/parity_*.npz) hold reference weights, inputs and
 outputs computed once with the reference implementation by
 tools/make_parity_fixtures.py (no reference code is part of this repository).
-Weights go through the importer (tools/import_stylegan2_ada.py, the .npz
+Weights go through the importer (gandl_jax/interop/stylegan2_ada.py, the .npz
 path, no torch needed) into our Flax networks, which must reproduce:
 G images (noise 'const', psi 1 and 0.7), D logits and epilogue fc features
 (max abs error < 1e-4), and the R1 / path-length penalties of the reference's
@@ -14,7 +14,6 @@ added with GANDL_PARITY_FIXTURES=/path/a.npz:/path/b.npz.
 """
 import functools
 import glob
-import importlib.util
 import json
 import os
 
@@ -23,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gandl_jax import losses
-from gandl_jax import networks
+from gandl_jax.interop import stylegan2_ada
+from gandl_jax.model import losses
+from gandl_jax.model import networks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures",
@@ -42,12 +42,7 @@ KNOWN_MISMATCHES = {}
 
 
 def _load_importer():
-  spec = importlib.util.spec_from_file_location(
-      "import_stylegan2_ada", os.path.join(ROOT, "tools",
-                                           "import_stylegan2_ada.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return stylegan2_ada
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 import tiny
-from gandl_jax import checkpoint, parallel, train
+from gandl_jax import checkpoint
 from gandl_jax.data import convert, synthetic
+from gandl_jax import sharding
+from gandl_jax.train import loop as train_loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,15 +47,15 @@ def _leaves(workdir, step=None):
 
 
 def test_resume_equals_uninterrupted(shards, tmp_path):
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.devices()[:1])
   straight = tiny_config(shards[8])
-  s = train.train_and_evaluate(straight, str(tmp_path / "a"), mesh=mesh)
+  s = train_loop.train(straight, str(tmp_path / "a"), mesh=mesh)
   assert s["step"] == 4 and s["reason"] == "finished"
   # Half, stop, resume the same command, the other half.
-  first = train.train_and_evaluate(tiny_config(shards[8]), str(tmp_path / "b"),
+  first = train_loop.train(tiny_config(shards[8]), str(tmp_path / "b"),
                                    mesh=mesh, max_steps=2)
   assert first["step"] == 2
-  second = train.train_and_evaluate(tiny_config(shards[8]),
+  second = train_loop.train(tiny_config(shards[8]),
                                     str(tmp_path / "b"), mesh=mesh)
   assert second["step"] == 4
   a, meta_a = _leaves(str(tmp_path / "a"))
@@ -78,9 +80,9 @@ def test_resume_equals_uninterrupted(shards, tmp_path):
 
 def test_non_finite_loss_stops_with_clear_error(shards, tmp_path):
   config = tiny_config(shards[8], **{"optim.d_lr": float("inf")})
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.devices()[:1])
   with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d+"):
-    train.train_and_evaluate(config, str(tmp_path / "w"), mesh=mesh)
+    train_loop.train(config, str(tmp_path / "w"), mesh=mesh)
   # Nothing non-finite was checkpointed.
   for step in checkpoint.list_steps(str(tmp_path / "w")) if os.path.isdir(
       tmp_path / "w" / "checkpoints") else ():
@@ -157,11 +159,12 @@ def test_sigterm_saves_and_kill9_mid_save_leaves_restorable_workdir(
 
 
 def test_unreadable_latest_checkpoint_is_skipped_and_set_aside(tmp_path):
-  from gandl_jax import resume, trainer  # pylint: disable=import-outside-toplevel
+  from gandl_jax.train import checkpointer  # pylint: disable=import-outside-toplevel
+  from gandl_jax.train import steps  # pylint: disable=import-outside-toplevel
   config = tiny_config("")
-  tr = trainer.Trainer(config, parallel.make_mesh(jax.devices()[:1]))
+  tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
   state = tr.init_state(0)
-  ckpt = resume.TrainCheckpointer(str(tmp_path), async_save=False)
+  ckpt = checkpointer.TrainCheckpointer(str(tmp_path), async_save=False)
   ckpt.save(1, state, {"model": config.model.to_dict(), "nimg": 8})
   later = state.replace(pl_mean=state.pl_mean + 1.0)
   ckpt.save(2, later, {"model": config.model.to_dict(), "nimg": 16})
@@ -190,7 +193,7 @@ def test_demo_config_short_run(shards, tmp_path):
   config.log_every_kimg = 2 * config.batch_size / 1000
   config.image_grid_every_kimg = 4 * config.batch_size / 1000
   config.image_grid_size = 3
-  s = train.train_and_evaluate(config, str(tmp_path), max_steps=4)
+  s = train_loop.train(config, str(tmp_path), max_steps=4)
   assert s["step"] == 4
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert len(lines) == 2
@@ -205,15 +208,15 @@ def test_demo_config_short_run(shards, tmp_path):
     ({"foo": 1}, "unknown key 'config.foo'"),
     ({"model.resolution": 48}, "power of two"),
     ({"batch_size": 12}, "multiple of the number of devices"),
-    ({"model.img_channels": 3}, "has 5 channels but config.model.img_channels=3"),
-    ({"model.resolution": 16}, "has resolution 8 but"),
+    ({"model.img_channels": 3}, "5 channels but config.model expects 3"),
+    ({"model.resolution": 16}, "resolution 8 but config.model expects 16"),
 ])
 def test_config_errors_before_compilation(shards, tmp_path, override, message):
   config = tiny_config(shards[8], **override)
   with pytest.raises(ValueError, match=message):
     devices = jax.devices() if "batch_size" in override else jax.devices()[:1]
-    train.train_and_evaluate(config, str(tmp_path),
-                             mesh=parallel.make_mesh(devices))
+    train_loop.train(config, str(tmp_path),
+                     mesh=sharding.make_mesh(devices))
   assert not os.path.exists(tmp_path / "checkpoints")
 
 

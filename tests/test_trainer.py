@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gandl_jax import losses, parallel, trainer
+from gandl_jax.model import losses
+from gandl_jax import sharding
+from gandl_jax.train import steps
 from tiny import tiny_config
 
 
@@ -17,16 +19,16 @@ def real_batch(n=8, res=8, seed=0):
 
 
 def test_lazy_regularization_schedule():
-  tr = trainer.Trainer(tiny_config(), parallel.make_mesh(jax.devices()[:1]))
+  tr = steps.Trainer(tiny_config(), sharding.make_mesh(jax.devices()[:1]))
   g_reg = [s for s in range(33) if "g_reg" in tr.phases_for_step(s)]
   d_reg = [s for s in range(33) if "d_reg" in tr.phases_for_step(s)]
   assert g_reg == list(range(0, 33, 4))
   assert d_reg == [0, 16, 32]
   assert tr.phases_for_step(5) == ("g_main", "d_main")
   assert tr.phases_for_step(16) == ("g_main", "g_reg", "d_main", "d_reg")
-  off = trainer.Trainer(tiny_config(**{"loss.r1_gamma": 0.0,
+  off = steps.Trainer(tiny_config(**{"loss.r1_gamma": 0.0,
                                        "loss.pl_weight": 0.0}),
-                        parallel.make_mesh(jax.devices()[:1]))
+                        sharding.make_mesh(jax.devices()[:1]))
   assert off.phases_for_step(0) == ("g_main", "d_main")
 
 
@@ -37,7 +39,7 @@ def test_adam_lazy_correction_by_hand():
   assert got_lr == pytest.approx(lr * c) and got_b1 == 0.0
   assert got_b2 == pytest.approx(b2 ** c)
   # Two Adam steps on one scalar, computed by hand.
-  tx = trainer.make_optimizer(lr, 0.0, b2, eps, interval)
+  tx = steps.make_optimizer(lr, 0.0, b2, eps, interval)
   p = jnp.asarray(1.0)
   st = tx.init(p)
   g1, g2 = 0.5, -0.2
@@ -60,7 +62,7 @@ def test_ema_beta_formula():
 
 @pytest.fixture(scope="module")
 def one_device():
-  tr = trainer.Trainer(tiny_config(), parallel.make_mesh(jax.devices()[:1]))
+  tr = steps.Trainer(tiny_config(), sharding.make_mesh(jax.devices()[:1]))
   return tr, tr.init_state(0)
 
 
@@ -72,7 +74,7 @@ def test_d_main_updates_ema_and_step(one_device):
   state = state.replace(ema_params=jax.tree_util.tree_map(jnp.asarray, ema_old))
   beta = 0.75
   new, metrics = tr.compiled("d_main", state)(
-      state, parallel.host_to_global(real_batch(), tr.mesh), jnp.float32(beta))
+      state, sharding.host_to_global(real_batch(), tr.mesh), jnp.float32(beta))
   want = jax.tree_util.tree_map(lambda p, e: p + beta * (e - p), g, ema_old)
   for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(new.ema_params)),
                   jax.tree_util.tree_leaves(want)):
@@ -136,9 +138,9 @@ def _run_all_phases(num_devices):
   # reduction-order differences are not amplified into sign flips.
   config = tiny_config(**{"optim.eps": 1.0, "mbstd_shards": 8})
   config.batch_size = 16
-  tr = trainer.Trainer(config, parallel.make_mesh(jax.devices()[:num_devices]))
+  tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:num_devices]))
   state = tr.init_state(0)
-  real = parallel.host_to_global(real_batch(16), tr.mesh)
+  real = sharding.host_to_global(real_batch(16), tr.mesh)
   assert tr.phases_for_step(0) == ("g_main", "g_reg", "d_main", "d_reg")
   state, metrics = tr.train_step(state, real, 0, 0)
   return jax.device_get(state), jax.device_get(metrics)
@@ -159,9 +161,9 @@ def test_one_iteration_identical_on_1_and_8_devices():
 def test_bfloat16_training_keeps_float32_state_and_compiles_once():
   config = tiny_config(**{"compute_dtype": "bfloat16", "loss.r1_interval": 2,
                           "loss.pl_interval": 2})
-  tr = trainer.Trainer(config, parallel.make_mesh(jax.devices()[:1]))
+  tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
   state = tr.init_state(0)
-  real = parallel.host_to_global(real_batch(), tr.mesh)
+  real = sharding.host_to_global(real_batch(), tr.mesh)
   for step in range(4):   # every phase runs twice, with changing EMA betas
     state, metrics = tr.train_step(state, real, step, step * 8)
     for k, v in jax.device_get(metrics).items():

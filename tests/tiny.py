@@ -1,5 +1,5 @@
 """The tiny GAN-DL config the tests share: 8x8 images, 16 feature maps."""
-from gandl_jax import defaults
+from gandl_jax import config as config_lib
 
 
 def override(config, overrides):
@@ -15,8 +15,8 @@ def override(config, overrides):
 
 def tiny_config(path: str = "", **overrides):
   """Batch 8; 4 iterations (0.032 kimg), checkpoints every 2, logs every 1."""
-  config = defaults.base_config()
-  config.model = defaults.model_config(
+  config = config_lib.base_config()
+  config.model = config_lib.model_config(
       resolution=8, z_dim=16, w_dim=16, channel_base=64, channel_max=16,
       mbstd_group_size=2)
   config.data.path = path

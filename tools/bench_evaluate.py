@@ -43,7 +43,7 @@ _HRCE, _VERO = 284_080, 21_440
 
 def _generate(workdir: str) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from gandl_jax.evaluate import io as eio  # pylint: disable=g-import-not-at-top
+  from gandl_jax import embeddings  # pylint: disable=g-import-not-at-top
   from gandl_jax.evaluate import simulate  # pylint: disable=g-import-not-at-top
 
   scale = FLAGS.sites / _FULL
@@ -63,7 +63,7 @@ def _generate(workdir: str) -> dict:
   t = time.time()
   md.to_csv(os.path.join(workdir, "metadata.csv"), index=False)
   truth.to_csv(os.path.join(workdir, "synthetic_truth.csv"), index=False)
-  eio.write_embeddings(os.path.join(workdir, "embeddings.parquet"), md, X,
+  embeddings.write(os.path.join(workdir, "embeddings.parquet"), md, X,
                        file_metadata={"gandl.layer": "bench"})
   write_s = time.time() - t
   size = os.path.getsize(os.path.join(workdir, "embeddings.parquet"))

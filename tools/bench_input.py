@@ -65,13 +65,13 @@ def _rate(it, steps, warmup, batch, block):
 def main(argv):
   del argv
   import jax  # pylint: disable=import-outside-toplevel
-  from gandl_jax import parallel  # pylint: disable=import-outside-toplevel
   from gandl_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from gandl_jax import sharding  # pylint: disable=import-outside-toplevel
 
   path = _DATA.value or _synthetic_shards(_RESOLUTION.value)
   info = pipeline.read_dataset_info(path)
   res, ch = info["resolution"], info["num_channels"]
-  mesh = parallel.make_mesh()
+  mesh = sharding.make_mesh()
   cfg = dict(path=path, shuffle_buffer=_SHUFFLE.value, x_flip=True, rot90=True,
              num_parallel_calls=_WORKERS.value, prefetch=2)
   gb = _BATCH.value
@@ -80,7 +80,7 @@ def main(argv):
         f"CPU cores: {os.cpu_count()}; workers: {_WORKERS.value}; batch: {gb}",
         flush=True)
   ds, _ = pipeline.train_dataset(
-      path, host_batch=parallel.host_batch_size(gb), seed=0,
+      path, host_batch=sharding.host_batch_size(gb), seed=0,
       shuffle_buffer=_SHUFFLE.value, num_parallel_calls=_WORKERS.value,
       process_index=jax.process_index(), process_count=jax.process_count())
   host = ({"image": x} for x in ds.as_numpy_iterator())

@@ -21,8 +21,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from gandl_jax import defaults, monitor, parallel
-from gandl_jax.trainer import Trainer
+from gandl_jax import config as config_lib
+from gandl_jax import sharding
+from gandl_jax.train import monitor
+from gandl_jax.train.steps import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _ITERS = flags.DEFINE_integer(
@@ -36,15 +38,15 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   del argv
   config = _CONFIG.value
-  mesh = parallel.make_mesh()
+  mesh = sharding.make_mesh()
   n_dev = mesh.devices.size
-  defaults.validate(config, n_dev, jax.process_count())
+  config_lib.validate(config, n_dev, jax.process_count())
   tr = Trainer(config, mesh)
   b, r, c = tr.batch, config.model.resolution, config.model.img_channels
   state = tr.init_state(config.seed)
   real = jax.device_put(
       jax.random.uniform(jax.random.PRNGKey(1), (b, r, r, c), jnp.float32,
-                         -1, 1), parallel.data_sharded(mesh))
+                         -1, 1), sharding.data_sharded(mesh))
 
   t0 = time.time()
   state, _ = tr.train_step(state, real, 0, 0)          # compiles every phase

@@ -1,6 +1,34 @@
-"""Thin absl entry points: each parses flags and calls one library function."""
+"""Thin absl entry points: each parses flags and calls one library function.
+
+Every `gandl-*` command follows one convention (README, "Exit status"):
+  0    done
+  1    error: bad input, config or files; one line `PROGRAM: error: ...` on
+       stderr, no traceback; nothing half-written
+  2    bad command line (unknown/missing flags): absl's usage message
+  3    partly done: some items failed and are listed (gandl-convert's
+       errors.csv, gandl-evaluate's failed tasks); the rest is written
+  143  stopped by SIGTERM after saving its state; rerun the same command
+       to resume (gandl-train, gandl-demo)
+"""
+from __future__ import annotations
+
 import logging as _std_logging
 import sys as _sys
+from typing import Callable, Optional
+
+from absl import app
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_PREEMPTED = 143
+
+# Errors a user can fix (bad config, missing or mismatched data, unreadable
+# files): one clear line instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError,
+               FloatingPointError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
 
 
 class _DropLibraryInfo(_std_logging.Filter):
@@ -20,13 +48,33 @@ def quiet_library_logs() -> None:
     logger.addFilter(_DropLibraryInfo())
 
 
-# Errors a user can fix (bad config, missing or mismatched data, unreadable
-# files): one clear line instead of a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError,
-               FloatingPointError)
+def usage(message: str) -> app.UsageError:
+  """A bad-command-line error (exit status 2): `raise cli.usage(...)`."""
+  return app.UsageError(message, exitcode=EXIT_USAGE)
 
 
-def fail(program: str, error: BaseException, status: int = 1) -> None:
+def fail(program: str, error: BaseException,
+         status: int = EXIT_ERROR) -> None:
   """Prints `program: error: ...` to stderr and exits with `status`."""
   print(f"{program}: error: {error}", file=_sys.stderr)
   raise SystemExit(status)
+
+
+def run(program: str, body: Callable[[], Optional[int]]) -> None:
+  """Runs a command's body with the shared conventions: INFO logging with
+  library chatter dropped, user errors as one line (exit 1), the body's
+  return value (None: 0) as the exit status."""
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS["verbosity"].present:   # progress lines are INFO
+    logging.set_verbosity(logging.INFO)
+  quiet_library_logs()
+  try:
+    status = body()
+  except USER_ERRORS as e:
+    fail(program, e)
+  raise SystemExit(EXIT_OK if status is None else int(status))
+
+
+def no_arguments(argv) -> None:
+  if len(argv) > 1:
+    raise usage(f"unexpected arguments: {argv[1:]}")

@@ -3,15 +3,18 @@ r"""gandl-convert: RxRx19a / RxRx1 (or the synthetic tree) -> TFRecord shards.
   gandl-convert --dataset rxrx19a --input /data/RxRx19a \
       --output gs://BUCKET/shards/rxrx19a-256 --resolution 256 --workers 16
 
-Exit status 0 when every site converted, 1 when some failed (listed with the
-reason in OUTPUT/errors.csv; the rest is converted), 2 when metadata.csv is
-unusable (nothing written). Rerunning resumes: finished shards are kept.
+Exit status (README, "Exit status"): 0 when every site converted, 3 when
+some failed (listed with the reason in OUTPUT/errors.csv; the rest is
+converted), 1 when metadata.csv is unusable (nothing written). Rerunning
+resumes: finished shards are kept.
 """
+import os
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging
+
+from gandl_jax import cli
 
 _DATASET = flags.DEFINE_enum("dataset", "rxrx19a", ["rxrx19a", "rxrx1"],
                              "Which public layout the input has.")
@@ -33,18 +36,32 @@ _COMPRESSION = flags.DEFINE_enum("compression", "", ["", "GZIP"],
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo finished shards.")
 
 
-def main(argv):
-  del argv
+def convert_command(**kwargs) -> int:
+  """`convert.convert(**kwargs)`, its summary printed; the exit status."""
   # Imported here so that conversion worker processes (spawned) stay light.
   from gandl_jax.data import convert  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.INFO)
-  channels = [int(c.lstrip("w")) for c in _CHANNELS.value] if _CHANNELS.value else None
-  sys.exit(convert.run_command(
+  summary = convert.convert(**kwargs)
+  print(f"converted {summary['num_examples']} sites into "
+        f"{summary['num_shards']} shards in {summary['output_dir']}; "
+        f"{summary['num_failed']} failed"
+        + (f" (see {summary['errors_csv']})" if summary["num_failed"] else ""))
+  return cli.EXIT_PARTIAL if summary["num_failed"] else cli.EXIT_OK
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  try:
+    channels = ([int(c.strip().lstrip("w")) for c in _CHANNELS.value]
+                if _CHANNELS.value else None)
+  except ValueError as e:
+    raise cli.usage(f"--channels must be channel numbers like 1,2,3: {e}")
+  command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+  cli.run("gandl-convert", lambda: convert_command(
       dataset=_DATASET.value, input_dir=_INPUT.value, output_dir=_OUTPUT.value,
       resolution=_RESOLUTION.value, subset=_SUBSET.value,
       num_shards=_NUM_SHARDS.value, workers=_WORKERS.value, channels=channels,
       compression=_COMPRESSION.value, overwrite=_OVERWRITE.value,
-      command=convert.main_command()))
+      command=command))
 
 
 def run():

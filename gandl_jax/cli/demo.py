@@ -16,19 +16,19 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
 flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
-  try:
-    out = demo.run_demo(_WORKDIR.value, size=_SIZE.value, seed=_SEED.value)
-  except cli.USER_ERRORS as e:
-    cli.fail("gandl-demo", e)
+def demo_command() -> int:
+  out = demo.run_demo(_WORKDIR.value, size=_SIZE.value, seed=_SEED.value)
   print("\n=== GAN-DL demo finished in "
         f"{out['seconds'] / 60:.1f} min ===")
   for line in out["headline"]:
     print("  " + line)
   print(f"Report: {out['report']}")
+  return cli.EXIT_OK
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  cli.run("gandl-demo", demo_command)
 
 
 def run():

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 
 from absl import app, flags
+
+from gandl_jax import cli
 
 from gandl_jax.evaluate import classify, dose_response
 from gandl_jax.evaluate.pipeline import Options, evaluate
@@ -68,14 +69,27 @@ def parse_compounds(text: str):
   return [c.strip() for c in row if c.strip()]
 
 
+def exit_status(metrics) -> int:
+  """0 when no task failed; 3 when some failed (named in metrics.json and
+  the report); 1 when every task that ran failed."""
+  statuses = [t["status"] for e in metrics["embeddings"].values()
+              for k, t in e.items()
+              if k not in ("input", "postprocessing") and isinstance(t, dict)
+              and "status" in t]
+  failed = statuses.count("failed")
+  if failed and failed == len([s for s in statuses if s != "skipped"]):
+    return cli.EXIT_ERROR
+  return cli.EXIT_PARTIAL if failed else cli.EXIT_OK
+
+
 def main(argv):
-  del argv
+  cli.no_arguments(argv)
   if not FLAGS.embeddings or not FLAGS.output:
-    raise app.UsageError("--embeddings and --output are required")
+    raise cli.usage("--embeddings and --output are required")
   try:
     c_grid = tuple(float(c) for c in FLAGS.c_grid)
   except ValueError as e:
-    raise app.UsageError(f"--c_grid must be numbers: {e}") from e
+    raise cli.usage(f"--c_grid must be numbers: {e}") from e
   opts = Options(
       normalize=FLAGS.normalize, whiten=FLAGS.whiten,
       whiten_components=FLAGS.whiten_components, aggregate=FLAGS.aggregate,
@@ -86,19 +100,20 @@ def main(argv):
           tol=FLAGS.svm_tol),
       fit=dose_response.FitConfig(), hit_threshold=FLAGS.hit_threshold,
       top_compounds=FLAGS.top_compounds)
-  try:
-    evaluate(FLAGS.embeddings, FLAGS.output, metadata=FLAGS.metadata,
-             tasks=FLAGS.tasks, baseline=FLAGS.baseline,
-             baseline_name=FLAGS.baseline_name, name=FLAGS.name,
-             baseline_metadata=FLAGS.baseline_metadata,
-             rxrx1_embeddings=FLAGS.rxrx1_embeddings,
-             rxrx1_metadata=FLAGS.rxrx1_metadata,
-             rxrx1_baseline=FLAGS.rxrx1_baseline, truth=FLAGS.truth,
-             compounds=parse_compounds(FLAGS.compounds), options=opts)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"gandl-evaluate: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  cli.run("gandl-evaluate", lambda: evaluate_command(opts))
+
+
+def evaluate_command(opts: Options) -> int:
+  metrics = evaluate(
+      FLAGS.embeddings, FLAGS.output, metadata=FLAGS.metadata,
+      tasks=FLAGS.tasks, baseline=FLAGS.baseline,
+      baseline_name=FLAGS.baseline_name, name=FLAGS.name,
+      baseline_metadata=FLAGS.baseline_metadata,
+      rxrx1_embeddings=FLAGS.rxrx1_embeddings,
+      rxrx1_metadata=FLAGS.rxrx1_metadata,
+      rxrx1_baseline=FLAGS.rxrx1_baseline, truth=FLAGS.truth,
+      compounds=parse_compounds(FLAGS.compounds), options=opts)
+  return exit_status(metrics)
 
 
 def run():

@@ -15,7 +15,6 @@ then be on shared storage). See docs/export.md.
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags
 
@@ -43,30 +42,29 @@ flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
 flags.DEFINE_float("progress_every", 30.0, "Seconds between progress lines.")
 
 
+def export_command() -> int:
+  # pylint: disable=import-outside-toplevel
+  from gandl_jax.inference import export
+  from gandl_jax import sharding
+  sharding.maybe_initialize_distributed()
+  summary = export.export_embeddings(
+      FLAGS.workdir or FLAGS.checkpoint, FLAGS.data, FLAGS.output,
+      layer=FLAGS.layer, batch=FLAGS.batch, fmt=FLAGS.format,
+      step=FLAGS.step, filter=FLAGS.filter,
+      compute_dtype=FLAGS.compute_dtype,
+      progress_every_s=FLAGS.progress_every)
+  print(json.dumps(summary.as_dict()))
+  return cli.EXIT_OK
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  cli.quiet_library_logs()
+  cli.no_arguments(argv)
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
-    raise app.UsageError("give exactly one of --workdir or --checkpoint")
+    raise cli.usage("give exactly one of --workdir or --checkpoint")
   for name in ("data", "output"):
     if not FLAGS[name].value:
-      raise app.UsageError(f"--{name} is required")
-  # pylint: disable=import-outside-toplevel
-  from gandl_jax import export
-  from gandl_jax import parallel
-  parallel.maybe_initialize_distributed()
-  try:
-    summary = export.export_embeddings(
-        FLAGS.workdir or FLAGS.checkpoint, FLAGS.data, FLAGS.output,
-        layer=FLAGS.layer, batch=FLAGS.batch, fmt=FLAGS.format,
-        step=FLAGS.step, filter=FLAGS.filter,
-        compute_dtype=FLAGS.compute_dtype,
-        progress_every_s=FLAGS.progress_every)
-  except (FileNotFoundError, ValueError, RuntimeError) as e:
-    print(f"gandl-export: error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print(json.dumps(summary.as_dict()))
+      raise cli.usage(f"--{name} is required")
+  cli.run("gandl-export", export_command)
 
 
 def run():

@@ -19,6 +19,8 @@ from typing import List
 
 from absl import app, flags
 
+from gandl_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Workdir, its checkpoints/ dir, or a "
                     "step dir.")
@@ -59,28 +61,31 @@ def parse_seeds(text: str) -> List[int]:
   return seeds
 
 
+def generate_command(seeds: List[int]) -> int:
+  # pylint: disable=import-outside-toplevel
+  from gandl_jax.inference import api, samples
+  model = api.load(FLAGS.checkpoint, FLAGS.step,
+                   compute_dtype=FLAGS.compute_dtype,
+                   batch_size=FLAGS.batch_size)
+  summary = samples.save_samples(
+      model, FLAGS.out, seeds, truncation_psi=FLAGS.truncation_psi,
+      noise_mode=FLAGS.noise_mode, noise_seed=FLAGS.noise_seed,
+      view=FLAGS.view, cols=FLAGS.cols)
+  print(json.dumps(summary))
+  return cli.EXIT_OK
+
+
 def main(argv):
-  del argv
-  from gandl_jax import api  # pylint: disable=import-outside-toplevel
+  cli.no_arguments(argv)
   if not FLAGS.checkpoint:
-    raise app.UsageError("--checkpoint is required")
+    raise cli.usage("--checkpoint is required")
   if not FLAGS.out:
-    raise app.UsageError("--out is required (.png or .npz)")
+    raise cli.usage("--out is required (.png or .npz)")
   try:
     seeds = parse_seeds(FLAGS.seeds)
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  try:
-    model = api.load(FLAGS.checkpoint, FLAGS.step,
-                     compute_dtype=FLAGS.compute_dtype,
-                     batch_size=FLAGS.batch_size)
-    summary = api.save_samples(
-        model, FLAGS.out, seeds, truncation_psi=FLAGS.truncation_psi,
-        noise_mode=FLAGS.noise_mode, noise_seed=FLAGS.noise_seed,
-        view=FLAGS.view, cols=FLAGS.cols)
-  except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"gandl-generate: {e}") from e
-  print(json.dumps(summary))
+    raise cli.usage(str(e)) from e
+  cli.run("gandl-generate", lambda: generate_command(seeds))
 
 
 def run():

@@ -9,6 +9,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from gandl_jax import cli
+
 _OUTPUT = flags.DEFINE_string("output", None, "Parent directory; the tree goes "
                               "to OUTPUT/RxRx19a or OUTPUT/RxRx1.", required=True)
 _DATASET = flags.DEFINE_enum("dataset", "rxrx19a", ["rxrx19a", "rxrx1"],
@@ -24,19 +26,25 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _WORKERS = flags.DEFINE_integer("workers", None, "Processes (default: all cores).")
 
 
-def main(argv):
-  del argv
+def synth_command() -> int:
   from gandl_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   plates = None
   if _PLATES.value:
     vals = [int(p) for p in _PLATES.value]
     plates = vals[0] if len(vals) == 1 else vals
-  root = synthetic.generate(_OUTPUT.value, dataset=_DATASET.value, size=_SIZE.value,
-                            plates=plates, seed=_SEED.value,
+  root = synthetic.generate(_OUTPUT.value, dataset=_DATASET.value,
+                            size=_SIZE.value, plates=plates, seed=_SEED.value,
                             wells_per_plate=_WELLS.value,
-                            experiments=_EXPERIMENTS.value, workers=_WORKERS.value)
+                            experiments=_EXPERIMENTS.value,
+                            workers=_WORKERS.value)
   logging.info("Wrote %s", root)
   print(root)
+  return cli.EXIT_OK
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  cli.run("gandl-synth", synth_command)
 
 
 def run():

@@ -9,7 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gandl_jax import cli
-from gandl_jax import train
+from gandl_jax.train import loop as train_loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (get_config); override keys with "
@@ -21,20 +21,20 @@ _MAX_STEPS = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
-  try:
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                       max_steps=_MAX_STEPS.value)
-  except cli.USER_ERRORS as e:
-    cli.fail("gandl-train", e)
+def train_command() -> int:
+  summary = train_loop.train(_CONFIG.value, _WORKDIR.value,
+                             max_steps=_MAX_STEPS.value)
   print(f"Training {summary['reason']} at step {summary['step']} "
         f"({summary['kimg']:.3f} kimg); workdir {summary['workdir']}")
   if summary["reason"] == "preempted":
     # Not finished: a distinct status lets launchers restart (128 + SIGTERM).
-    raise SystemExit(143)
+    return cli.EXIT_PREEMPTED
+  return cli.EXIT_OK
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  cli.run("gandl-train", train_command)
 
 
 def run():

@@ -33,8 +33,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from absl import logging
 
-from gandl_jax import schema
 from gandl_jax.data import reader
+from gandl_jax import io as gio
+from gandl_jax import progress as progress_lib
+from gandl_jax import schema
 
 SHARD_SEED = 42
 TARGET_SHARD_BYTES = 128 * 2**20
@@ -85,15 +87,6 @@ def encode_example(image: np.ndarray, meta: Dict[str, object], dataset: str) -> 
   return tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString()
 
 
-def _write_text(path: str, text: str) -> None:
-  """Writes via a temporary file and a rename (local or gs://)."""
-  tf = _tf()
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def _csv(columns: Sequence[str], rows: Sequence[Dict[str, object]]) -> str:
   import csv  # pylint: disable=import-outside-toplevel
   import io  # pylint: disable=import-outside-toplevel
@@ -114,24 +107,6 @@ def _plan_key(site_ids: Sequence[str], resolution: int, channels: Sequence[int],
   for s in site_ids:
     h.update(s.encode() + b"\n")
   return h.hexdigest()
-
-
-class _Progress:
-  """Logs sites done, rate and ETA."""
-
-  def __init__(self, total: int, already: int):
-    self.total, self.done, self.start = total, already, time.time()
-    self.base = already
-
-  def update(self, n: int, shard: str) -> None:
-    self.done += n
-    el = time.time() - self.start
-    rate = (self.done - self.base) / el if el > 0 else 0.0
-    left = self.total - self.done
-    eta = datetime.timedelta(seconds=int(left / rate)) if rate > 0 else "?"
-    pct = 100.0 * self.done / max(self.total, 1)
-    logging.info("%s done: %d/%d sites (%.1f%%), %.1f sites/s, ETA %s",
-                 shard, self.done, self.total, pct, rate, eta)
 
 
 def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
@@ -171,7 +146,7 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   tf = _tf()
   dataset = dataset.lower()
   channels = reader.check_channels(dataset, channels)
-  if "://" not in input_dir:
+  if not gio.is_remote(input_dir):
     input_dir = os.path.abspath(input_dir)
   if resolution < 4:
     raise ValueError(f"resolution must be >= 4, got {resolution}")
@@ -188,17 +163,17 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
       m = reader.parse_row(row, dataset)
     except reader.SiteError as e:
       errors.append(dict(site_id=row.get("site_id", ""),
-                         path=reader.join(input_dir, "metadata.csv"),
+                         path=gio.join(input_dir, "metadata.csv"),
                          reason=e.reason))
       continue
     if m["site_id"] in seen:
-      errors.append(dict(site_id=m["site_id"], path=reader.join(input_dir, "metadata.csv"),
+      errors.append(dict(site_id=m["site_id"], path=gio.join(input_dir, "metadata.csv"),
                          reason="duplicate site_id (first row kept)"))
       continue
     seen.add(m["site_id"])
     metas.append(m)
   if not metas:
-    raise reader.MetadataError(f"{reader.join(input_dir, 'metadata.csv')}: no "
+    raise reader.MetadataError(f"{gio.join(input_dir, 'metadata.csv')}: no "
                                f"usable rows for subset {subset!r}")
   if source_size is None:
     source_size = reader.probe_source_size(input_dir, metas, channels)
@@ -213,9 +188,9 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   plan = [[metas[i] for i in part] for part in np.array_split(perm, n)]
 
   tf.io.gfile.makedirs(output_dir)
-  prog_dir = reader.join(output_dir, PROGRESS_DIR)
+  prog_dir = gio.join(output_dir, PROGRESS_DIR)
   tf.io.gfile.makedirs(prog_dir)
-  others = [p for p in tf.io.gfile.glob(reader.join(output_dir, f"{dataset}-*-of-*.tfrecord"))
+  others = [p for p in tf.io.gfile.glob(gio.join(output_dir, f"{dataset}-*-of-*.tfrecord"))
             if not p.endswith(f"-of-{n:05d}.tfrecord")]
   if others:
     raise ValueError(f"{output_dir} already holds shards of another conversion "
@@ -224,15 +199,16 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
 
   # Temporary files of an interrupted run (never read; shards are renamed
   # only when complete).
-  for stale in tf.io.gfile.glob(reader.join(output_dir, f"{dataset}-*.tfrecord.tmp-*")):
+  for stale in tf.io.gfile.glob(gio.join(
+      output_dir, gio.tmp_glob(f"{dataset}-*.tfrecord"))):
     tf.io.gfile.remove(stale)
 
   keys = [_plan_key([m["site_id"] for m in part], resolution, channels,
                     source_size, compression) for part in plan]
   stats: List[Optional[dict]] = [None] * n
   for i in range(n):
-    path = reader.join(output_dir, shard_name(dataset, i, n))
-    sp = reader.join(prog_dir, shard_name(dataset, i, n) + ".json")
+    path = gio.join(output_dir, shard_name(dataset, i, n))
+    sp = gio.join(prog_dir, shard_name(dataset, i, n) + ".json")
     if not overwrite and tf.io.gfile.exists(path) and tf.io.gfile.exists(sp):
       with tf.io.gfile.GFile(sp, "r") as f:
         s = json.load(f)
@@ -241,7 +217,9 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   skipped = sum(s is not None for s in stats)
   if skipped:
     logging.info("Resuming: %d of %d shards already complete", skipped, n)
-  progress = _Progress(len(metas), sum(len(plan[i]) for i in range(n) if stats[i]))
+  progress = progress_lib.Progress(
+      len(metas), done=sum(len(plan[i]) for i in range(n) if stats[i]),
+      name="convert", every_s=0.0)
 
   pool = None
   if workers > 1 and skipped < n:
@@ -253,15 +231,14 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
       if stats[i] is not None:
         continue
       name = shard_name(dataset, i, n)
-      path = reader.join(output_dir, name)
-      tmp = f"{path}.tmp-{os.getpid()}"
+      path = gio.join(output_dir, name)
       tasks = [(input_dir, m, channels, resolution, source_size) for m in plan[i]]
       results = (pool.imap(reader.load_task, tasks, chunksize=4) if pool
                  else map(reader.load_task, tasks))
       s_sum = np.zeros(len(channels))
       s_sq = np.zeros(len(channels))
       written, shard_errors = [], []
-      with tf.io.TFRecordWriter(tmp, options) as w:
+      with gio.atomic_path(path) as tmp, tf.io.TFRecordWriter(tmp, options) as w:
         for r in results:
           if r.image is None:
             shard_errors.append(dict(site_id=r.meta["site_id"], path=r.path,
@@ -272,14 +249,15 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
           s_sum += x.sum(0)
           s_sq += (x * x).sum(0)
           written.append(r.meta["site_id"])
-      stats[i] = dict(plan=keys[i], shard=name, site_ids=written,
-                      errors=shard_errors, sum=s_sum.tolist(), sumsq=s_sq.tolist(),
-                      pixels=len(written) * resolution * resolution)
-      # Progress record first, shard rename last: a shard file under its
-      # final name always has its record.
-      _write_text(reader.join(prog_dir, name + ".json"), json.dumps(stats[i]))
-      tf.io.gfile.rename(tmp, path, overwrite=True)
-      progress.update(len(plan[i]), name)
+        stats[i] = dict(plan=keys[i], shard=name, site_ids=written,
+                        errors=shard_errors, sum=s_sum.tolist(),
+                        sumsq=s_sq.tolist(),
+                        pixels=len(written) * resolution * resolution)
+        # Progress record first, shard published last (when this block
+        # ends): a shard file under its final name always has its record.
+        gio.write_text(gio.join(prog_dir, name + ".json"),
+                       json.dumps(stats[i]))
+      progress.update(len(plan[i]))
   finally:
     if pool is not None:
       pool.close()
@@ -328,38 +306,16 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
       created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   )
   cols = ("shard", "position") + tuple(schema.COLUMNS[dataset])
-  _write_text(reader.join(output_dir, schema.SITES_INDEX_FILE), _csv(cols, index_rows))
-  errors_path = reader.join(output_dir, ERRORS_FILE)
-  _write_text(errors_path, _csv(("site_id", "path", "reason"), errors))
-  _write_text(reader.join(output_dir, schema.DATASET_INFO_FILE),
+  gio.write_text(gio.join(output_dir, schema.SITES_INDEX_FILE), _csv(cols, index_rows))
+  errors_path = gio.join(output_dir, ERRORS_FILE)
+  gio.write_text(errors_path, _csv(("site_id", "path", "reason"), errors))
+  gio.write_text(gio.join(output_dir, schema.DATASET_INFO_FILE),
               json.dumps(info, indent=2) + "\n")
   summary = dict(num_examples=num_examples, num_failed=len(errors), num_shards=n,
                  skipped_shards=skipped, output_dir=output_dir,
                  errors_csv=errors_path,
-                 dataset_info=reader.join(output_dir, schema.DATASET_INFO_FILE))
+                 dataset_info=gio.join(output_dir, schema.DATASET_INFO_FILE))
   logging.info("Converted %d sites into %d shards in %s; %d failed%s", num_examples,
                n, output_dir, len(errors),
                f" (see {errors_path})" if errors else "")
   return summary
-
-
-def run_command(**kwargs) -> int:
-  """`convert(**kwargs)` for the CLI: prints the summary, returns the exit status.
-
-  0: every site converted; 1: some sites failed (listed in errors.csv, the
-  rest converted); 2: metadata.csv unusable (nothing written).
-  """
-  try:
-    summary = convert(**kwargs)
-  except reader.MetadataError as e:
-    print(f"gandl-convert: {e}", file=sys.stderr)
-    return 2
-  print(f"converted {summary['num_examples']} sites into {summary['num_shards']} "
-        f"shards in {summary['output_dir']}; {summary['num_failed']} failed"
-        + (f" (see {summary['errors_csv']})" if summary["num_failed"] else ""))
-  return 1 if summary["num_failed"] else 0
-
-
-def main_command() -> str:
-  """The current command line, for dataset_info.json."""
-  return " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])

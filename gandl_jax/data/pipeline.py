@@ -1,7 +1,7 @@
 """tf.data input pipeline over the converter's TFRecord shards.
 
 Two entry points, both delivering global `jax.Array`s sharded on the mesh's
-`data` axis (via `gandl_jax.parallel.host_to_global`):
+`data` axis (via `gandl_jax.sharding.host_to_global`):
 
 * `train_batches`: infinite, shuffled, augmented float32 images in [-1, 1].
   Files are split per host (`files[process_index::process_count]`); every
@@ -43,8 +43,10 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from gandl_jax import parallel
+from gandl_jax import config as config_lib
+from gandl_jax import images as image_lib
 from gandl_jax import schema
+from gandl_jax import sharding
 
 FilterSpec = Union[None, str, Mapping[str, Any]]
 
@@ -335,33 +337,31 @@ def _host_files(files: Sequence[str], process_index: int, process_count: int) ->
   return list(files[process_index::process_count])
 
 
-def _check_shape(info: Mapping[str, Any], path: str, resolution: Optional[int],
-                 channels: Union[None, int, Sequence[int]]) -> None:
+def check_dataset(info: Mapping[str, Any], path: str,
+                  resolution: Optional[int],
+                  channels: Union[None, int, Sequence[int]],
+                  against: str = "the model") -> None:
+  """The shards' resolution and channels (a count, or the channel numbers)
+  must be what the model (`against`: the config or a checkpoint) expects."""
+  errors = []
   if resolution is not None and int(info["resolution"]) != int(resolution):
-    raise ValueError(
-        f"{path}: shards are {info['resolution']}x{info['resolution']} but the "
-        f"model expects {resolution}x{resolution}; convert at --resolution "
-        f"{resolution} or change the config's resolution")
-  if channels is None:
+    errors.append(
+        f"the shards have resolution {info['resolution']} but {against} "
+        f"expects {resolution} (convert with gandl-convert --resolution "
+        f"{resolution}, or change the config's resolution)")
+  if isinstance(channels, (int, np.integer)) and (
+      int(info["num_channels"]) != int(channels)):
+    errors.append(f"the shards have {info['num_channels']} channels but "
+                  f"{against} expects {channels}")
+  if errors:
+    raise ValueError(f"{path}: " + "; ".join(errors))
+  if channels is None or isinstance(channels, (int, np.integer)):
     return
-  if isinstance(channels, (int, np.integer)):
-    if int(info["num_channels"]) != int(channels):
-      raise ValueError(f"{path}: shards have {info['num_channels']} channels, the "
-                       f"model expects {channels}")
-  else:
-    have = [c["index"] if isinstance(c, Mapping) else int(c)
-            for c in info.get("channels", [])]
-    if list(have) != [int(c) for c in channels]:
-      raise ValueError(f"{path}: shards hold channels {have}, expected "
-                       f"{list(channels)}")
-
-
-def _get(cfg: Any, key: str, default: Any) -> Any:
-  if isinstance(cfg, Mapping):
-    v = cfg.get(key, default)
-  else:
-    v = getattr(cfg, key, default)
-  return default if v is None else v
+  have = [c["index"] if isinstance(c, Mapping) else int(c)
+          for c in info.get("channels", [])]
+  if list(have) != [int(c) for c in channels]:
+    raise ValueError(f"{path}: the shards hold channels {have} but "
+                     f"{against} expects {list(channels)}")
 
 
 def host_sites(path: str, filter: FilterSpec = None,  # pylint: disable=redefined-builtin
@@ -389,9 +389,10 @@ def host_sites(path: str, filter: FilterSpec = None,  # pylint: disable=redefine
 
 def train_dataset(path: str, *, host_batch: int, seed: int,
                   filter: FilterSpec = None,  # pylint: disable=redefined-builtin
-                  shuffle_buffer: int = 4096, x_flip: bool = True,
-                  rot90: bool = True, num_parallel_calls: int = -1,
-                  prefetch: int = 2, start_batch: int = 0,
+                  shuffle_buffer: Optional[int] = None,
+                  x_flip: Optional[bool] = None, rot90: Optional[bool] = None,
+                  num_parallel_calls: Optional[int] = None,
+                  prefetch: Optional[int] = None, start_batch: int = 0,
                   process_index: int = 0, process_count: int = 1,
                   resolution: Optional[int] = None,
                   channels: Union[None, int, Sequence[int]] = None,
@@ -400,10 +401,18 @@ def train_dataset(path: str, *, host_batch: int, seed: int,
 
   Returns (dataset, sites_per_epoch_on_this_host). Elements are float32
   (host_batch, R, R, C) in [-1, 1] (uint8 when `normalize` is False).
+  Options left None take `config.data_config()`'s defaults.
   """
+  given = dict(shuffle_buffer=shuffle_buffer, x_flip=x_flip, rot90=rot90,
+               num_parallel_calls=num_parallel_calls, prefetch=prefetch)
+  opt = config_lib.full_data_config(
+      {k: v for k, v in given.items() if v is not None})
+  shuffle_buffer, x_flip, rot90 = (opt["shuffle_buffer"], opt["x_flip"],
+                                   opt["rot90"])
+  num_parallel_calls, prefetch = opt["num_parallel_calls"], opt["prefetch"]
   tf = _tf()
   info = read_dataset_info(path)
-  _check_shape(info, path, resolution, channels)
+  check_dataset(info, path, resolution, channels)
   files = list_shards(path)
   if len(files) < process_count:
     raise ValueError(f"{path}: {len(files)} shard files for {process_count} hosts; "
@@ -458,7 +467,7 @@ def train_dataset(path: str, *, host_batch: int, seed: int,
     r, c = int(info["resolution"]), int(info["num_channels"])
     img = tf.ensure_shape(img, [r, r, c])
     if normalize:
-      img = tf.cast(img, tf.float32) * (2.0 / 255.0) - 1.0
+      img = tf.cast(img, tf.float32) * float(image_lib.PIXEL_SCALE) - 1.0
     return img
 
   ds = ds.map(decode, num_parallel_calls=npc, deterministic=True)
@@ -481,23 +490,21 @@ def train_batches(data_config: Any, *, global_batch: int, mesh, seed: int,
   Shapes, channels and the filter are checked before anything is compiled.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  path = _get(data_config, "path", "")
-  parallel.check_global_batch(global_batch, mesh)
-  host_batch = parallel.host_batch_size(global_batch)
+  cfg = config_lib.full_data_config(data_config)
+  sharding.check_global_batch(global_batch, mesh)
+  host_batch = sharding.host_batch_size(global_batch)
   ds, _ = train_dataset(
-      path, host_batch=host_batch, seed=seed,
-      filter=_get(data_config, "filter", None) or None,
-      shuffle_buffer=_get(data_config, "shuffle_buffer", 4096),
-      x_flip=bool(_get(data_config, "x_flip", True)),
-      rot90=bool(_get(data_config, "rot90", True)),
-      num_parallel_calls=_get(data_config, "num_parallel_calls", -1),
-      prefetch=_get(data_config, "prefetch", 2), start_batch=start_batch,
+      cfg["path"], host_batch=host_batch, seed=seed,
+      filter=cfg["filter"] or None, shuffle_buffer=cfg["shuffle_buffer"],
+      x_flip=bool(cfg["x_flip"]), rot90=bool(cfg["rot90"]),
+      num_parallel_calls=cfg["num_parallel_calls"],
+      prefetch=cfg["prefetch"], start_batch=start_batch,
       process_index=jax.process_index(), process_count=jax.process_count(),
       resolution=resolution, channels=channels)
 
   def gen():
     for batch in ds.as_numpy_iterator():
-      yield {"image": parallel.host_to_global(batch, mesh)}
+      yield {"image": sharding.host_to_global(batch, mesh)}
 
   return gen()
 
@@ -607,8 +614,8 @@ def eval_batches(path: str, *, global_batch: int, mesh,
   concatenates all hosts' rows and sorts by `index`.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  parallel.check_global_batch(global_batch, mesh)
-  host_batch = parallel.host_batch_size(global_batch)
+  sharding.check_global_batch(global_batch, mesh)
+  host_batch = sharding.host_batch_size(global_batch)
   it, _ = eval_host_batches(path, host_batch=host_batch, filter=filter,
                             process_index=jax.process_index(),
                             process_count=jax.process_count())
@@ -616,7 +623,7 @@ def eval_batches(path: str, *, global_batch: int, mesh,
   def gen():
     for b in it:
       b = dict(b)
-      b["image"] = parallel.host_to_global(b["image"], mesh)
+      b["image"] = sharding.host_to_global(b["image"], mesh)
       yield b
 
   return gen()
@@ -640,4 +647,4 @@ def host_rows(x, mesh) -> np.ndarray:
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
   return np.asarray(multihost_utils.global_array_to_host_local_array(
-      x, mesh, P(parallel.DATA_AXIS)))
+      x, mesh, P(sharding.DATA_AXIS)))

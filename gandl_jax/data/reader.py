@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from gandl_jax import io as gio
 from gandl_jax import schema
 
 SUBSETS = ("all", "controls")
@@ -32,28 +33,6 @@ class SiteError(Exception):
     super().__init__(reason)
     self.reason = reason
     self.path = path
-
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
-def read_bytes(path: str) -> bytes:
-  """Reads a local or remote (tf.io.gfile) file; FileNotFoundError if absent."""
-  if _is_remote(path):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    try:
-      with tf.io.gfile.GFile(path, "rb") as f:
-        return f.read()
-    except tf.errors.NotFoundError as e:
-      raise FileNotFoundError(path) from e
-  with open(path, "rb") as f:
-    return f.read()
-
-
-def join(*parts: str) -> str:
-  return os.path.join(*parts) if not _is_remote(parts[0]) else "/".join(
-      p.rstrip("/") for p in parts)
 
 
 def default_channels(dataset: str) -> Tuple[int, ...]:
@@ -83,9 +62,9 @@ def read_metadata(dataset: str, input_dir: str):
   does not have every published column.
   """
   import pandas as pd  # pylint: disable=import-outside-toplevel
-  path = join(input_dir, "metadata.csv")
+  path = gio.join(input_dir, "metadata.csv")
   try:
-    raw = read_bytes(path)
+    raw = gio.read_bytes(path)
   except FileNotFoundError as e:
     raise MetadataError(f"{path}: not found; expected the {dataset} metadata.csv "
                         "at the root of the download") from e
@@ -142,7 +121,7 @@ def parse_row(row: Dict[str, str], dataset: str) -> Dict[str, object]:
 
 def site_paths(input_dir: str, meta: Dict[str, object],
                channels: Sequence[int]) -> List[str]:
-  return [join(input_dir, "images", schema.image_relpath(
+  return [gio.join(input_dir, "images", schema.image_relpath(
       str(meta["experiment"]), int(meta["plate"]), str(meta["well"]),
       int(meta["site"]), ch)) for ch in channels]
 
@@ -202,7 +181,7 @@ def load_site(input_dir: str, meta: Dict[str, object], channels: Sequence[int],
   blobs: List[Optional[bytes]] = []
   for p in paths:
     try:
-      blobs.append(read_bytes(p))
+      blobs.append(gio.read_bytes(p))
     except FileNotFoundError:
       blobs.append(None)
   if all(b is None for b in blobs):
@@ -234,7 +213,7 @@ def probe_source_size(input_dir: str, metas: Sequence[Dict[str, object]],
   for i in idx:
     for p in site_paths(input_dir, metas[i], channels[:1]):
       try:
-        a = decode_png(read_bytes(p), p)
+        a = decode_png(gio.read_bytes(p), p)
       except (FileNotFoundError, SiteError):
         continue
       counts[a.shape] = counts.get(a.shape, 0) + 1
@@ -243,7 +222,7 @@ def probe_source_size(input_dir: str, metas: Sequence[Dict[str, object]],
     for m in metas:
       for p in site_paths(input_dir, m, channels):
         try:
-          return decode_png(read_bytes(p), p).shape
+          return decode_png(gio.read_bytes(p), p).shape
         except (FileNotFoundError, SiteError):
           continue
     raise MetadataError(f"{input_dir}/images: no readable PNG for any metadata row")

@@ -44,10 +44,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from gandl_jax import io as gio
 from gandl_jax import schema
 
 DATASET_DIRS = {"rxrx19a": "RxRx19a", "rxrx1": "RxRx1"}
-TRUTH_FILE = "synthetic_truth.csv"
 SITES_FILE = "synthetic_sites.csv"
 TRUTH_COLUMNS = ("kind", "name", "cell_type", "experiment", "plate", "channel",
                  "parameter", "value", "description")
@@ -581,13 +581,6 @@ def _rxrx1_layout(plates, wells_per_plate, seed, experiments):
 # Writing.
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", newline="", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _csv_text(columns: Sequence[str], rows: Iterable[dict]) -> str:
   buf = io.StringIO()
   w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="raise",
@@ -613,10 +606,7 @@ def _render_chunk(args) -> List[Tuple[int, dict]]:
       buf = io.BytesIO()
       Image.fromarray(img[ch], mode="L").save(buf, format="PNG",
                                               compress_level=compress_level)
-      tmp = f"{path}.tmp-{os.getpid()}"
-      with open(tmp, "wb") as f:   # whole files only, even if interrupted
-        f.write(buf.getvalue())
-      os.replace(tmp, path)
+      gio.write_bytes(path, buf.getvalue())  # whole files, even if killed
     out.append((spec.index, truth))
   return out
 
@@ -690,10 +680,10 @@ def generate(output_dir: str, dataset: str = "rxrx19a", size: int = 256,
       r["treatment_conc"] = repr(float(r["treatment_conc"]))
   truth.append(dict(kind="generator", name="synthetic", parameter="size",
                     value=size, description=f"seed {seed}"))
-  _atomic_write_text(os.path.join(root, TRUTH_FILE), _csv_text(TRUTH_COLUMNS, truth))
-  _atomic_write_text(os.path.join(root, SITES_FILE), _csv_text(SITES_COLUMNS, site_rows))
+  gio.write_text(os.path.join(root, schema.SYNTHETIC_TRUTH_FILE), _csv_text(TRUTH_COLUMNS, truth))
+  gio.write_text(os.path.join(root, SITES_FILE), _csv_text(SITES_COLUMNS, site_rows))
   # metadata.csv last: its presence marks a complete tree.
-  _atomic_write_text(os.path.join(root, "metadata.csv"),
+  gio.write_text(os.path.join(root, "metadata.csv"),
                      _csv_text(schema.COLUMNS[dataset], rows))
   return root
 
@@ -701,7 +691,7 @@ def generate(output_dir: str, dataset: str = "rxrx19a", size: int = 256,
 def read_truth(root: str):
   """The planted truth as a pandas DataFrame (long format, see TRUTH_COLUMNS)."""
   import pandas as pd  # pylint: disable=import-outside-toplevel
-  return pd.read_csv(os.path.join(root, TRUTH_FILE), dtype=str,
+  return pd.read_csv(os.path.join(root, schema.SYNTHETIC_TRUTH_FILE), dtype=str,
                      keep_default_na=False)
 
 

@@ -23,8 +23,9 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from gandl_jax import schema
 from gandl_jax.data import reader
+from gandl_jax import io as gio
+from gandl_jax import schema
 
 _HOMEPAGE = "https://www.rxrx.ai/rxrx19a"
 _RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
@@ -87,21 +88,13 @@ class Rxrx19a(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     root = str(dl_manager.manual_dir)
-    if not reader_exists(reader.join(root, "metadata.csv")) and reader_exists(
-        reader.join(root, "RxRx19a", "metadata.csv")):
-      root = reader.join(root, "RxRx19a")
+    if not gio.exists(gio.join(root, "metadata.csv")) and gio.exists(
+        gio.join(root, "RxRx19a", "metadata.csv")):
+      root = gio.join(root, "RxRx19a")
     return {"train": self._generate_examples(root)}
 
   def _generate_examples(self, root):
     yield from iter_examples(root, self.builder_config.resolution)
-
-
-def reader_exists(path: str) -> bool:
-  try:
-    reader.read_bytes(path)
-    return True
-  except FileNotFoundError:
-    return False
 
 
 def iter_examples(root: str, resolution: int, channels=None):

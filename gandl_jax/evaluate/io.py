@@ -1,4 +1,5 @@
-"""Reading and writing site embeddings in every layout gandl-evaluate accepts.
+"""Reading site embeddings in every layout gandl-evaluate accepts (the writer
+of our own layout is `gandl_jax.embeddings`).
 
 Layouts (detected from the column names):
 
@@ -23,7 +24,6 @@ import glob
 import gzip
 import os
 import re
-import tempfile
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -32,31 +32,15 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from gandl_jax import embeddings
 from gandl_jax import schema
 
-# The feature-column convention shared with the exporter: f0000, f0001, ...
-FEATURE_PREFIX = "f"
-FEATURE_DIGITS = 4
-# Keys of the Parquet file metadata that the exporter records (read back into
-# `Embeddings.file_metadata`; any key starting with `gandl.` is kept).
-META_KEY_LAYER = "gandl.layer"
-META_KEY_STEP = "gandl.checkpoint_step"
-
-_OURS = re.compile(r"^f(\d+)$")
+_OURS = re.compile(rf"^{embeddings.FEATURE_PREFIX}(\d+)$")
 _RECURSION_NEW = re.compile(r"^feature_(\d+)$")
 _NUMBERED = re.compile(r"^(?:Unnamed: )?(\d+)$")
 _SITE_ID = re.compile(r"^[^_,]+_\d+_[A-Za-z]+\d+_\d+$")
 # Columns of Recursion's per-experiment CSVs that are not features.
 _ID_COLUMNS = ("site_id", "well_id", "experiment", "plate", "well", "site")
-
-
-def feature_name(index: int) -> str:
-  """Name of feature column `index`: `f0000` for 0 (more digits past 9999)."""
-  return f"{FEATURE_PREFIX}{index:0{FEATURE_DIGITS}d}"
-
-
-def feature_names(dim: int) -> List[str]:
-  return [feature_name(i) for i in range(dim)]
 
 
 @dataclasses.dataclass
@@ -124,8 +108,8 @@ def feature_columns(columns: Sequence[str], source: str = "") -> List[str]:
     found[idx] = c
   if not found:
     raise ValueError(
-        f"{source}: no feature columns found; expected `{feature_name(0)}, "
-        f"{feature_name(1)}, ...` (gandl-export), `feature_0, feature_1, ...` "
+        f"{source}: no feature columns found; expected `{embeddings.feature_name(0)}, "
+        f"{embeddings.feature_name(1)}, ...` (gandl-export), `feature_0, feature_1, ...` "
         f"or numbered columns after `site_id` (Recursion); got columns "
         f"{list(columns)[:8]}...")
   if len(kinds) > 1:
@@ -431,53 +415,3 @@ def load_embeddings(path: Union[str, Sequence[str]],
 
 # ---------------------------------------------------------------------------
 # Writing (atomic).
-
-
-def atomic_write(path: str, write_fn, mode: str = "w") -> None:
-  """Calls write_fn(file_object) on a temp file next to `path`, then renames."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, mode) as f:
-      write_fn(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def write_embeddings(path: str, meta: pd.DataFrame, features: np.ndarray,
-                     fmt: Optional[str] = None,
-                     file_metadata: Optional[Dict[str, str]] = None,
-                     include_metadata: bool = True) -> None:
-  """Writes embeddings in our layout (Parquet or CSV), atomically.
-
-  `site_id` first, then the metadata columns present in `meta` (when
-  `include_metadata`), then `f0000...`. `file_metadata` goes into the Parquet
-  schema metadata (e.g. {'gandl.layer': 'fc', 'gandl.checkpoint_step': '1000'}).
-  """
-  fmt = fmt or ("csv" if path.endswith((".csv", ".csv.gz")) else "parquet")
-  features = np.asarray(features, dtype=np.float32)
-  if features.ndim != 2 or len(features) != len(meta):
-    raise ValueError(f"features must be (rows={len(meta)}, dim), got {features.shape}")
-  cols = ["site_id"]
-  if include_metadata:
-    cols += [c for c in meta.columns if c != "site_id"]
-  arrays = [pa.array(meta[c].to_numpy()) for c in cols]
-  names = list(cols)
-  for j, name in enumerate(feature_names(features.shape[1])):
-    arrays.append(pa.array(features[:, j]))
-    names.append(name)
-  table = pa.Table.from_arrays(arrays, names=names)
-  if file_metadata:
-    table = table.replace_schema_metadata(
-        {k.encode(): str(v).encode() for k, v in file_metadata.items()})
-  if fmt == "parquet":
-    atomic_write(path, lambda f: pq.write_table(table, f), mode="wb")
-  elif fmt == "csv":
-    atomic_write(path, lambda f: pa_csv.write_csv(table, f), mode="wb")
-  else:
-    raise ValueError(f"unknown embeddings format {fmt!r}; use 'parquet' or 'csv'")

@@ -16,13 +16,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
+from absl import logging
+
 from gandl_jax.evaluate import (classify, dose_response, normalize, plots,
                                 report, tasks as task_lib,
                                 truth as truth_lib)
-from gandl_jax.evaluate.io import Embeddings, atomic_write, load_embeddings
+from gandl_jax.evaluate.io import Embeddings, load_embeddings
+from gandl_jax import io as gio
+from gandl_jax import schema
 
 EmbeddingsInput = Union[str, Sequence[str], Embeddings]
-TRUTH_FILE = "synthetic_truth.csv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +137,7 @@ def _find_truth(candidates: Sequence[Optional[str]]) -> Optional[str]:
     if not c or not isinstance(c, str):
       continue
     d = c if os.path.isdir(c) else os.path.dirname(os.path.abspath(c.split(",")[0]))
-    p = os.path.join(d, TRUTH_FILE)
+    p = os.path.join(d, schema.SYNTHETIC_TRUTH_FILE)
     if os.path.exists(p):
       return p
   return None
@@ -205,13 +208,13 @@ def _evaluate_set(name: str, emb_in: EmbeddingsInput, metadata,
         safe = _safe(name)
         for kind, df in (("fits", dr.fits), ("points", dr.points)):
           p = os.path.join(out_dir, f"dose_response_{kind}_{safe}.csv")
-          atomic_write(p, lambda f, df=df: df.to_csv(f, index=False))
+          gio.atomic_write(p, lambda f, df=df: df.to_csv(f, index=False))
         T[task_lib.DOSE_RESPONSE]["files"] = [
             f"dose_response_fits_{safe}.csv", f"dose_response_points_{safe}.csv"]
   if task_lib.TRUTH in wanted:
     if truth_df is None:
       T[task_lib.TRUTH] = {"status": "skipped" if truth_err is None else "failed",
-                        "reason": truth_err or f"no {TRUTH_FILE} given or "
+                        "reason": truth_err or f"no {schema.SYNTHETIC_TRUTH_FILE} given or "
                         f"found next to the metadata / embeddings"}
     elif "dose" not in extras:
       T[task_lib.TRUTH] = {"status": "failed", "reason": "needs dose-response: " +
@@ -279,7 +282,7 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
              rxrx1_baseline: Optional[EmbeddingsInput] = None,
              truth: Optional[str] = None, compounds: Sequence[str] = (),
              options: Options = Options(),
-             log: Callable[[str], None] = print) -> Dict:
+             log: Callable[[str], None] = logging.info) -> Dict:
   """Evaluates embeddings (and optionally a baseline) into `output_dir`.
 
   Writes metrics.json, report.md, figures/*.png and dose-response CSVs, each

@@ -15,13 +15,13 @@ import pandas as pd
 from sklearn.decomposition import PCA
 
 from gandl_jax.evaluate import dose_response
-from gandl_jax.evaluate.io import atomic_write
+from gandl_jax import io as gio
 
 _SET_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 
 
 def _save(fig, path: str) -> None:
-  atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110,
+  gio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110,
                                            bbox_inches="tight"), mode="wb")
   plt.close(fig)
 

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from gandl_jax.evaluate.io import atomic_write
+from gandl_jax import io as gio
 
 
 def sanitize(obj: Any, reasons: Dict[str, str], path: str = "") -> Any:
@@ -47,7 +47,7 @@ def write_metrics(path: str, metrics: Dict) -> Dict:
   clean = sanitize(metrics, reasons)
   clean["null_reasons"] = reasons
   text = json.dumps(clean, indent=2, allow_nan=False)
-  atomic_write(path, lambda f: f.write(text + "\n"))
+  gio.atomic_write(path, lambda f: f.write(text + "\n"))
   return clean
 
 
@@ -216,4 +216,4 @@ def inputs_section(sets: Dict[str, Dict]) -> str:
 
 
 def write_report(path: str, text: str) -> None:
-  atomic_write(path, lambda f: f.write(text))
+  gio.atomic_write(path, lambda f: f.write(text))

@@ -12,9 +12,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from gandl_jax import schema
 from gandl_jax.evaluate import classify, dose_response, normalize
 from gandl_jax.evaluate.io import Embeddings
+from gandl_jax import schema
 
 CONTROL = "control"
 CELL_MODEL = "cell_model"

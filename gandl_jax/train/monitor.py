@@ -1,4 +1,4 @@
-"""Training monitoring: JSON-lines + TensorBoard metrics, progress/ETA,
+"""Training monitoring: JSON-lines + TensorBoard metrics, the progress line,
 non-finite guard, image grids, FLOPs and device memory.
 
 Only process 0 writes files; every process may call these functions.
@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
+from absl import logging
+
+from gandl_jax import io as gio
+from gandl_jax import progress as progress_lib
 
 
 class NonFiniteError(FloatingPointError):
@@ -44,48 +46,31 @@ def check_finite(history: Sequence[Tuple[int, Mapping[str, Any]]]) -> None:
     raise NonFiniteError(*bad)
 
 
-def format_duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  d, rem = divmod(seconds, 86400)
-  h, rem = divmod(rem, 3600)
-  m, s = divmod(rem, 60)
-  return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+def perf_metrics(progress: progress_lib.Progress, nimg: int
+                 ) -> Dict[str, float]:
+  """Throughput since the previous call and the ETA, as metrics."""
+  progress.set(nimg)
+  img_s = progress.interval_rate()
+  return {"perf/img_per_sec": img_s,
+          "perf/sec_per_kimg": 1000.0 / img_s if img_s > 0 else float("nan"),
+          "perf/eta_sec": progress.eta_s}
 
 
-class Progress:
-  """Throughput and ETA from the images shown since this process started."""
-
-  def __init__(self, total_kimg: float, start_nimg: int):
-    self.total_nimg = total_kimg * 1000.0
-    self.start_nimg = start_nimg
-    self.start_time = time.time()
-    self.last_time, self.last_nimg = self.start_time, start_nimg
-
-  def update(self, nimg: int) -> Dict[str, float]:
-    now = time.time()
-    dt, dn = now - self.last_time, nimg - self.last_nimg
-    self.last_time, self.last_nimg = now, nimg
-    img_s = dn / dt if dt > 0 else float("nan")
-    overall = (nimg - self.start_nimg) / max(now - self.start_time, 1e-9)
-    eta = (self.total_nimg - nimg) / overall if overall > 0 else float("inf")
-    return {"perf/img_per_sec": img_s,
-            "perf/sec_per_kimg": 1000.0 / img_s if img_s > 0 else float("nan"),
-            "perf/eta_sec": eta}
-
-  def line(self, step: int, nimg: int, metrics: Mapping[str, float]) -> str:
-    pct = 100.0 * nimg / max(self.total_nimg, 1)
-    parts = [f"step {step}", f"kimg {nimg / 1000:.3f}/{self.total_nimg / 1000:g}"
-             f" ({pct:.1f}%)"]
-    for key, fmt in (("G/loss", "G {:.3f}"), ("D/loss", "D {:.3f}"),
-                     ("D/r1_penalty", "R1 {:.3g}"), ("G/pl_mean", "PL {:.3g}"),
-                     ("perf/sec_per_kimg", "{:.1f} s/kimg"),
-                     ("perf/img_per_sec", "{:.1f} img/s")):
-      if key in metrics and math.isfinite(metrics[key]):
-        parts.append(fmt.format(metrics[key]))
-    parts.append("ETA " + format_duration(metrics.get("perf/eta_sec", math.inf)))
-    return " | ".join(parts)
+def progress_line(step: int, nimg: int, total_kimg: float,
+                  metrics: Mapping[str, float]) -> str:
+  """The training progress line: step, kimg, losses, speed, ETA."""
+  pct = 100.0 * nimg / max(total_kimg * 1000.0, 1)
+  parts = [f"step {step}", f"kimg {nimg / 1000:.3f}/{total_kimg:g} "
+           f"({pct:.1f}%)"]
+  for key, fmt in (("G/loss", "G {:.3f}"), ("D/loss", "D {:.3f}"),
+                   ("D/r1_penalty", "R1 {:.3g}"), ("G/pl_mean", "PL {:.3g}"),
+                   ("perf/sec_per_kimg", "{:.1f} s/kimg"),
+                   ("perf/img_per_sec", "{:.1f} img/s")):
+    if key in metrics and math.isfinite(metrics[key]):
+      parts.append(fmt.format(metrics[key]))
+  parts.append("ETA " + progress_lib.format_duration(
+      metrics.get("perf/eta_sec", math.inf)))
+  return " | ".join(parts)
 
 
 class MetricWriter:
@@ -102,8 +87,8 @@ class MetricWriter:
       tf.config.set_visible_devices([], "GPU")  # TF stays off accelerators
       self._tf = tf
       tf.io.gfile.makedirs(workdir)
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
-      self._path = os.path.join(workdir, "metrics.jsonl")
+      self._tb = tf.summary.create_file_writer(gio.join(workdir, "tb"))
+      self._path = gio.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -112,16 +97,7 @@ class MetricWriter:
     record = {"step": int(step)}
     record.update({k: (v if math.isfinite(v) else None)
                    for k, v in sorted(values.items())})
-    line = json.dumps(record) + "\n"
-    gfile = self._tf.io.gfile
-    if self._path.startswith("gs://"):
-      # GCS objects cannot be appended to: rewrite (metrics files are small).
-      old = gfile.GFile(self._path).read() if gfile.exists(self._path) else ""
-      with gfile.GFile(self._path, "w") as f:
-        f.write(old + line)
-    else:
-      with open(self._path, "a", encoding="utf-8") as f:
-        f.write(line)
+    gio.append_line(self._path, json.dumps(record))
     with self._tb.as_default(step=int(step)):
       for k, v in values.items():
         if math.isfinite(v):
@@ -133,13 +109,10 @@ class MetricWriter:
     if not self.enabled:
       return
     tf = self._tf
-    out_dir = os.path.join(self.workdir, "samples")
+    out_dir = gio.join(self.workdir, "samples")
     tf.io.gfile.makedirs(out_dir)
     png = tf.io.encode_png(rgb_uint8).numpy()
-    path = os.path.join(out_dir, f"{name}-{int(step):08d}.png")
-    with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
-      f.write(png)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    gio.write_bytes(gio.join(out_dir, f"{name}-{int(step):08d}.png"), png)
     with self._tb.as_default(step=int(step)):
       tf.summary.image(name, rgb_uint8[None], max_outputs=1)
     self._tb.flush()
@@ -189,6 +162,6 @@ def average(history: List[Tuple[int, Mapping[str, Any]]]) -> Dict[str, float]:
 
 
 def log_info(message: str) -> None:
-  """A progress message on stdout, from process 0 only."""
+  """A progress message (absl INFO), from process 0 only."""
   if jax.process_index() == 0:
-    print(message, flush=True)
+    logging.info("%s", message)

@@ -8,6 +8,7 @@ hosts), one GPU and a laptop CPU (one device, or several simulated with
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -51,17 +52,33 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def check_batch(batch: int, num_devices: int = 1, num_hosts: int = 1,
+                group: int = 1, group_slices: int = 1,
+                name: str = "batch") -> None:
+  """Raises a clear ValueError unless the global `batch` splits evenly over
+  devices and hosts, and each of `group_slices` contiguous slices splits into
+  minibatch-stddev groups of min(group, slice) (training forms groups inside
+  each device's slice; export over the whole batch, `group_slices=1`)."""
+  if batch < 1:
+    raise ValueError(f"{name}={batch} must be >= 1")
+  if batch % group_slices:
+    g_eff = max(int(group), 1)
+  else:
+    g_eff = min(max(int(group), 1), batch // group_slices)
+  step = math.lcm(int(num_devices), int(num_hosts),
+                  int(group_slices) * g_eff)
+  if batch % step:
+    lo = max(step, batch // step * step)
+    raise ValueError(
+        f"{name}={batch} must be a multiple of {step} ({num_devices} "
+        f"device(s), {num_hosts} host(s), minibatch-stddev groups of "
+        f"{g_eff} in each of {group_slices} slice(s)); try {lo} or "
+        f"{lo + step}")
+
+
 def check_global_batch(global_batch: int, mesh: Mesh) -> None:
-  """Raises a clear error if the batch cannot be split evenly."""
-  n = mesh.devices.size
-  if global_batch % n:
-    raise ValueError(
-        f"batch_size={global_batch} is not divisible by the number of devices "
-        f"({n}); choose a multiple of {n}.")
-  if global_batch % jax.process_count():
-    raise ValueError(
-        f"batch_size={global_batch} is not divisible by the number of hosts "
-        f"({jax.process_count()}).")
+  """A batch that is split over `mesh`'s devices and the hosts."""
+  check_batch(global_batch, mesh.devices.size, jax.process_count())
 
 
 def host_batch_size(global_batch: int) -> int:

@@ -1,7 +1,7 @@
 """StyleGAN2 building blocks, NHWC, as pure functions plus thin Flax modules.
 
 The math follows stylegan2-ada-pytorch (`torch_utils/ops/*`, `training/networks.py`)
-so that weights import one-to-one (see `tools/import_stylegan2_ada.py`):
+so that weights import one-to-one (see `gandl_jax/interop/stylegan2_ada.py`):
 
 * Equalized learning rate: parameters are stored as drawn at init (N(0, 1),
   divided by the lr multiplier for dense layers) and scaled at run time by
@@ -211,7 +211,7 @@ def minibatch_stddev(x: Array, group_size: int, num_channels: int = 1,
 # Flax modules with equalized learning rate.
 
 
-def _normal_init(scale: float = 1.0):
+def normal_init(scale: float = 1.0):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, dtype) * scale
   return init
@@ -240,7 +240,7 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     fan_in = x.shape[-1]
-    weight = self.param("weight", _normal_init(1.0 / self.lr_multiplier),
+    weight = self.param("weight", normal_init(1.0 / self.lr_multiplier),
                         (fan_in, self.features))
     y = x.astype(jnp.float32) @ (weight * (self.lr_multiplier / np.sqrt(fan_in)))
     if self.use_bias:
@@ -264,7 +264,7 @@ class Conv2d(nn.Module):
   @nn.compact
   def __call__(self, x: Array, gain: float = 1.0) -> Array:
     k, c_in = self.kernel_size, x.shape[-1]
-    weight = self.param("weight", _normal_init(),
+    weight = self.param("weight", normal_init(),
                         (k, k, c_in, self.features))
     w = weight * (1.0 / np.sqrt(c_in * k * k))
     f = fir_filter() if (self.up > 1 or self.down > 1) else None

@@ -2,18 +2,30 @@
 
 Config files under `configs/` start from `base_config()` and override values;
 `validate()` rejects unknown keys (typos) and bad values with a clear message
-before anything is compiled. Training-loop keys (`config.data.path`,
+before anything is compiled. Modules take their values from here: the model
+builder fills a checkpoint's model config with `model_config()`'s defaults
+(`full_model_config`), the input pipeline its data config likewise. Training-loop keys (`config.data.path`,
 `config.batch_size`, `config.total_kimg`, `config.checkpoint_every_kimg`,
 `config.seed`, `config.compute_dtype`) are part of the public interface.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, List
+import math
+from typing import Any, Dict, Iterable, List
 
 import ml_collections
 from ml_collections import config_dict
 
-from gandl_jax import networks
+from gandl_jax import sharding
+
+
+def check_resolution(resolution: int) -> int:
+  """Returns log2(resolution); raises unless it is a power of two in [8, 1024]."""
+  log2 = int(round(math.log2(resolution))) if resolution > 0 else -1
+  if resolution < 8 or resolution > 1024 or 2**log2 != resolution:
+    raise ValueError(f"resolution must be a power of two from 8 to 1024, "
+                     f"got {resolution}")
+  return log2
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -36,14 +48,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every training key with a sensible default."""
-  config = ml_collections.ConfigDict()
-  config.model = model_config()
-  config.compute_dtype = "float32"     # or bfloat16 (params stay float32)
-  config.seed = 0
-
-  config.data = ml_collections.ConfigDict(dict(
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """The input pipeline's keys (`config.data`)."""
+  cfg = ml_collections.ConfigDict(dict(
       path="",                 # shard dir or glob, local or gs://
       filter="",               # metadata filter expression (docs/data.md)
       shuffle_buffer=4096,
@@ -52,6 +59,45 @@ def base_config() -> ml_collections.ConfigDict:
       num_parallel_calls=-1,   # -1: tf.data.AUTOTUNE
       prefetch=2,
   ))
+  cfg.update(overrides)
+  return cfg
+
+
+def _filled(defaults: ml_collections.ConfigDict, given: Any) -> Dict[str, Any]:
+  out = defaults.to_dict()
+  out.update(dict(given.items()))
+  return out
+
+
+def full_model_config(given: Any) -> Dict[str, Any]:
+  """A model config (dict or ConfigDict, e.g. from a checkpoint's metadata)
+  with every key of `model_config()`; missing keys take their defaults."""
+  return _filled(model_config(), given)
+
+
+def full_data_config(given: Any) -> Dict[str, Any]:
+  """`config.data` (dict or ConfigDict) with every key of `data_config()`."""
+  return _filled(data_config(), given)
+
+
+def pl_enabled(config: Any) -> bool:
+  """Whether the path-length regularizer (G reg phase) runs."""
+  return float(config.loss.pl_weight) > 0
+
+
+def r1_enabled(config: Any) -> bool:
+  """Whether the R1 regularizer (D reg phase) runs."""
+  return float(config.loss.r1_gamma) > 0
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every training key with a sensible default."""
+  config = ml_collections.ConfigDict()
+  config.model = model_config()
+  config.compute_dtype = "float32"     # or bfloat16 (params stay float32)
+  config.seed = 0
+
+  config.data = data_config()
 
   config.batch_size = 64               # global, over all devices and hosts
   config.total_kimg = 15000.0          # thousands of real images shown to D
@@ -106,61 +152,35 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   errors = [f"unknown key 'config.{k}'" for k in sorted(given - known)]
   errors += [f"missing key 'config.{k}'" for k in sorted(known - given)]
   _fail(errors)
-  m, l = config.model, config.loss
+  model, loss = config.model, config.loss
   try:
-    networks.check_resolution(int(m.resolution))
+    check_resolution(int(model.resolution))
   except ValueError as e:
     errors.append(f"config.model.resolution: {e}")
   if config.compute_dtype not in ("float32", "bfloat16"):
     errors.append(f"config.compute_dtype must be 'float32' or 'bfloat16', got "
                   f"{config.compute_dtype!r}")
   b = int(config.batch_size)
-  if b <= 0 or b % num_devices:
-    errors.append(f"config.batch_size={b} must be a positive multiple of the "
-                  f"number of devices ({num_devices})")
-  elif b % num_hosts:
-    errors.append(f"config.batch_size={b} must be a multiple of the number of "
-                  f"hosts ({num_hosts})")
-  shards = int(config.mbstd_shards) or num_devices
-  if b % shards == 0:
-    per_shard = b // shards
-    g = min(int(m.mbstd_group_size), per_shard)
-    if per_shard % g:
-      errors.append(
-          f"batch per device {per_shard} must be a multiple of "
-          f"config.model.mbstd_group_size={m.mbstd_group_size}")
-  else:
-    errors.append(f"config.batch_size={b} must be a multiple of "
-                  f"config.mbstd_shards={shards}")
-  if l.pl_weight > 0:
-    pl_batch = b // max(int(l.pl_batch_shrink), 1)
+  try:
+    sharding.check_batch(
+        b, num_devices, num_hosts, int(model.mbstd_group_size),
+        group_slices=int(config.mbstd_shards) or num_devices,
+        name="config.batch_size")
+  except ValueError as e:
+    errors.append(str(e))
+  if pl_enabled(config):
+    pl_batch = b // max(int(loss.pl_batch_shrink), 1)
     if pl_batch == 0 or pl_batch % num_devices:
       errors.append(
           f"config.batch_size // config.loss.pl_batch_shrink = {pl_batch} must "
           f"be a positive multiple of the number of devices ({num_devices})")
   for key in ("r1_interval", "pl_interval", "pl_batch_shrink"):
-    if int(l[key]) < 1:
-      errors.append(f"config.loss.{key} must be >= 1, got {l[key]}")
+    if int(loss[key]) < 1:
+      errors.append(f"config.loss.{key} must be >= 1, got {loss[key]}")
   for key in ("total_kimg", "checkpoint_every_kimg", "log_every_kimg",
               "image_grid_every_kimg"):
     if not config[key] > 0:
       errors.append(f"config.{key} must be > 0, got {config[key]}")
-  if not 0 <= l.style_mixing_prob <= 1:
+  if not 0 <= loss.style_mixing_prob <= 1:
     errors.append("config.loss.style_mixing_prob must be in [0, 1]")
-  _fail(errors)
-
-
-def check_dataset(config: ml_collections.ConfigDict, info: dict,
-                  source: str) -> None:
-  """The shards' resolution and channels must match the model's."""
-  errors = []
-  res, ch = info.get("resolution"), info.get("num_channels",
-                                             len(info.get("channels", [])))
-  if res != config.model.resolution:
-    errors.append(f"dataset {source} has resolution {res} but "
-                  f"config.model.resolution={config.model.resolution}; "
-                  f"convert at {config.model.resolution} or change the config")
-  if ch != config.model.img_channels:
-    errors.append(f"dataset {source} has {ch} channels but "
-                  f"config.model.img_channels={config.model.img_channels}")
   _fail(errors)

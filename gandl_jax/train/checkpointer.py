@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from gandl_jax import checkpoint
-from gandl_jax.trainer import TrainState
+from gandl_jax.train.steps import TrainState
 
 
 def _split(state: TrainState) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -148,9 +148,6 @@ class TrainCheckpointer:
       self.manager.delete(step)
       logging.warning("deleted unreadable checkpoint %s", src)
     self.manager.reload()
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -20,45 +20,17 @@ Results are therefore deterministic for a given input order and batch size.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gandl_jax import checkpoint
-from gandl_jax import networks
+from gandl_jax import images as image_lib
+from gandl_jax.model import networks
 
 NOISE_MODES = networks.NOISE_MODES
-
-
-def seeds_to_z(seeds: Iterable[int], z_dim: int) -> np.ndarray:
-  """Latents of the reference's convention: RandomState(seed).randn(1, z_dim)."""
-  seeds = [int(s) for s in seeds]
-  if not seeds:
-    raise ValueError("seeds is empty")
-  bad = [s for s in seeds if not 0 <= s < 2**32]
-  if bad:
-    raise ValueError(f"seeds must be in [0, 2**32), got {bad[:5]}")
-  return np.concatenate([np.random.RandomState(s).randn(1, z_dim)
-                         for s in seeds]).astype(np.float32)
-
-
-def to_uint8(images: Any) -> np.ndarray:
-  """[-1, 1] float images -> uint8 as the reference: (x * 127.5 + 128),
-  clipped to [0, 255], truncated."""
-  x = np.asarray(images, np.float32) * 127.5 + 128
-  return np.clip(x, 0, 255).astype(np.uint8)
-
-
-# uint8 -> [-1, 1] exactly as the training input pipeline does it
-# (gandl_jax/data/pipeline.py: x * (2 / 255) - 1 in float32).
-_SCALE = np.float32(2.0 / 255.0)
-
-
-def normalize_images(images: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] -> float32 [-1, 1] (x * 2/255 - 1), as in training."""
-  return images.astype(np.float32) * _SCALE - np.float32(1.0)
 
 
 class Model:
@@ -80,7 +52,7 @@ class Model:
     self.config: Dict[str, Any] = dict(meta["model"])
     self.step = int(meta.get("step", 0))
     self.kimg = float(meta.get("kimg", 0.0))
-    self._G, self._D = networks.build(self.config, compute_dtype)
+    self.generator, self.discriminator = networks.build(self.config, compute_dtype)
     self.resolution = int(self.config["resolution"])
     self.img_channels = int(self.config["img_channels"])
     self.z_dim = int(self.config["z_dim"])
@@ -90,11 +62,11 @@ class Model:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.batch_size = int(math.ceil(batch_size / self._group) * self._group)
     device = jax.local_devices()[0]
-    self._g_vars = jax.device_put(
+    self.g_variables = jax.device_put(
         {k: variables["G_ema"][k] for k in ("params", "buffers")}, device)
-    self._d_vars = jax.device_put({"params": variables["D"]["params"]},
+    self.d_variables = jax.device_put({"params": variables["D"]["params"]},
                                   device)
-    G, D = self._G, self._D
+    G, D = self.generator, self.discriminator
 
     def _gen(g_vars, z, key, psi, noise_mode):
       rngs = {"noise": key} if noise_mode == "random" else None
@@ -102,7 +74,7 @@ class Model:
                      rngs=rngs)
 
     def _disc(d_vars, images_u8):
-      x = images_u8.astype(jnp.float32) * _SCALE - 1.0
+      x = image_lib.to_float(images_u8)
       logits, feats = D.apply(d_vars, x, return_features=True)
       return {k: v.astype(jnp.float32) for k, v in feats.items()} | {
           "logit": logits.astype(jnp.float32)}
@@ -125,7 +97,7 @@ class Model:
     if seeds is not None:
       if isinstance(seeds, (int, np.integer)):
         seeds = [seeds]
-      return seeds_to_z(seeds, self.z_dim)
+      return image_lib.seeds_to_z(seeds, self.z_dim)
     z = np.asarray(z, np.float32)
     if z.ndim != 2 or z.shape[1] != self.z_dim:
       raise ValueError(f"z must have shape (N, {self.z_dim}), got {z.shape}")
@@ -151,7 +123,7 @@ class Model:
         chunk = np.concatenate([chunk, np.zeros((bs - n, self.z_dim),
                                                 np.float32)])
       key, sub = jax.random.split(key)
-      img = self._gen(self._g_vars, jnp.asarray(chunk), sub, psi, noise_mode)
+      img = self._gen(self.g_variables, jnp.asarray(chunk), sub, psi, noise_mode)
       out.append(np.asarray(img, np.float32)[:n])
     return np.concatenate(out)
 
@@ -167,7 +139,7 @@ class Model:
     noise_mode: 'const' (the stored noise, deterministic), 'random' (drawn
       from `noise_seed`) or 'none'.
     """
-    return to_uint8(self.generate_float(seeds, z, truncation_psi, noise_mode,
+    return image_lib.to_uint8(self.generate_float(seeds, z, truncation_psi, noise_mode,
                                         noise_seed))
 
   # --------------------------------------------------------------------------
@@ -180,7 +152,7 @@ class Model:
     if images.dtype != np.uint8:
       raise TypeError(f"images must be uint8 in [0, 255] (as read from the "
                       f"PNGs), got dtype {images.dtype}; convert float "
-                      f"images in [-1, 1] with gandl_jax.api.to_uint8")
+                      f"images in [-1, 1] with gandl_jax.images.to_uint8")
     if images.ndim == 3 and tuple(images.shape) == expected:
       raise ValueError(f"images must be a batch (N, {expected[0]}, "
                        f"{expected[1]}, {expected[2]}); got a single image "
@@ -206,7 +178,7 @@ class Model:
       if m < bs:  # complete the batch with images from the start, cyclically
         idx = np.arange(bs - m) % n
         chunk = np.concatenate([chunk, images[idx]])
-      feats = self._disc(self._d_vars, jnp.asarray(chunk))
+      feats = self._disc(self.d_variables, jnp.asarray(chunk))
       for k in keys:
         out[k].append(np.asarray(feats[k], np.float32)[:m])
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -218,60 +190,9 @@ class Model:
   def embed(self, images: np.ndarray, layer: str = "fc") -> np.ndarray:
     """float32 features (N, F) of D's `layer` (default 'fc', GAN-DL's
     embedding; see `embedding_layers` for the others)."""
-    if layer not in self.embedding_layers:
-      raise ValueError(f"unknown layer {layer!r}; available: "
-                       f"{list(self.embedding_layers)}")
+    networks.check_embedding_layer(layer, self.resolution)
     feats = self._run_d(images, [layer])[layer]
     return feats.reshape(len(feats), -1)
-
-  def sharded_embed_fn(self, mesh: Any, layer: str = "fc"):
-    """Data-parallel `embed` on `mesh` (a `parallel.make_mesh` mesh).
-
-    Returns `fn(images) -> features`: `images` a global (B, R, R, C) array
-    sharded on the mesh's `data` axis, uint8 in [0, 255] or float in [-1, 1];
-    `features` a (B, F) float32 array with the same sharding. The minibatch-
-    stddev groups are formed over the whole global batch exactly as `embed`
-    forms them for one batch of B images (`mbstd_shards=1`), so the features
-    do not depend on the number of devices; B must be a multiple of the
-    mesh size and of min(mbstd_group_size, B).
-    """
-    # pylint: disable=import-outside-toplevel
-    from gandl_jax import parallel
-    if layer not in self.embedding_layers:
-      raise ValueError(f"unknown layer {layer!r}; available: "
-                       f"{list(self.embedding_layers)}")
-    repl, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
-
-    def put(x):
-      host = np.asarray(x)
-      return jax.make_array_from_callback(host.shape, repl,
-                                          lambda idx: host[idx])
-
-    d_vars = jax.tree_util.tree_map(put, self._d_vars)
-    D = self._D
-
-    def _features(variables, images):
-      if images.dtype == jnp.uint8:
-        x = images.astype(jnp.float32) * _SCALE - 1.0
-      else:
-        x = images.astype(jnp.float32)
-      logits, feats = D.apply(variables, x, return_features=True)
-      feats = dict(feats, logit=logits)
-      return feats[layer].astype(jnp.float32).reshape(x.shape[0], -1)
-
-    jitted = jax.jit(_features, in_shardings=(repl, data), out_shardings=data)
-    group = self._group
-    n_dev = int(mesh.devices.size)
-
-    def fn(images):
-      b = int(images.shape[0])
-      if b % n_dev or b % min(group, b):
-        raise ValueError(f"batch {b} must be a multiple of the mesh size "
-                         f"({n_dev}) and of the minibatch-stddev group "
-                         f"({min(group, b)})")
-      return jitted(d_vars, images)
-
-    return fn
 
 
 def load(checkpoint_dir_or_path: Union[str, Any], step: Optional[int] = None,
@@ -279,83 +200,8 @@ def load(checkpoint_dir_or_path: Union[str, Any], step: Optional[int] = None,
   """Loads a model from a workdir, its checkpoints/ dir or a step dir.
 
   The latest step unless `step` is given. Works on checkpoints written by
-  `gandl-train` and by `tools/import_stylegan2_ada.py`.
+  `gandl-train` and by `gandl-import`.
   """
   variables, meta = checkpoint.restore_model(checkpoint_dir_or_path, step)
   return Model(variables, meta, compute_dtype=compute_dtype,
                batch_size=batch_size)
-
-
-# ----------------------------------------------------------------------------
-# Writing samples (gandl-generate).
-
-SAMPLE_VIEWS = ("bgr", "rxrx", "raw")
-
-
-def _atomic_write(path: str, write_fn) -> None:
-  """Calls write_fn(tmp_path) then renames onto `path` (same directory)."""
-  import os  # pylint: disable=import-outside-toplevel
-  import tempfile  # pylint: disable=import-outside-toplevel
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  suffix = os.path.splitext(path)[1]
-  fd, tmp = tempfile.mkstemp(suffix=suffix, dir=directory, prefix=".tmp-")
-  os.close(fd)
-  try:
-    write_fn(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def save_samples(model: Model, out: str, seeds: Sequence[int],
-                 truncation_psi: float = 1.0, noise_mode: str = "const",
-                 noise_seed: int = 0, view: str = "bgr", cols: int = 0
-                 ) -> Dict[str, Any]:
-  """Generates images for `seeds` and writes `out`:
-
-  - `*.npz`: `images` uint8 (N, H, W, C) (raw channels), `seeds`, `z`,
-    `truncation_psi`, `noise_mode`, `step`, `config_json`;
-  - `*.png`: a grid, one cell per seed; `view` 'bgr' / 'rxrx' are RGB
-    composites (gandl_jax.composite), 'raw' shows the channels side by side
-    in greyscale (one row per seed unless `cols` says otherwise).
-  Returns a small summary dict.
-  """
-  import json  # pylint: disable=import-outside-toplevel
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  from gandl_jax import composite  # pylint: disable=import-outside-toplevel
-
-  ext = str(out).lower().rsplit(".", 1)[-1] if "." in str(out) else ""
-  if ext not in ("png", "npz"):
-    raise ValueError(f"--out must end in .png or .npz, got {out!r}")
-  if view not in SAMPLE_VIEWS:
-    raise ValueError(f"view must be one of {SAMPLE_VIEWS}, got {view!r}")
-  seeds = [int(s) for s in seeds]
-  z = seeds_to_z(seeds, model.z_dim)
-  images = model.generate(z=z, truncation_psi=truncation_psi,
-                          noise_mode=noise_mode, noise_seed=noise_seed)
-  if ext == "npz":
-    def write(tmp):
-      np.savez_compressed(
-          tmp, images=images, seeds=np.asarray(seeds, np.int64), z=z,
-          truncation_psi=np.float32(truncation_psi),
-          noise_mode=np.array(noise_mode), step=np.int64(model.step),
-          config_json=np.array(json.dumps(model.config)))
-  else:
-    if view == "raw":
-      tiles = composite.channel_strip(images)
-      picture = composite.grid(tiles, cols=cols or 1)
-    else:
-      picture = composite.grid(composite.to_rgb(images, style=view),
-                               cols=cols)
-
-    def write(tmp):
-      Image.fromarray(picture).save(tmp, format="PNG")
-  _atomic_write(str(out), write)
-  return {"out": str(out), "num_images": len(seeds),
-          "shape": tuple(images.shape), "step": model.step}

@@ -12,7 +12,8 @@ c = interval / (interval + 1), shared by its main and reg phases.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+import dataclasses
+from typing import Any, Callable, Dict, Tuple
 
 import flax
 import jax
@@ -20,7 +21,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from gandl_jax import losses, monitor, networks, parallel
+from gandl_jax import config as config_lib
+from gandl_jax.model import losses, networks
+from gandl_jax import sharding
+from gandl_jax.train import monitor
 
 Array = jax.Array
 Metrics = Dict[str, Array]
@@ -44,6 +48,19 @@ class TrainState:
     return {"G": {"params": self.g_params, "buffers": self.g_buffers},
             "G_ema": {"params": self.ema_params, "buffers": self.ema_buffers},
             "D": {"params": self.d_params}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One jitted phase of an iteration (see the module docstring)."""
+  name: str
+  fn: Callable[..., Tuple[TrainState, Metrics]]
+  every: int           # runs at iterations 0, every, 2*every, ...; 0: never
+  takes_real: bool     # fn(state, real, ...)
+  takes_beta: bool     # fn(..., ema_beta)
+
+  def runs_at(self, step: int) -> bool:
+    return self.every > 0 and step % self.every == 0
 
 
 def make_optimizer(lr: float, beta1: float, beta2: float, eps: float,
@@ -70,16 +87,31 @@ class Trainer:
     self.mesh = mesh
     self.G, self.D = networks.build(config.model, config.compute_dtype)
     self.batch = int(config.batch_size)
-    self.mbstd_shards = int(mbstd_shards or config.get("mbstd_shards", 0)
+    self.mbstd_shards = int(mbstd_shards or config.mbstd_shards
                             or mesh.devices.size)
-    o, l = config.optim, config.loss
-    self.g_tx = make_optimizer(o.g_lr, o.beta1, o.beta2, o.eps, l.pl_interval
-                               if l.pl_weight > 0 else 0)
-    self.d_tx = make_optimizer(o.d_lr, o.beta1, o.beta2, o.eps, l.r1_interval
-                               if l.r1_gamma > 0 else 0)
-    self.pl_batch = max(self.batch // int(l.pl_batch_shrink), 1)
-    self._repl = parallel.replicated(mesh)
-    self._data = parallel.data_sharded(mesh)
+    optim, loss = config.optim, config.loss
+    # Lazy regularization: a phase that runs every `interval` iterations
+    # (0: never) and the Adam correction its optimizer needs.
+    self.pl_interval = (int(loss.pl_interval)
+                        if config_lib.pl_enabled(config) else 0)
+    self.r1_interval = (int(loss.r1_interval)
+                        if config_lib.r1_enabled(config) else 0)
+    self.g_tx = make_optimizer(optim.g_lr, optim.beta1, optim.beta2, optim.eps,
+                               self.pl_interval)
+    self.d_tx = make_optimizer(optim.d_lr, optim.beta1, optim.beta2, optim.eps,
+                               self.r1_interval)
+    self.pl_batch = max(self.batch // int(loss.pl_batch_shrink), 1)
+    self._repl = sharding.replicated(mesh)
+    self._data = sharding.data_sharded(mesh)
+    # The phases of one iteration, in order: (name, function, every how many
+    # iterations it runs (0: never), whether it takes the real batch, whether
+    # it takes the EMA beta). Built once; `compiled` jits each on first use.
+    self.phases: Tuple[Phase, ...] = (
+        Phase("g_main", self.g_main, 1, False, False),
+        Phase("g_reg", self.g_reg, self.pl_interval, False, False),
+        Phase("d_main", self.d_main, 1, True, True),
+        Phase("d_reg", self.d_reg, self.r1_interval, True, False),
+    )
     self._compiled = {}
 
   # ------------------------------------------------------------ state
@@ -99,7 +131,7 @@ class Trainer:
         d_opt=self.d_tx.init(d_vars["params"]),
         pl_mean=jnp.zeros((), jnp.float32),
         rng=state_key)
-    return parallel.replicate(state, self.mesh)
+    return sharding.replicate(state, self.mesh)
 
   def state_sharding(self, state: TrainState):
     return jax.tree_util.tree_map(lambda _: self._repl, state)
@@ -158,7 +190,7 @@ class Trainer:
                    "scores/fake": jnp.mean(logits.astype(jnp.float32))}
 
   def g_reg(self, state: TrainState) -> Tuple[TrainState, Metrics]:
-    l = self.config.loss
+    loss_cfg = self.config.loss
     rng, key, k_pl = jax.random.split(state.rng, 3)
 
     def loss_fn(g_params):
@@ -168,8 +200,8 @@ class Trainer:
       synth = lambda w: self._synthesize(g_params, buffers, w, k_noise)
       lengths, _ = losses.path_lengths(synth, ws, k_dir)
       penalty, new_mean = losses.path_length_penalty(lengths, state.pl_mean,
-                                                     l.pl_decay)
-      loss = jnp.mean(penalty * l.pl_weight) * l.pl_interval
+                                                     loss_cfg.pl_decay)
+      loss = jnp.mean(penalty * loss_cfg.pl_weight) * loss_cfg.pl_interval
       return loss, (buffers, new_mean, lengths, penalty)
 
     (loss, (buffers, new_mean, lengths, penalty)), grads = jax.value_and_grad(
@@ -211,11 +243,12 @@ class Trainer:
                    "scores/fake_d": jnp.mean(fake_logits.astype(jnp.float32))}
 
   def d_reg(self, state: TrainState, real: Array) -> Tuple[TrainState, Metrics]:
-    l = self.config.loss
+    loss_cfg = self.config.loss
 
     def loss_fn(d_params):
       penalty, _ = losses.r1_penalty(lambda x: self._d(d_params, x), real)
-      return jnp.mean(penalty * (l.r1_gamma / 2)) * l.r1_interval, penalty
+      return (jnp.mean(penalty * (loss_cfg.r1_gamma / 2)) *
+              loss_cfg.r1_interval, penalty)
 
     (loss, penalty), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.d_params)
@@ -227,52 +260,52 @@ class Trainer:
 
   # ------------------------------------------------------------ compiled
 
+  def _phase(self, name: str) -> "Phase":
+    for phase in self.phases:
+      if phase.name == name:
+        return phase
+    raise KeyError(f"no phase {name!r}; phases are "
+                   f"{[p.name for p in self.phases]}")
+
   def compiled(self, name: str, state: TrainState):
     """The jitted phase `name` (compiled on first use, then cached)."""
     if name not in self._compiled:
+      phase = self._phase(name)
       st = self.state_sharding(state)
-      fn = getattr(self, name)
-      extra = {"g_main": (), "g_reg": (), "d_main": (self._data, self._repl),
-               "d_reg": (self._data,)}[name]
+      extra = (((self._data,) if phase.takes_real else ()) +
+               ((self._repl,) if phase.takes_beta else ()))
       self._compiled[name] = jax.jit(
-          fn, in_shardings=(st,) + extra, out_shardings=(st, self._repl),
-          donate_argnums=(0,))
+          phase.fn, in_shardings=(st,) + extra,
+          out_shardings=(st, self._repl), donate_argnums=(0,))
     return self._compiled[name]
+
+  @staticmethod
+  def _args(phase: "Phase", state, real, beta) -> tuple:
+    return ((state,) + ((real,) if phase.takes_real else ()) +
+            ((beta,) if phase.takes_beta else ()))
 
   def flops_per_iteration(self, state: TrainState, real: Array):
     """Amortized FLOPs of one iteration from XLA's cost analysis of each
     phase (regularizers weighted by 1/interval), or None where the backend
     does not report them. Lowers the phases; compiles nothing new."""
-    l = self.config.loss
     beta = jax.device_put(jnp.float32(0.5), self._repl)
-    phases = (("g_main", 1.0, (state,)), ("d_main", 1.0, (state, real, beta)),
-              ("g_reg", 1.0 / l.pl_interval if l.pl_weight > 0 else 0.0,
-               (state,)),
-              ("d_reg", 1.0 / l.r1_interval if l.r1_gamma > 0 else 0.0,
-               (state, real)))
     total = 0.0
-    for name, weight, args in phases:
-      if weight == 0:
+    for phase in self.phases:
+      if not phase.every:
         continue
       try:
-        flops = monitor.compiled_flops(self.compiled(name, state).lower(*args))
+        flops = monitor.compiled_flops(self.compiled(phase.name, state).lower(
+            *self._args(phase, state, real, beta)))
       except Exception:  # pylint: disable=broad-except
         flops = None
       if flops is None:
         return None
-      total += weight * flops
+      total += flops / phase.every
     return total
 
   def phases_for_step(self, step: int) -> Tuple[str, ...]:
     """Which phases run at iteration `step` (regularizers at step 0, k*interval)."""
-    l = self.config.loss
-    out = ["g_main"]
-    if l.pl_weight > 0 and step % l.pl_interval == 0:
-      out.append("g_reg")
-    out.append("d_main")
-    if l.r1_gamma > 0 and step % l.r1_interval == 0:
-      out.append("d_reg")
-    return tuple(out)
+    return tuple(p.name for p in self.phases if p.runs_at(step))
 
   def train_step(self, state: TrainState, real: Array, step: int, nimg: float
                  ) -> Tuple[TrainState, Metrics]:
@@ -281,13 +314,9 @@ class Trainer:
     beta = losses.ema_beta(self.batch, nimg, e.half_life_kimg, e.rampup)
     beta = jax.device_put(jnp.float32(beta), self._repl)
     metrics = {}
-    for name in self.phases_for_step(step):
-      fn = self.compiled(name, state)
-      if name == "d_main":
-        state, m = fn(state, real, beta)
-      elif name == "d_reg":
-        state, m = fn(state, real)
-      else:
-        state, m = fn(state)
-      metrics.update(m)
+    for phase in self.phases:
+      if phase.runs_at(step):
+        state, m = self.compiled(phase.name, state)(
+            *self._args(phase, state, real, beta))
+        metrics.update(m)
     return state, metrics

@@ -19,23 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gandl_jax import layers
+from gandl_jax import config as config_lib
+from gandl_jax.model import layers
 
 Array = jax.Array
 Dtype = Any
 NOISE_MODES = ("random", "const", "none")
-# Named discriminator features: 'b{res}' (pooled block outputs), 'conv'
-# (pooled epilogue conv), 'fc' (the 512-d embedding), 'logit'.
-DEFAULT_EMBEDDING_LAYER = "fc"
-
-
-def check_resolution(resolution: int) -> int:
-  """Returns log2(resolution); raises unless it is a power of two in [8, 1024]."""
-  log2 = int(round(math.log2(resolution))) if resolution > 0 else -1
-  if resolution < 8 or resolution > 1024 or 2**log2 != resolution:
-    raise ValueError(f"resolution must be a power of two from 8 to 1024, "
-                     f"got {resolution}")
-  return log2
+check_resolution = config_lib.check_resolution
 
 
 def num_ws(resolution: int) -> int:
@@ -54,10 +44,20 @@ def block_resolutions(resolution: int) -> Tuple[int, ...]:
 
 
 def embedding_layers(resolution: int) -> Tuple[str, ...]:
-  """The feature names `Discriminator(..., return_features=True)` returns."""
+  """The feature names `Discriminator(..., return_features=True)` returns:
+  'b{res}' (pooled block outputs), 'conv' (pooled epilogue conv), 'fc' (the
+  512-d embedding, GAN-DL's default) and 'logit'."""
   blocks = tuple(f"b{r}" for r in reversed(block_resolutions(resolution))
                  if r > 4)
   return blocks + ("conv", "fc", "logit")
+
+
+def check_embedding_layer(layer: str, resolution: int) -> None:
+  """Raises ValueError unless `layer` is one of `embedding_layers`."""
+  valid = embedding_layers(resolution)
+  if layer not in valid:
+    raise ValueError(f"unknown layer {layer!r}; this model's layers are "
+                     f"{list(valid)} ('fc' is GAN-DL's embedding)")
 
 
 # ----------------------------------------------------------------------------
@@ -70,9 +70,9 @@ class MappingNetwork(nn.Module):
   z_dim: int
   w_dim: int
   num_ws: int
-  num_layers: int = 3
-  lr_multiplier: float = 0.01
-  w_avg_beta: float = 0.995
+  num_layers: int
+  lr_multiplier: float
+  w_avg_beta: float
 
   @nn.compact
   def __call__(self, z: Array, truncation_psi: Union[float, Array] = 1.0,
@@ -111,7 +111,7 @@ class SynthesisLayer(nn.Module):
   def __call__(self, x: Array, w: Array, noise_mode: str = "random") -> Array:
     c_in, k = x.shape[-1], self.kernel_size
     styles = layers.Dense(c_in, bias_init=1.0, name="affine")(w)
-    weight = self.param("weight", layers._normal_init(),
+    weight = self.param("weight", layers.normal_init(),
                         (k, k, c_in, self.features))
     noise_strength = self.param("noise_strength", nn.initializers.zeros, ())
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
@@ -150,7 +150,7 @@ class ToRGB(nn.Module):
     c_in = x.shape[-1]
     styles = layers.Dense(c_in, bias_init=1.0, name="affine")(w)
     styles = styles * (1.0 / np.sqrt(c_in))
-    weight = self.param("weight", layers._normal_init(),
+    weight = self.param("weight", layers.normal_init(),
                         (1, 1, c_in, self.img_channels))
     bias = self.param("bias", nn.initializers.zeros, (self.img_channels,))
     x = layers.modulated_conv2d(x, weight, styles, demodulate=False,
@@ -178,7 +178,7 @@ class SynthesisBlock(nn.Module):
     kw = dict(resolution=self.resolution, conv_clamp=self.conv_clamp,
               dtype=self.dtype)
     if self.in_channels == 0:
-      const = self.param("const", layers._normal_init(),
+      const = self.param("const", layers.normal_init(),
                          (self.resolution, self.resolution, self.out_channels))
       x = jnp.broadcast_to(const.astype(self.dtype)[None],
                            (ws.shape[0],) + const.shape)
@@ -203,8 +203,8 @@ class SynthesisNetwork(nn.Module):
   w_dim: int
   resolution: int
   img_channels: int
-  channel_base: int = 32768
-  channel_max: int = 512
+  channel_base: int
+  channel_max: int
   conv_clamp: Optional[float] = None
   dtype: Dtype = jnp.float32
 
@@ -236,15 +236,16 @@ class SynthesisNetwork(nn.Module):
 class Generator(nn.Module):
   """z -> images. Call with `noise_mode` in ('random', 'const', 'none'); the
   'random' mode needs an rng stream named 'noise'."""
-  z_dim: int = 512
-  w_dim: int = 512
-  resolution: int = 256
-  img_channels: int = 5
-  mapping_layers: int = 3
-  mapping_lr_multiplier: float = 0.01
-  w_avg_beta: float = 0.995
-  channel_base: int = 16384
-  channel_max: int = 512
+  # Defaults live in gandl_jax/config.py (`model_config`); use `build`.
+  z_dim: int
+  w_dim: int
+  resolution: int
+  img_channels: int
+  mapping_layers: int
+  mapping_lr_multiplier: float
+  w_avg_beta: float
+  channel_base: int
+  channel_max: int
   conv_clamp: Optional[float] = None
   dtype: Dtype = jnp.float32
 
@@ -317,8 +318,8 @@ class DiscriminatorEpilogue(nn.Module):
   the reference implementation, so `fc.weight` imports by a plain transpose.
   """
   channels: int
-  mbstd_group_size: int = 4
-  mbstd_num_channels: int = 1
+  mbstd_group_size: int
+  mbstd_num_channels: int
   conv_clamp: Optional[float] = None
 
   @nn.compact
@@ -345,12 +346,13 @@ class Discriminator(nn.Module):
   `mbstd_shards` splits the batch into that many contiguous slices for the
   minibatch-stddev groups (data-parallel training passes the device count).
   """
-  resolution: int = 256
-  img_channels: int = 5
-  channel_base: int = 16384
-  channel_max: int = 512
-  mbstd_group_size: int = 4
-  mbstd_num_channels: int = 1
+  # Defaults live in gandl_jax/config.py (`model_config`); use `build`.
+  resolution: int
+  img_channels: int
+  channel_base: int
+  channel_max: int
+  mbstd_group_size: int
+  mbstd_num_channels: int
   conv_clamp: Optional[float] = None
   dtype: Dtype = jnp.float32
 
@@ -398,25 +400,27 @@ def build(model_config: Any, dtype: Union[str, Dtype] = jnp.float32
           ) -> Tuple[Generator, Discriminator]:
   """(G, D) for a model config (`configs/gandl_rxrx19a.py: model_config()`).
 
-  `model_config` may be an ml_collections ConfigDict or a plain dict.
+  `model_config` may be an ml_collections ConfigDict or a plain dict (e.g.
+  from a checkpoint's metadata); keys it lacks take `config.model_config()`'s
+  defaults.
   """
-  cfg = dict(model_config)
+  cfg = config_lib.full_model_config(model_config)
   if isinstance(dtype, str):
     dtype = compute_dtype(dtype)
   check_resolution(cfg["resolution"])
-  clamp = cfg.get("conv_clamp")
+  clamp = cfg["conv_clamp"]
   G = Generator(
       z_dim=cfg["z_dim"], w_dim=cfg["w_dim"], resolution=cfg["resolution"],
       img_channels=cfg["img_channels"], mapping_layers=cfg["mapping_layers"],
-      mapping_lr_multiplier=cfg.get("mapping_lr_multiplier", 0.01),
-      w_avg_beta=cfg.get("w_avg_beta", 0.995),
+      mapping_lr_multiplier=cfg["mapping_lr_multiplier"],
+      w_avg_beta=cfg["w_avg_beta"],
       channel_base=cfg["channel_base"], channel_max=cfg["channel_max"],
       conv_clamp=clamp, dtype=dtype)
   D = Discriminator(
       resolution=cfg["resolution"], img_channels=cfg["img_channels"],
       channel_base=cfg["channel_base"], channel_max=cfg["channel_max"],
-      mbstd_group_size=cfg.get("mbstd_group_size", 4),
-      mbstd_num_channels=cfg.get("mbstd_num_channels", 1),
+      mbstd_group_size=cfg["mbstd_group_size"],
+      mbstd_num_channels=cfg["mbstd_num_channels"],
       conv_clamp=clamp, dtype=dtype)
   return G, D
 

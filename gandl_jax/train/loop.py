@@ -1,7 +1,7 @@
-"""GAN-DL training: `train_and_evaluate(config, workdir)`.
+"""GAN-DL training: `train(config, workdir)`.
 
 Reads TFRecord shards with tf.data (split per host), runs the jitted
-StyleGAN2 phases of `gandl_jax.trainer` on a mesh of all devices, and keeps
+StyleGAN2 phases of `gandl_jax.train.steps` on a mesh of all devices, and keeps
 WORKDIR up to date:
 
   WORKDIR/checkpoints/<step>/   Orbax: G, G_ema, D, optimizers, pl_mean, RNG,
@@ -15,9 +15,8 @@ Running the same command again resumes from the latest checkpoint.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
+import warnings
 from typing import Any, Dict, Optional
 
 import jax
@@ -25,10 +24,15 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from gandl_jax import api, composite, defaults, monitor, parallel
+from gandl_jax import config as config_lib
 from gandl_jax.data import pipeline
-from gandl_jax.resume import TrainCheckpointer
-from gandl_jax.trainer import Trainer
+from gandl_jax import images as image_lib
+from gandl_jax import io as gio
+from gandl_jax import progress as progress_lib
+from gandl_jax import sharding
+from gandl_jax.train.checkpointer import TrainCheckpointer
+from gandl_jax.train import monitor
+from gandl_jax.train.steps import Trainer
 
 
 def _steps(kimg: float, batch: int) -> int:
@@ -47,27 +51,29 @@ def _sample_fn(trainer: Trainer):
 
 
 def _write_grid(writer, trainer, sample, state, z, step, cols):
-  images = api.to_uint8(jax.device_get(
+  images = image_lib.to_uint8(jax.device_get(
       sample(state.ema_params, state.ema_buffers, z)))
-  writer.write_image(step, "fakes", composite.grid(composite.to_rgb(images),
+  writer.write_image(step, "fakes", image_lib.grid(image_lib.to_rgb(images),
                                                    cols=cols))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       mesh: Optional[Mesh] = None,
-                       max_steps: Optional[int] = None) -> Dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          mesh: Optional[Mesh] = None,
+          max_steps: Optional[int] = None) -> Dict[str, Any]:
   """Trains until `config.total_kimg` (or `max_steps` more iterations).
 
   Returns a summary dict (final step, kimg, last metrics, stop reason).
   """
-  parallel.maybe_initialize_distributed()
-  mesh = mesh or parallel.make_mesh()
-  defaults.validate(config, mesh.devices.size, jax.process_count())
+  sharding.maybe_initialize_distributed()
+  mesh = mesh or sharding.make_mesh()
+  config_lib.validate(config, mesh.devices.size, jax.process_count())
   if not config.data.path:
     raise ValueError("config.data.path is empty: pass --config.data.path "
                      "'DIR/*.tfrecord' (shards written by gandl-convert)")
   info = pipeline.read_dataset_info(config.data.path)
-  defaults.check_dataset(config, info, config.data.path)
+  pipeline.check_dataset(info, config.data.path, config.model.resolution,
+                         config.model.img_channels,
+                         against="config.model")
 
   trainer = Trainer(config, mesh)
   batch = trainer.batch
@@ -94,17 +100,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     monitor.log_info(f"Starting a new run in {workdir}.")
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    gio.write_json(gio.join(workdir, "config.json"), config.to_dict())
 
   data = pipeline.train_batches(
       config.data, global_batch=batch, mesh=mesh, seed=config.seed,
       resolution=config.model.resolution, channels=config.model.img_channels,
       start_batch=data_position)
   ckpt.install_sigterm_handler()
-  progress = monitor.Progress(config.total_kimg, nimg)
+  progress = progress_lib.Progress(config.total_kimg * 1000.0, done=nimg,
+                                   unit="img")
   sample = _sample_fn(trainer)
   grid_n = int(config.image_grid_size)
-  grid_z = parallel.replicate(jnp.asarray(api.seeds_to_z(
+  grid_z = sharding.replicate(jnp.asarray(image_lib.seeds_to_z(
       range(grid_n * grid_n), trainer.G.z_dim)), mesh)
 
   def meta() -> Dict[str, Any]:
@@ -137,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         host = jax.device_get(history)
         monitor.check_finite(host)   # before anything is saved
         last = monitor.average(host)
-        last.update(progress.update(nimg))
+        last.update(monitor.perf_metrics(progress, nimg))
         last.update(monitor.device_memory())
         last["progress/kimg"] = nimg / 1000.0
         if flops_per_iter:
@@ -145,7 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           last["perf/tflops_per_device"] = (
               flops_per_iter * it_s / mesh.devices.size / 1e12)
         writer.write(step, last)
-        monitor.log_info(progress.line(step, nimg, last))
+        monitor.log_info(monitor.progress_line(step, nimg, config.total_kimg,
+                                               last))
         history = []
       if step % grid_every == 0 or step == end_step:
         _write_grid(writer, trainer, sample, state, grid_z, step, grid_n)
@@ -164,9 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           "metrics": last, "workdir": workdir}
 
 
-def _write_json(path: str, obj: Any) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.io.gfile.makedirs(os.path.dirname(path))
-  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-    f.write(json.dumps(obj, indent=2, sort_keys=True, default=str))
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+def train_and_evaluate(*args, **kwargs) -> Dict[str, Any]:
+  """Deprecated name of `train` (it evaluates nothing; use gandl-export and
+  gandl-evaluate on the checkpoints)."""
+  warnings.warn("train_and_evaluate is deprecated; use "
+                "gandl_jax.train.loop.train", DeprecationWarning, stacklevel=2)
+  return train(*args, **kwargs)

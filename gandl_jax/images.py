@@ -1,6 +1,7 @@
-"""5-channel fluorescence images -> RGB composites and image grids, for viewing.
+"""Image conventions in one place: latents from seeds, pixel scaling between
+uint8 and the networks' [-1, 1], and 5-channel -> RGB composites and grids.
 
-Inputs are uint8 NHWC (or HWC) arrays whose channels follow
+Composite inputs are uint8 NHWC (or HWC) arrays whose channels follow
 `gandl_jax.schema.RXRX19A_CHANNELS` (w1 Hoechst, w2 ConA, w3 Phalloidin,
 w4 Syto14, w5 WGA). Styles:
 
@@ -12,11 +13,48 @@ w4 Syto14, w5 WGA). Styles:
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence, Tuple
+from typing import Any, Iterable, Mapping, Sequence, Tuple
 
 import numpy as np
 
 from gandl_jax import schema
+
+# ----------------------------------------------------------------------------
+# Latents and pixel scaling (shared by training, inference and export).
+
+# uint8 [0, 255] -> [-1, 1]: x * (2 / 255) - 1, in float32.
+PIXEL_SCALE = np.float32(2.0 / 255.0)
+
+
+def seeds_to_z(seeds: Iterable[int], z_dim: int) -> np.ndarray:
+  """Latents of the reference's convention: RandomState(seed).randn(1, z_dim)."""
+  seeds = [int(s) for s in seeds]
+  if not seeds:
+    raise ValueError("seeds is empty")
+  bad = [s for s in seeds if not 0 <= s < 2**32]
+  if bad:
+    raise ValueError(f"seeds must be in [0, 2**32), got {bad[:5]}")
+  return np.concatenate([np.random.RandomState(s).randn(1, z_dim)
+                         for s in seeds]).astype(np.float32)
+
+
+def to_uint8(images: Any) -> np.ndarray:
+  """[-1, 1] float images -> uint8 as the reference: (x * 127.5 + 128),
+  clipped to [0, 255], truncated."""
+  x = np.asarray(images, np.float32) * 127.5 + 128
+  return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def to_float(images: Any) -> Any:
+  """uint8 [0, 255] -> float32 [-1, 1] as training sees them (numpy or jax
+  arrays); float input is taken to be in [-1, 1] already."""
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) * PIXEL_SCALE - np.float32(1.0)
+  return images.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# RGB composites and grids (for viewing).
 
 STYLES = ("bgr", "rxrx")
 

@@ -1,0 +1,3 @@
+"""Using a trained model: `api` (load, generate, discriminate, embed),
+`export` (embeddings of every site, multi-device and multi-host), `samples`
+(image files)."""

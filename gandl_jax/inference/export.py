@@ -1,0 +1,326 @@
+"""Discriminator embeddings for every site of a set of shards (gandl-export).
+
+  from gandl_jax.inference import export
+  export.export_embeddings("runs/rxrx19a-256", "shards/rxrx19a-256",
+                           "embeddings.parquet", layer="fc", batch=64)
+
+The checkpoint is restored through the public model API (`gandl_jax.load`);
+D runs data-parallel over every device of the mesh (the global batch split on
+the `data` axis, every host feeding its part). Sites come from
+`pipeline.eval_batches`: every site once, in the shards' order, no
+augmentation, the last batch padded (padding rows are dropped here).
+
+Output: one row per site, `site_id`, the metadata columns, then the feature
+columns named as `gandl_jax.evaluate.io` reads them (`f0000`, ...). Parquet
+carries the export's facts in its key-value metadata (`gandl.*` keys: layer,
+checkpoint step, model config, source shards, batch size, minibatch-stddev
+group); `fmt="csv"` writes Recursion's layout (`site_id` + features).
+
+Minibatch stddev: D's features for a site depend weakly on the other sites of
+its minibatch-stddev group. Batches are fixed (B consecutive sites in shard
+order, B / hosts from each host's files; groups formed over the whole global
+batch as `Model.embed` does), so the output is a deterministic function of
+checkpoint, shards, filter, B and the number of hosts, independent of the
+number of devices per host.
+
+Several hosts: each host writes its rows to `OUTPUT.part-{process_index}`;
+after a barrier process 0 merges them in global order into OUTPUT and removes
+the parts, so OUTPUT must be on storage every host sees (gs://, NFS).
+Every file is written to a temporary name first and renamed when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Dict, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+from absl import logging
+
+from gandl_jax.data import pipeline
+from gandl_jax import embeddings
+from gandl_jax import images as image_lib
+from gandl_jax.inference import api
+from gandl_jax import io as gio
+from gandl_jax.model import networks
+from gandl_jax import progress as progress_lib
+from gandl_jax import sharding
+
+DEFAULT_BATCH = 64
+ROW_COLUMN = "_gandl_index"      # global order key, only inside part files
+PART_SUFFIX = ".part-{index}"
+
+# Parquet key-value metadata written by the exporter (gandl_jax.embeddings).
+META_LAYER = embeddings.META_KEY_LAYER
+META_STEP = embeddings.META_KEY_STEP
+META_KIMG = "gandl.checkpoint_kimg"
+META_CHECKPOINT = "gandl.checkpoint"
+META_MODEL_CONFIG = "gandl.model_config"
+META_SOURCE = "gandl.source_shards"
+META_DATASET = "gandl.dataset"
+META_FILTER = "gandl.filter"
+META_BATCH = "gandl.batch_size"
+META_MBSTD_GROUP = "gandl.mbstd_group_size"
+META_MBSTD_CHANNELS = "gandl.mbstd_num_channels"
+META_BATCHING = "gandl.batching"
+META_NUM_SITES = "gandl.num_sites"
+META_FEATURE_DIM = "gandl.feature_dim"
+META_COMPUTE_DTYPE = "gandl.compute_dtype"
+META_NUM_HOSTS = "gandl.num_hosts"
+
+# Keys of an eval_batches batch that are not metadata columns (`index`: the
+# site's row in sites.csv, the global order key; -1 for padding).
+_NON_METADATA = ("image", "valid", "index")
+
+
+@dataclasses.dataclass
+class ExportSummary:
+  output: str
+  format: str
+  num_sites: int
+  feature_dim: int
+  layer: str
+  step: int
+  batch_size: int
+  num_batches: int
+  seconds: float
+
+  @property
+  def sites_per_s(self) -> float:
+    return self.num_sites / self.seconds if self.seconds > 0 else 0.0
+
+  def as_dict(self) -> Dict[str, Any]:
+    return dict(dataclasses.asdict(self), sites_per_s=round(self.sites_per_s, 2))
+
+
+# ---------------------------------------------------------------------------
+# The data-parallel embedding function.
+
+
+def sharded_embed_fn(model: api.Model, mesh: Any, layer: str = "fc"):
+  """Data-parallel `model.embed` on `mesh` (a `sharding.make_mesh` mesh).
+
+  Returns `fn(images) -> features`: `images` a global (B, R, R, C) array
+  sharded on the mesh's `data` axis, uint8 in [0, 255] or float in [-1, 1];
+  `features` a (B, F) float32 array with the same sharding. The minibatch-
+  stddev groups are formed over the whole global batch exactly as `embed`
+  forms them for one batch of B images (`mbstd_shards=1`), so the features
+  do not depend on the number of devices; B must be a multiple of the
+  mesh size and of min(mbstd_group_size, B).
+  """
+  networks.check_embedding_layer(layer, model.resolution)
+  repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+
+  def put(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, repl,
+                                        lambda idx: host[idx])
+
+  d_vars = jax.tree_util.tree_map(put, model.d_variables)
+  D = model.discriminator
+
+  def _features(variables, images):
+    x = image_lib.to_float(images)
+    logits, feats = D.apply(variables, x, return_features=True)
+    feats = dict(feats, logit=logits)
+    return feats[layer].astype(jnp.float32).reshape(x.shape[0], -1)
+
+  jitted = jax.jit(_features, in_shardings=(repl, data), out_shardings=data)
+  group = int(model.config["mbstd_group_size"] or 1)
+  n_dev = int(mesh.devices.size)
+
+  def fn(images):
+    sharding.check_batch(int(images.shape[0]), n_dev, 1, group)
+    return jitted(d_vars, images)
+
+  return fn
+
+
+def part_path(output: str, index: int) -> str:
+  return str(output) + PART_SUFFIX.format(index=index)
+
+
+def merge_parts(output: str, num_parts: int, fmt: str,
+                file_metadata: Dict[str, str],
+                columns: Optional[Sequence[str]] = None) -> int:
+  """Concatenates `OUTPUT.part-{0..num_parts-1}` in global row order into
+  OUTPUT (written atomically), removes the parts; returns the row count.
+
+  `columns`: the columns to keep (default all but the row key).
+  """
+  tables = []
+  for i in range(num_parts):
+    p = part_path(output, i)
+    if not gio.exists(p):
+      raise FileNotFoundError(
+          f"{p}: part of host {i} is not visible from process 0; on several "
+          f"hosts --output must be on storage all hosts share (gs:// or a "
+          f"network file system)")
+    tables.append(embeddings.read_parquet(p))
+  table = pa.concat_tables(tables)
+  order = np.argsort(table.column(ROW_COLUMN).to_numpy(), kind="stable")
+  table = table.take(pa.array(order)).drop_columns([ROW_COLUMN])
+  if columns is not None:
+    table = table.select(list(columns))
+  table = table.replace_schema_metadata(
+      {k.encode(): str(v).encode() for k, v in file_metadata.items()})
+  embeddings.write_table(output, table, fmt)
+  for i in range(num_parts):
+    gio.remove(part_path(output, i))
+  return table.num_rows
+
+
+# ---------------------------------------------------------------------------
+# The export.
+
+
+def export_model(model: api.Model, data: str, output: str, *,
+                 layer: str = "fc", batch: int = DEFAULT_BATCH,
+                 fmt: Optional[str] = None, filter: Optional[str] = None,  # pylint: disable=redefined-builtin
+                 mesh: Optional[Any] = None, checkpoint: str = "",
+                 progress_every_s: float = 30.0, compute_dtype: str = "float32",
+                 batches: Optional[Iterable[Dict[str, Any]]] = None
+                 ) -> ExportSummary:
+  """Writes `model`'s `layer` features for every site of `data` to `output`.
+
+  Args:
+    model: a `gandl_jax.load`ed model.
+    data: shard directory / glob (as for training), local or gs://.
+    output: the embeddings file (.parquet, or .csv with fmt="csv").
+    layer: one of `model.embedding_layers`.
+    batch: global batch (all devices and hosts); fixes the minibatch-stddev
+      groups, so it is part of the result's definition.
+    fmt: "parquet" or "csv" (default from the file name).
+    filter: metadata filter expression of the input pipeline.
+    mesh: default all devices (`sharding.make_mesh()`).
+    checkpoint: recorded in the file metadata.
+    compute_dtype: the dtype `model` was loaded with (recorded).
+    batches: eval batches to use instead of `pipeline.eval_batches` (tests).
+  """
+  fmt = embeddings.output_format(output, fmt)
+  networks.check_embedding_layer(layer, model.resolution)
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  n_dev, n_hosts = int(mesh.devices.size), jax.process_count()
+  group = int(model.config["mbstd_group_size"] or 1)
+  sharding.check_batch(batch, n_dev, n_hosts, group, name="batch")
+  info = pipeline.read_dataset_info(data)
+  pipeline.check_dataset(info, data, model.resolution, model.img_channels,
+                         against=checkpoint or "the checkpoint")
+  embed = sharded_embed_fn(model, mesh, layer)
+  dataset = info.get("dataset")
+  pi = jax.process_index()
+  multi = n_hosts > 1
+  file_metadata = {
+      META_LAYER: layer, META_STEP: model.step, META_KIMG: model.kimg,
+      META_CHECKPOINT: checkpoint,
+      META_MODEL_CONFIG: json.dumps(model.config, sort_keys=True),
+      META_SOURCE: data, META_DATASET: dataset or "",
+      META_FILTER: filter or "", META_BATCH: batch,
+      META_MBSTD_GROUP: min(group, batch),
+      META_MBSTD_CHANNELS: int(model.config["mbstd_num_channels"]),
+      META_COMPUTE_DTYPE: compute_dtype, META_NUM_HOSTS: n_hosts,
+      META_BATCHING: (
+          f"fixed batches of {batch} sites: {batch // n_hosts} consecutive "
+          f"sites in shard order from each of {n_hosts} host(s), the last "
+          f"padded; minibatch-stddev groups of {min(group, batch)} "
+          f"strided over the whole batch (sample i in group i mod "
+          f"{batch // min(group, batch)}), as Model.embed with "
+          f"batch_size={batch}"),
+  }
+  if batches is None:
+    batches = pipeline.eval_batches(data, global_batch=batch, mesh=mesh,
+                                    filter=filter or None)
+  host_total = len(pipeline.host_sites(data, filter or None, pi, n_hosts))
+  progress = progress_lib.Progress(host_total, name="export",
+                                   every_s=progress_every_s)
+  num_batches = 0
+  start = time.monotonic()
+
+  def in_flight():
+    """(batch number, batch, features) with the next batch already
+    dispatched, so D computes while the host writes the previous rows."""
+    pending = None
+    for i, b in enumerate(batches):
+      feats = embed(b["image"])  # asynchronous dispatch
+      if pending is not None:
+        yield pending
+      pending = (i, b, feats)
+    if pending is not None:
+      yield pending
+
+  if multi:   # parts carry the global row key; process 0 merges them
+    writer = embeddings.Writer(part_path(output, pi), "parquet", file_metadata,
+                               extra=[pa.field(ROW_COLUMN, pa.int64())],
+                               dataset=dataset)
+  else:
+    writer = embeddings.Writer(output, fmt, file_metadata, dataset=dataset)
+  with writer:
+    for b_index, b, feats in in_flight():
+      x = pipeline.host_rows(feats, mesh)
+      valid = np.asarray(b["valid"], bool).reshape(-1)
+      if len(valid) != len(x):
+        raise ValueError(f"batch {b_index}: {len(valid)} `valid` flags for "
+                         f"{len(x)} rows of this host")
+      # CSV: Recursion's layout, site_id + features.
+      cols = (["site_id"] if fmt == "csv" and not multi else
+              [k for k in b if k not in _NON_METADATA])
+      meta = {}
+      for c in cols:
+        values = np.asarray(b[c])
+        if len(values) != len(x):
+          raise ValueError(f"batch {b_index}: metadata column {c!r} has "
+                           f"{len(values)} rows, features {len(x)}")
+        meta[c] = values[valid]
+      extra = [np.asarray(b["index"], np.int64)[valid]] if multi else []
+      writer.write(meta, x[valid], extra)
+      num_batches += 1
+      progress.update(int(valid.sum()))
+    if writer.rows == 0:
+      raise ValueError(f"{data}: no sites to export"
+                       + (f" (filter {filter!r})" if filter else ""))
+  num_sites, dim = writer.rows, writer.dim
+  progress.update(0, force=True)
+  if multi:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("gandl-export: parts written")
+    if pi == 0:
+      columns = (["site_id"] + embeddings.feature_names(dim) if fmt == "csv"
+                 else None)
+      num_sites = merge_parts(output, n_hosts, fmt, file_metadata, columns)
+    multihost_utils.sync_global_devices("gandl-export: merged")
+  seconds = time.monotonic() - start
+  return ExportSummary(output=str(output), format=fmt, num_sites=num_sites,
+                       feature_dim=dim, layer=layer, step=model.step,
+                       batch_size=batch, num_batches=num_batches,
+                       seconds=seconds)
+
+
+def export_embeddings(checkpoint: str, data: str, output: str, *,
+                      layer: str = "fc", batch: int = DEFAULT_BATCH,
+                      fmt: Optional[str] = None, step: Optional[int] = None,
+                      filter: Optional[str] = None,  # pylint: disable=redefined-builtin
+                      compute_dtype: str = "float32",
+                      mesh: Optional[Any] = None,
+                      progress_every_s: float = 30.0) -> ExportSummary:
+  """Restores `checkpoint` (workdir, checkpoints dir or step dir; the latest
+  step unless `step`) and runs `export_model`."""
+  if not checkpoint:
+    raise ValueError("no checkpoint given (--workdir or --checkpoint)")
+  fmt = embeddings.output_format(output, fmt)
+  checkpoint = gio.absolute(checkpoint)   # Orbax wants absolute paths
+  try:
+    model = api.load(checkpoint, step, compute_dtype=compute_dtype)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"cannot restore a checkpoint from {checkpoint}: "
+                            f"{e}") from e
+  networks.check_embedding_layer(layer, model.resolution)
+  logging.info("export: %r, layer %s, batch %d -> %s", model, layer, batch,
+               output)
+  return export_model(model, data, output, layer=layer, batch=batch, fmt=fmt,
+                      filter=filter, mesh=mesh, checkpoint=str(checkpoint),
+                      progress_every_s=progress_every_s,
+                      compute_dtype=compute_dtype)

@@ -1,0 +1,1 @@
+"""Weights from other implementations (stylegan2-ada-pytorch)."""
