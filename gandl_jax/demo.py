@@ -56,7 +56,7 @@ def demo_config() -> ml_collections.ConfigDict:
   return config
 
 
-class _Stages:
+class Stages:
   """Completion markers: DIR/stages/<name>.done holds a JSON summary."""
 
   def __init__(self, workdir: str, log: Callable[[str], None]):
@@ -77,6 +77,20 @@ class _Stages:
     gio.write_json(path, summary)
     self.log(f"[{name}] done in {summary['seconds']:.0f} s")
     return summary
+
+
+def save_initial_model(config: ml_collections.ConfigDict, mesh: Mesh,
+                       workdir: str) -> str:
+  """Saves the discriminator and generator training starts from (same
+  config and seed) as WORKDIR/checkpoints/0: the untrained baseline that
+  shows what training bought. Returns the step directory."""
+  tr = Trainer(config, mesh)
+  state = jax.device_get(tr.init_state(config.seed))
+  path = checkpoint.save_model(
+      checkpoint.checkpoint_dir(workdir), 0, state.model_variables(),
+      {"model": config.model.to_dict(), "step": 0, "kimg": 0.0,
+       "source": "initialization (untrained)"})
+  return str(path)
 
 
 def headline(metrics: Dict[str, Any]) -> List[str]:
@@ -119,7 +133,7 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
   config = config or demo_config()
   mesh = mesh or sharding.make_mesh()
   res = int(config.model.resolution)
-  stages = _Stages(workdir, log)
+  stages = Stages(workdir, log)
   raw = os.path.join(workdir, "raw")
   shards = {d: os.path.join(workdir, "shards", d) for d in ("rxrx19a", "rxrx1")}
   emb = os.path.join(workdir, "embeddings")
@@ -142,18 +156,8 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
   stages.run("train", lambda: train_loop.train(config, train_dir,
                                                        mesh=mesh))
 
-  def save_initial():
-    # The same initialization training started from (same seed): the
-    # baseline shows what training bought.
-    tr = Trainer(config, mesh)
-    state = jax.device_get(tr.init_state(config.seed))
-    path = checkpoint.save_model(
-        checkpoint.checkpoint_dir(os.path.join(workdir, "init")), 0,
-        state.model_variables(),
-        {"model": config.model.to_dict(), "step": 0, "kimg": 0.0,
-         "source": "gandl-demo (initialization)"})
-    return {"checkpoint": str(path)}
-  stages.run("init_checkpoint", save_initial)
+  stages.run("init_checkpoint", lambda: {"checkpoint": save_initial_model(
+      config, mesh, os.path.join(workdir, "init"))})
 
   def do_export():
     out = {}
