@@ -11,6 +11,7 @@ import pytest
 from gandl_jax.embeddings import write as write_embeddings
 from gandl_jax.evaluate import classify
 from gandl_jax.evaluate import Options, evaluate, simulate
+from gandl_jax.evaluate.pipeline import EmbeddingSet
 
 CFG = simulate.SimConfig(sites_per_cell_type=(("HRCE", 1600), ("VERO", 640)),
                          wells_per_plate=20, dim=24, n_compounds=8,
@@ -42,6 +43,34 @@ def data(tmp_path_factory):
   m1.to_csv(d / "rx1_metadata.csv", index=False)
   write_embeddings(str(d / "rx1.parquet"), m1, X1)
   return d, md, X, truth
+
+
+def test_extra_sets_and_summary_table(data):
+  """Three sets side by side; report.md opens with one summary table whose
+  figures are the metrics.json ones."""
+  d, md, X, truth = data
+  out = d / "out3"
+  evaluate(str(d / "emb.parquet"), str(out), metadata=str(d / "metadata.csv"),
+           name="trained", baseline=str(d / "random.parquet"),
+           baseline_name="random", tasks=["control", "dose_response", "truth"],
+           extra_sets=[EmbeddingSet("trained again", str(d / "emb.parquet"))],
+           options=FAST, log=lambda s: None)
+  m = _strict_json(out / "metrics.json")
+  assert m["names"] == ["trained", "random", "trained again"]
+  report = (out / "report.md").read_text()
+  assert report.index("## Summary") < report.index("## Inputs")
+  summary = report[report.index("## Summary"):report.index("## Inputs")]
+  rows = {line.split("|")[1].strip(): line for line in summary.splitlines()
+          if line.startswith("| ") and "embeddings" not in line}
+  assert set(rows) == {"trained", "random", "trained again"}
+  for name, line in rows.items():
+    acc = m["embeddings"][name]["control"]["random"]["balanced_accuracy"]
+    assert f"{acc:.3f}" in line
+  assert "EC50 rank corr. with planted" in summary
+  with pytest.raises(ValueError, match="must differ"):
+    evaluate(str(d / "emb.parquet"), str(out), name="x",
+             extra_sets=[EmbeddingSet("x", str(d / "emb.parquet"))],
+             options=FAST, log=lambda s: None)
 
 
 def test_full_report_with_baseline(data):

@@ -5,7 +5,7 @@
       [--baseline recursion/embeddings.csv --baseline_name recursion] \
       [--rxrx1_embeddings rx1.parquet --rxrx1_metadata RxRx1/metadata.csv] \
       [--compounds "Remdesivir (GS-5734),GS-441524"] [--whiten] \
-      [--aggregate well]
+      [--aggregate well] [--extra_set classical=cl.parquet,cl_rx1.parquet ...]
 
 Writes OUTPUT/metrics.json, OUTPUT/report.md, OUTPUT/figures/*.png and the
 dose-response tables. See docs/evaluation.md.
@@ -20,7 +20,7 @@ from absl import app, flags
 from gandl_jax import cli
 
 from gandl_jax.evaluate import classify, dose_response
-from gandl_jax.evaluate.pipeline import Options, evaluate
+from gandl_jax.evaluate.pipeline import EmbeddingSet, Options, evaluate
 from gandl_jax.evaluate.tasks import ALL_TASKS
 
 FLAGS = flags.FLAGS
@@ -37,6 +37,10 @@ flags.DEFINE_string("baseline", None, "Second embeddings set evaluated side by "
 flags.DEFINE_string("baseline_name", "baseline", "Name of the baseline.")
 flags.DEFINE_string("baseline_metadata", None, "Metadata for the baseline "
                     "(default: --metadata).")
+flags.DEFINE_multi_string("extra_set", [], "More embeddings sets side by "
+                          "side, each NAME=FILE or NAME=FILE,RXRX1_FILE "
+                          "(repeat the flag): e.g. classical features, a "
+                          "DenseNet baseline.")
 flags.DEFINE_string("rxrx1_embeddings", None, "RxRx1 embeddings for the "
                     "zero-shot cell-type task.")
 flags.DEFINE_string("rxrx1_metadata", None, "RxRx1 metadata.csv.")
@@ -60,6 +64,20 @@ flags.DEFINE_integer("max_train_rows", 60000, "Max rows of the final fit.")
 flags.DEFINE_float("svm_tol", 1e-3, "LinearSVC stopping tolerance.")
 flags.DEFINE_float("hit_threshold", 0.5, "Efficacy (rescue units) for a hit.")
 flags.DEFINE_integer("top_compounds", 6, "Compounds plotted from the ranking.")
+
+
+def parse_extra_sets(values) -> list:
+  """['name=a.parquet,b.parquet', ...] -> EmbeddingSet list."""
+  out = []
+  for v in values:
+    name, sep, files = v.partition("=")
+    paths = [p.strip() for p in files.split(",") if p.strip()]
+    if not sep or not name.strip() or not 1 <= len(paths) <= 2:
+      raise cli.usage(f"--extra_set {v!r}: expected NAME=FILE or "
+                      f"NAME=FILE,RXRX1_FILE")
+    out.append(EmbeddingSet(name.strip(), paths[0],
+                            paths[1] if len(paths) > 1 else None))
+  return out
 
 
 def parse_compounds(text: str):
@@ -100,10 +118,11 @@ def main(argv):
           tol=FLAGS.svm_tol),
       fit=dose_response.FitConfig(), hit_threshold=FLAGS.hit_threshold,
       top_compounds=FLAGS.top_compounds)
-  cli.run("gandl-evaluate", lambda: evaluate_command(opts))
+  extra = parse_extra_sets(FLAGS.extra_set)
+  cli.run("gandl-evaluate", lambda: evaluate_command(opts, extra))
 
 
-def evaluate_command(opts: Options) -> int:
+def evaluate_command(opts: Options, extra) -> int:
   metrics = evaluate(
       FLAGS.embeddings, FLAGS.output, metadata=FLAGS.metadata,
       tasks=FLAGS.tasks, baseline=FLAGS.baseline,
@@ -112,7 +131,8 @@ def evaluate_command(opts: Options) -> int:
       rxrx1_embeddings=FLAGS.rxrx1_embeddings,
       rxrx1_metadata=FLAGS.rxrx1_metadata,
       rxrx1_baseline=FLAGS.rxrx1_baseline, truth=FLAGS.truth,
-      compounds=parse_compounds(FLAGS.compounds), options=opts)
+      compounds=parse_compounds(FLAGS.compounds), options=opts,
+      extra_sets=extra)
   return exit_status(metrics)
 
 

@@ -29,6 +29,17 @@ EmbeddingsInput = Union[str, Sequence[str], Embeddings]
 
 
 @dataclasses.dataclass(frozen=True)
+class EmbeddingSet:
+  """One more embeddings set evaluated side by side with the first (e.g.
+  classical features, an untrained D, a DenseNet baseline). `metadata`
+  defaults to the first set's; `rxrx1` feeds its zero-shot task."""
+  name: str
+  embeddings: EmbeddingsInput
+  rxrx1: Optional[EmbeddingsInput] = None
+  metadata: Optional[Union[str, pd.DataFrame]] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Options:
   """Post-processing and task settings (defaults: the paper's protocol)."""
   normalize: bool = True            # per-plate normalization by controls
@@ -282,8 +293,10 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
              rxrx1_baseline: Optional[EmbeddingsInput] = None,
              truth: Optional[str] = None, compounds: Sequence[str] = (),
              options: Options = Options(),
-             log: Callable[[str], None] = logging.info) -> Dict:
-  """Evaluates embeddings (and optionally a baseline) into `output_dir`.
+             log: Callable[[str], None] = logging.info,
+             extra_sets: Sequence[EmbeddingSet] = ()) -> Dict:
+  """Evaluates embeddings (and optionally a baseline and `extra_sets`) into
+  `output_dir`, every set with the same post-processing and tasks.
 
   Writes metrics.json, report.md, figures/*.png and dose-response CSVs, each
   atomically. Returns the metrics dict as written. `tasks`:
@@ -295,8 +308,10 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
   if unknown:
     raise ValueError(f"unknown task(s) {unknown}; choose from "
                      f"{task_lib.ALL_TASKS}")
-  if baseline is not None and baseline_name == name:
-    raise ValueError(f"baseline_name and name are both {name!r}")
+  names = [name] + ([baseline_name] if baseline is not None else []) + [
+      s.name for s in extra_sets]
+  if len(set(names)) != len(names):
+    raise ValueError(f"embeddings set names must differ, got {names}")
   os.makedirs(output_dir, exist_ok=True)
   fig_dir = os.path.join(output_dir, "figures")
   os.makedirs(fig_dir, exist_ok=True)
@@ -319,6 +334,9 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
     sets.append((baseline_name, baseline,
                  baseline_metadata if baseline_metadata is not None
                  else metadata, rxrx1_baseline))
+  sets += [(s.name, s.embeddings,
+            s.metadata if s.metadata is not None else metadata, s.rxrx1)
+           for s in extra_sets]
   results: Dict[str, Dict] = {}
   extras: Dict[str, Dict] = {}
   for set_name, emb_in, md, rx1 in sets:
@@ -329,7 +347,10 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
     results[set_name] = r
     extras[set_name] = x
 
-  figures = _figures(results, extras, fig_dir, compounds, options)
+  planted = ({} if truth_df is None else {
+      str(r.treatment): float(r.true_ec50) for r in truth_df.itertuples()
+      if r.true_ec50 == r.true_ec50})
+  figures = _figures(results, extras, fig_dir, compounds, options, planted)
   metrics = {
       "version": 1,
       "embeddings": {n: {"input": r["input"],
@@ -358,7 +379,8 @@ def _options_dict(o: Options) -> Dict:
   return d
 
 
-def _figures(results, extras, fig_dir, compounds, opts) -> Dict:
+def _figures(results, extras, fig_dir, compounds, opts,
+             planted_ec50: Dict[str, float]) -> Dict:
   figs: Dict = {"confusion": {}, "projection": {}}
   for n, r in results.items():
     safe = _safe(n)
@@ -400,7 +422,7 @@ def _figures(results, extras, fig_dir, compounds, opts) -> Dict:
   if dose_sets and keys:
     rel = "figures/dose_response.png"
     plots.dose_response_figure(os.path.join(fig_dir, "dose_response.png"),
-                               keys, dose_sets)
+                               keys, dose_sets, planted_ec50=planted_ec50)
     figs["dose_response"] = rel
   return figs
 
@@ -422,6 +444,7 @@ def _markdown(m: Dict, figs: Dict, opts: Options) -> str:
       f"final fit on at most {cfg.max_train_rows} training rows. The plate "
       f"split holds out whole plates (random site splits leak plate "
       f"identity).", "",
+      report.summary_section(sets),
       report.inputs_section(sets),
       report.classification_section(
           "Control classification (Mock vs Active SARS-CoV-2)", task_lib.CONTROL,

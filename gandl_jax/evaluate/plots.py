@@ -4,7 +4,7 @@ Every figure is written atomically (temp file, then rename).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -52,10 +52,14 @@ def confusion_figure(path: str, panels: Sequence[Tuple[str, List[List[int]],
 
 def dose_response_figure(path: str, keys: Sequence[Tuple[str, str]],
                          sets: Sequence[Tuple[str, pd.DataFrame, pd.DataFrame]],
-                         ncols: int = 3) -> None:
+                         ncols: int = 3,
+                         planted_ec50: Optional[Dict[str, float]] = None
+                         ) -> None:
   """Panels per (cell type, compound): mean rescue +- CI and the 4PL fit.
 
   sets: (name, points, fits) per embeddings set, overlaid in each panel.
+  planted_ec50: treatment -> the true EC50 in uM (synthetic data), marked as
+  a solid black vertical line where known.
   """
   n = max(1, len(keys))
   ncols = min(ncols, n)
@@ -90,6 +94,12 @@ def dose_response_figure(path: str, keys: Sequence[Tuple[str, str]],
                  f"{name}: {r['flag']}")
         ax.text(0.02, 0.97 - 0.09 * k, label, transform=ax.transAxes,
                 fontsize=7, va="top", color=color)
+    true_ec50 = (planted_ec50 or {}).get(treatment)
+    if true_ec50 is not None and np.isfinite(true_ec50) and true_ec50 > 0:
+      ax.axvline(true_ec50, color="black", lw=1.2,
+                 label=f"planted EC50 {true_ec50:.3g} uM")
+      ax.text(0.98, 0.03, f"planted EC50 {true_ec50:.3g} uM",
+              transform=ax.transAxes, fontsize=7, ha="right", va="bottom")
     ax.axhline(0, color="gray", lw=0.8, ls="--")
     ax.axhline(1, color="gray", lw=0.8, ls="-.")
     ax.set_xscale("log")

@@ -198,6 +198,46 @@ def truth_section(sets: Dict[str, Dict]) -> str:
   return "\n".join(out)
 
 
+# (column, task, split or None, metric) of the summary table.
+SUMMARY_COLUMNS = (
+    ("Mock vs Active (random)", "control", "random", "balanced_accuracy"),
+    ("Mock vs Active (plate)", "control", "plate", "balanced_accuracy"),
+    ("HRCE vs VERO (random)", "cell_model", "random", "balanced_accuracy"),
+    ("HRCE vs VERO (plate)", "cell_model", "plate", "balanced_accuracy"),
+    ("RxRx1 zero-shot (random)", "rxrx1", "random", "balanced_accuracy"),
+    ("RxRx1 zero-shot (plate)", "rxrx1", "plate", "balanced_accuracy"),
+    ("EC50 rank corr. with planted", "truth", None, "ec50_spearman"),
+    ("planted hits found", "truth", None, "hits_found"),
+)
+
+
+def summary_value(s: Dict, task: str, split: Optional[str], key: str) -> Any:
+  """One headline figure of a set's metrics, or None."""
+  t = s.get(task, {})
+  if t.get("status") != "ok":
+    return None
+  if split is not None:
+    t = t.get(split, {})
+    if t.get("status") != "ok":
+      return None
+  return t.get(key)
+
+
+def summary_section(sets: Dict[str, Dict]) -> str:
+  """One table, set by task, the headline metric of each (balanced accuracy
+  for the classification tasks), before the detailed sections."""
+  cols = [c for c in SUMMARY_COLUMNS
+          if any(summary_value(s, *c[1:]) is not None for s in sets.values())]
+  rows = [[n] + [summary_value(s, *c[1:]) for c in cols]
+          for n, s in sets.items()]
+  return "\n".join([
+      "## Summary", "",
+      table(["embeddings"] + [c[0] for c in cols], rows), "",
+      "Balanced accuracy of a linear SVM (details below); the plate split "
+      "holds out whole plates. EC50 rank correlation: Spearman between the "
+      "fitted and the planted EC50s (synthetic data only).", ""])
+
+
 def inputs_section(sets: Dict[str, Dict]) -> str:
   rows = []
   notes = []
