@@ -262,3 +262,192 @@ def test_tfds_builder_matches_converter(tree, tmp_path):
   np.testing.assert_array_equal(ex[r["site_id"]]["image"], _reference_site(tree, r, 32))
   assert ex[r["site_id"]]["disease_condition"].decode() == r["disease_condition"]
   assert "rxrx.ai" in tfds_rxrx19a.Rxrx19a.MANUAL_DOWNLOAD_INSTRUCTIONS
+
+
+def _shard_images(path):
+  """{site_id: image} of one shard file, read with the pipeline."""
+  return {g["site_id"]: g["image"] for g in _eval_all(path, host_batch=8)}
+
+
+def _channel_reference(root, r, resolution, channels):
+  return _reference_site(root, r, resolution)[..., [c - 1 for c in channels]]
+
+
+def test_resume_never_keeps_a_stale_shard(tree, tmp_path, monkeypatch):
+  """Issue 11, item 11: a kill between the progress record and the rename,
+  with an older conversion's shard under the same name."""
+  out = str(tmp_path / "s")
+  convert.convert("rxrx19a", tree, out, 16, num_shards=2, channels=[1, 2, 3])
+  name = convert.shard_name("rxrx19a", 0, 2)
+  real_write_text = convert.gio.write_text
+
+  def killed_after_record(path, text):
+    real_write_text(path, text)
+    if path.endswith(name + ".json"):
+      raise KeyboardInterrupt("killed between record and rename")
+
+  monkeypatch.setattr(convert.gio, "write_text", killed_after_record)
+  with pytest.raises(KeyboardInterrupt):
+    convert.convert("rxrx19a", tree, out, 16, num_shards=2, channels=[3, 4, 5])
+  monkeypatch.setattr(convert.gio, "write_text", real_write_text)
+  s = convert.convert("rxrx19a", tree, out, 16, num_shards=2,
+                      channels=[3, 4, 5])
+  assert s["skipped_shards"] == 0
+  df = pd.read_csv(os.path.join(tree, "metadata.csv"), dtype=str,
+                   keep_default_na=False)
+  by_id = {r["site_id"]: r for r in df.to_dict("records")}
+  for i in range(2):
+    got = _shard_images(os.path.join(out, convert.shard_name("rxrx19a", i, 2)))
+    assert got
+    for sid, image in got.items():
+      np.testing.assert_array_equal(
+          image, _channel_reference(tree, by_id[sid], 16, [3, 4, 5]))
+  # The record holds the shard's size and SHA-256; a shard of another size
+  # (truncated copy) is redone on resume, an intact one kept.
+  import hashlib
+  import json
+  path = os.path.join(out, name)
+  with open(os.path.join(out, "_progress", name + ".json")) as f:
+    record = json.load(f)
+  with open(path, "rb") as f:
+    data = f.read()
+  assert record["bytes"] == len(data)
+  assert record["sha256"] == hashlib.sha256(data).hexdigest()
+  with open(path, "wb") as f:
+    f.write(data[:-7])
+  s = convert.convert("rxrx19a", tree, out, 16, num_shards=2,
+                      channels=[3, 4, 5])
+  assert s["skipped_shards"] == 1
+  with open(path, "rb") as f:
+    assert f.read() == data
+
+
+def test_second_conversion_into_one_output_refused(tree, tmp_path):
+  """Issue 11, item 12: a lock file; the other run's temp files survive."""
+  import json
+  import socket
+  out = str(tmp_path / "s")
+  os.makedirs(out)
+  # "The other conversion": this (live) process on this host.
+  held = dict(pid=os.getpid(), host=socket.gethostname(),
+              started="2026-01-01T00:00:00+00:00", command="gandl-convert")
+  lock = os.path.join(out, ".gandl-convert.lock")
+  with open(lock, "w") as f:
+    json.dump(held, f)
+  other_tmp = os.path.join(out, ".rxrx19a-00000-of-00002.tfrecord.tmp-x.tfrecord")
+  with open(other_tmp, "wb") as f:
+    f.write(b"being written by the other conversion")
+  with pytest.raises(FileExistsError) as e:   # convert.OutputLockedError
+    convert.convert("rxrx19a", tree, out, 16, num_shards=2)
+  msg = str(e.value)
+  assert f"pid {os.getpid()}" in msg and socket.gethostname() in msg
+  assert lock in msg and "delete" in msg
+  assert os.path.exists(other_tmp) and os.path.exists(lock)
+  assert not [f for f in os.listdir(out) if f.endswith(".tfrecord")
+              and not f.startswith(".")]
+  # A lock of another host is refused too (cannot be checked from here).
+  os.remove(lock)
+  with open(lock, "w") as f:
+    json.dump(dict(held, host="elsewhere", pid=1), f)
+  with pytest.raises(FileExistsError, match="host elsewhere"):
+    convert.convert("rxrx19a", tree, out, 16, num_shards=2)
+  # A stale lock of this host (its pid is gone) is taken over; the lock is
+  # released when the conversion ends.
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  with open(lock, "w") as f:
+    json.dump(dict(held, pid=dead.pid), f)
+  s = convert.convert("rxrx19a", tree, out, 16, num_shards=2)
+  assert s["num_failed"] == 0 and not os.path.exists(lock)
+  assert not os.path.exists(other_tmp)     # leftovers of a dead run: removed
+
+
+def test_non_regular_files_and_huge_ints_are_per_site_errors(tree, tmp_path):
+  """Issue 11, item 13: a directory, a symlink loop and a FIFO at PNG paths
+  and an int64 overflow become errors.csv rows; nothing hangs."""
+  import signal
+  root = str(tmp_path / "RxRx19a")
+  shutil.copytree(tree, root)
+  df = pd.read_csv(os.path.join(root, "metadata.csv"), dtype=str,
+                   keep_default_na=False)
+  rows = df.to_dict("records")
+  img = lambda r, ch: os.path.join(root, "images", schema.image_relpath(  # noqa: E731
+      r["experiment"], int(r["plate"]), r["well"], int(r["site"]), ch))
+  directory, loop, fifo, huge = rows[2], rows[12], rows[22], rows[32]
+  os.remove(img(directory, 2))
+  os.mkdir(img(directory, 2))
+  os.remove(img(loop, 4))
+  os.symlink(img(loop, 4), img(loop, 4))
+  os.remove(img(fifo, 1))
+  os.mkfifo(img(fifo, 1))
+  df.loc[32, "site"] = "99999999999999999999"
+  df.to_csv(os.path.join(root, "metadata.csv"), index=False)
+
+  def hung(*_):
+    raise TimeoutError("conversion hung (FIFO opened blocking?)")
+
+  old = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(120)
+  try:
+    out = str(tmp_path / "s")
+    summary = convert.convert("rxrx19a", root, out, 16, num_shards=2)
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+  assert summary["num_failed"] == 4
+  assert summary["num_examples"] == len(rows) - 4
+  with open(os.path.join(out, "errors.csv"), newline="") as f:
+    errs = {r["site_id"]: r for r in csv.DictReader(f)}
+  assert "directory" in errs[directory["site_id"]]["reason"]
+  assert errs[directory["site_id"]]["path"] == img(directory, 2)
+  assert "symlink loop" in errs[loop["site_id"]]["reason"]
+  assert "FIFO" in errs[fifo["site_id"]]["reason"]
+  assert "column site" in errs[huge["site_id"]]["reason"]
+  assert "int64" in errs[huge["site_id"]]["reason"]
+
+
+def test_metadata_paths_and_numbers_refused(tree, tmp_path):
+  """Issue 11, item 14: `../` and absolute paths, `1_0`, infinities."""
+  root = str(tmp_path / "RxRx19a")
+  shutil.copytree(tree, root)
+  df = pd.read_csv(os.path.join(root, "metadata.csv"), dtype=str,
+                   keep_default_na=False)
+  r0 = df.iloc[0].to_dict()
+  # Valid PNGs outside images/ that the bad rows point at.
+  outside = os.path.join(root, "outside")
+  absolute = str(tmp_path / "elsewhere")
+  for d in (outside, absolute):
+    os.makedirs(os.path.join(d, f"Plate{r0['plate']}"))
+    for ch in range(1, 6):
+      shutil.copy(os.path.join(root, "images", schema.image_relpath(
+          r0["experiment"], int(r0["plate"]), r0["well"], int(r0["site"]),
+          ch)), os.path.join(d, schema.image_relpath(
+              "", int(r0["plate"]), r0["well"], int(r0["site"]), ch)[1:]))
+  bad = [dict(r0, experiment="../outside", site_id="up"),
+         dict(r0, experiment=absolute, site_id="abs"),
+         dict(r0, well="../" + r0["well"], site_id="well_up"),
+         dict(r0, plate=f"{r0['plate']}_0", site_id="underscore"),
+         dict(r0, plate=f" {r0['plate']}", site_id="space"),
+         dict(r0, treatment_conc="inf", site_id="inf"),
+         dict(r0, treatment_conc="1e999", site_id="overflow"),
+         dict(r0, treatment_conc="nan", site_id="nan")]
+  df = pd.concat([df, pd.DataFrame(bad)], ignore_index=True)
+  df.to_csv(os.path.join(root, "metadata.csv"), index=False)
+  out = str(tmp_path / "s")
+  summary = convert.convert("rxrx19a", root, out, 16, num_shards=2)
+  assert summary["num_failed"] == len(bad)
+  with open(os.path.join(out, "errors.csv"), newline="") as f:
+    errs = {r["site_id"]: r["reason"] for r in csv.DictReader(f)}
+  assert set(errs) == {b["site_id"] for b in bad}
+  for sid in ("up", "abs"):
+    assert "column experiment" in errs[sid] and "plain name" in errs[sid]
+  assert "column well" in errs["well_up"]
+  assert "column plate" in errs["underscore"] and "'1_0'" in errs["underscore"]
+  assert "column plate" in errs["space"]
+  for sid in ("inf", "overflow", "nan"):
+    assert "column treatment_conc" in errs[sid] and "finite" in errs[sid]
+  # Well-formed values still parse.
+  m = reader.parse_row(dict(r0, plate="+7", treatment_conc="2.5e-1"), "rxrx19a")
+  assert m["plate"] == 7 and m["treatment_conc"] == 0.25
+  assert np.isnan(reader.parse_row(dict(r0, treatment_conc=""),
+                                   "rxrx19a")["treatment_conc"])

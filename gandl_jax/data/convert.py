@@ -10,13 +10,20 @@ Output directory (local or gs://)::
                                           converted site, in shard order
   errors.csv                              site_id, path, reason of every site
                                           that could not be converted
-  _progress/                              one JSON per finished shard (resume)
+  _progress/                              one JSON per finished shard (resume):
+                                          its plan, site ids, statistics, and
+                                          the shard's size and SHA-256
+  .gandl-convert.lock                     held while a conversion runs (see
+                                          `lock_output`)
 
 Sites are assigned to shards by a fixed permutation (seed 42) of the valid
 metadata rows, so every shard mixes plates and conditions and the output is
 identical for any worker count. Each shard is written to a temporary name and
 renamed when complete; a rerun keeps finished shards whose plan (site ids,
-resolution, channels, source size) is unchanged and redoes the rest.
+resolution, channels, source size) is unchanged and whose size matches the
+progress record, and redoes the rest. Before a shard is redone, the file under
+its name (an older conversion's) is deleted, so a kill between the progress
+record and the rename can never leave an old shard next to a new record.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import json
 import math
 import multiprocessing
 import os
+import socket
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -43,7 +51,94 @@ TARGET_SHARD_BYTES = 128 * 2**20
 MIN_SHARDS = 16          # so that up to 16 hosts each read whole files
 PROGRESS_DIR = "_progress"
 ERRORS_FILE = "errors.csv"
+LOCK_FILE = ".gandl-convert.lock"
 FORMAT_VERSION = 1
+
+
+class OutputLockedError(FileExistsError):
+  """Another conversion holds the output directory's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:   # exists, owned by someone else
+    return True
+  return True
+
+
+def lock_output(output_dir: str) -> Dict[str, object]:
+  """Takes the exclusive lock of `output_dir`; returns the lock record.
+
+  The lock is the file OUTPUT/.gandl-convert.lock, created with O_EXCL and
+  holding the pid, host and start time of its owner; `unlock_output` removes
+  it when the conversion ends (also on errors and Ctrl-C). Two conversions
+  into one directory would delete each other's temporary files: the second
+  one is refused with an error naming the first.
+
+  Stale locks (the owner was killed with SIGKILL or its machine died): a lock
+  of this host whose pid no longer runs is taken over with a warning. A lock
+  of another host cannot be checked from here: the error says how to remove
+  it once that conversion is known to be gone (delete the file).
+
+  gs:// output: GCS has no exclusive create through tf.io.gfile, so the lock
+  is written after checking that none exists and read back; this catches any
+  conversion started more than a moment before, but two started within the
+  same second could both proceed. Start one conversion per output.
+  """
+  path = gio.join(output_dir, LOCK_FILE)
+  record = dict(pid=os.getpid(), host=socket.gethostname(),
+                started=datetime.datetime.now(datetime.timezone.utc)
+                .isoformat(timespec="seconds"),
+                command=" ".join(sys.argv))
+  text = json.dumps(record) + "\n"
+  for _ in range(2):
+    if gio.is_remote(output_dir):
+      if not gio.exists(path):
+        gio.write_text(path, text)
+        if json.loads(gio.read_text(path)) == record:
+          return record
+    else:
+      try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      except FileExistsError:
+        pass
+      else:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+          f.write(text)
+        return record
+    try:
+      other = json.loads(gio.read_text(path))
+    except (FileNotFoundError, ValueError):
+      other = {}
+    if (not gio.is_remote(output_dir) and other.get("host") == record["host"]
+        and isinstance(other.get("pid"), int)
+        and not _pid_alive(other["pid"])):
+      logging.warning("%s: taking over the stale lock of pid %d (no longer "
+                      "running) started %s", path, other["pid"],
+                      other.get("started"))
+      gio.remove(path)
+      continue
+    who = (f"pid {other.get('pid')} on host {other.get('host')} since "
+           f"{other.get('started')}" if other else "another process")
+    raise OutputLockedError(
+        f"{output_dir} is being written by another conversion ({who}; lock "
+        f"file {path}). Wait for it to finish, or use another --output. If "
+        f"that conversion is no longer running (killed, machine gone), "
+        f"delete {path} and rerun.")
+  raise OutputLockedError(f"{path}: could not take the lock")
+
+
+def unlock_output(output_dir: str, record: Dict[str, object]) -> None:
+  """Removes the lock if it is still `record`'s."""
+  path = gio.join(output_dir, LOCK_FILE)
+  try:
+    if json.loads(gio.read_text(path)) == record:
+      gio.remove(path)
+  except (FileNotFoundError, ValueError):
+    pass
 
 
 def _tf():
@@ -188,6 +283,31 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   plan = [[metas[i] for i in part] for part in np.array_split(perm, n)]
 
   tf.io.gfile.makedirs(output_dir)
+  lock = lock_output(output_dir)
+  try:
+    return _write_shards(
+        tf, dataset, input_dir, output_dir, resolution, subset, num_shards,
+        n, plan, metas, errors, channels, compression, overwrite,
+        source_size, workers, command)
+  finally:
+    unlock_output(output_dir, lock)
+
+
+def _shard_digest(path: str) -> Tuple[int, str]:
+  """(size in bytes, SHA-256 hex) of a local file."""
+  h = hashlib.sha256()
+  size = 0
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+      size += len(block)
+  return size, h.hexdigest()
+
+
+def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
+                  num_shards, n, plan, metas, errors, channels, compression,
+                  overwrite, source_size, workers, command):
+  """The body of `convert` once the output directory is locked."""
   prog_dir = gio.join(output_dir, PROGRESS_DIR)
   tf.io.gfile.makedirs(prog_dir)
   others = [p for p in tf.io.gfile.glob(gio.join(output_dir, f"{dataset}-*-of-*.tfrecord"))
@@ -212,7 +332,10 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
     if not overwrite and tf.io.gfile.exists(path) and tf.io.gfile.exists(sp):
       with tf.io.gfile.GFile(sp, "r") as f:
         s = json.load(f)
-      if s.get("plan") == keys[i]:
+      # A record without the shard's size (older converter) or with another
+      # size than the file's is not trusted: the shard is redone.
+      if (s.get("plan") == keys[i] and "bytes" in s
+          and tf.io.gfile.stat(path).length == s["bytes"]):
         stats[i] = s
   skipped = sum(s is not None for s in stats)
   if skipped:
@@ -238,21 +361,28 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
       s_sum = np.zeros(len(channels))
       s_sq = np.zeros(len(channels))
       written, shard_errors = [], []
-      with gio.atomic_path(path) as tmp, tf.io.TFRecordWriter(tmp, options) as w:
-        for r in results:
-          if r.image is None:
-            shard_errors.append(dict(site_id=r.meta["site_id"], path=r.path,
-                                     reason=r.error))
-            continue
-          w.write(encode_example(r.image, r.meta, dataset))
-          x = r.image.reshape(-1, len(channels)).astype(np.float64)
-          s_sum += x.sum(0)
-          s_sq += (x * x).sum(0)
-          written.append(r.meta["site_id"])
+      # The file of an older conversion under this name goes first: the
+      # progress record below is written before the new shard is published,
+      # and a kill in between must not leave the old shard under the record.
+      gio.remove(path)
+      with gio.atomic_path(path) as tmp:
+        with tf.io.TFRecordWriter(tmp, options) as w:
+          for r in results:
+            if r.image is None:
+              shard_errors.append(dict(site_id=r.meta["site_id"], path=r.path,
+                                       reason=r.error))
+              continue
+            w.write(encode_example(r.image, r.meta, dataset))
+            x = r.image.reshape(-1, len(channels)).astype(np.float64)
+            s_sum += x.sum(0)
+            s_sq += (x * x).sum(0)
+            written.append(r.meta["site_id"])
+        size, digest = _shard_digest(tmp)
         stats[i] = dict(plan=keys[i], shard=name, site_ids=written,
                         errors=shard_errors, sum=s_sum.tolist(),
                         sumsq=s_sq.tolist(),
-                        pixels=len(written) * resolution * resolution)
+                        pixels=len(written) * resolution * resolution,
+                        bytes=size, sha256=digest)
         # Progress record first, shard published last (when this block
         # ends): a shard file under its final name always has its record.
         gio.write_text(gio.join(prog_dir, name + ".json"),

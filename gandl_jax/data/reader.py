@@ -7,10 +7,12 @@ and the tests. Nothing here imports TensorFlow unless a path is remote
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import math
 import os
 import re
+import stat
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -92,38 +94,120 @@ def select_subset(df, dataset: str, subset: str):
   return df[df["well_type"] != "treatment"]
 
 
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+_INT_RE = re.compile(r"^[+-]?[0-9]+$")
+_FLOAT_RE = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+# Columns that name a directory or a file below images/ (schema.image_relpath).
+PATH_COLUMNS = ("experiment", "well")
+
+
+def parse_int(text: str, col: str) -> int:
+  """A plain decimal int64 (no underscores, spaces or fractions); SiteError
+  naming the column otherwise."""
+  if not _INT_RE.match(text):
+    raise SiteError(f"column {col}: expected an integer, got {text!r}")
+  v = int(text)
+  if not INT64_MIN <= v <= INT64_MAX:
+    raise SiteError(f"column {col}: {text!r} is outside the int64 range")
+  return v
+
+
+def parse_float(text: str, col: str) -> float:
+  """A finite decimal number, or NaN for an empty cell (missing)."""
+  if text == "":
+    return math.nan
+  v = float(text) if _FLOAT_RE.match(text) else None
+  if v is None or not math.isfinite(v):
+    raise SiteError(f"column {col}: expected a finite number or empty, got "
+                    f"{text!r}")
+  return v
+
+
+def check_path_component(text: str, col: str) -> str:
+  """`text` must be one plain file-name component (it becomes part of an
+  image path): no '/', '\\', NUL, '.' or '..', not empty."""
+  if (not text.strip() or text in (".", "..")
+      or any(c in text for c in ("/", "\\", "\0"))):
+    raise SiteError(f"column {col}: {text!r} is not a plain name (image "
+                    f"paths are built from it; '/', '\\', '.' and '..' "
+                    f"would leave images/)")
+  return text
+
+
 def parse_row(row: Dict[str, str], dataset: str) -> Dict[str, object]:
-  """Typed metadata of one row; SiteError naming the bad column otherwise."""
+  """Typed metadata of one row; SiteError naming the bad column otherwise.
+
+  Integers must be plain decimal int64 values (`1_0` or ` 1` are refused,
+  not read as 10 or 1); floats finite or empty (NaN); the columns image
+  paths are built from (`PATH_COLUMNS`) plain names.
+  """
   out: Dict[str, object] = {}
   for col in schema.COLUMNS[dataset]:
     v = row[col]
     kind = schema.column_type(col)
     if kind == "int64":
-      try:
-        out[col] = int(v)
-      except ValueError:
-        raise SiteError(f"column {col}: expected an integer, got {v!r}") from None
+      out[col] = parse_int(v, col)
     elif kind == "float":
-      if v.strip() == "":
-        out[col] = math.nan
-      else:
-        try:
-          out[col] = float(v)
-        except ValueError:
-          raise SiteError(f"column {col}: expected a number or empty, got {v!r}") from None
+      out[col] = parse_float(v, col)
     else:
       out[col] = v
   for col in ("experiment", "well", "site_id"):
     if not str(out[col]).strip():
       raise SiteError(f"column {col}: empty")
+  for col in PATH_COLUMNS:
+    check_path_component(str(out[col]), col)
   return out
 
 
 def site_paths(input_dir: str, meta: Dict[str, object],
                channels: Sequence[int]) -> List[str]:
-  return [gio.join(input_dir, "images", schema.image_relpath(
-      str(meta["experiment"]), int(meta["plate"]), str(meta["well"]),
-      int(meta["site"]), ch)) for ch in channels]
+  """The channel PNGs of one site; SiteError if a path would leave images/."""
+  paths = []
+  for ch in channels:
+    rel = schema.image_relpath(str(meta["experiment"]), int(meta["plate"]),
+                               str(meta["well"]), int(meta["site"]), ch)
+    norm = os.path.normpath(rel)
+    if os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
+      raise SiteError(f"image path {rel!r} leaves images/",
+                      gio.join(input_dir, "images"))
+    paths.append(gio.join(input_dir, "images", rel))
+  return paths
+
+
+def read_image_file(path: str) -> bytes:
+  """The bytes of one image file.
+
+  FileNotFoundError when nothing is there; SiteError when something other
+  than a regular file is (a directory, a FIFO, a device, a symlink loop) or
+  it cannot be read. Local files are opened non-blocking and checked with
+  fstat before reading, so a FIFO never blocks.
+  """
+  if gio.is_remote(path):
+    return gio.read_bytes(path)
+  try:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+  except FileNotFoundError:
+    raise
+  except OSError as e:
+    reason = ("symlink loop" if e.errno == errno.ELOOP
+              else e.strerror or type(e).__name__)
+    raise SiteError(f"cannot open the image file ({reason})", path) from None
+  try:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+      kind = ("a directory" if stat.S_ISDIR(mode) else
+              "a FIFO" if stat.S_ISFIFO(mode) else
+              "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+              "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+      raise SiteError(f"expected a PNG file, found {kind}", path)
+    with os.fdopen(fd, "rb", closefd=False) as f:
+      try:
+        return f.read()
+      except OSError as e:
+        raise SiteError(f"cannot read the image file ({e.strerror or e})",
+                        path) from None
+  finally:
+    os.close(fd)
 
 
 def decode_png(data: bytes, path: str) -> np.ndarray:
@@ -181,7 +265,7 @@ def load_site(input_dir: str, meta: Dict[str, object], channels: Sequence[int],
   blobs: List[Optional[bytes]] = []
   for p in paths:
     try:
-      blobs.append(gio.read_bytes(p))
+      blobs.append(read_image_file(p))
     except FileNotFoundError:
       blobs.append(None)
   if all(b is None for b in blobs):
@@ -213,7 +297,7 @@ def probe_source_size(input_dir: str, metas: Sequence[Dict[str, object]],
   for i in idx:
     for p in site_paths(input_dir, metas[i], channels[:1]):
       try:
-        a = decode_png(gio.read_bytes(p), p)
+        a = decode_png(read_image_file(p), p)
       except (FileNotFoundError, SiteError):
         continue
       counts[a.shape] = counts.get(a.shape, 0) + 1
@@ -222,7 +306,7 @@ def probe_source_size(input_dir: str, metas: Sequence[Dict[str, object]],
     for m in metas:
       for p in site_paths(input_dir, m, channels):
         try:
-          return decode_png(gio.read_bytes(p), p).shape
+          return decode_png(read_image_file(p), p).shape
         except (FileNotFoundError, SiteError):
           continue
     raise MetadataError(f"{input_dir}/images: no readable PNG for any metadata row")
