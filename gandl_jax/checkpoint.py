@@ -148,14 +148,23 @@ def list_steps(path: PathLike) -> Tuple[int, ...]:
     return tuple(sorted(mngr.all_steps()))
 
 
-def restore_model(path: PathLike, step: Optional[int] = None
+class UnreadableCheckpointError(ValueError):
+  """The checkpoint asked for (the latest one by default) cannot be read."""
+
+
+def restore_model(path: PathLike, step: Optional[int] = None,
+                  allow_fallback: bool = False
                   ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Restores (model variables, meta) from a workdir, its checkpoints/ dir or
   a step dir.
 
   The latest step is used unless `step` is given (or `path` is a step dir).
-  If the latest step cannot be read (e.g. a partially copied checkpoint), the
-  previous ones are tried, with a warning; an explicit step never falls back.
+  If the latest step cannot be read (e.g. a partially copied checkpoint),
+  `UnreadableCheckpointError` names it, the error and the older steps, unless
+  `allow_fallback`: then the newest readable older step is used, with a
+  warning, and the returned meta holds `fallback` = {'latest_step': ...,
+  'unreadable': [...]} so that callers can say which step they used and why.
+  An explicit step never falls back.
   """
   directory, dir_step = _resolve(path)
   if step is not None and dir_step is not None and step != dir_step:
@@ -177,13 +186,26 @@ def restore_model(path: PathLike, step: Optional[int] = None
     errors = []
     for s in steps:
       try:
-        result = _restore_step(mngr, s)
+        model, meta = _restore_step(mngr, s)
       except Exception as e:  # pylint: disable=broad-except
+        errors.append(f"step {s}: {type(e).__name__}: {e}")
+        if not allow_fallback:
+          older = steps[1:]
+          raise UnreadableCheckpointError(
+              f"the latest checkpoint in {directory}, step {s}, is "
+              f"unreadable ({type(e).__name__}: {e}); "
+              + (f"older steps: {older}; choose one explicitly (--step N) "
+                 f"or allow falling back to the newest readable one "
+                 f"(--allow_fallback)" if older else
+                 "there is no older step")) from e
         logging.warning("checkpoint step %d in %s is unreadable (%s: %s); "
                         "trying the previous one", s, directory,
                         type(e).__name__, e)
-        errors.append(f"step {s}: {type(e).__name__}: {e}")
         continue
-      return result
-    raise RuntimeError(f"no readable checkpoint in {directory}:\n  " +
-                       "\n  ".join(errors))
+      if errors:
+        meta["fallback"] = {"latest_step": steps[0], "unreadable": errors}
+        logging.warning("using checkpoint step %d of %s, not the latest "
+                        "(%d), which is unreadable", s, directory, steps[0])
+      return model, meta
+    raise UnreadableCheckpointError(
+        f"no readable checkpoint in {directory}:\n  " + "\n  ".join(errors))

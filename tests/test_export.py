@@ -29,7 +29,7 @@ STEP = 7
 BATCH = 24          # 256 sites = 10 full batches + 16: the last one is padded
 
 
-def _save(directory, cfg, seed=0):
+def _save(directory, cfg, seed=0, step=STEP, meta=None):
   """A checkpoint of networks.init's variable tree, values drawn with numpy
   (the real init compiles G and D for ~30 s on 2 cores; shapes are what count
   here, and N(0, 1) is the equalized-lr weights' own init)."""
@@ -39,9 +39,9 @@ def _save(directory, cfg, seed=0):
   rng = np.random.RandomState(seed)
   g_vars, d_vars = jax.tree_util.tree_map(
       lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
-  checkpoint.save_model(directory, STEP, {"G": g_vars, "G_ema": g_vars,
+  checkpoint.save_model(directory, step, {"G": g_vars, "G_ema": g_vars,
                                           "D": d_vars},
-                        {"model": cfg.to_dict(), "kimg": 1.5})
+                        {"model": cfg.to_dict(), "kimg": 1.5, **(meta or {})})
 
 
 def _tiny(**kw):
@@ -280,6 +280,22 @@ def test_cli(env, tmp_path):
     assert e.value.code == 0
     df = pd.read_csv(out)
     assert len(df) == 256 and df.columns[1] == "f0000"
+    # An existing output is refused (issue 11, item 15), and kept...
+    before = out.read_bytes()
+    os.utime(out, (0, 0))
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    with pytest.raises(SystemExit) as e:
+      cli.main(argv[:1])
+    assert e.value.code == 1
+    assert out.read_bytes() == before and out.stat().st_mtime == 0
+    # ... unless --overwrite.
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv + ["--overwrite"])
+    with pytest.raises(SystemExit) as e:
+      cli.main(argv[:1])
+    assert e.value.code == 0 and out.stat().st_mtime > 0
+    assert out.read_bytes() == before
     flags.FLAGS.unparse_flags()
     flags.FLAGS(argv + ["--checkpoint", env["workdir"]])
     with pytest.raises(Exception, match="exactly one of"):
@@ -291,6 +307,75 @@ def test_cli(env, tmp_path):
     assert e.value.code == 1
   finally:
     flags.FLAGS.unparse_flags()
+
+
+def test_existing_output_refused_unless_overwrite(env, tmp_path):
+  """Issue 11, item 15: gandl-export never replaces a file silently."""
+  out = tmp_path / "emb.parquet"
+  out.write_bytes(b"an earlier export")
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    export.export_embeddings(env["workdir"], env["shards"], str(out),
+                             batch=BATCH)
+  assert out.read_bytes() == b"an earlier export"
+
+
+def test_checkpoint_fallback_is_explicit(env, tmp_path):
+  """Issue 11, item 15: an unreadable latest checkpoint is refused unless
+  --step or --allow_fallback; the step used is in summary and metadata."""
+  wd = tmp_path / "run"
+  d = checkpoint.checkpoint_dir(wd)
+  _save(d, env["cfg"], step=7)
+  _save(d, env["cfg"], seed=1, step=9)
+  for root, _, files in os.walk(str(d / "9" / "model")):
+    for name in files:
+      with open(os.path.join(root, name), "w") as fh:
+        fh.write("garbage")
+  out = tmp_path / "emb.parquet"
+  with pytest.raises(ValueError) as e:   # checkpoint.UnreadableCheckpointError
+    export.export_embeddings(str(wd), env["shards"], str(out), batch=BATCH)
+  msg = str(e.value)
+  assert "step 9" in msg and "[7]" in msg and "--allow_fallback" in msg
+  assert "--step" in msg and not out.exists()
+  assert api.load(str(wd), step=7).step == 7         # explicit: fine
+  summary = export.export_embeddings(str(wd), env["shards"], str(out),
+                                     batch=BATCH, allow_fallback=True,
+                                     filter="site == 1")
+  assert summary.step == 7 and summary.fallback_from_step == 9
+  assert summary.as_dict()["fallback_from_step"] == 9
+  kv = {k.decode(): v.decode() for k, v in
+        pq.read_schema(out).metadata.items()}
+  assert kv["gandl.checkpoint_step"] == "7"
+  fallback = json.loads(kv["gandl.checkpoint_fallback"])
+  assert fallback["latest_step"] == 9 and "step 9" in fallback["unreadable"][0]
+
+
+def test_shards_of_other_channels_refused(env, tmp_path):
+  """Issue 11, item 15: RxRx1 shards converted with other channels than the
+  model was trained on (same count) are refused, naming both."""
+  src = synthetic.generate(str(tmp_path / "rx1"), dataset="rxrx1", size=RES,
+                           plates=1, wells_per_plate=6, workers=1)
+  shards = str(tmp_path / "shards")
+  convert.convert("rxrx1", src, shards, resolution=RES, channels=[1, 2, 6])
+  cfg = config_lib.model_config(
+      resolution=RES, img_channels=3, z_dim=8, w_dim=8, mapping_layers=1,
+      channel_base=128, channel_max=16)
+  rx19 = pipeline.read_dataset_info(env["shards"])
+  trained = {"dataset": {"dataset": "rxrx19a", "resolution": RES,
+                         "channels": rx19["channels"][:3], "num_channels": 3}}
+  wd = tmp_path / "run"
+  _save(checkpoint.checkpoint_dir(wd), cfg, meta=trained)
+  out = tmp_path / "emb.parquet"
+  with pytest.raises(ValueError) as e:
+    export.export_embeddings(str(wd), shards, str(out), batch=8)
+  msg = str(e.value)
+  assert "w6 MitoTracker Deep Red" in msg and "w3 Phalloidin" in msg
+  assert "--channels 1,2,3" in msg and not out.exists()
+  # The same stains (RxRx1 w1-w3) are accepted.
+  info = dict(pipeline.read_dataset_info(shards),
+              channels=pipeline.read_dataset_info(shards)["channels"][:2]
+              + [rx19["channels"][2]])
+  import types
+  export.check_channels(types.SimpleNamespace(meta=trained), info, shards)
 
 
 _HOST = r"""

@@ -194,13 +194,20 @@ def test_checkpoint_falls_back_to_previous_step(tmp_path):
     checkpoint.save_model(d, 2, model, {"model": {"x": 2}})
   _, meta = checkpoint.restore_model(tmp_path)
   assert meta["model"] == {"x": 2}
-  # Damage the latest step: the previous one is used.
+  # Damage the latest step: refused, unless falling back is allowed; then
+  # the previous one is used and meta says why.
   for root, _, files in os.walk(str(d / "2" / "model")):
     for name in files:
       with open(os.path.join(root, name), "w") as fh:
         fh.write("garbage")
-  _, meta = checkpoint.restore_model(tmp_path)
+  with pytest.raises(checkpoint.UnreadableCheckpointError,
+                     match=r"step 2, is unreadable.*older steps: \[1\]"):
+    checkpoint.restore_model(tmp_path)
+  _, meta = checkpoint.restore_model(tmp_path, allow_fallback=True)
   assert meta["model"] == {"x": 1} and meta["step"] == 1
+  assert meta["fallback"]["latest_step"] == 2
+  _, meta = checkpoint.restore_model(tmp_path, step=1)
+  assert "fallback" not in meta
   with pytest.raises(Exception):
     checkpoint.restore_model(tmp_path, step=2)
 

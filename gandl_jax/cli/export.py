@@ -40,6 +40,12 @@ flags.DEFINE_string("filter", None, "Metadata filter, e.g. \"treatment == ''\" "
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "Compute dtype of D.")
 flags.DEFINE_float("progress_every", 30.0, "Seconds between progress lines.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --output (refused "
+                  "otherwise).")
+flags.DEFINE_bool("allow_fallback", False, "If the latest checkpoint is "
+                  "unreadable, use the newest readable older one (refused "
+                  "otherwise; the step used is in the summary and the file "
+                  "metadata). --step picks one explicitly.")
 
 
 def export_command() -> int:
@@ -52,7 +58,8 @@ def export_command() -> int:
       layer=FLAGS.layer, batch=FLAGS.batch, fmt=FLAGS.format,
       step=FLAGS.step, filter=FLAGS.filter,
       compute_dtype=FLAGS.compute_dtype,
-      progress_every_s=FLAGS.progress_every)
+      progress_every_s=FLAGS.progress_every, overwrite=FLAGS.overwrite,
+      allow_fallback=FLAGS.allow_fallback)
   print(json.dumps(summary.as_dict()))
   return cli.EXIT_OK
 

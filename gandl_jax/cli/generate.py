@@ -25,6 +25,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Workdir, its checkpoints/ dir, or a "
                     "step dir.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+flags.DEFINE_bool("allow_fallback", False, "If the latest checkpoint is "
+                  "unreadable, use the newest readable older one (refused "
+                  "otherwise).")
 flags.DEFINE_string("seeds", "0-7", "Seeds: comma-separated ints and ranges "
                     "(e.g. '0-7,42').")
 flags.DEFINE_float("truncation_psi", 1.0, "Truncation psi.")
@@ -66,7 +69,8 @@ def generate_command(seeds: List[int]) -> int:
   from gandl_jax.inference import api, samples
   model = api.load(FLAGS.checkpoint, FLAGS.step,
                    compute_dtype=FLAGS.compute_dtype,
-                   batch_size=FLAGS.batch_size)
+                   batch_size=FLAGS.batch_size,
+                   allow_fallback=FLAGS.allow_fallback)
   summary = samples.save_samples(
       model, FLAGS.out, seeds, truncation_psi=FLAGS.truncation_psi,
       noise_mode=FLAGS.noise_mode, noise_seed=FLAGS.noise_seed,

@@ -71,6 +71,7 @@ META_NUM_SITES = "gandl.num_sites"
 META_FEATURE_DIM = "gandl.feature_dim"
 META_COMPUTE_DTYPE = "gandl.compute_dtype"
 META_NUM_HOSTS = "gandl.num_hosts"
+META_FALLBACK = "gandl.checkpoint_fallback"
 
 # Keys of an eval_batches batch that are not metadata columns (`index`: the
 # site's row in sites.csv, the global order key; -1 for padding).
@@ -88,6 +89,9 @@ class ExportSummary:
   batch_size: int
   num_batches: int
   seconds: float
+  # The latest step when it was unreadable and `step` is an older one
+  # (export_embeddings(allow_fallback=True)); None otherwise.
+  fallback_from_step: Optional[int] = None
 
   @property
   def sites_per_s(self) -> float:
@@ -178,6 +182,36 @@ def merge_parts(output: str, num_parts: int, fmt: str,
 # The export.
 
 
+def _channel_names(channels: Sequence[Any]) -> str:
+  return ", ".join(f"w{c.get('index')} {c.get('stain')}" for c in channels)
+
+
+def check_channels(model: api.Model, info: Dict[str, Any], data: str,
+                   against: str = "the model") -> None:
+  """The shards must hold the channels the model was trained on, in order.
+
+  gandl-train checkpoints record the training shards' channels
+  (`meta['dataset']['channels']`); they are compared with the shards'
+  (`dataset_info.json`) by stain, so RxRx1 shards fit an RxRx19a model only
+  when converted with the same five stains (`--channels 1,2,3,4,5`).
+  Checkpoints without that record (gandl-import) are checked by count only
+  (`pipeline.check_dataset`).
+  """
+  want = (model.meta.get("dataset") or {}).get("channels") or []
+  have = info.get("channels") or []
+  if not want or not have:
+    return
+  key = lambda c: c.get("stain") or c.get("index")  # noqa: E731
+  if [key(c) for c in want] != [key(c) for c in have]:
+    trained_on = (model.meta.get("dataset") or {}).get("dataset") or "?"
+    raise ValueError(
+        f"{data}: the shards ({info.get('dataset')}) hold channels "
+        f"[{_channel_names(have)}] but {against} was trained on "
+        f"({trained_on}) [{_channel_names(want)}]; convert the shards with "
+        f"gandl-convert --channels "
+        f"{','.join(str(c.get('index')) for c in want)}")
+
+
 def export_model(model: api.Model, data: str, output: str, *,
                  layer: str = "fc", batch: int = DEFAULT_BATCH,
                  fmt: Optional[str] = None, filter: Optional[str] = None,  # pylint: disable=redefined-builtin
@@ -210,8 +244,10 @@ def export_model(model: api.Model, data: str, output: str, *,
   info = pipeline.read_dataset_info(data)
   pipeline.check_dataset(info, data, model.resolution, model.img_channels,
                          against=checkpoint or "the checkpoint")
+  check_channels(model, info, data, against=checkpoint or "the checkpoint")
   embed = sharded_embed_fn(model, mesh, layer)
   dataset = info.get("dataset")
+  fallback = model.meta.get("fallback")
   pi = jax.process_index()
   multi = n_hosts > 1
   file_metadata = {
@@ -223,6 +259,7 @@ def export_model(model: api.Model, data: str, output: str, *,
       META_MBSTD_GROUP: min(group, batch),
       META_MBSTD_CHANNELS: int(model.config["mbstd_num_channels"]),
       META_COMPUTE_DTYPE: compute_dtype, META_NUM_HOSTS: n_hosts,
+      **({META_FALLBACK: json.dumps(fallback)} if fallback else {}),
       META_BATCHING: (
           f"fixed batches of {batch} sites: {batch // n_hosts} consecutive "
           f"sites in shard order from each of {n_hosts} host(s), the last "
@@ -296,7 +333,8 @@ def export_model(model: api.Model, data: str, output: str, *,
   return ExportSummary(output=str(output), format=fmt, num_sites=num_sites,
                        feature_dim=dim, layer=layer, step=model.step,
                        batch_size=batch, num_batches=num_batches,
-                       seconds=seconds)
+                       seconds=seconds,
+                       fallback_from_step=(fallback or {}).get("latest_step"))
 
 
 def export_embeddings(checkpoint: str, data: str, output: str, *,
@@ -305,19 +343,36 @@ def export_embeddings(checkpoint: str, data: str, output: str, *,
                       filter: Optional[str] = None,  # pylint: disable=redefined-builtin
                       compute_dtype: str = "float32",
                       mesh: Optional[Any] = None,
-                      progress_every_s: float = 30.0) -> ExportSummary:
+                      progress_every_s: float = 30.0,
+                      overwrite: bool = False,
+                      allow_fallback: bool = False) -> ExportSummary:
   """Restores `checkpoint` (workdir, checkpoints dir or step dir; the latest
-  step unless `step`) and runs `export_model`."""
+  step unless `step`) and runs `export_model`.
+
+  An existing `output` is refused unless `overwrite`. An unreadable latest
+  checkpoint is refused unless `step` names another one or `allow_fallback`
+  (then the newest readable step is used; the summary's `step` and
+  `fallback_from_step` and the file's `gandl.checkpoint_step` and
+  `gandl.checkpoint_fallback` metadata say so).
+  """
   if not checkpoint:
     raise ValueError("no checkpoint given (--workdir or --checkpoint)")
   fmt = embeddings.output_format(output, fmt)
+  if not overwrite and gio.exists(output):
+    raise FileExistsError(f"{output} already exists; pass --overwrite "
+                          f"(overwrite=True) to replace it")
   checkpoint = gio.absolute(checkpoint)   # Orbax wants absolute paths
   try:
-    model = api.load(checkpoint, step, compute_dtype=compute_dtype)
+    model = api.load(checkpoint, step, compute_dtype=compute_dtype,
+                     allow_fallback=allow_fallback)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"cannot restore a checkpoint from {checkpoint}: "
                             f"{e}") from e
   networks.check_embedding_layer(layer, model.resolution)
+  if model.meta.get("fallback"):
+    logging.warning("export: using checkpoint step %d, NOT the latest (%d, "
+                    "unreadable)", model.step,
+                    model.meta["fallback"]["latest_step"])
   logging.info("export: %r, layer %s, batch %d -> %s", model, layer, batch,
                output)
   return export_model(model, data, output, layer=layer, batch=batch, fmt=fmt,
