@@ -42,7 +42,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         # Only gandl-import (gandl_jax/interop) needs torch; nothing else imports it.
-        "import": ["torch>=2.0"],
+        # >= 2.6: torch.load(weights_only=True) is safe only from 2.6 on.
+        "import": ["torch>=2.6"],
     },
     entry_points={
         "console_scripts": [

@@ -438,3 +438,73 @@ def test_generate_cli(workdir, model, tmp_path):
        workdir, "--seeds", "a", "--out", str(out)], capture_output=True,
       text=True, env=env, timeout=300, check=False)
   assert r.returncode != 0 and "cannot parse 'a'" in r.stderr
+
+
+# ----------------------------------------------------------------------------
+# Safety of the inputs (issue 11, item 16).
+
+
+class _RunsCode:
+  """Unpickling this calls os.mkdir(marker): stands for any code a pickle
+  can run."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.mkdir, (self.marker,))
+
+
+def test_pickle_refused_without_trust_flag(tmp_path):
+  import pickle
+  marker = str(tmp_path / "code_ran")
+  pkl = tmp_path / "network-snapshot-000100.pkl"
+  pkl.write_bytes(pickle.dumps({"G": _RunsCode(marker), "D": 0, "G_ema": 0}))
+  with pytest.raises(ValueError, match="--trust_pickle") as e:
+    imp.load_pickle(str(pkl))
+  assert "arbitrary code" in str(e.value) and "--state_dicts" in str(e.value)
+  assert not os.path.exists(marker)
+  # The command: one line, exit status 1, nothing run, nothing written.
+  wd = tmp_path / "wd"
+  r = subprocess.run(
+      [sys.executable, "-m", "gandl_jax.cli.import_weights", "--pkl",
+       str(pkl), "--workdir", str(wd)],
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
+      timeout=300, check=False)
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert "gandl-import: error:" in r.stderr and "--trust_pickle" in r.stderr
+  assert "Traceback" not in r.stderr
+  assert not os.path.exists(marker) and not wd.exists()
+
+
+def test_state_dicts_need_torch_2_6(tmp_path, monkeypatch):
+  """torch.load(weights_only=True) can run code before torch 2.6: refused
+  without calling it; the [import] extra asks for torch >= 2.6."""
+  import types
+  calls = []
+  fake = types.SimpleNamespace(__version__="2.5.1+cpu",
+                               load=lambda *a, **k: calls.append(a) or {})
+  monkeypatch.setitem(sys.modules, "torch", fake)
+  with pytest.raises(ValueError, match="PyTorch 2.6") as e:
+    imp.load_state_dicts(str(tmp_path / "nets.pt"))
+  assert "2.5.1" in str(e.value) and not calls
+  assert imp.torch_version("2.13.0+cpu") == (2, 13)
+  assert imp.torch_version("2.6.0") >= imp.MIN_TORCH > imp.torch_version("2.5")
+  with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as f:
+    assert '"import": ["torch>=2.6"]' in f.read()
+
+
+def test_torch_state_dicts_match_npz(tmp_path, sds):
+  """The safe torch path (real torch >= 2.6, skipped without it)."""
+  torch = pytest.importorskip("torch")
+  if imp.torch_version(torch.__version__) < imp.MIN_TORCH:
+    pytest.skip(f"torch {torch.__version__} < 2.6")
+  pt = tmp_path / "nets.pt"
+  torch.save({k: {n: torch.from_numpy(np.asarray(v)) for n, v in sd.items()}
+              for k, sd in sds.items()}, str(pt))
+  got = imp.load_state_dicts(str(pt))
+  assert set(got) == set(sds)
+  for k in sds:
+    assert set(got[k]) == set(sds[k])
+    for n in sds[k]:
+      np.testing.assert_array_equal(got[k][n], sds[k][n])

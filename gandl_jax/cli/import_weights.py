@@ -1,9 +1,10 @@
 r"""gandl-import: stylegan2-ada-pytorch networks -> a gandl-jax checkpoint.
 
-  pip install -e ".[import]"          # PyTorch, only needed here
-  PYTHONPATH=/path/to/stylegan2-ada-pytorch gandl-import \
-      --pkl network-snapshot-005000.pkl --workdir /tmp/imported
+  pip install -e ".[import]"          # PyTorch >= 2.6, only needed here
   gandl-import --state_dicts nets.pt --workdir /tmp/imported --conv_clamp 256
+  # Pickles run code from the file when loaded: only files you trust.
+  PYTHONPATH=/path/to/stylegan2-ada-pytorch gandl-import \
+      --pkl network-snapshot-005000.pkl --trust_pickle --workdir /tmp/imported
 
 See gandl_jax/interop/stylegan2_ada.py and docs/import.md.
 """
@@ -15,9 +16,16 @@ from absl import app, flags
 from gandl_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("pkl", None, "stylegan2-ada-pytorch network pickle.")
+flags.DEFINE_string("pkl", None, "stylegan2-ada-pytorch network pickle; "
+                    "loading it runs code from the file, so it needs "
+                    "--trust_pickle.")
+flags.DEFINE_bool("trust_pickle", False, "Allow --pkl: you made the pickle "
+                  "or fully trust its source (unpickling runs arbitrary "
+                  "code). Files of unknown origin: use --state_dicts.")
 flags.DEFINE_string("state_dicts", None,
-                    "torch.save'd {'G','D','G_ema'} state_dicts, or .npz.")
+                    "The safe input: .npz, or torch.save'd {'G','D','G_ema'} "
+                    "state_dicts (read with torch.load(weights_only=True), "
+                    "torch >= 2.6).")
 flags.DEFINE_string("workdir", None, "Output workdir (checkpoints/ inside).")
 flags.DEFINE_integer("step", 0, "Checkpoint step number to write.")
 flags.DEFINE_integer("mbstd_group_size", 4,
@@ -38,7 +46,8 @@ def import_command() -> int:
   if not os.path.exists(src):
     raise FileNotFoundError(f"{src} does not exist")
   if FLAGS.pkl:
-    sds, hints = stylegan2_ada.load_pickle(FLAGS.pkl)
+    sds, hints = stylegan2_ada.load_pickle(FLAGS.pkl,
+                                           trust=FLAGS.trust_pickle)
   else:
     sds = stylegan2_ada.load_state_dicts(FLAGS.state_dicts)
     hints = {"mbstd_group_size": FLAGS.mbstd_group_size,
@@ -59,6 +68,8 @@ def main(argv):
   cli.no_arguments(argv)
   if bool(FLAGS.pkl) == bool(FLAGS.state_dicts):
     raise cli.usage("give exactly one of --pkl or --state_dicts")
+  if FLAGS.trust_pickle and not FLAGS.pkl:
+    raise cli.usage("--trust_pickle applies to --pkl only")
   if not FLAGS.workdir:
     raise cli.usage("--workdir is required")
   cli.run("gandl-import", import_command)

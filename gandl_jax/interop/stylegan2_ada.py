@@ -1,20 +1,29 @@
 r"""Imports stylegan2-ada-pytorch networks into a gandl-jax checkpoint.
 
 Inputs (pick one):
-  --pkl network-snapshot-NNNNNN.pkl   a training pickle ({'G', 'D', 'G_ema',
-        ...}); unpickling needs PyTorch and the user's checkout of
-        https://github.com/NVlabs/stylegan2-ada-pytorch on PYTHONPATH (its
-        `torch_utils` and `dnnlib` packages).
-  --state_dicts FILE                  `torch.save({'G': G.state_dict(),
-        'D': D.state_dict(), 'G_ema': G_ema.state_dict()}, FILE)`, or an .npz
-        with 'G.<name>' / 'D.<name>' / 'G_ema.<name>' arrays. Architecture
-        arguments that tensors cannot reveal come from flags
-        (--mbstd_group_size, --mapping_lr_multiplier, --w_avg_beta,
-        --conv_clamp). A missing G_ema is taken from G (with a warning).
+  --state_dicts FILE                  the SAFE path: an .npz with 'G.<name>' /
+        'D.<name>' / 'G_ema.<name>' arrays (no code can run), or
+        `torch.save({'G': G.state_dict(), 'D': D.state_dict(),
+        'G_ema': G_ema.state_dict()}, FILE)` read with
+        `torch.load(weights_only=True)`, which is only safe from torch 2.6
+        (older releases could run code from a crafted file, CVE-2025-32434;
+        they are refused). Architecture arguments that tensors cannot reveal
+        come from flags (--mbstd_group_size, --mapping_lr_multiplier,
+        --w_avg_beta, --conv_clamp). A missing G_ema is taken from G (with a
+        warning).
+  --pkl network-snapshot-NNNNNN.pkl --trust_pickle   a training pickle
+        ({'G', 'D', 'G_ema', ...}). UNPICKLING RUNS ARBITRARY CODE FROM THE
+        FILE: only for files you made or fully trust, hence the required
+        --trust_pickle (`load_pickle(path, trust=True)`). Needs PyTorch and
+        the user's checkout of https://github.com/NVlabs/stylegan2-ada-pytorch
+        on PYTHONPATH (its `torch_utils` and `dnnlib` packages). To import a
+        pickle of unknown origin, turn it into state dicts on a machine where
+        running its code does no harm and use --state_dicts.
 
-  pip install -e .[import]    # PyTorch, only needed by this tool
+  pip install -e .[import]    # PyTorch >= 2.6, only needed by this tool
+  gandl-import --state_dicts nets.npz --workdir /tmp/imported
   PYTHONPATH=/path/to/stylegan2-ada-pytorch gandl-import \
-      --pkl network-snapshot-005000.pkl --workdir /tmp/imported
+      --pkl network-snapshot-005000.pkl --trust_pickle --workdir /tmp/imported
 
 Writes WORKDIR/checkpoints/<step>/{model,meta} (see gandl_jax/checkpoint.py),
 loadable with `gandl_jax.load(WORKDIR)` and `gandl-generate`.
@@ -54,6 +63,9 @@ class ImportErrorWithKeys(ValueError):
 # Loading (torch is imported lazily, only here).
 
 
+MIN_TORCH = (2, 6)   # torch.load(weights_only=True) is safe from 2.6 on
+
+
 def _torch():
   try:
     import torch  # pylint: disable=import-outside-toplevel
@@ -61,6 +73,33 @@ def _torch():
     raise ValueError("PyTorch is not installed. "
                      + _PYTHONPATH_HELP) from e
   return torch
+
+
+def torch_version(text: str) -> Tuple[int, int]:
+  """'2.6.0+cpu' -> (2, 6)."""
+  m = re.match(r"^(\d+)\.(\d+)", str(text))
+  if not m:
+    raise ValueError(f"cannot read the PyTorch version {text!r}")
+  return int(m.group(1)), int(m.group(2))
+
+
+def _safe_torch():
+  """torch, if its weights_only loading is safe (>= 2.6)."""
+  torch = _torch()
+  have = torch_version(torch.__version__)
+  if have < MIN_TORCH:
+    raise ValueError(
+        f"PyTorch {torch.__version__} is installed, but "
+        f"torch.load(weights_only=True) is only safe from PyTorch "
+        f"{MIN_TORCH[0]}.{MIN_TORCH[1]} (older releases can run code from a "
+        f"crafted file, CVE-2025-32434): pip install -e .[import] (torch>="
+        f"{MIN_TORCH[0]}.{MIN_TORCH[1]}), or save the tensors as .npz")
+  return torch
+
+
+PICKLE_WARNING = (
+    "unpickling runs arbitrary code from the file (a network pickle can do "
+    "anything your account can)")
 
 
 def _to_numpy(sd: Mapping[str, Any]) -> StateDict:
@@ -101,8 +140,24 @@ def _module_hints(G: Any, D: Any) -> Dict[str, Any]:
   return hints
 
 
-def load_pickle(path: str) -> Tuple[Dict[str, StateDict], Dict[str, Any]]:
-  """({'G', 'D', 'G_ema'} numpy state dicts, architecture hints)."""
+def load_pickle(path: str, trust: bool = False
+                ) -> Tuple[Dict[str, StateDict], Dict[str, Any]]:
+  """({'G', 'D', 'G_ema'} numpy state dicts, architecture hints).
+
+  Unpickling runs arbitrary code from the file, so it is refused unless
+  `trust` (`--trust_pickle`): the caller vouches for the file. Files of
+  unknown origin go through `load_state_dicts` (.npz, or torch.save'd state
+  dicts with torch >= 2.6).
+  """
+  if not trust:
+    raise ValueError(
+        f"{path}: not unpickled: {PICKLE_WARNING}. If you made this file or "
+        f"fully trust its source, pass --trust_pickle (load_pickle(path, "
+        f"trust=True)); otherwise import state dicts with --state_dicts "
+        f"(.npz, or torch.save'd state_dicts read with "
+        f"torch.load(weights_only=True)); docs/import.md")
+  logging.warning("%s: %s; unpickling it because --trust_pickle was given",
+                  path, PICKLE_WARNING)
   _torch()
   import pickle  # pylint: disable=import-outside-toplevel
   try:
@@ -147,7 +202,7 @@ def load_state_dicts(path: str) -> Dict[str, StateDict]:
         if net in ("G", "D", "G_ema") and name:
           sds.setdefault(net, {})[name] = np.asarray(z[key], np.float32)
   else:
-    torch = _torch()
+    torch = _safe_torch()
     try:
       obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
