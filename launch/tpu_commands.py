@@ -338,8 +338,24 @@ def ssh_command(args, script: str, worker: str = "all") -> List[str]:
           *_scope(args), f"--worker={worker}", f"--command={script}"]
 
 
-def tarball_path(args) -> str:
-  return f"/tmp/gandl-jax-src-{args.name}.tar.gz"
+def copy_source_command(args) -> List[str]:
+  """Packs the checkout and copies it to every worker, as one local command.
+
+  The tarball goes into a fresh private directory (`mktemp -d`: a random
+  name, mode 0700, so no other local user can read the source or plant a
+  file or symlink under a name they guessed) that is removed when the copy
+  ends, whether it succeeded or not.
+  """
+  tar = ["tar", "-czf", '"$d"/src.tar.gz',
+         *[shlex.quote(f"--exclude={pattern}") for pattern in TAR_EXCLUDES],
+         "-C", shlex.quote(str(args.checkout)), "."]
+  scp = ["gcloud", "compute", "tpus", "tpu-vm", "scp", '"$d"/src.tar.gz',
+         shlex.quote(f"{args.name}:{REMOTE_SRC}.tar.gz"),
+         *[shlex.quote(a) for a in _scope(args)], "--worker=all"]
+  script = ('set -eu; umask 077; d="$(mktemp -d "${TMPDIR:-/tmp}/'
+            'gandl-jax-src.XXXXXXXX")"; trap \'rm -rf "$d"\' EXIT; '
+            + " ".join(tar) + "; " + " ".join(scp))
+  return ["bash", "-c", script]
 
 
 def install_commands(args) -> List[List[str]]:
@@ -352,13 +368,7 @@ def install_commands(args) -> List[List[str]]:
       fetch += f" && git -C {REMOTE_SRC} checkout {shlex.quote(args.git_ref)}"
     cmds.append(ssh_command(args, fetch))
   else:
-    tarball = tarball_path(args)
-    cmds.append(["tar", "-czf", tarball,
-                 *[f"--exclude={pattern}" for pattern in TAR_EXCLUDES],
-                 "-C", str(args.checkout), "."])
-    cmds.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball,
-                 f"{args.name}:{REMOTE_SRC}.tar.gz", *_scope(args),
-                 "--worker=all"])
+    cmds.append(copy_source_command(args))
     cmds.append(ssh_command(
         args, f"rm -rf {REMOTE_SRC} && mkdir -p {REMOTE_SRC} && "
         f"tar -xzf {REMOTE_SRC}.tar.gz -C {REMOTE_SRC}"))

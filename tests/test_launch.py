@@ -5,12 +5,12 @@ bash that `tpu-vm ssh --command` would run on the workers is also executed here
 against a fake `gandl-train`, to prove the printed text works as written.
 """
 import io
+import json
 import os
 import pathlib
 import shlex
 import subprocess
 import sys
-import tarfile
 import time
 
 import pytest
@@ -145,19 +145,26 @@ def test_delete_vm_and_queued_resource():
 
 def test_install_copies_checkout_to_all_workers():
   lines = dry(tpu_install.main, ["--name", "gandl"])
-  assert len(lines) == 4
-  assert lines[0] == shlex.join([
-      "tar", "-czf", "/tmp/gandl-jax-src-gandl.tar.gz",
-      *[f"--exclude={p}" for p in tc.TAR_EXCLUDES], "-C", str(REPO), "."])
-  assert lines[1] == (
-      "gcloud compute tpus tpu-vm scp /tmp/gandl-jax-src-gandl.tar.gz "
+  assert len(lines) == 3
+  argv = shlex.split(lines[0])
+  assert argv[:2] == ["bash", "-c"] and len(argv) == 3
+  copy = argv[2]
+  assert copy.startswith('set -eu; umask 077; d="$(mktemp -d ')
+  assert "trap 'rm -rf \"$d\"' EXIT" in copy
+  assert " ".join([
+      "tar", "-czf", '"$d"/src.tar.gz',
+      *[shlex.quote(f"--exclude={p}") for p in tc.TAR_EXCLUDES], "-C",
+      shlex.quote(str(REPO)), "."]) in copy
+  assert copy.endswith(
+      'gcloud compute tpus tpu-vm scp "$d"/src.tar.gz '
       "gandl:gandl-jax.tar.gz --zone=us-central1-a --worker=all")
-  for line in lines[2:]:
+  subprocess.run(["bash", "-n", "-c", copy], check=True)
+  for line in lines[1:]:
     assert line.startswith(SSH + " --worker=all '--command=")
-  assert remote_script(lines[2]) == (
+  assert remote_script(lines[1]) == (
       "rm -rf gandl-jax && mkdir -p gandl-jax && "
       "tar -xzf gandl-jax.tar.gz -C gandl-jax")
-  pip = remote_script(lines[3])
+  pip = remote_script(lines[2])
   assert pip.startswith(
       "python3 -m pip install -q --user -U uv && rm -rf gandl-venv && "
       '"$HOME"/.local/bin/uv venv -q --seed --python 3.12 gandl-venv && ')
@@ -191,11 +198,33 @@ def test_install_from_git_with_ref_and_device_check():
   assert "-e ./gandl-jax 'jax[tpu]==0.6.2'" in remote_script(lines[1])
   assert "sharding.maybe_initialize_distributed()" in remote_script(lines[2])
   assert "--python 3.12 " in remote_script(lines[1])
-  assert not any(line.startswith(("tar", "gcloud compute tpus tpu-vm scp"))
-                 for line in lines)
+  assert not any("tpu-vm scp" in line for line in lines)
 
 
-def test_install_tarball_leaves_out_git_and_caches(tmp_path):
+_FAKE_SCP_GCLOUD = r'''
+import json, os, shutil, stat, subprocess, sys
+argv = sys.argv[1:]
+log = os.environ["FAKE_GCLOUD_LOG"]
+if argv[2:4] == ["tpu-vm", "scp"]:
+  src, dest = argv[4], argv[5].split(":", 1)[1]
+  with open(log, "a") as f:
+    f.write(json.dumps({"src": src,
+                        "dir_mode": stat.S_IMODE(os.stat(os.path.dirname(src)).st_mode),
+                        "file_mode": stat.S_IMODE(os.stat(src).st_mode)}) + "\n")
+  shutil.copy(src, os.path.join(os.environ["HOME"], dest))
+elif argv[2:4] == ["tpu-vm", "ssh"]:
+  (script,) = [a[len("--command="):] for a in argv if a.startswith("--command=")]
+  if "pip install" not in script:    # unpack for real; no installs here
+    sys.exit(subprocess.run(["bash", "-c", script], cwd=os.environ["HOME"]).returncode)
+else:
+  sys.exit("fake gcloud: unexpected " + " ".join(argv))
+'''
+
+
+def test_install_tarball_private_and_removed_after_copy(tmp_path, monkeypatch):
+  """Issue 11, item 17: the tarball lives in a fresh 0700 directory, not
+  under a predictable /tmp name, and is gone after the copy; what reaches
+  the workers leaves out .git and caches."""
   src = tmp_path / "src"
   (src / ".git").mkdir(parents=True)
   (src / ".git" / "HEAD").write_text("ref")
@@ -203,18 +232,40 @@ def test_install_tarball_leaves_out_git_and_caches(tmp_path):
   (src / "gandl_jax" / "__pycache__" / "x.pyc").write_text("")
   (src / "gandl_jax" / "train.py").write_text("")
   (src / "setup.py").write_text("")
+  bin_dir, home, tmp = tmp_path / "bin", tmp_path / "home", tmp_path / "tmp"
+  for d in (bin_dir, home, tmp):
+    d.mkdir()
+  gcloud = bin_dir / "gcloud"
+  gcloud.write_text(f"#!{sys.executable}\n{_FAKE_SCP_GCLOUD}")
+  gcloud.chmod(0o755)
+  log = tmp_path / "gcloud.log"
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.setenv("TMPDIR", str(tmp))
+  monkeypatch.setenv("FAKE_GCLOUD_LOG", str(log))
   name = f"t{os.getpid()}"
-  lines = dry(tpu_install.main, ["--name", name, "--checkout", str(src)])
-  tar_argv = shlex.split(lines[0])
-  tarball = tar_argv[2]
+  predictable = f"/tmp/gandl-jax-src-{name}.tar.gz"
   try:
-    subprocess.run(tar_argv, check=True)
-    with tarfile.open(tarball) as tar:
-      names = {n.lstrip("./") for n in tar.getnames()}
+    assert tpu_install.main(["--name", name, "--checkout", str(src)],
+                            out=io.StringIO()) == 0
+    (copy,) = [json.loads(l) for l in log.read_text().splitlines()]
+    assert copy["dir_mode"] == 0o700 and copy["file_mode"] & 0o077 == 0
+    assert copy["src"].startswith(str(tmp) + os.sep)
+    assert not os.path.exists(copy["src"])
+    assert os.listdir(tmp) == []             # the private directory is gone
+    assert not os.path.exists(predictable)
+    names = {str(p.relative_to(home / "gandl-jax"))
+             for p in (home / "gandl-jax").rglob("*")}
+    assert {"setup.py", "gandl_jax/train.py"} <= names
+    assert not any(".git" in n or "__pycache__" in n for n in names)
+    # A failed copy removes the directory too.
+    gcloud.write_text("#!/bin/sh\nexit 5\n")
+    assert tpu_install.main(["--name", name, "--checkout", str(src)],
+                            out=io.StringIO()) == 5
+    assert os.listdir(tmp) == []
   finally:
-    os.remove(tarball)
-  assert {"setup.py", "gandl_jax/train.py"} <= names
-  assert not any(".git" in n or "__pycache__" in n for n in names)
+    if os.path.exists(predictable):
+      os.remove(predictable)
 
 
 def test_install_errors(tmp_path, capsys):
@@ -463,9 +514,9 @@ def _kind(line):
     return None
   if line.startswith("sleep "):
     return "sleep"
-  if line.startswith("tar "):
-    return "tar"
   argv = shlex.split(line)
+  if argv[:2] == ["bash", "-c"] and "tpu-vm scp" in argv[2]:
+    return "copy"
   if argv[3] in ("queued-resources", "tpu-vm") and argv[4] in (
       "create", "delete", "describe", "scp"):
     return argv[4]
@@ -483,7 +534,7 @@ def _kinds(lines):
 
 
 WATCH = ["--name", "gandl", "--bucket", BUCKET, "--interval", "60"]
-INSTALL = ["tar", "scp", "unpack", "pip"]
+INSTALL = ["copy", "unpack", "pip"]
 
 
 def test_watch_plan_shows_every_branch():
