@@ -187,3 +187,55 @@ def test_recursion_csv_without_metadata_reports_each_task(data, tmp_path):
   assert "--metadata" in e["control"]["reason"]
   assert "control classifier" in e["dose_response"]["reason"]
   assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_cli_exit_status_when_tasks_fail(data, tmp_path):
+  """Issue 11, item 18: 1 when every task that ran failed, 3 when some did
+  (README, "Exit status"); metrics.json and the report are written."""
+  d, md, X, _ = data
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  # Recursion's layout without --metadata: no labels, every task fails.
+  df = pd.DataFrame(X, columns=[str(i) for i in range(X.shape[1])])
+  df.insert(0, "site_id", md["site_id"].values)
+  emb = tmp_path / "embeddings.csv"
+  df.to_csv(emb, index=False)
+  out = tmp_path / "all_failed"
+  r = subprocess.run(
+      [sys.executable, "-m", "gandl_jax.cli.evaluate", f"--embeddings={emb}",
+       f"--output={out}", "--tasks=control,cell_model", "--c_grid=0.1"],
+      capture_output=True, text=True, env=env, timeout=240)
+  assert r.returncode == 1, r.stderr[-2000:]
+  e = _strict_json(out / "metrics.json")["embeddings"]["embeddings"]
+  assert e["control"]["status"] == e["cell_model"]["status"] == "failed"
+  assert (out / "report.md").exists()
+  # Metadata without the VERO sites: control runs, cell_model fails.
+  meta = tmp_path / "hrce_only.csv"
+  md[md["cell_type"] == "HRCE"].to_csv(meta, index=False)
+  out = tmp_path / "some_failed"
+  r = subprocess.run(
+      [sys.executable, "-m", "gandl_jax.cli.evaluate", f"--embeddings={emb}",
+       f"--metadata={meta}", f"--output={out}",
+       "--tasks=control,cell_model", "--c_grid=0.1"],
+      capture_output=True, text=True, env=env, timeout=240)
+  assert r.returncode == 3, r.stderr[-2000:]
+  e = _strict_json(out / "metrics.json")["embeddings"]["embeddings"]
+  assert e["control"]["status"] == "ok" and e["cell_model"]["status"] == "failed"
+
+
+def test_bench_evaluate_removes_only_its_own_files(tmp_path):
+  """Issue 11, item 18: tools/bench_evaluate.py --workdir DIR leaves what
+  else is in DIR alone (it used to remove the whole directory)."""
+  wd = tmp_path / "work"
+  (wd / "mine").mkdir(parents=True)
+  (wd / "mine" / "results.txt").write_text("keep")
+  (wd / "notes.txt").write_text("keep too")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run(
+      [sys.executable, os.path.join(repo, "tools", "bench_evaluate.py"),
+       f"--workdir={wd}", "--sites=6000", "--dim=4", "--tasks=control"],
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=repo),
+      timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "control random: accuracy" in r.stdout
+  assert sorted(os.listdir(wd)) == ["mine", "notes.txt"]
+  assert (wd / "mine" / "results.txt").read_text() == "keep"
