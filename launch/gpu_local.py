@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
   export.add_argument("--embeddings", default=None,
                       help="Embeddings parquet file "
                       "(default WORKDIR/export/embeddings.parquet).")
+  export.add_argument("--overwrite", action="store_true",
+                      help="Replace existing embeddings (gandl-export "
+                      "refuses otherwise).")
 
   evaluate = argparse.ArgumentParser(add_help=False)
   evaluate.add_argument("--metadata", required=True,
@@ -163,7 +166,8 @@ def train_command(args) -> List[str]:
 def export_command(args) -> List[str]:
   return _with_env(device_env(args), [
       f"{args.venv}/bin/gandl-export", "--workdir", args.workdir,
-      "--data", args.data, "--output", args.embeddings])
+      "--data", args.data, "--output", args.embeddings]
+      + (["--overwrite"] if args.overwrite else []))
 
 
 def evaluate_command(args) -> List[str]:

@@ -484,7 +484,9 @@ def export_commands(args) -> List[List[str]]:
   export = (f"cd {home(REMOTE_SRC)} && "
             f"{home(REMOTE_VENV)}/bin/gandl-export "
             + shlex.join(["--workdir", args.workdir, "--data", args.data,
-                          "--output", args.output]))
+                          "--output", args.output]
+                         + (["--overwrite"] if getattr(args, "overwrite",
+                                                       False) else [])))
   return [ssh_command(args, export)]
 
 

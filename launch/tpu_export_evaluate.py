@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
   group.add_argument("--output", default=None,
                      help="gs:// path of the embeddings parquet file "
                      "(default WORKDIR/export/embeddings.parquet).")
+  group.add_argument("--overwrite", action="store_true",
+                     help="Replace an existing --output (gandl-export "
+                     "refuses otherwise).")
   group.add_argument("--metadata", default=None,
                      help="metadata.csv for evaluation: gs:// or a path on "
                      "worker 0 (required unless --stage export).")

@@ -453,6 +453,11 @@ def test_export_and_evaluate_commands():
       'cd "$HOME"/gandl-jax && '
       f'"$HOME"/gandl-venv/bin/gandl-export --workdir {WORKDIR} '
       f"--data '{DATA}' --output {WORKDIR}/export/embeddings.parquet")
+  over = dry(tpu_export_evaluate.main, [
+      "--name", "gandl", "--bucket", BUCKET, "--stage", "export",
+      "--overwrite"])
+  assert remote_script(over[0]).endswith(
+      f"--output {WORKDIR}/export/embeddings.parquet --overwrite")
   assert flag(lines[1], "worker") == ["--worker=0"]
   evaluate = remote_script(lines[1])
   assert evaluate.startswith(
@@ -748,6 +753,12 @@ def test_gpu_all_stages(monkeypatch):
   assert lines[2] == (
       ".venv/bin/gandl-evaluate --embeddings runs/x/export/embeddings.parquet "
       "--metadata meta.csv --output runs/x/report")
+  # gandl-export refuses to replace embeddings unless told to.
+  again = dry(gpu_local.main, [
+      "export", "--workdir", "runs/x", "--data", "s/*.tfrecord",
+      "--overwrite"])
+  assert again[0].endswith(
+      "--output runs/x/export/embeddings.parquet --overwrite")
 
 
 @pytest.mark.parametrize("argv,message", [
