@@ -208,6 +208,10 @@ SUMMARY_COLUMNS = (
     ("RxRx1 zero-shot (plate)", "rxrx1", "plate", "balanced_accuracy"),
     ("EC50 rank corr. with planted", "truth", None, "ec50_spearman"),
     ("planted hits found", "truth", None, "hits_found"),
+    ("activity mAP", "activity", None, "mean_map"),
+    ("fraction retrieved", "activity", None, "fraction_retrieved"),
+    ("consistency mAP", "consistency", None, "mean_map"),
+    ("percent replicating", "replicates", None, "percent_replicating"),
 )
 
 
@@ -235,7 +239,9 @@ def summary_section(sets: Dict[str, Dict]) -> str:
       table(["embeddings"] + [c[0] for c in cols], rows), "",
       "Balanced accuracy of a linear SVM (details below); the plate split "
       "holds out whole plates. EC50 rank correlation: Spearman between the "
-      "fitted and the planted EC50s (synthetic data only).", ""])
+      "fitted and the planted EC50s (synthetic data only). Activity mAP, "
+      "fraction retrieved, consistency mAP and percent replicating: see "
+      "the retrieval section.", ""])
 
 
 def inputs_section(sets: Dict[str, Dict]) -> str:
