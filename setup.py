@@ -36,6 +36,9 @@ setup(
         "pandas>=2.1",
         "pyarrow>=14",
         "matplotlib>=3.8",
+        # The JUMP consortium's mAP (phenotypic activity / consistency) with
+        # its permutation p-values; brings duckdb, statsmodels and tqdm.
+        "copairs>=0.5.5",
         "pillow>=10",
         "tensorboard>=2.16",
     ],

@@ -84,8 +84,12 @@ def test_full_report_with_baseline(data):
   disk = _strict_json(out / "metrics.json")
   assert disk["names"] == ["trained", "random"]
   tr, rnd = disk["embeddings"]["trained"], disk["embeddings"]["random"]
-  for task in ("control", "cell_model", "dose_response", "truth", "rxrx1"):
+  for task in ("control", "cell_model", "dose_response", "truth", "rxrx1",
+               "activity", "replicates"):
     assert tr[task]["status"] == "ok", (task, tr[task])
+  assert tr["consistency"]["status"] == "skipped"
+  # Retrieval: the trained set's compound-doses beat random features.
+  assert tr["activity"]["mean_map"] > rnd["activity"]["mean_map"]
   assert rnd["rxrx1"]["status"] == "skipped"
   # The planted signal is found; random features are near chance.
   assert tr["control"]["random"]["balanced_accuracy"] > 0.8

@@ -5,7 +5,9 @@
       [--baseline recursion/embeddings.csv --baseline_name recursion] \
       [--rxrx1_embeddings rx1.parquet --rxrx1_metadata RxRx1/metadata.csv] \
       [--compounds "Remdesivir (GS-5734),GS-441524"] [--whiten] \
-      [--aggregate well] [--extra_set classical=cl.parquet,cl_rx1.parquet ...]
+      [--aggregate well] [--extra_set classical=cl.parquet,cl_rx1.parquet ...] \
+      [--normalization robust_plate|tvn|none] [--annotation_column target] \
+      [--table_columns plate=Metadata_Plate,...]
 
 Writes OUTPUT/metrics.json, OUTPUT/report.md, OUTPUT/figures/*.png and the
 dose-response tables. See docs/evaluation.md.
@@ -19,8 +21,10 @@ from absl import app, flags
 
 from gandl_jax import cli
 
-from gandl_jax.evaluate import classify, dose_response
-from gandl_jax.evaluate.pipeline import EmbeddingSet, Options, evaluate
+from gandl_jax.evaluate import classify, dose_response, retrieval
+from gandl_jax.evaluate.io import TableSpec
+from gandl_jax.evaluate.pipeline import (NORMALIZATIONS, EmbeddingSet, Options,
+                                         evaluate)
 from gandl_jax.evaluate.tasks import ALL_TASKS
 
 FLAGS = flags.FLAGS
@@ -49,7 +53,41 @@ flags.DEFINE_string("truth", None, "synthetic_truth.csv (default: found next "
                     "to the metadata or embeddings).")
 flags.DEFINE_string("compounds", "", "Comma-separated compound names to plot "
                     "(CSV-quoted if a name holds a comma).")
-flags.DEFINE_bool("normalize", True, "Per-plate normalization by controls.")
+flags.DEFINE_enum("normalization", "plate", list(NORMALIZATIONS),
+                  "Normalization of every embeddings set: plate = per-plate "
+                  "mean/std of controls; robust_plate = per-plate median/MAD "
+                  "(pycytominer mad_robustize); tvn = PCA whitening on "
+                  "controls + per-batch CORAL; none.")
+flags.DEFINE_bool("normalize", True, "Old spelling: --nonormalize is "
+                  "--normalization=none.")
+flags.DEFINE_enum("tvn_batch", "plate", ["plate", "experiment"],
+                  "Batches of TVN's CORAL alignment.")
+flags.DEFINE_float("tvn_shrinkage", None, "Covariance shrinkage of TVN's "
+                   "CORAL step (default: Ledoit-Wolf; 0 = exact CORAL).")
+flags.DEFINE_string("table_columns", None, "Column mapping for tables from "
+                    "other tools: ours=theirs,... e.g. plate=Metadata_Plate,"
+                    "well=Metadata_Well,treatment=Metadata_broad_sample "
+                    "(CellProfiler Metadata_ columns are mapped by default).")
+flags.DEFINE_string("feature_regex", None, "Feature columns of such tables "
+                    "(a regular expression; default: CellProfiler "
+                    "compartments Cells_|Cytoplasm_|Nuclei_).")
+flags.DEFINE_string("negative_control", None, "Treatment value marking "
+                    "negative-control rows (e.g. DMSO) in such tables.")
+flags.DEFINE_string("annotation_column", None, "Metadata column (target, "
+                    "mechanism) for phenotypic consistency.")
+flags.DEFINE_enum("retrieval_level", "well", ["well", "site"], "Profiles of "
+                  "the retrieval metrics: well means or sites.")
+flags.DEFINE_enum("map_negatives", "plate", ["plate", "all"], "Negatives of "
+                  "the activity mAP: controls of the query's plate, or all.")
+flags.DEFINE_bool("exclude_same_plate", False, "Activity mAP: replicate pairs "
+                  "must come from different plates.")
+flags.DEFINE_integer("null_size", 10000, "Permutation null size of the mAP "
+                     "p-values.")
+flags.DEFINE_bool("center_on_reference", True, "Retrieval metrics: center "
+                  "each plate's profiles on its reference wells (the origin "
+                  "of the cosine similarity).")
+flags.DEFINE_enum("consistency_on", "active", ["active", "all"], "Compound "
+                  "consensus for consistency: its active doses or all.")
 flags.DEFINE_bool("whiten", False, "PCA whitening fitted on control sites.")
 flags.DEFINE_integer("whiten_components", None, "Keep this many components.")
 flags.DEFINE_enum("aggregate", "site", ["site", "well"], "Evaluate sites or "
@@ -109,7 +147,15 @@ def main(argv):
   except ValueError as e:
     raise cli.usage(f"--c_grid must be numbers: {e}") from e
   opts = Options(
-      normalize=FLAGS.normalize, whiten=FLAGS.whiten,
+      normalization=FLAGS.normalization, normalize=FLAGS.normalize,
+      tvn_batch=FLAGS.tvn_batch, tvn_shrinkage=FLAGS.tvn_shrinkage,
+      retrieval=retrieval.RetrievalConfig(
+          level=FLAGS.retrieval_level, negatives=FLAGS.map_negatives,
+          exclude_same_plate=FLAGS.exclude_same_plate,
+          null_size=FLAGS.null_size, annotation=FLAGS.annotation_column,
+          consistency_on=FLAGS.consistency_on,
+          center_on_reference=FLAGS.center_on_reference),
+      whiten=FLAGS.whiten,
       whiten_components=FLAGS.whiten_components, aggregate=FLAGS.aggregate,
       cell_type_features=FLAGS.cell_type_features,
       protocol=classify.ProtocolConfig(
@@ -119,10 +165,17 @@ def main(argv):
       fit=dose_response.FitConfig(), hit_threshold=FLAGS.hit_threshold,
       top_compounds=FLAGS.top_compounds)
   extra = parse_extra_sets(FLAGS.extra_set)
-  cli.run("gandl-evaluate", lambda: evaluate_command(opts, extra))
+  spec = None
+  if FLAGS.table_columns or FLAGS.feature_regex or FLAGS.negative_control:
+    try:
+      spec = TableSpec.parse(FLAGS.table_columns, FLAGS.feature_regex,
+                             FLAGS.negative_control)
+    except ValueError as e:
+      raise cli.usage(str(e)) from e
+  cli.run("gandl-evaluate", lambda: evaluate_command(opts, extra, spec))
 
 
-def evaluate_command(opts: Options, extra) -> int:
+def evaluate_command(opts: Options, extra, spec=None) -> int:
   metrics = evaluate(
       FLAGS.embeddings, FLAGS.output, metadata=FLAGS.metadata,
       tasks=FLAGS.tasks, baseline=FLAGS.baseline,
@@ -132,7 +185,7 @@ def evaluate_command(opts: Options, extra) -> int:
       rxrx1_metadata=FLAGS.rxrx1_metadata,
       rxrx1_baseline=FLAGS.rxrx1_baseline, truth=FLAGS.truth,
       compounds=parse_compounds(FLAGS.compounds), options=opts,
-      extra_sets=extra)
+      extra_sets=extra, table=spec)
   return exit_status(metrics)
 
 

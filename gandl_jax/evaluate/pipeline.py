@@ -19,9 +19,9 @@ import pandas as pd
 from absl import logging
 
 from gandl_jax.evaluate import (classify, dose_response, normalize, plots,
-                                report, tasks as task_lib,
+                                report, retrieval, tasks as task_lib,
                                 truth as truth_lib)
-from gandl_jax.evaluate.io import Embeddings, load_embeddings
+from gandl_jax.evaluate.io import Embeddings, TableSpec, load_embeddings
 from gandl_jax import io as gio
 from gandl_jax import schema
 
@@ -42,8 +42,12 @@ class EmbeddingSet:
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Post-processing and task settings (defaults: the paper's protocol)."""
-  normalize: bool = True            # per-plate normalization by controls
+  # One of NORMALIZATIONS; `normalize=False` is the old spelling of "none".
+  normalization: str = "plate"
+  normalize: bool = True
   min_controls: int = 8             # fewer control sites: use all wells
+  tvn_batch: str = "plate"          # TVN's CORAL step per "plate"/"experiment"
+  tvn_shrinkage: Optional[float] = None   # None: Ledoit-Wolf
   whiten: bool = False              # PCA whitening fitted on control sites
   whiten_components: Optional[int] = None
   aggregate: str = "site"           # "site" or "well" (mean of sites)
@@ -58,9 +62,22 @@ class Options:
   top_compounds: int = 6            # dose-response plots / table rows
   table_rows: int = 15
   projection_points: int = 15_000
+  retrieval: retrieval.RetrievalConfig = retrieval.RetrievalConfig()
 
 
-def _load(x: EmbeddingsInput, metadata, log) -> Tuple[Embeddings, bool]:
+NORMALIZATIONS = ("plate", "robust_plate", "tvn", "none")
+
+
+def normalization_method(opts: Options) -> str:
+  method = opts.normalization if opts.normalize else "none"
+  if method not in NORMALIZATIONS:
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got "
+                     f"{method!r}")
+  return method
+
+
+def _load(x: EmbeddingsInput, metadata, log,
+          spec: Optional[TableSpec] = None) -> Tuple[Embeddings, bool]:
   """(embeddings, owned) - owned arrays may be modified in place."""
   if isinstance(x, Embeddings):
     if metadata is not None:
@@ -70,7 +87,7 @@ def _load(x: EmbeddingsInput, metadata, log) -> Tuple[Embeddings, bool]:
                            else "metadata"), False
     return x, False
   t = time.time()
-  emb = load_embeddings(x, metadata)
+  emb = load_embeddings(x, metadata, spec)
   log(f"loaded {emb.source}: {len(emb.meta)} rows x {emb.dim} features "
       f"({time.time() - t:.1f}s)")
   return emb, True
@@ -83,23 +100,52 @@ def postprocess(emb: Embeddings, opts: Options, owned: bool
   X = emb.features
   meta = emb.meta
   parts = []
-  if opts.normalize:
+  method = normalization_method(opts)
+  ctrl_desc = ("well_type == negative_control" if "well_type" in meta
+               else "untreated sites (empty treatment)")
+  if method in ("plate", "robust_plate"):
     try:
       plates = normalize.plate_keys(meta)
       ctrl = normalize.control_mask(meta)
-      X, pinfo = normalize.plate_normalize(X, plates, ctrl, opts.min_controls,
-                                           inplace=owned)
+      fn = (normalize.plate_normalize if method == "plate"
+            else normalize.robust_plate_normalize)
+      X, pinfo = fn(X, plates, ctrl, opts.min_controls, inplace=owned)
       info["plate_normalization"] = {
+          "method": ("mean / standard deviation" if method == "plate" else
+                     "median / MAD (x 1.4826, + 1e-18; pycytominer "
+                     "mad_robustize)"),
           "plates": pinfo.plates, "control_sites": pinfo.control_sites,
           "plates_normalized_by_all_wells": len(pinfo.fallback_plates),
           "fallback_plates": pinfo.fallback_plates[:20],
-          "controls": ("well_type == negative_control" if "well_type" in meta
-                       else "untreated sites (empty treatment)")}
-      parts.append(f"per-plate ({pinfo.plates} plates, "
-                   f"{len(pinfo.fallback_plates)} by all wells)")
+          "controls": ctrl_desc}
+      parts.append(f"per-plate {'robust ' if method != 'plate' else ''}"
+                   f"({pinfo.plates} plates, {len(pinfo.fallback_plates)} by "
+                   f"all wells)")
     except ValueError as e:
       info["plate_normalization"] = {"status": "skipped", "reason": str(e)}
       parts.append("no plate normalization")
+  elif method == "tvn":
+    try:
+      batches = normalize.batch_keys(meta, opts.tvn_batch)
+      ctrl = normalize.control_mask(meta)
+      X, tinfo = normalize.tvn(X, batches, ctrl, opts.whiten_components,
+                               opts.tvn_shrinkage, opts.min_controls,
+                               seed=opts.protocol.seed)
+      sh = list(tinfo.shrinkage.values())
+      info["tvn"] = {
+          "components": tinfo.components, "batch": opts.tvn_batch,
+          "batches": tinfo.batches, "fit_rows": tinfo.fit_rows,
+          "controls": ctrl_desc,
+          "shrinkage": ("Ledoit-Wolf" if opts.tvn_shrinkage is None
+                        else opts.tvn_shrinkage),
+          "shrinkage_range": [min(sh), max(sh)],
+          "batches_aligned_by_all_rows": len(tinfo.fallback_batches),
+          "fallback_batches": tinfo.fallback_batches[:20]}
+      parts.append(f"TVN ({tinfo.components} comps, CORAL per "
+                   f"{opts.tvn_batch}, {tinfo.batches} batches)")
+    except ValueError as e:
+      info["tvn"] = {"status": "skipped", "reason": str(e)}
+      parts.append("no TVN")
   if opts.whiten:
     ctrl = normalize.control_mask(meta)
     fit_rows = X[ctrl] if ctrl.sum() >= 2 else X
@@ -157,13 +203,14 @@ def _find_truth(candidates: Sequence[Optional[str]]) -> Optional[str]:
 def _evaluate_set(name: str, emb_in: EmbeddingsInput, metadata,
                   rx1_in, rx1_meta, wanted: Sequence[str], truth_df,
                   truth_err: Optional[str], compounds: Sequence[str],
-                  opts: Options, out_dir: str, log) -> Tuple[Dict, Dict]:
+                  opts: Options, out_dir: str, log,
+                  spec: Optional[TableSpec] = None) -> Tuple[Dict, Dict]:
   """Runs every wanted task on one embeddings set; returns (metrics, extras)."""
   timing: Dict = {}
   res: Dict = {"tasks": {}, "timing_s": timing}
   extras: Dict = {}
   t0 = time.time()
-  emb, owned = _load(emb_in, metadata, log)
+  emb, owned = _load(emb_in, metadata, log, spec)
   timing["load"] = round(time.time() - t0, 2)
   if opts.cell_type_features not in ("raw", "normalized"):
     raise ValueError(f"cell_type_features must be 'raw' or 'normalized', got "
@@ -234,6 +281,9 @@ def _evaluate_set(name: str, emb_in: EmbeddingsInput, metadata,
       _run_task(T, task_lib.TRUTH,
                 lambda: truth_lib.compare(extras["dose"].fits, truth_df),
                 log, timing)
+  if task_lib.ACTIVITY in wanted or task_lib.REPLICATES in wanted:
+    _retrieval_tasks(T, name, emb, wanted, compounds, opts, out_dir, log,
+                     timing)
   # 2-D projection for the report.
   t = time.time()
   try:
@@ -278,6 +328,91 @@ def _evaluate_set(name: str, emb_in: EmbeddingsInput, metadata,
   return res, extras
 
 
+def _retrieval_profiles(emb: Embeddings, level: str) -> Embeddings:
+  """Well means (the field's unit of replication) or the sites as they are."""
+  if level == "site":
+    return emb
+  if level != "well":
+    raise ValueError(f"retrieval level must be 'well' or 'site', got {level!r}")
+  if "well_id" not in emb.meta or not emb.meta["well_id"].duplicated().any():
+    return emb
+  m, x = normalize.aggregate_wells(emb.meta, emb.features)
+  return Embeddings(m, x, emb.source)
+
+
+def _retrieval_tasks(T: Dict, name: str, emb: Embeddings, wanted, compounds,
+                     opts: Options, out_dir: str, log, timing: Dict) -> None:
+  """mAP activity / consistency, percent replicating, energy distance."""
+  cfg = dataclasses.replace(opts.retrieval, seed=opts.protocol.seed)
+  t = time.time()
+  try:
+    prof = _retrieval_profiles(emb, cfg.level)
+    centering = {"centered_on": "none (--nocenter_on_reference)"}
+    if cfg.center_on_reference:
+      try:
+        x, centering = retrieval.center_on_reference(prof.meta, prof.features)
+        prof = Embeddings(prof.meta, x, prof.source)
+      except classify.TaskError as e:
+        centering = {"centered_on": f"none ({e})"}
+    timing["retrieval_profiles"] = round(time.time() - t, 2)
+  except ValueError as e:
+    for t in (task_lib.ACTIVITY, task_lib.REPLICATES):
+      if t in wanted:
+        T[t] = {"status": "failed", "reason": str(e)}
+    return
+  safe = _safe(name)
+
+  def save(kind, df):
+    fname = f"{kind}_{safe}.csv"
+    gio.atomic_write(os.path.join(out_dir, fname),
+                 lambda f: df.to_csv(f, index=False))
+    return fname
+
+  if task_lib.ACTIVITY in wanted:
+    holder = {}
+
+    def _activity():
+      summary, table = retrieval.phenotypic_activity(prof.meta, prof.features,
+                                                     cfg)
+      holder["table"] = table
+      summary["centering"] = centering
+      cols = ["key", "treatment", "treatment_conc", "cell_type",
+              "n_replicates", "mean_average_precision", "p_value",
+              "corrected_p_value", "below_corrected_p"]
+      summary["top"] = retrieval.records(table, cols, opts.table_rows)
+      if compounds:
+        named = table[table["treatment"].isin(list(compounds))]
+        summary["named"] = retrieval.records(named, cols, len(named))
+      summary["files"] = [save("map_activity", table)]
+      return summary
+    _run_task(T, task_lib.ACTIVITY, _activity, log, timing)
+    if cfg.annotation:
+      def _consistency():
+        summary, table = retrieval.phenotypic_consistency(
+            prof.meta, prof.features, holder.get("table"), cfg)
+        summary["top"] = retrieval.records(
+            table, ["annotation", "cell", "n_compounds",
+                    "mean_average_precision", "p_value", "corrected_p_value",
+                    "below_corrected_p"], opts.table_rows)
+        summary["files"] = [save("map_consistency", table)]
+        return summary
+      _run_task(T, task_lib.CONSISTENCY, _consistency, log, timing)
+    else:
+      T[task_lib.CONSISTENCY] = {
+          "status": "skipped",
+          "reason": "no annotation column given (--annotation_column)"}
+  if task_lib.REPLICATES in wanted:
+    def _replicates():
+      summary, table = retrieval.percent_replicating(prof.meta, prof.features,
+                                                     cfg)
+      summary["files"] = [save("replicates", table)]
+      ed, _ = retrieval.treatment_vs_control(prof.meta, prof.features,
+                                             compounds, cfg)
+      summary["energy_distance"] = ed
+      return summary
+    _run_task(T, task_lib.REPLICATES, _replicates, log, timing)
+
+
 def _safe(name: str) -> str:
   return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
@@ -294,7 +429,8 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
              truth: Optional[str] = None, compounds: Sequence[str] = (),
              options: Options = Options(),
              log: Callable[[str], None] = logging.info,
-             extra_sets: Sequence[EmbeddingSet] = ()) -> Dict:
+             extra_sets: Sequence[EmbeddingSet] = (),
+             table: Optional[TableSpec] = None) -> Dict:
   """Evaluates embeddings (and optionally a baseline and `extra_sets`) into
   `output_dir`, every set with the same post-processing and tasks.
 
@@ -302,7 +438,11 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
   atomically. Returns the metrics dict as written. `tasks`:
   subset of ('control', 'cell_model', 'dose_response', 'rxrx1', 'truth');
   default all. Unknown task names raise ValueError before anything runs.
+  `table`: how to read profile tables from other tools (column mapping,
+  feature regex, negative-control value); CellProfiler tables are detected
+  without it.
   """
+  normalization_method(options)
   wanted = list(tasks if tasks is not None else task_lib.ALL_TASKS)
   unknown = [t for t in wanted if t not in task_lib.ALL_TASKS]
   if unknown:
@@ -343,7 +483,7 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
     log(f"evaluating {set_name}")
     r, x = _evaluate_set(set_name, emb_in, md, rx1, rxrx1_metadata, wanted,
                          truth_df, truth_err, compounds, options, output_dir,
-                         log)
+                         log, table)
     results[set_name] = r
     extras[set_name] = x
 
@@ -376,6 +516,7 @@ def _options_dict(o: Options) -> Dict:
   d = dataclasses.asdict(o)
   if d["whiten_components"] is None:
     d["whiten_components"] = "all"
+  d["normalization"] = normalization_method(o)
   return d
 
 
@@ -463,6 +604,7 @@ def _markdown(m: Dict, figs: Dict, opts: Options) -> str:
           "4-class linear SVM on embeddings of RxRx1 sites (w1-w5); "
           "ROC AUC = macro one-vs-rest."),
       report.truth_section(sets),
+      report.retrieval_section(sets, opts.table_rows),
       "## 2-D projection", "",
       "PCA of a random subset of post-processed embeddings; untreated sites "
       "coloured by disease condition, treated sites grey.", "",

@@ -208,6 +208,10 @@ SUMMARY_COLUMNS = (
     ("RxRx1 zero-shot (plate)", "rxrx1", "plate", "balanced_accuracy"),
     ("EC50 rank corr. with planted", "truth", None, "ec50_spearman"),
     ("planted hits found", "truth", None, "hits_found"),
+    ("activity mAP", "activity", None, "mean_map"),
+    ("fraction retrieved", "activity", None, "fraction_retrieved"),
+    ("consistency mAP", "consistency", None, "mean_map"),
+    ("percent replicating", "replicates", None, "percent_replicating"),
 )
 
 
@@ -235,7 +239,9 @@ def summary_section(sets: Dict[str, Dict]) -> str:
       table(["embeddings"] + [c[0] for c in cols], rows), "",
       "Balanced accuracy of a linear SVM (details below); the plate split "
       "holds out whole plates. EC50 rank correlation: Spearman between the "
-      "fitted and the planted EC50s (synthetic data only).", ""])
+      "fitted and the planted EC50s (synthetic data only). Activity mAP, "
+      "fraction retrieved, consistency mAP and percent replicating: see "
+      "the retrieval section.", ""])
 
 
 def inputs_section(sets: Dict[str, Dict]) -> str:
@@ -257,3 +263,82 @@ def inputs_section(sets: Dict[str, Dict]) -> str:
 
 def write_report(path: str, text: str) -> None:
   gio.atomic_write(path, lambda f: f.write(text))
+
+
+def retrieval_section(sets: Dict[str, Dict], top_n: int) -> str:
+  """Phenotypic activity / consistency (mAP), percent replicating, energy."""
+  out = ["## Phenotypic activity and consistency (mAP)", "",
+         "Average precision (copairs, cosine similarity) of each compound-dose's "
+         "replicate profiles retrieved against the reference profiles; mAP = "
+         "mean over the replicates; p-value from copairs' permutation null, "
+         "Benjamini-Hochberg corrected; *retrieved* = corrected p < 0.05. "
+         "Consistency: compounds sharing an annotation retrieve each other.",
+         ""]
+  rows, notes = [], []
+  for n, s in sets.items():
+    a = s.get("activity", {})
+    c = s.get("consistency", {})
+    r = s.get("replicates", {})
+    if not a and not r:
+      continue
+    for key, t in (("activity", a), ("consistency", c), ("replicates", r)):
+      if t and t.get("status") not in ("ok", None):
+        notes.append(f"- **{n}**, {key}: {t.get('status')}: "
+                     f"{t.get('reason', '')}")
+    ok = lambda t: t.get("status") == "ok"  # noqa: E731
+    rows.append([
+        n,
+        a.get("n_scored") if ok(a) else None,
+        a.get("mean_map") if ok(a) else None,
+        a.get("fraction_retrieved") if ok(a) else None,
+        c.get("mean_map") if ok(c) else None,
+        c.get("fraction_retrieved") if ok(c) else None,
+        r.get("percent_replicating") if ok(r) else None,
+        r.get("median_replicate_cosine") if ok(r) else None])
+  if not rows:
+    return ""
+  first = next((s.get("activity") for s in sets.values()
+                if s.get("activity", {}).get("status") == "ok"), None)
+  if first:
+    out += [f"Reference: {first['reference']}. Negatives: "
+            f"{first['negatives']} (median {_fmt(first.get('median_negatives_per_query'))}"
+            f" per query, against {_fmt(first.get('median_positives_per_query'))}"
+            f" positives). Guards: {first['guards']}. Profiles: "
+            f"{first['profiles']}. With few negatives per query an mAP of 1 "
+            f"is common by chance, yet gets the smallest p (copairs counts "
+            f"null values strictly above the observed mAP).", ""]
+  out += [table(["embeddings", "compound-doses scored", "activity mAP",
+                 "fraction retrieved", "consistency mAP",
+                 "annotations retrieved", "percent replicating",
+                 "median replicate cosine"], rows), ""]
+  for n, s in sets.items():
+    a = s.get("activity", {})
+    if a.get("status") == "ok" and a.get("top"):
+      out += [f"Most active compound-doses, **{n}**:", "",
+              table(["compound", "conc", "cell type", "replicates", "mAP",
+                     "corrected p", "retrieved"],
+                    [[t.get("treatment"), t.get("treatment_conc"),
+                      t.get("cell_type"), t.get("n_replicates"),
+                      t.get("mean_average_precision"),
+                      t.get("corrected_p_value"), t.get("below_corrected_p")]
+                     for t in a["top"][:top_n]]), ""]
+    if a.get("status") == "ok" and a.get("named"):
+      out += [f"Named compounds, **{n}**:", "",
+              table(["compound", "conc", "cell type", "replicates", "mAP",
+                     "corrected p", "retrieved"],
+                    [[t.get("treatment"), t.get("treatment_conc"),
+                      t.get("cell_type"), t.get("n_replicates"),
+                      t.get("mean_average_precision"),
+                      t.get("corrected_p_value"), t.get("below_corrected_p")]
+                     for t in a["named"]]), ""]
+    ed = s.get("replicates", {}).get("energy_distance", {})
+    if ed.get("rows"):
+      out += [f"Treatment vs reference energy distance, **{n}**:", "",
+              table(["compound", "conc", "cell type", "profiles",
+                     "reference", "energy distance", "permutation p"],
+                    [[t["treatment"], t["treatment_conc"], t["cell_type"],
+                      t["n_profiles"], t["n_reference"], t["energy_distance"],
+                      t["p_value"]] for t in ed["rows"]]), ""]
+  if notes:
+    out += ["Not computed:", ""] + notes + [""]
+  return "\n".join(out)

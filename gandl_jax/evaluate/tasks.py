@@ -15,13 +15,16 @@ import pandas as pd
 from gandl_jax.evaluate import classify, dose_response, normalize
 from gandl_jax.evaluate.io import Embeddings
 from gandl_jax import schema
+from gandl_jax.evaluate.retrieval import ACTIVITY, REPLICATES
 
 CONTROL = "control"
 CELL_MODEL = "cell_model"
 DOSE_RESPONSE = "dose_response"
 RXRX1 = "rxrx1"
 TRUTH = "truth"
-ALL_TASKS: Tuple[str, ...] = (CONTROL, CELL_MODEL, DOSE_RESPONSE, RXRX1, TRUTH)
+CONSISTENCY = "consistency"     # run with ACTIVITY when an annotation is given
+ALL_TASKS: Tuple[str, ...] = (CONTROL, CELL_MODEL, DOSE_RESPONSE, RXRX1, TRUTH,
+                              ACTIVITY, REPLICATES)
 
 SPLITS = ("random", "plate")
 
