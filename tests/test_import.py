@@ -335,12 +335,12 @@ def test_grid_and_strip():
 
 
 def test_parse_seeds():
-  from gandl_jax.cli import generate
-  assert generate.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+  from gandl_jax import cli
+  assert cli.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
   with pytest.raises(ValueError, match="seeds"):
-    generate.parse_seeds("a-b")
+    cli.parse_seeds("a-b")
   with pytest.raises(ValueError, match="seeds"):
-    generate.parse_seeds("5-2")
+    cli.parse_seeds("5-2")
 
 
 def test_save_samples(model, tmp_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging as _std_logging
 import sys as _sys
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from absl import app
 
@@ -78,3 +78,25 @@ def run(program: str, body: Callable[[], Optional[int]]) -> None:
 def no_arguments(argv) -> None:
   if len(argv) > 1:
     raise usage(f"unexpected arguments: {argv[1:]}")
+
+
+def parse_seeds(text: str) -> List[int]:
+  """'0-3,7' -> [0, 1, 2, 3, 7]; a clear error for anything else."""
+  seeds = []
+  for part in (p.strip() for p in text.split(",")):
+    if not part:
+      continue
+    try:
+      if "-" in part:
+        lo, hi = (int(v) for v in part.split("-", 1))
+        if hi < lo:
+          raise ValueError
+        seeds.extend(range(lo, hi + 1))
+      else:
+        seeds.append(int(part))
+    except ValueError as e:
+      raise ValueError(f"--seeds: cannot parse {part!r}; expected ints and "
+                       f"ranges like '0-7,42'") from e
+  if not seeds:
+    raise ValueError("--seeds is empty")
+  return seeds

@@ -42,28 +42,6 @@ flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
 flags.DEFINE_integer("batch_size", 32, "Images per generator call.")
 
 
-def parse_seeds(text: str) -> List[int]:
-  """'0-3,7' -> [0, 1, 2, 3, 7]; a clear error for anything else."""
-  seeds = []
-  for part in (p.strip() for p in text.split(",")):
-    if not part:
-      continue
-    try:
-      if "-" in part:
-        lo, hi = (int(v) for v in part.split("-", 1))
-        if hi < lo:
-          raise ValueError
-        seeds.extend(range(lo, hi + 1))
-      else:
-        seeds.append(int(part))
-    except ValueError as e:
-      raise ValueError(f"--seeds: cannot parse {part!r}; expected ints and "
-                       f"ranges like '0-7,42'") from e
-  if not seeds:
-    raise ValueError("--seeds is empty")
-  return seeds
-
-
 def generate_command(seeds: List[int]) -> int:
   # pylint: disable=import-outside-toplevel
   from gandl_jax.inference import api, samples
@@ -86,7 +64,7 @@ def main(argv):
   if not FLAGS.out:
     raise cli.usage("--out is required (.png or .npz)")
   try:
-    seeds = parse_seeds(FLAGS.seeds)
+    seeds = cli.parse_seeds(FLAGS.seeds)
   except ValueError as e:
     raise cli.usage(str(e)) from e
   cli.run("gandl-generate", lambda: generate_command(seeds))
