@@ -21,9 +21,16 @@ def _calls(path: pathlib.Path):
       base = node.func.value
       # os.replace / Path.rename / tempfile.mkstemp / gfile.rename; not
       # str.replace (receiver is a string constant or a name of a string)
-      if node.func.attr in _WRITER_CALLS and not (
-          isinstance(base, ast.Constant)):
-        yield node.func.attr, node.lineno, ast.unparse(node.func)
+      if node.func.attr not in _WRITER_CALLS or isinstance(base, ast.Constant):
+        continue
+      # DataFrame.rename(columns=...) / Series.rename("x") are not file moves:
+      # a file rename takes a destination variable and no pandas keywords.
+      if node.func.attr == "rename" and (
+          {k.arg for k in node.keywords} & {"columns", "index", "axis",
+                                            "mapper", "inplace"} or
+          (node.args and isinstance(node.args[0], ast.Constant))):
+        continue
+      yield node.func.attr, node.lineno, ast.unparse(node.func)
 
 
 def test_no_second_atomic_writer():
