@@ -114,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
   # sites.csv, feed linear SVMs (Mock vs Active, HRCE vs VERO; plate-grouped
   # split); the balanced accuracies go to metrics.jsonl / TensorBoard and the
   # checkpoint with the best probe score is kept.
-  config.probe_every_kimg = 50.0
+  config.probe_every_kimg = 100.0
   config.probe_sites = 2000
   config.probe_layer = "fc"
 

@@ -194,3 +194,64 @@ def test_best_without_probe_scores_is_a_clear_error(tmp_path):
   ckpt.close()
   with pytest.raises(FileNotFoundError, match="no checkpoint .* probe score"):
     checkpoint.restore_model(str(tmp_path), "best")
+
+
+_HOST = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid, workdir, shards, out = sys.argv[1:]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2,
+                           process_id=int(pid))
+import json
+import numpy as np
+sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "tests"))
+from test_probe import _host_probe
+X, s = _host_probe(shards, workdir, None)
+np.save(out + f".{pid}.npy", X)
+print("SCORES", json.dumps(s))
+"""
+
+
+def _host_probe(shards, workdir, devices):
+  """Features and scores of the probe at initialization (no minibatch
+  stddev, so features depend on the image only)."""
+  config = _config(shards, **{"model.mbstd_num_channels": 0})
+  mesh = sharding.make_mesh(devices)
+  tr = steps.Trainer(config, mesh)
+  tracker = probe.Tracker(config, workdir, mesh, tr.D, every=2)
+  X = tracker.features(tr.init_state(0).d_params)
+  s = probe.scores(X, tracker.sites, tracker.cfg)
+  return X, {k: s[k] for k in (probe.CONTROL, probe.CELL_TYPE)}
+
+
+@pytest.mark.slow  # 1.5-5 min on the shared 2-core machine (two processes)
+def test_two_hosts_gather_the_same_features_and_scores(shards, tmp_path):
+  """Two JAX processes (2 CPU devices each), each embedding its own shards'
+  probe sites: both hosts get the single-process features and scores."""
+  import os
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = str(tmp_path / "X")
+  workdir = str(tmp_path / "w")
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _HOST, str(port), str(i), workdir, shards, out],
+      env=dict(os.environ, PYTHONPATH=repo), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  ref_X, ref_s = _host_probe(shards, str(tmp_path / "w1"), jax.devices()[:1])
+  assert len(ref_X) == 64
+  for i, log in enumerate(logs):
+    X = np.load(f"{out}.{i}.npy")
+    np.testing.assert_allclose(X, ref_X, rtol=1e-4, atol=1e-5)
+    s = json.loads(log.split("SCORES ", 1)[1].splitlines()[0])
+    assert s == pytest.approx(ref_s, nan_ok=True)
