@@ -151,6 +151,9 @@ def main(argv):
         "probe_embed_seconds": embed_s, "probe_fit_seconds": probe_s - embed_s,
         "overhead_pct": 100.0 * probe_s / interval_s,
         "break_even_kimg_at_5pct": probe_s / (0.05 * spk),
+        "embed_overhead_flops_pct": (100.0 * ratio * int(first[probe.SITES])
+                                     / (config.probe_every_kimg * 1000.0)
+                                     if ratio else None),
         "scores": {k: first[k] for k in (probe.CONTROL, probe.CELL_TYPE)}})
   print(json.dumps(result))
   sys.stdout.flush()

@@ -9,7 +9,8 @@ discriminator's embedding, so training tracks that instead. Every
    mesh (`model.embed.data_parallel_features`, the function gandl-export
    uses, batch `config.batch_size`);
 2. gandl-evaluate's linear-SVM protocol (`evaluate.classify.run_protocol`,
-   plate-grouped split: whole plates held out) is fitted for the control task
+   plate-grouped split: whole plates held out; C searched over
+   `PROBE_C_GRID`) is fitted for the control task
    (Mock vs Active SARS-CoV-2, per-plate normalized features, as
    gandl-evaluate's `control` task) and the cell-type task (HRCE vs VERO, raw
    features, as its `cell_model` task);
