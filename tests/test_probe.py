@@ -87,6 +87,24 @@ def test_scores_on_constructed_features(shards):
   assert s[probe.CONTROL] == s[probe.SCORE] == 1.0
 
 
+@pytest.mark.parametrize("override,message", [
+    ({"probe_every_kimg": -1.0}, "probe_every_kimg must be >= 0"),
+    ({"probe_sites": 4}, "probe_sites must be >= 16"),
+])
+def test_probe_config_errors(override, message):
+  from gandl_jax import config as config_lib
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(tiny.tiny_config("", **override))
+
+
+def test_unknown_probe_layer_fails_before_training(shards, tmp_path):
+  config = _config(shards, probe_layer="b64")
+  with pytest.raises(ValueError, match="config.probe_layer: unknown layer"):
+    train_loop.train(config, str(tmp_path), mesh=sharding.make_mesh(
+        jax.devices()[:1]))
+  assert not (tmp_path / "checkpoints").exists()
+
+
 def _config(path, **overrides):
   return tiny.tiny_config(path, **{
       "probe_every_kimg": 0.016, "probe_sites": 64,

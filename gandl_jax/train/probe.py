@@ -230,7 +230,10 @@ class Tracker:
     self.mesh, self.data = mesh, config.data.path
     self.batch = int(config.batch_size)
     self.layer = str(config.probe_layer)
-    networks.check_embedding_layer(self.layer, int(config.model.resolution))
+    try:
+      networks.check_embedding_layer(self.layer, int(config.model.resolution))
+    except ValueError as e:
+      raise ValueError(f"config.probe_layer: {e}") from None
     sharding.check_batch(self.batch, mesh.devices.size, jax.process_count(),
                          int(config.model.mbstd_group_size),
                          name="config.batch_size (probe)")
