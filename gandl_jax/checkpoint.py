@@ -35,6 +35,15 @@ TRAIN_ITEM = "train"
 CHECKPOINTS_SUBDIR = "checkpoints"
 MODEL_KEYS = ("G", "G_ema", "D")
 _READ_OPTIONS = ocp.CheckpointManagerOptions(create=False)
+# Training's representation probe (gandl_jax/train/probe.py) records its
+# result in a step's meta as meta[PROBE_META] = {'score', 'control_bacc',
+# 'cell_type_bacc'}; the retention policy keeps the step with the best score
+# (Orbax metric BEST_METRIC), and `step="best"` / `gandl-export --step best`
+# resolve to it.
+PROBE_META = "probe"
+BEST_METRIC = "probe/score"
+BEST = "best"
+StepSpec = Union[None, int, str]
 
 
 def _path(p: PathLike) -> epath.Path:
@@ -139,6 +148,56 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int
   return model, dict(meta)
 
 
+def probe_score(meta: Mapping[str, Any]) -> Optional[float]:
+  """The probe score recorded in a step's meta, or None."""
+  value = (meta.get(PROBE_META) or {}).get("score")
+  return None if value is None else float(value)
+
+
+def _read_meta(mngr: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
+  return dict(mngr.restore(step, args=ocp.args.Composite(**{
+      META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])
+
+
+def best_step(path: PathLike) -> int:
+  """The step with the highest recorded probe score (the latest of equal
+  scores, as the retention policy keeps it) under a workdir or checkpoints
+  directory. Raises FileNotFoundError when no step has a score."""
+  directory, _ = _resolve(path)
+  best: Optional[Tuple[float, int]] = None
+  with _reader(directory) as mngr:
+    steps = sorted(mngr.all_steps())
+    for s in steps:
+      try:
+        score = probe_score(_read_meta(mngr, s))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("step %d in %s: meta unreadable (%s); skipped", s,
+                        directory, e)
+        continue
+      if score is not None and (best is None or score >= best[0]):
+        best = (score, s)
+  if best is None:
+    raise FileNotFoundError(
+        f"no checkpoint in {directory} has a probe score (steps "
+        f"{steps}); the representation probe records one every "
+        f"config.probe_every_kimg (0 turns it off)")
+  logging.info("best probe score %.4f at step %d", best[0], best[1])
+  return best[1]
+
+
+def resolve_step(path: PathLike, step: StepSpec) -> Optional[int]:
+  """`step` as an int: None (latest) and ints pass through, 'best' (or
+  its digits as a string) is resolved."""
+  if step is None or isinstance(step, (int, np.integer)):
+    return None if step is None else int(step)
+  text = str(step).strip().lower()
+  if text == BEST:
+    return best_step(path)
+  if text.isdigit():
+    return int(text)
+  raise ValueError(f"step must be a number or {BEST!r}, got {step!r}")
+
+
 def list_steps(path: PathLike) -> Tuple[int, ...]:
   """Steps available under a workdir or checkpoints directory."""
   directory, step = _resolve(path)
@@ -152,13 +211,14 @@ class UnreadableCheckpointError(ValueError):
   """The checkpoint asked for (the latest one by default) cannot be read."""
 
 
-def restore_model(path: PathLike, step: Optional[int] = None,
+def restore_model(path: PathLike, step: StepSpec = None,
                   allow_fallback: bool = False
                   ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Restores (model variables, meta) from a workdir, its checkpoints/ dir or
   a step dir.
 
-  The latest step is used unless `step` is given (or `path` is a step dir).
+  The latest step is used unless `step` is given (or `path` is a step dir);
+  `step="best"`: the step with the best training probe score (`best_step`).
   If the latest step cannot be read (e.g. a partially copied checkpoint),
   `UnreadableCheckpointError` names it, the error and the older steps, unless
   `allow_fallback`: then the newest readable older step is used, with a
@@ -167,6 +227,7 @@ def restore_model(path: PathLike, step: Optional[int] = None,
   An explicit step never falls back.
   """
   directory, dir_step = _resolve(path)
+  step = resolve_step(path, step)
   if step is not None and dir_step is not None and step != dir_step:
     raise ValueError(f"{path} is the directory of step {dir_step} but "
                      f"step={step} was requested")

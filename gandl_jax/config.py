@@ -108,6 +108,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.image_grid_every_kimg = 100.0
   config.image_grid_size = 8           # samples per side of the grid
   config.mbstd_shards = 0              # 0: one per device (groups stay local)
+  # Representation probe (train/probe.py, README "Representation probe"):
+  # every probe_every_kimg (0: off), D's probe_layer features of a fixed set
+  # of at most probe_sites untreated Mock / Active sites, chosen from
+  # sites.csv, feed linear SVMs (Mock vs Active, HRCE vs VERO; plate-grouped
+  # split); the balanced accuracies go to metrics.jsonl / TensorBoard and the
+  # checkpoint with the best probe score is kept.
+  config.probe_every_kimg = 100.0
+  config.probe_sites = 2000
+  config.probe_layer = "fc"
 
   config.optim = ml_collections.ConfigDict(dict(
       g_lr=0.0025, d_lr=0.0025, beta1=0.0, beta2=0.99, eps=1e-8))
@@ -181,6 +190,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
               "image_grid_every_kimg"):
     if not config[key] > 0:
       errors.append(f"config.{key} must be > 0, got {config[key]}")
+  if not config.probe_every_kimg >= 0:
+    errors.append(f"config.probe_every_kimg must be >= 0 (0: no probe), got "
+                  f"{config.probe_every_kimg}")
+  if config.probe_every_kimg > 0 and int(config.probe_sites) < 16:
+    errors.append(f"config.probe_sites must be >= 16, got "
+                  f"{config.probe_sites}")
   if not 0 <= loss.style_mixing_prob <= 1:
     errors.append("config.loss.style_mixing_prob must be in [0, 1]")
   _fail(errors)

@@ -305,6 +305,15 @@ def test_cli(env, tmp_path):
     with pytest.raises(SystemExit) as e:   # README "Exit status": 1
       cli.main(argv[:1])
     assert e.value.code == 1
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv + ["--step", "last"])
+    with pytest.raises(Exception, match="step number or 'best'"):
+      cli.main(argv[:1])
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv + ["--step", "best"])   # no probe scores in this workdir
+    with pytest.raises(SystemExit) as e:
+      cli.main(argv[:1])
+    assert e.value.code == 1
   finally:
     flags.FLAGS.unparse_flags()
 

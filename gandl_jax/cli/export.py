@@ -6,6 +6,7 @@
       --data 'gs://b/shards/*.tfrecord' --output gs://b/export/emb.parquet \
       --layer fc --batch 256
   gandl-export --workdir W --data S --output embeddings.csv --format csv
+  gandl-export --workdir W --step best --data S --output best.parquet
 
 One row per site: `site_id`, the metadata columns and the features (`f0000`,
 ...); `--format csv` writes Recursion's layout (`site_id` + features). Runs on
@@ -25,7 +26,9 @@ flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint "
                     "unless --step).")
 flags.DEFINE_string("checkpoint", None, "Instead of --workdir: a workdir, its "
                     "checkpoints/ dir or a step dir.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+flags.DEFINE_string("step", None, "Checkpoint step (default: latest), or "
+                    "'best': the step with the best representation-probe "
+                    "score recorded during training.")
 flags.DEFINE_string("data", None, "Shards written by gandl-convert (directory "
                     "or glob; local or gs://).")
 flags.DEFINE_string("output", None, "Embeddings file (.parquet or .csv).")
@@ -68,6 +71,9 @@ def main(argv):
   cli.no_arguments(argv)
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise cli.usage("give exactly one of --workdir or --checkpoint")
+  step = FLAGS.step
+  if step is not None and not (step.isdigit() or step == "best"):
+    raise cli.usage(f"--step must be a step number or 'best', got {step!r}")
   for name in ("data", "output"):
     if not FLAGS[name].value:
       raise cli.usage(f"--{name} is required")

@@ -195,15 +195,18 @@ class Model:
     return feats.reshape(len(feats), -1)
 
 
-def load(checkpoint_dir_or_path: Union[str, Any], step: Optional[int] = None,
+def load(checkpoint_dir_or_path: Union[str, Any],
+         step: Union[None, int, str] = None,
          compute_dtype: str = "float32", batch_size: int = 64,
          allow_fallback: bool = False) -> Model:
   """Loads a model from a workdir, its checkpoints/ dir or a step dir.
 
-  The latest step unless `step` is given. Works on checkpoints written by
-  `gandl-train` and by `gandl-import`. An unreadable latest step is an error
-  unless `allow_fallback` (then the newest readable one is used and
-  `model.meta['fallback']` says why; see `checkpoint.restore_model`).
+  The latest step unless `step` is given ('best': the step with the best
+  representation-probe score recorded during training). Works on
+  checkpoints written by `gandl-train` and by `gandl-import`. An unreadable
+  latest step is an error unless `allow_fallback` (then the newest readable
+  one is used and `model.meta['fallback']` says why; see
+  `checkpoint.restore_model`).
   """
   variables, meta = checkpoint.restore_model(checkpoint_dir_or_path, step,
                                              allow_fallback=allow_fallback)

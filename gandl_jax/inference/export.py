@@ -33,19 +33,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 from absl import logging
 
 from gandl_jax.data import pipeline
 from gandl_jax import embeddings
-from gandl_jax import images as image_lib
 from gandl_jax.inference import api
 from gandl_jax import io as gio
+from gandl_jax.model import embed as embed_lib
 from gandl_jax.model import networks
 from gandl_jax import progress as progress_lib
 from gandl_jax import sharding
@@ -116,8 +115,8 @@ def sharded_embed_fn(model: api.Model, mesh: Any, layer: str = "fc"):
   do not depend on the number of devices; B must be a multiple of the
   mesh size and of min(mbstd_group_size, B).
   """
-  networks.check_embedding_layer(layer, model.resolution)
-  repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  jitted = embed_lib.data_parallel_features(model.discriminator, mesh, layer)
+  repl = sharding.replicated(mesh)
 
   def put(x):
     host = np.asarray(x)
@@ -125,15 +124,6 @@ def sharded_embed_fn(model: api.Model, mesh: Any, layer: str = "fc"):
                                         lambda idx: host[idx])
 
   d_vars = jax.tree_util.tree_map(put, model.d_variables)
-  D = model.discriminator
-
-  def _features(variables, images):
-    x = image_lib.to_float(images)
-    logits, feats = D.apply(variables, x, return_features=True)
-    feats = dict(feats, logit=logits)
-    return feats[layer].astype(jnp.float32).reshape(x.shape[0], -1)
-
-  jitted = jax.jit(_features, in_shardings=(repl, data), out_shardings=data)
   group = int(model.config["mbstd_group_size"] or 1)
   n_dev = int(mesh.devices.size)
 
@@ -339,7 +329,8 @@ def export_model(model: api.Model, data: str, output: str, *,
 
 def export_embeddings(checkpoint: str, data: str, output: str, *,
                       layer: str = "fc", batch: int = DEFAULT_BATCH,
-                      fmt: Optional[str] = None, step: Optional[int] = None,
+                      fmt: Optional[str] = None,
+                      step: Union[None, int, str] = None,
                       filter: Optional[str] = None,  # pylint: disable=redefined-builtin
                       compute_dtype: str = "float32",
                       mesh: Optional[Any] = None,
@@ -347,7 +338,8 @@ def export_embeddings(checkpoint: str, data: str, output: str, *,
                       overwrite: bool = False,
                       allow_fallback: bool = False) -> ExportSummary:
   """Restores `checkpoint` (workdir, checkpoints dir or step dir; the latest
-  step unless `step`) and runs `export_model`.
+  step unless `step`, an int or 'best': the best training-probe score) and
+  runs `export_model`.
 
   An existing `output` is refused unless `overwrite`. An unreadable latest
   checkpoint is refused unless `step` names another one or `allow_fallback`

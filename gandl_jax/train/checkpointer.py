@@ -11,6 +11,8 @@ latest checkpoint is skipped for the previous one with a warning.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import signal
 import threading
 import time
@@ -45,6 +47,28 @@ def _abstract(tree: Any) -> Any:
       tree)
 
 
+def _best_metric(metrics: Any) -> float:
+  value = (metrics or {}).get(checkpoint.BEST_METRIC)
+  return float(value) if value is not None else -math.inf
+
+
+def _keep_best_options(options: ocp.CheckpointManagerOptions
+                       ) -> ocp.CheckpointManagerOptions:
+  """`options`' retention (last N, every K steps) plus the step with the
+  highest `checkpoint.BEST_METRIC` (Orbax records the metrics passed to
+  `save` next to each step and reads them back on resume)."""
+  pp = ocp.checkpoint_managers
+  policies = [pp.LatestN(n=options.max_to_keep),
+              pp.BestN(get_metric_fn=_best_metric, n=1,
+                       keep_checkpoints_without_metrics=False)]
+  if options.keep_period:
+    policies.append(pp.EveryNSteps(options.keep_period))
+  return dataclasses.replace(
+      options, max_to_keep=None, keep_period=None, best_fn=_best_metric,
+      best_mode="max",
+      preservation_policy=pp.AnyPreservationPolicy(policies))
+
+
 class TrainCheckpointer:
   """Orbax `CheckpointManager` for training with a preemption-aware policy.
 
@@ -54,13 +78,17 @@ class TrainCheckpointer:
   """
 
   def __init__(self, workdir: str, keep: int = 3,
-               keep_period: Optional[int] = None, async_save: bool = True):
+               keep_period: Optional[int] = None, async_save: bool = True,
+               keep_best: bool = False):
     self.directory = checkpoint.checkpoint_dir(workdir)
+    self.keep_best = bool(keep_best)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(int(keep), 1),
         keep_period=int(keep_period) if keep_period else None,
         create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
+    if self.keep_best:
+      options = _keep_best_options(options)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=(checkpoint.MODEL_ITEM, checkpoint.TRAIN_ITEM,
@@ -98,14 +126,28 @@ class TrainCheckpointer:
 
   def save(self, step: int, state: TrainState, meta: Dict[str, Any],
            force: bool = False) -> bool:
+    """With `keep_best`, `meta[checkpoint.PROBE_META]['score']` (when
+    present) is the step's score for retention."""
     model, train = _split(state)
     meta = checkpoint.jsonable(dict(meta))
     meta["step"] = int(step)
-    saved = self.manager.save(int(step), force=force, args=ocp.args.Composite(**{
+    metrics = None
+    if self.keep_best:
+      score = checkpoint.probe_score(meta)
+      metrics = {} if score is None else {checkpoint.BEST_METRIC: score}
+    saved = self.manager.save(int(step), force=force, metrics=metrics,
+                              args=ocp.args.Composite(**{
         checkpoint.MODEL_ITEM: ocp.args.StandardSave(model),
         checkpoint.TRAIN_ITEM: ocp.args.StandardSave(train),
         checkpoint.META_ITEM: ocp.args.JsonSave(meta)}))
     return bool(saved)
+
+  def best_score(self) -> float:
+    """The highest probe score among the saved steps (-inf if none)."""
+    if not self.keep_best:
+      return -math.inf
+    return max([_best_metric(self.manager.metrics(s))
+                for s in self.manager.all_steps()], default=-math.inf)
 
   def restore_latest(self, like: TrainState
                      ) -> Optional[Tuple[TrainState, Dict[str, Any]]]:

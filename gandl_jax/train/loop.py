@@ -10,6 +10,7 @@ WORKDIR up to date:
   WORKDIR/tb/                   TensorBoard scalars and sample grids
   WORKDIR/samples/*.png         G_ema samples as RGB composites
   WORKDIR/config.json           the config of the (latest) run
+  WORKDIR/probe_sites.csv       the representation probe's sites (probe.py)
 
 Running the same command again resumes from the latest checkpoint.
 """
@@ -32,6 +33,7 @@ from gandl_jax import progress as progress_lib
 from gandl_jax import sharding
 from gandl_jax.train.checkpointer import TrainCheckpointer
 from gandl_jax.train import monitor
+from gandl_jax.train import probe as probe_lib
 from gandl_jax.train.steps import Trainer
 
 
@@ -84,8 +86,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   keep_period = _steps(config.keep_checkpoint_every_kimg, batch)
   keep_period = int(math.ceil(keep_period / ckpt_every)) * ckpt_every
 
+  tracker = probe_lib.Tracker(config, workdir, mesh, trainer.D,
+                              _steps(config.probe_every_kimg, batch))
   ckpt = TrainCheckpointer(workdir, keep=config.keep_checkpoints,
-                           keep_period=keep_period)
+                           keep_period=keep_period,
+                           keep_best=tracker.enabled)
   writer = monitor.MetricWriter(workdir)
   state = trainer.init_state(config.seed)
   step, nimg, data_position = 0, 0, 0
@@ -99,6 +104,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                      f"(kimg {nimg / 1000:.3f}).")
   else:
     monitor.log_info(f"Starting a new run in {workdir}.")
+  tracker.best = ckpt.best_score()
   if jax.process_index() == 0:
     gio.write_json(gio.join(workdir, "config.json"), config.to_dict())
 
@@ -137,16 +143,19 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       history.append((step, metrics))
       step, nimg, data_position = step + 1, nimg + batch, data_position + 1
       stop = ckpt.should_stop(step)
-      save = step % ckpt_every == 0 or step == end_step or stop
+      probed = {} if stop else tracker.maybe_run(state.d_params, step)
+      save = (step % ckpt_every == 0 or step == end_step or stop
+              or tracker.new_best(probed))
       if flops_per_iter is None and step == 1:
         flops_per_iter = trainer.flops_per_iteration(state, real) or 0.0
-      if step % log_every == 0 or save:
+      if step % log_every == 0 or save or probed:
         host = jax.device_get(history)
         monitor.check_finite(host)   # before anything is saved
         last = monitor.average(host)
         last.update(monitor.perf_metrics(progress, nimg))
         last.update(monitor.device_memory())
         last["progress/kimg"] = nimg / 1000.0
+        last.update(probed)
         if flops_per_iter:
           it_s = last["perf/img_per_sec"] / batch
           last["perf/tflops_per_device"] = (
@@ -158,7 +167,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if step % grid_every == 0 or step == end_step:
         _write_grid(writer, trainer, sample, state, grid_z, step, grid_n)
       if save:
-        ckpt.save(step, state, meta(), force=True)
+        ckpt.save(step, state, dict(meta(), **probe_lib.checkpoint_record(
+            probed)), force=True)
       if stop:
         reason = "preempted"
         monitor.log_info(f"Stopped at step {step} after a termination "

@@ -1,0 +1,341 @@
+"""Representation probe during training: how good are D's features now?
+
+stylegan2-ada-pytorch tracks FID during training; GAN-DL's product is the
+discriminator's embedding, so training tracks that instead. Every
+`config.probe_every_kimg`:
+
+1. D's `config.probe_layer` features ('fc' by default) of a fixed probe set
+   are computed with the current weights, data-parallel over the training
+   mesh (`model.embed.data_parallel_features`, the function gandl-export
+   uses, batch `config.batch_size`);
+2. gandl-evaluate's linear-SVM protocol (`evaluate.classify.run_protocol`,
+   plate-grouped split: whole plates held out; C searched over
+   `PROBE_C_GRID`) is fitted for the control task
+   (Mock vs Active SARS-CoV-2, per-plate normalized features, as
+   gandl-evaluate's `control` task) and the cell-type task (HRCE vs VERO, raw
+   features, as its `cell_model` task);
+3. the test balanced accuracies go to metrics.jsonl, TensorBoard and the
+   progress line as `probe/control_bacc`, `probe/cell_type_bacc` and their
+   mean `probe/score`; a new best `probe/score` is checkpointed at once and
+   kept by the retention policy, so `gandl-export --step best` finds it.
+
+The probe set is chosen from metadata only (sites.csv next to the shards):
+untreated Mock and Active sites (the rows of gandl-evaluate's control task),
+at most `config.probe_sites`, spread evenly over the (condition, cell type,
+plate) strata, drawn with `config.seed`. It is drawn from every site of the
+shards (`config.data.filter` restricts training only) and recorded in
+WORKDIR/probe_sites.csv; a resumed run reads it back instead of drawing again.
+The images are read once per process (one filtered pass over this host's
+shards, at the first probe) and kept in host memory (sites x R x R x C bytes:
+2,000 sites are 655 MB at 256x256, 10 MB at 32x32).
+
+Several hosts: each host reads and embeds the probe sites of its own shards;
+the features are gathered on every host, which all fit the same
+deterministic SVMs (so every host agrees on the score and on which step to
+checkpoint); only process 0 writes files.
+"""
+from __future__ import annotations
+
+import math
+import time
+from concurrent import futures
+from typing import Any, Dict, List, Mapping, Optional
+
+import jax
+import numpy as np
+import pandas as pd
+from absl import logging
+
+from gandl_jax import checkpoint
+from gandl_jax import io as gio
+from gandl_jax import schema
+from gandl_jax import sharding
+from gandl_jax.data import pipeline
+from gandl_jax.evaluate import classify, normalize, tasks
+from gandl_jax.model import embed as embed_lib
+from gandl_jax.model import networks
+
+PROBE_SITES_FILE = "probe_sites.csv"
+CONTROL = "probe/control_bacc"
+CELL_TYPE = "probe/cell_type_bacc"
+SCORE = "probe/score"
+SECONDS = "probe/seconds"
+EMBED_SECONDS = "probe/embed_seconds"
+SITES = "probe/sites"
+# Columns of probe_sites.csv (site_id first; the rest is what the tasks read).
+COLUMNS = ("site_id", "well_id", "cell_type", "experiment", "plate",
+           "disease_condition")
+
+
+# --------------------------------------------------------------------------
+# The probe set (metadata only).
+
+
+def _allocate(sizes: np.ndarray, n: int, rng: np.random.Generator
+              ) -> np.ndarray:
+  """Sites per stratum: as equal as the strata sizes allow, summing to
+  min(n, sizes.sum()) (water-filling; the last few go to random strata)."""
+  sizes = np.asarray(sizes, np.int64)
+  if sizes.sum() <= n:
+    return sizes.copy()
+  lo, hi = 0, int(sizes.max())
+  while lo < hi:                      # largest level L with sum(min(s, L)) <= n
+    mid = (lo + hi + 1) // 2
+    if np.minimum(sizes, mid).sum() <= n:
+      lo = mid
+    else:
+      hi = mid - 1
+  take = np.minimum(sizes, lo)
+  rest = n - int(take.sum())
+  open_ = np.flatnonzero(sizes > lo)
+  take[rng.permutation(open_)[:rest]] += 1
+  return take
+
+
+def select_sites(table: pd.DataFrame, max_sites: int, seed: int
+                 ) -> pd.DataFrame:
+  """The probe set from a sites.csv frame: untreated Mock / Active sites,
+  at most `max_sites`, spread evenly over (condition, cell type, plate).
+
+  A pure function of (table, max_sites, seed); rows come back in table order
+  with the `COLUMNS`. Raises ValueError when the table has no such site.
+  """
+  try:
+    sel = tasks.control_rows(table, "probe")
+  except classify.TaskError as e:
+    raise ValueError(str(e)) from None
+  missing = [c for c in COLUMNS if c not in table]
+  if missing:
+    raise ValueError(f"probe: metadata column(s) {missing} missing")
+  rows = table[sel]
+  plates = normalize.plate_keys(rows)
+  keys = (rows["disease_condition"].astype(str) + "|" +
+          rows["cell_type"].astype(str) + "|" + pd.Series(plates, rows.index))
+  strata = sorted(keys.unique())
+  rng = np.random.default_rng([int(seed), 0x9e0be])
+  sizes = np.array([(keys == k).sum() for k in strata])
+  take = _allocate(sizes, int(max_sites), rng)
+  chosen: List[Any] = []
+  for k, t in zip(strata, take):
+    ids = rows.loc[keys == k, "site_id"].astype(str)
+    order = np.argsort(ids.to_numpy(), kind="stable")   # independent of row order
+    pick = rng.permutation(len(ids))[:t]
+    chosen.extend(ids.index[order[pick]])
+  out = table.loc[sorted(chosen, key=table.index.get_loc), list(COLUMNS)]
+  return out.reset_index(drop=True)
+
+
+def write_sites(path: str, sites: pd.DataFrame) -> None:
+  gio.atomic_write(path, lambda f: sites.to_csv(f, index=False))
+
+
+def read_sites(path: str) -> pd.DataFrame:
+  """probe_sites.csv as written by `write_sites` (typed like sites.csv)."""
+  import io as std_io  # pylint: disable=import-outside-toplevel
+  df = pd.read_csv(std_io.StringIO(gio.read_text(path)), dtype=str,
+                   keep_default_na=False)
+  missing = [c for c in COLUMNS if c not in df]
+  if missing or not len(df):
+    raise ValueError(f"{path}: expected a non-empty CSV with columns "
+                     f"{list(COLUMNS)}, missing {missing}; delete it to draw "
+                     f"a new probe set")
+  df["plate"] = df["plate"].astype(np.int64)
+  return df
+
+
+def probe_sites(workdir: str, data: str, max_sites: int, seed: int
+                ) -> pd.DataFrame:
+  """WORKDIR/probe_sites.csv if present (a resumed run), else a new draw
+  from `data`'s sites.csv, written there by process 0."""
+  path = gio.join(workdir, PROBE_SITES_FILE)
+  if gio.exists(path):
+    return read_sites(path)
+  sites = select_sites(pipeline.read_sites_index(data), max_sites, seed)
+  if jax.process_index() == 0:
+    gio.makedirs(workdir)
+    write_sites(path, sites)
+  return sites
+
+
+# --------------------------------------------------------------------------
+# The linear probes (numpy; the evaluation protocol).
+
+
+# gandl-evaluate's protocol, C searched over the lower part of its grid:
+# C = 1 on near-separable 512-d features takes liblinear ~10x longer than
+# C <= 0.1 (tools/bench_probe.py) and the probe runs hundreds of times.
+PROBE_C_GRID = (1e-3, 1e-2, 1e-1)
+
+
+def protocol(seed: int) -> classify.ProtocolConfig:
+  """The probe's SVM protocol (gandl-evaluate's, `PROBE_C_GRID`)."""
+  return classify.ProtocolConfig(seed=int(seed), c_grid=PROBE_C_GRID)
+
+
+def scores(X: np.ndarray, meta: pd.DataFrame,
+           cfg: classify.ProtocolConfig = protocol(0)) -> Dict[str, Any]:
+  """Plate-split test balanced accuracies of the two tasks on features `X`
+  of the probe sites `meta` ({CONTROL, CELL_TYPE, SCORE}; a task that cannot
+  run is NaN with its reason under 'reasons')."""
+  plates = normalize.plate_keys(meta)
+  out: Dict[str, Any] = {"reasons": {}}
+  cond = meta["disease_condition"].astype(str).to_numpy()
+  cell = meta["cell_type"].astype(str).to_numpy()
+  # Control task on per-plate normalized features (reference: every probe
+  # site of the plate; all are untreated controls).
+  Xn, _ = normalize.plate_normalize(X, plates, np.ones(len(X), bool))
+  jobs = ((CONTROL, Xn, cond, [schema.ACTIVE, schema.MOCK], schema.ACTIVE),
+          (CELL_TYPE, X, cell, sorted(set(cell)), None))
+
+  def one(key, feats, y, classes, positive):
+    try:
+      if len(classes) < 2:
+        raise classify.TaskError(f"only {classes} among the probe sites")
+      classify.check_classes(y, classes, key, cfg.min_per_class)
+      fit = classify.run_protocol(feats, y, classes, cfg, split="plate",
+                                  groups=plates, task=key, positive=positive)
+      return fit.metrics["balanced_accuracy"], None
+    except classify.TaskError as e:
+      return math.nan, str(e)
+
+  # The two fits are independent (liblinear runs without the GIL): in
+  # parallel on two host threads.
+  with futures.ThreadPoolExecutor(len(jobs)) as pool:
+    results = list(pool.map(lambda job: one(*job), jobs))
+  for (key, *_), (value, reason) in zip(jobs, results):
+    out[key] = value
+    if reason is not None:
+      out["reasons"][key] = reason
+  done = [out[k] for k in (CONTROL, CELL_TYPE) if math.isfinite(out[k])]
+  out[SCORE] = float(np.mean(done)) if done else math.nan
+  return out
+
+
+# --------------------------------------------------------------------------
+# The tracker the training loop drives.
+
+
+class Tracker:
+  """Runs the probe every `every` iterations (0: never) and remembers the
+  best score (for the checkpoint decision)."""
+
+  def __init__(self, config: Any, workdir: str, mesh: Any,
+               D: networks.Discriminator, every: int):
+    self.every = int(every) if config.probe_every_kimg > 0 else 0
+    self.best = -math.inf
+    self._batches: Optional[List[Dict[str, np.ndarray]]] = None
+    self._warned = set()
+    if not self.every:
+      return
+    self.mesh, self.data = mesh, config.data.path
+    self.batch = int(config.batch_size)
+    self.layer = str(config.probe_layer)
+    try:
+      networks.check_embedding_layer(self.layer, int(config.model.resolution))
+    except ValueError as e:
+      raise ValueError(f"config.probe_layer: {e}") from None
+    sharding.check_batch(self.batch, mesh.devices.size, jax.process_count(),
+                         int(config.model.mbstd_group_size),
+                         name="config.batch_size (probe)")
+    self.cfg = protocol(config.seed)
+    try:
+      self.sites = probe_sites(workdir, self.data, int(config.probe_sites),
+                               int(config.seed))
+    except ValueError as e:
+      logging.warning("probe off: %s", e)
+      self.every = 0
+      return
+    self._embed = embed_lib.data_parallel_features(D, mesh, self.layer)
+    logging.info("probe: %d sites (%s), layer %s, every %d iterations",
+                 len(self.sites), ", ".join(
+                     f"{k} {v}" for k, v in self.sites.groupby(
+                         ["cell_type", "disease_condition"]).size().items()),
+                 self.layer, self.every)
+
+  @property
+  def enabled(self) -> bool:
+    return self.every > 0
+
+  def due(self, step: int) -> bool:
+    return self.enabled and step % self.every == 0
+
+  def _load(self) -> None:
+    """This host's probe images, read once (uint8 host batches)."""
+    ids = self.sites["site_id"].astype(str).tolist()
+    table = pipeline.read_sites_index(self.data)
+    known = set(table["site_id"].astype(str))
+    absent = [s for s in ids if s not in known]
+    if absent:
+      raise ValueError(
+          f"probe_sites.csv lists {len(absent)} site(s) that are not in "
+          f"{self.data} (e.g. {absent[0]!r}): the shards changed since the "
+          f"run started; delete WORKDIR/{PROBE_SITES_FILE} to draw a new set")
+    row = pd.Series(np.arange(len(table)), index=table["site_id"].astype(str))
+    self._order = row[ids].to_numpy()     # sites.csv row of each probe site
+    it, _ = pipeline.eval_host_batches(
+        self.data, host_batch=sharding.host_batch_size(self.batch),
+        filter={"site_id": ids}, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    self._batches = [{k: b[k] for k in ("image", "index")} for b in it]
+
+  def features(self, d_params: Any) -> np.ndarray:
+    """(probe sites, F) features in probe_sites.csv order, on every host."""
+    if self._batches is None:
+      self._load()
+    variables = {"params": d_params}
+    xs, idx = [], []
+    pending = None
+    for b in self._batches + [None]:   # one batch in flight while one is read
+      out = None if b is None else self._embed(
+          variables, sharding.host_to_global(b["image"], self.mesh))
+      if pending is not None:
+        xs.append(pipeline.host_rows(pending[0], self.mesh))
+        idx.append(pending[1]["index"])
+      pending = None if b is None else (out, b)
+    X, index = np.concatenate(xs), np.concatenate(idx)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      X = np.asarray(multihost_utils.process_allgather(X)).reshape(
+          -1, X.shape[1])
+      index = np.asarray(multihost_utils.process_allgather(index)).reshape(-1)
+    keep = index >= 0
+    by_row = dict(zip(index[keep].tolist(), np.flatnonzero(keep).tolist()))
+    return X[[by_row[int(r)] for r in self._order]]
+
+  def run(self, d_params: Any, step: int) -> Dict[str, float]:
+    """The probe metrics at `step` (D parameters `d_params`)."""
+    t0 = time.monotonic()
+    X = self.features(d_params)
+    t1 = time.monotonic()
+    result = scores(X, self.sites, self.cfg)
+    for key, reason in result.pop("reasons").items():
+      if key not in self._warned:
+        self._warned.add(key)
+        logging.warning("probe: %s cannot be computed: %s", key, reason)
+    result.update({SECONDS: time.monotonic() - t0, EMBED_SECONDS: t1 - t0,
+                   SITES: float(len(X))})
+    del step
+    return result
+
+  def maybe_run(self, d_params: Any, step: int) -> Dict[str, float]:
+    return self.run(d_params, step) if self.due(step) else {}
+
+  def new_best(self, metrics: Mapping[str, float]) -> bool:
+    """True (and remembered) when `metrics` hold a better score than any
+    before (strictly: the earliest of equal scores is the one saved)."""
+    score = metrics.get(SCORE, math.nan)
+    if not math.isfinite(score) or score <= self.best:
+      return False
+    self.best = score
+    return True
+
+
+def checkpoint_record(metrics: Mapping[str, float]) -> Dict[str, Any]:
+  """{'probe': {'score', 'control_bacc', 'cell_type_bacc'}} for a
+  checkpoint's meta when `metrics` hold a probe result, else {}."""
+  if SCORE not in metrics:
+    return {}
+  return {checkpoint.PROBE_META: {
+      k.split("/", 1)[1]: (float(metrics[k]) if math.isfinite(metrics[k])
+                           else None)
+      for k in (SCORE, CONTROL, CELL_TYPE) if k in metrics}}
