@@ -9,6 +9,7 @@ HERE = pathlib.Path(__file__).parent
 # much smaller; it exists for Linux x86_64 (Cloud TPU VMs, most GPU boxes).
 _TF_CPU = 'sys_platform == "linux" and platform_machine == "x86_64"'
 _TF_FULL = 'sys_platform != "linux" or platform_machine != "x86_64"'
+_BEAM = ["apache-beam>=2.64", "mlcroissant>=1.0.9"]
 
 setup(
     name="gandl-jax",
@@ -43,7 +44,11 @@ setup(
         "tensorboard>=2.16",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # The TFDS builders on Apache Beam (gandl_jax/data/tfds_builder.py) and
+        # the `tfds build` command line, which imports mlcroissant.
+        "beam": _BEAM,
+        # The tests run the Beam builders (tests/test_tfds_beam.py).
+        "test": ["pytest>=8", "pytest-xdist>=3.5"] + _BEAM,
         # Only gandl-import (gandl_jax/interop) needs torch; nothing else imports it.
         # >= 2.6: torch.load(weights_only=True) is safe only from 2.6 on.
         "import": ["torch>=2.6"],

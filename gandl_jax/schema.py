@@ -98,6 +98,11 @@ TFRECORD_SHAPE: Tuple[str, ...] = ("height", "width", "channels")
 DATASET_INFO_FILE = "dataset_info.json"   # next to the shards
 SYNTHETIC_TRUTH_FILE = "synthetic_truth.csv"  # planted truth, gandl-synth's tree root
 SITES_INDEX_FILE = "sites.csv"            # next to the shards: shard, position, metadata
+# A TFDS dataset directory (gandl_jax/data/tfds_builder.py) holds TFDS's
+# features.json, and the DATASET_INFO_FILE fields in TFDS's metadata.json
+# (TFDS owns the name dataset_info.json there).
+TFDS_FEATURES_FILE = "features.json"
+TFDS_METADATA_FILE = "metadata.json"
 
 
 def column_type(column: str) -> str:

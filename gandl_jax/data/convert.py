@@ -204,6 +204,102 @@ def _plan_key(site_ids: Sequence[str], resolution: int, channels: Sequence[int],
   return h.hexdigest()
 
 
+def read_plan(dataset: str, input_dir: str, subset: str = "all",
+              channels: Sequence[int] = (),
+              source_size: Optional[Tuple[int, int]] = None,
+              ) -> Tuple[List[Dict[str, object]], List[Dict[str, object]], Tuple[int, int]]:
+  """The sites to convert: (typed metadata rows, metadata errors, source size).
+
+  Shared by gandl-convert and the TFDS builders (`tfds_builder.py`). Rows
+  that do not parse and repeated site ids become error rows (site_id, path,
+  reason); the source size is probed from a few sites unless given.
+  """
+  df = reader.select_subset(reader.read_metadata(dataset, input_dir), dataset, subset)
+  errors: List[Dict[str, object]] = []
+  metas: List[Dict[str, object]] = []
+  seen = set()
+  for row in df.to_dict("records"):
+    try:
+      m = reader.parse_row(row, dataset)
+    except reader.SiteError as e:
+      errors.append(dict(site_id=row.get("site_id", ""),
+                         path=gio.join(input_dir, "metadata.csv"),
+                         reason=e.reason))
+      continue
+    if m["site_id"] in seen:
+      errors.append(dict(site_id=m["site_id"], path=gio.join(input_dir, "metadata.csv"),
+                         reason="duplicate site_id (first row kept)"))
+      continue
+    seen.add(m["site_id"])
+    metas.append(m)
+  if not metas:
+    raise reader.MetadataError(f"{gio.join(input_dir, 'metadata.csv')}: no "
+                               f"usable rows for subset {subset!r}")
+  if source_size is None:
+    source_size = reader.probe_source_size(input_dir, metas, channels)
+  return metas, errors, tuple(int(s) for s in source_size)
+
+
+def site_order(num_sites: int) -> np.ndarray:
+  """The fixed (seed 42) order of the valid rows in the output: shard i holds
+  the i-th `np.array_split` part of it, in order."""
+  return np.random.default_rng(SHARD_SEED).permutation(num_sites)
+
+
+def channel_stats(total: Sequence[float], total_sq: Sequence[float],
+                  pixels: int) -> Tuple[List[float], List[float]]:
+  """Per-channel mean and std (0..255 scale, 4 decimals) from pixel sums."""
+  mean = np.asarray(total, np.float64) / max(pixels, 1)
+  std = np.sqrt(np.maximum(np.asarray(total_sq, np.float64) / max(pixels, 1)
+                           - mean**2, 0.0))
+  return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
+def dataset_info(dataset: str, *, shards: Sequence[Dict[str, object]],
+                 num_failed: int, resolution: int, channels: Sequence[int],
+                 compression: str, mean: Sequence[float], std: Sequence[float],
+                 subset: str, source: str, source_size: Sequence[int],
+                 command: str) -> Dict[str, object]:
+  """The dataset_info.json fields the input pipeline reads (see module doc);
+  `shards`: [{"file", "num_examples"}] in reading order."""
+  channel_names = {c.index: c for c in schema.CHANNELS[dataset]}
+  return dict(
+      format_version=FORMAT_VERSION,
+      dataset=dataset,
+      num_examples=sum(int(s["num_examples"]) for s in shards),
+      num_failed=num_failed,
+      num_shards=len(shards),
+      shards=[dict(file=s["file"], num_examples=int(s["num_examples"])) for s in shards],
+      resolution=resolution,
+      channels=[dict(index=c, stain=channel_names[c].stain,
+                     target=channel_names[c].target) for c in channels],
+      num_channels=len(channels),
+      image=dict(dtype="uint8", layout="HWC", feature=schema.TFRECORD_IMAGE,
+                 shape=[resolution, resolution, len(channels)]),
+      columns={c: schema.column_type(c) for c in schema.COLUMNS[dataset]},
+      compression=compression,
+      mean=list(mean),
+      std=list(std),
+      subset=subset,
+      source=source,
+      source_size=list(source_size),
+      resize="area average",
+      shard_seed=SHARD_SEED,
+      command=command,
+      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  )
+
+
+def sites_text(dataset: str, rows: Sequence[Dict[str, object]]) -> str:
+  """sites.csv: shard, position and metadata of every site, in reading order."""
+  return _csv(("shard", "position") + tuple(schema.COLUMNS[dataset]), rows)
+
+
+def errors_text(errors: Sequence[Dict[str, object]]) -> str:
+  """errors.csv: site_id, path, reason of every site not converted."""
+  return _csv(("site_id", "path", "reason"), errors)
+
+
 def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
             subset: str = "all", num_shards: Optional[int] = None,
             workers: int = 1, channels: Optional[Sequence[int]] = None,
@@ -249,37 +345,15 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   if compression not in ("", "GZIP"):
     raise ValueError(f"compression must be '' or 'GZIP', got {compression!r}")
 
-  df = reader.select_subset(reader.read_metadata(dataset, input_dir), dataset, subset)
-  errors: List[Dict[str, object]] = []
-  metas: List[Dict[str, object]] = []
-  seen = set()
-  for row in df.to_dict("records"):
-    try:
-      m = reader.parse_row(row, dataset)
-    except reader.SiteError as e:
-      errors.append(dict(site_id=row.get("site_id", ""),
-                         path=gio.join(input_dir, "metadata.csv"),
-                         reason=e.reason))
-      continue
-    if m["site_id"] in seen:
-      errors.append(dict(site_id=m["site_id"], path=gio.join(input_dir, "metadata.csv"),
-                         reason="duplicate site_id (first row kept)"))
-      continue
-    seen.add(m["site_id"])
-    metas.append(m)
-  if not metas:
-    raise reader.MetadataError(f"{gio.join(input_dir, 'metadata.csv')}: no "
-                               f"usable rows for subset {subset!r}")
-  if source_size is None:
-    source_size = reader.probe_source_size(input_dir, metas, channels)
-  source_size = tuple(int(s) for s in source_size)
+  metas, errors, source_size = read_plan(dataset, input_dir, subset, channels,
+                                          source_size)
   logging.info("%s: %d sites, source images %dx%d, converting to %dx%d x %d channels",
                input_dir, len(metas), source_size[1], source_size[0], resolution,
                resolution, len(channels))
 
   n = num_shards or default_num_shards(len(metas), resolution, len(channels))
   n = min(n, len(metas))
-  perm = np.random.default_rng(SHARD_SEED).permutation(len(metas))
+  perm = site_order(len(metas))
   plan = [[metas[i] for i in part] for part in np.array_split(perm, n)]
 
   tf.io.gfile.makedirs(output_dir)
@@ -401,44 +475,23 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
       index_rows.append(dict(shard=s["shard"], position=pos, **by_id[sid]))
     errors += s["errors"]
   pixels = sum(s["pixels"] for s in stats)
-  tot = np.sum([s["sum"] for s in stats], 0)
-  tot_sq = np.sum([s["sumsq"] for s in stats], 0)
-  mean = tot / max(pixels, 1)
-  std = np.sqrt(np.maximum(tot_sq / max(pixels, 1) - mean**2, 0.0))
+  mean, std = channel_stats(np.sum([s["sum"] for s in stats], 0),
+                            np.sum([s["sumsq"] for s in stats], 0), pixels)
   num_examples = len(index_rows)
-  channel_names = {c.index: c for c in schema.CHANNELS[dataset]}
-  info = dict(
-      format_version=FORMAT_VERSION,
-      dataset=dataset,
-      num_examples=num_examples,
-      num_failed=len(errors),
-      num_shards=n,
+  info = dataset_info(
+      dataset,
       shards=[dict(file=s["shard"], num_examples=len(s["site_ids"])) for s in stats],
-      resolution=resolution,
-      channels=[dict(index=c, stain=channel_names[c].stain,
-                     target=channel_names[c].target) for c in channels],
-      num_channels=len(channels),
-      image=dict(dtype="uint8", layout="HWC", feature=schema.TFRECORD_IMAGE,
-                 shape=[resolution, resolution, len(channels)]),
-      columns={c: schema.column_type(c) for c in schema.COLUMNS[dataset]},
-      compression=compression,
-      mean=[round(float(v), 4) for v in mean],
-      std=[round(float(v), 4) for v in std],
-      subset=subset,
-      source=input_dir,
-      source_size=list(source_size),
-      resize="area average",
-      shard_seed=SHARD_SEED,
+      num_failed=len(errors), resolution=resolution, channels=channels,
+      compression=compression, mean=mean, std=std, subset=subset,
+      source=input_dir, source_size=source_size,
       command=command or (f"gandl_jax.data.convert.convert(dataset={dataset!r}, "
                           f"input_dir={input_dir!r}, output_dir={output_dir!r}, "
                           f"resolution={resolution}, subset={subset!r}, "
-                          f"num_shards={num_shards}, channels={list(channels)})"),
-      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  )
-  cols = ("shard", "position") + tuple(schema.COLUMNS[dataset])
-  gio.write_text(gio.join(output_dir, schema.SITES_INDEX_FILE), _csv(cols, index_rows))
+                          f"num_shards={num_shards}, channels={list(channels)})"))
+  gio.write_text(gio.join(output_dir, schema.SITES_INDEX_FILE),
+                 sites_text(dataset, index_rows))
   errors_path = gio.join(output_dir, ERRORS_FILE)
-  gio.write_text(errors_path, _csv(("site_id", "path", "reason"), errors))
+  gio.write_text(errors_path, errors_text(errors))
   gio.write_text(gio.join(output_dir, schema.DATASET_INFO_FILE),
               json.dumps(info, indent=2) + "\n")
   summary = dict(num_examples=num_examples, num_failed=len(errors), num_shards=n,

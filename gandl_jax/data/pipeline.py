@@ -31,6 +31,13 @@ literals. Unknown columns and type mismatches are errors. The same filter is
 evaluated on `sites.csv` (to count sites without reading images) and inside
 tf.data (to select records).
 
+Two on-disk layouts are read, with the same records (schema.TFRECORD_*):
+gandl-convert's directory (`*.tfrecord`, dataset_info.json, sites.csv) and a
+TFDS dataset directory written by the builders in `tfds_builder.py`
+(`DATA_DIR/rxrx19a/256/2.0.0`: TFDS's shard files and JSON, the same fields
+as dataset_info.json in TFDS's metadata.json, and sites.csv). Everything
+below (per-host files, shuffling, resume, eval order) is the same for both.
+
 Paths are local or `gs://` (tf.io.gfile everywhere).
 """
 from __future__ import annotations
@@ -69,11 +76,17 @@ def _has_glob(p: str) -> bool:
   return any(ch in p for ch in "*?[")
 
 
+def is_tfds_dir(directory: str) -> bool:
+  """A TFDS dataset directory (it holds TFDS's features.json)."""
+  return _tf().io.gfile.exists(os.path.join(directory, schema.TFDS_FEATURES_FILE))
+
+
 def shard_dir(path: str) -> str:
   """Directory of the shards for a directory, a glob or a shard file."""
   tf = _tf()
   path = path.rstrip("/")
-  if _has_glob(path) or (not tf.io.gfile.isdir(path) and path.endswith(".tfrecord")):
+  if _has_glob(path) or (not tf.io.gfile.isdir(path) and (
+      path.endswith(".tfrecord") or tf.io.gfile.exists(path))):
     d = os.path.dirname(path)
     if _has_glob(d):
       raise ValueError(f"{path}: wildcards are allowed only in the file name, "
@@ -91,6 +104,8 @@ def list_shards(path: str) -> List[str]:
   p = path.rstrip("/")
   if _has_glob(p):
     files = tf.io.gfile.glob(p)
+  elif tf.io.gfile.isdir(p) and is_tfds_dir(p):
+    files = [os.path.join(p, s["file"]) for s in read_dataset_info(p)["shards"]]
   elif tf.io.gfile.isdir(p):
     files = tf.io.gfile.glob(os.path.join(p, "*.tfrecord"))
   else:
@@ -98,7 +113,7 @@ def list_shards(path: str) -> List[str]:
   files = sorted(f for f in files if ".tmp-" not in f)
   if not files:
     raise FileNotFoundError(f"{path}: no TFRecord shards found (run gandl-convert "
-                            "first)")
+                            "or tfds build first)")
   return files
 
 
@@ -106,12 +121,23 @@ def read_dataset_info(path: str) -> Dict[str, Any]:
   """dataset_info.json that sits next to the shards of `path`."""
   tf = _tf()
   d = shard_dir(path)
-  f = os.path.join(d, schema.DATASET_INFO_FILE)
+  if is_tfds_dir(d):
+    f = os.path.join(d, schema.TFDS_METADATA_FILE)
+    if not tf.io.gfile.exists(f):
+      raise FileNotFoundError(
+          f"{f} not found: {d} is a TFDS dataset directory but not one built "
+          "by gandl_jax's builders (tfds build gandl_jax/data/tfds_rxrx19a.py "
+          "or tfds_rxrx1.py), which record the dataset's fields there")
+  else:
+    f = os.path.join(d, schema.DATASET_INFO_FILE)
   if not tf.io.gfile.exists(f):
+    versions = tf.io.gfile.glob(os.path.join(d, "*", schema.TFDS_FEATURES_FILE))
+    hint = (f"; {d} holds TFDS versions: use the version directory, e.g. "
+            f"{os.path.dirname(sorted(versions)[-1])}" if versions else "")
     raise FileNotFoundError(
         f"{f} not found: {path} does not look like gandl-convert output "
-        f"(every shard directory has a {schema.DATASET_INFO_FILE}); convert the "
-        "dataset with gandl-convert")
+        f"(every shard directory has a {schema.DATASET_INFO_FILE}) or a TFDS "
+        f"dataset built by gandl_jax's builders{hint}")
   with tf.io.gfile.GFile(f, "r") as fh:
     try:
       info = json.load(fh)
@@ -129,8 +155,8 @@ def read_sites_index(path: str):
   tf = _tf()
   f = os.path.join(shard_dir(path), schema.SITES_INDEX_FILE)
   if not tf.io.gfile.exists(f):
-    raise FileNotFoundError(f"{f} not found (written by gandl-convert next to "
-                            "the shards)")
+    raise FileNotFoundError(f"{f} not found (written by gandl-convert or the "
+                            "TFDS builders next to the shards)")
   with tf.io.gfile.GFile(f, "rb") as fh:
     df = pd.read_csv(fh, dtype=str, keep_default_na=False)
   for c in df.columns:
