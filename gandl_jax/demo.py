@@ -1,6 +1,7 @@
 """The whole GAN-DL pipeline on the built-in synthetic data, in one call.
 
-  synthetic RxRx19a + RxRx1  ->  TFRecord shards  ->  train configs/demo.py
+  synthetic RxRx19a + RxRx1  ->  TFRecord shards (gandl-convert, or the TFDS
+  builders on Beam with converter="tfds")  ->  train configs/demo.py
   ->  export D embeddings (trained, and the same D at initialization)
   ->  evaluate both side by side  ->  DIR/report/{report.md, metrics.json, figures/}
 
@@ -31,6 +32,7 @@ from gandl_jax.train import loop as train_loop
 from gandl_jax.train.steps import Trainer
 
 NAMED_COMPOUNDS = ("Remdesivir (GS-5734)", "GS-441524")
+CONVERTERS = ("gandl-convert", "tfds")
 TRAINED = "GAN-DL (trained D)"
 BASELINE = "untrained D (random init)"
 
@@ -124,10 +126,15 @@ def _find(tree: Any, keys) -> Any:
 def run_demo(workdir: str, size: int = 64, seed: int = 0,
              config: Optional[ml_collections.ConfigDict] = None,
              log: Callable[[str], None] = logging.info,
-             mesh: Optional[Mesh] = None) -> Dict[str, Any]:
+             mesh: Optional[Mesh] = None,
+             converter: str = "gandl-convert") -> Dict[str, Any]:
   """Runs (or resumes) every stage; returns {'report': path, 'metrics': ...}.
 
-  `mesh` defaults to all devices (training and export)."""
+  `mesh` defaults to all devices (training and export). `converter`:
+  "gandl-convert" (shards under DIR/shards) or "tfds" (the TFDS builders,
+  on Beam when installed, into DIR/tfds; training and export read it)."""
+  if converter not in CONVERTERS:
+    raise ValueError(f"converter must be one of {CONVERTERS}, got {converter!r}")
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = config or demo_config()
@@ -146,12 +153,19 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
   roots = stages.run("synthetic", make_data)["roots"]
 
   def make_shards():
+    if converter == "tfds":
+      from gandl_jax.data import tfds_builder  # pylint: disable=import-outside-toplevel
+      out = {d: tfds_builder.build(d, roots[d], os.path.join(workdir, "tfds"), res)
+             for d in ("rxrx19a", "rxrx1")}
+      return {"paths": {d: out[d]["path"] for d in out}, **out}
     return {d: convert.convert(d, roots[d], shards[d], res,
                                workers=max(1, (os.cpu_count() or 1)))
             for d in ("rxrx19a", "rxrx1")}
-  stages.run("convert", make_shards)
+  converted = stages.run("convert", make_shards)
+  data = converted.get("paths") or {
+      d: os.path.join(shards[d], "*.tfrecord") for d in ("rxrx19a", "rxrx1")}
 
-  config.data.path = os.path.join(shards["rxrx19a"], "*.tfrecord")
+  config.data.path = data["rxrx19a"]
   train_dir = os.path.join(workdir, "train")
   stages.run("train", lambda: train_loop.train(config, train_dir,
                                                        mesh=mesh))
@@ -167,7 +181,7 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
       for d in ("rxrx19a", "rxrx1"):
         path = os.path.join(emb, f"{tag}_{d}.parquet")
         out[f"{tag}_{d}"] = export.export_model(
-            model, os.path.join(shards[d], "*.tfrecord"), path, batch=64,
+            model, data[d], path, batch=64,
             checkpoint=ckpt, mesh=mesh).as_dict()
     return out
   stages.run("export", do_export)

@@ -123,11 +123,11 @@ def test_tfds_build_matches_gandl_convert(tree, built):
 def test_without_beam_the_same_dataset(tree, built, tmp_path, monkeypatch):
   """No apache_beam: the same functions in this process, the same output."""
   monkeypatch.setattr(tfds_builder, "have_beam", lambda: False)
-  from gandl_jax.data import tfds_rxrx19a  # pylint: disable=import-outside-toplevel
-  b = tfds_rxrx19a.Rxrx19a(config=str(RES), data_dir=str(tmp_path))
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=tree["root"], num_shards=NUM_SHARDS))
+  out = tfds_builder.build("rxrx19a", tree["root"], str(tmp_path), RES,
+                           num_shards=NUM_SHARDS)   # what gandl-demo calls
   d = os.path.join(str(tmp_path), "rxrx19a", str(RES), "2.0.0")
+  assert out["path"] == d and out["num_failed"] == 2
+  assert out["num_examples"] == tree["n"] - 2
   got, want = _records(d), _records(built["tfds"])
   assert len(got) == len(want) and all(a == b for a, b in zip(got, want))
   for name in ("sites.csv", "errors.csv"):

@@ -1,6 +1,7 @@
 r"""gandl-demo: the whole GAN-DL pipeline on built-in synthetic data.
 
   gandl-demo --workdir runs/demo
+  gandl-demo --workdir runs/demo-tfds --converter tfds
 
 Synthetic RxRx19a + RxRx1 -> shards -> train -> export -> evaluate, ending
 with DIR/report/report.md. Re-running reuses finished stages.
@@ -13,11 +14,16 @@ from gandl_jax import demo
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes.")
 _SIZE = flags.DEFINE_integer("size", 64, "Edge of the synthetic site images.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
+_CONVERTER = flags.DEFINE_enum(
+    "converter", "gandl-convert", demo.CONVERTERS,
+    "gandl-convert, or tfds: the TFDS builders (Apache Beam with the [beam] "
+    "extra); training and export read either.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def demo_command() -> int:
-  out = demo.run_demo(_WORKDIR.value, size=_SIZE.value, seed=_SEED.value)
+  out = demo.run_demo(_WORKDIR.value, size=_SIZE.value, seed=_SEED.value,
+                      converter=_CONVERTER.value)
   print("\n=== GAN-DL demo finished in "
         f"{out['seconds'] / 60:.1f} min ===")
   for line in out["headline"]:

@@ -195,6 +195,36 @@ def with_local_runner(download_config):
   return dataclasses.replace(download_config, beam_options=opts)
 
 
+def builder_class(dataset: str):
+  """The builder of `dataset` ("rxrx19a" or "rxrx1")."""
+  # pylint: disable=import-outside-toplevel
+  if dataset == "rxrx19a":
+    from gandl_jax.data import tfds_rxrx19a
+    return tfds_rxrx19a.Rxrx19a
+  if dataset == "rxrx1":
+    from gandl_jax.data import tfds_rxrx1
+    return tfds_rxrx1.Rxrx1
+  raise ValueError(f"dataset must be 'rxrx19a' or 'rxrx1', got {dataset!r}")
+
+
+def build(dataset: str, manual_dir: str, data_dir: str, resolution: int,
+          beam_options=None, num_shards: Optional[int] = None) -> Dict[str, Any]:
+  """`tfds build` from Python: builds (or reuses) the dataset at `resolution`
+  and returns {"path" (the directory to train on), "num_examples",
+  "num_failed", "errors_csv"}."""
+  cls = builder_class(dataset)
+  if str(resolution) not in {c.name for c in cls.BUILDER_CONFIGS}:
+    raise ValueError(f"{dataset}: no TFDS config for resolution {resolution}; "
+                     f"configs: {[c.name for c in cls.BUILDER_CONFIGS]}")
+  b = cls(config=str(resolution), data_dir=data_dir)
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, beam_options=beam_options, num_shards=num_shards))
+  path = os.fspath(b.data_path)
+  return dict(path=path, num_examples=int(b.info.splits[SPLIT].num_examples),
+              num_failed=int(b.info.metadata["num_failed"]),
+              errors_csv=gio.join(path, convert.ERRORS_FILE))
+
+
 def find_root(manual_dir: str, dataset: str) -> str:
   """`manual_dir`, or its `RxRx19a/` / `RxRx1/` folder, whichever holds
   metadata.csv."""

@@ -1,0 +1,94 @@
+r"""Sites/s of gandl-convert against the TFDS builder on Beam's local runner,
+on the same synthetic tree.
+
+  python tools/bench_convert.py --size 256 --resolution 64 --workers 2
+
+Writes a synthetic RxRx19a (gandl-synth; 768 sites per plate) into --scratch
+(reused on later runs), then converts it with gandl-convert (`--workers`
+processes) and builds it with `tfds_rxrx19a.py` on Beam's FnApiRunner: one
+worker in this process, and `--workers` processes
+(direct_running_mode=multi_processing). Every run writes to a fresh
+directory. Prints one line per run: wall seconds and sites/s (wall time of
+the whole job: planning, reading, resizing, writing, index).
+"""
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+
+_SIZE = flags.DEFINE_integer("size", 256, "Edge of the synthetic source PNGs.")
+_RESOLUTION = flags.DEFINE_integer("resolution", 64, "Output edge (a TFDS "
+                                   "config: 8, 16, ..., 1024).")
+_PLATES = flags.DEFINE_integer("plates", 1, "Synthetic plates per experiment "
+                               "(1: 768 sites).")
+_WORKERS = flags.DEFINE_integer("workers", 2, "gandl-convert processes and "
+                                "Beam direct_num_workers.")
+_RUNS = flags.DEFINE_list("runs", ["convert", "beam1", "beamN"],
+                          "Which runs: convert, beam1 (one in-process Beam "
+                          "worker), beamN (--workers Beam processes).")
+_SCRATCH = flags.DEFINE_string("scratch", "/tmp/gandl-bench-convert", "Where "
+                               "the synthetic tree and outputs go.")
+
+
+def _tree() -> str:
+  from gandl_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  base = os.path.join(_SCRATCH.value, f"tree-{_SIZE.value}-p{_PLATES.value}")
+  root = os.path.join(base, "RxRx19a")
+  if not os.path.exists(os.path.join(root, "metadata.csv")):
+    t = time.time()
+    synthetic.generate(base, size=_SIZE.value, plates=_PLATES.value, seed=0)
+    print(f"synthetic tree: {time.time() - t:.1f} s", flush=True)
+  return root
+
+
+def _fresh(name: str) -> str:
+  out = os.path.join(_SCRATCH.value, name)
+  shutil.rmtree(out, ignore_errors=True)
+  return out
+
+
+def _convert(root: str) -> int:
+  from gandl_jax.data import convert  # pylint: disable=import-outside-toplevel
+  s = convert.convert("rxrx19a", root, _fresh("convert"), _RESOLUTION.value,
+                      workers=_WORKERS.value)
+  return int(s["num_examples"])
+
+
+def _beam(root: str, workers: int) -> int:
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from apache_beam.options import pipeline_options  # pylint: disable=import-outside-toplevel
+  from gandl_jax.data import tfds_rxrx19a  # pylint: disable=import-outside-toplevel
+  flags_ = ["--runner=FnApiRunner", f"--direct_num_workers={workers}"]
+  if workers > 1:
+    flags_.append("--direct_running_mode=multi_processing")
+  b = tfds_rxrx19a.Rxrx19a(config=str(_RESOLUTION.value),
+                           data_dir=_fresh(f"tfds-{workers}"))
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=root,
+      beam_options=pipeline_options.PipelineOptions(flags=flags_)))
+  return int(b.info.splits["train"].num_examples)
+
+
+def main(argv):
+  del argv
+  root = _tree()
+  runs = {"convert": lambda: _convert(root), "beam1": lambda: _beam(root, 1),
+          "beamN": lambda: _beam(root, _WORKERS.value)}
+  for name in _RUNS.value:
+    t = time.time()
+    n = runs[name]()
+    dt = time.time() - t
+    label = {"convert": f"gandl-convert --workers {_WORKERS.value}",
+             "beam1": "tfds builder, FnApiRunner, 1 worker",
+             "beamN": f"tfds builder, FnApiRunner, {_WORKERS.value} processes"}[name]
+    print(f"{label}: {n} sites {_SIZE.value}->{_RESOLUTION.value} in {dt:.1f} s "
+          f"= {n / dt:.1f} sites/s", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
