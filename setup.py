@@ -9,7 +9,8 @@ HERE = pathlib.Path(__file__).parent
 # much smaller; it exists for Linux x86_64 (Cloud TPU VMs, most GPU boxes).
 _TF_CPU = 'sys_platform == "linux" and platform_machine == "x86_64"'
 _TF_FULL = 'sys_platform != "linux" or platform_machine != "x86_64"'
-_BEAM = ["apache-beam>=2.64", "mlcroissant>=1.0.9"]
+# Tested with apache-beam 2.77.0 and mlcroissant 1.1.1 on Python 3.11.
+_BEAM = ["apache-beam>=2.77", "mlcroissant>=1.0.9"]
 
 setup(
     name="gandl-jax",

@@ -71,7 +71,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   config_lib.validate(config, mesh.devices.size, jax.process_count())
   if not config.data.path:
     raise ValueError("config.data.path is empty: pass --config.data.path "
-                     "'DIR/*.tfrecord' (shards written by gandl-convert)")
+                     "'DIR/*.tfrecord' (shards written by gandl-convert) or a "
+                     "TFDS dataset directory (tfds build, docs/data.md)")
   info = pipeline.read_dataset_info(config.data.path)
   pipeline.check_dataset(info, config.data.path, config.model.resolution,
                          config.model.img_channels,
