@@ -9,7 +9,8 @@ The features of each batch are computed in worker processes (`workers`;
 order kept, at most 2 batches per worker in flight) and streamed to the
 embeddings writer (`gandl_jax.embeddings.Writer`): `site_id`, the metadata
 columns, `f0000...`, and Parquet file metadata `gandl.layer` = the method
-name, `gandl.feature_names` (JSON list), the source shards and filter.
+name, `gandl.feature_names` (JSON list), the source shards and filter; CSV
+is Recursion's layout (`site_id` + features), as gandl-export writes it.
 The output does not depend on `workers` or `batch`.
 """
 from __future__ import annotations
@@ -88,6 +89,7 @@ def compute_embeddings(method_name: str, data: str, output: str, *,
   progress = progress_lib.Progress(total, name=f"features[{method_name}]",
                                    every_s=progress_every_s)
   start = time.monotonic()
+  csv = embeddings.output_format(output, fmt) == "csv"
   pool = None
   if workers > 1:
     # spawn: safe although TensorFlow (tf.data) runs in this process.
@@ -111,8 +113,9 @@ def compute_embeddings(method_name: str, data: str, output: str, *,
         valid = np.asarray(b["valid"], bool)
         if not valid.any():
           continue
+        # CSV: Recursion's layout (site_id + features), as gandl-export.
         meta = {k: np.asarray(v)[valid] for k, v in b.items()
-                if k not in _NON_METADATA}
+                if k not in _NON_METADATA and (k == "site_id" or not csv)}
         images = np.ascontiguousarray(b["image"][valid])
         if pool is not None:
           pending.append((meta, pool.apply_async(meth.features, (images,))))
