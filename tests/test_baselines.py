@@ -204,13 +204,16 @@ def test_cli(tree, tmp_path):
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
   try:
-    cli.main(argv[:1])
+    with pytest.raises(SystemExit) as done:
+      cli.main(argv[:1])
+    assert done.value.code == 0
     df = pd.read_csv(out)
     assert df.columns[0] == "site_id" and df.columns[1] == "f0000"
     assert len(df) > 0
     flags.FLAGS.unparse_flags()
     flags.FLAGS(argv[:-2] + ["--data", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as failed:
       cli.main(argv[:1])
+    assert failed.value.code == 1
   finally:
     flags.FLAGS.unparse_flags()

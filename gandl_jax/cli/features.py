@@ -34,22 +34,22 @@ flags.DEFINE_integer("workers", None, "Processes computing features (default: "
 flags.DEFINE_float("progress_every", 30.0, "Seconds between progress lines.")
 
 
+def features_command() -> int:
+  from gandl_jax.baselines import run as run_lib  # pylint: disable=import-outside-toplevel
+  summary = run_lib.compute_embeddings(
+      FLAGS.method, FLAGS.data, FLAGS.output, filter=FLAGS.filter,
+      batch=FLAGS.batch, fmt=FLAGS.format, workers=FLAGS.workers,
+      progress_every_s=FLAGS.progress_every)
+  print(json.dumps(summary.as_dict()))
+  return cli.EXIT_OK
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  cli.quiet_library_logs()
+  cli.no_arguments(argv)
   for name in ("data", "output"):
     if not FLAGS[name].value:
-      raise app.UsageError(f"--{name} is required")
-  from gandl_jax.baselines import run as run_lib  # pylint: disable=import-outside-toplevel
-  try:
-    summary = run_lib.compute_embeddings(
-        FLAGS.method, FLAGS.data, FLAGS.output, filter=FLAGS.filter,
-        batch=FLAGS.batch, fmt=FLAGS.format, workers=FLAGS.workers,
-        progress_every_s=FLAGS.progress_every)
-  except cli.USER_ERRORS as e:
-    cli.fail("gandl-features", e)
-  print(json.dumps(summary.as_dict()))
+      raise cli.usage(f"--{name} is required")
+  cli.run("gandl-features", features_command)
 
 
 def run():

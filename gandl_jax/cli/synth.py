@@ -2,6 +2,7 @@ r"""gandl-synth: writes the synthetic RxRx19a (or RxRx1) tree.
 
   gandl-synth --output /tmp/synth --size 256 --plates 2 --seed 0
   gandl-synth --output /tmp/synth --dataset rxrx1 --size 128
+  gandl-synth --output /tmp/synth-hard --size 64 --difficulty hard
 
 See docs/data.md for what is planted (synthetic_truth.csv).
 """
