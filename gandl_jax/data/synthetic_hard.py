@@ -290,9 +290,12 @@ def render_cells(rng: np.random.Generator, size: int, morph: syn.Morphology,
     x[infected] = (xi + des.clumping * ddx[k, j]) % size
     y[infected] = (yi + des.clumping * ddy[k, j]) % size
 
+  # Orientation: around one site-wide direction (aligned streams), or random.
   site_theta = rng.uniform(0.0, np.pi)
-  theta = site_theta + rng.uniform(-0.5, 0.5, n) * 2 * min(spread, np.pi / 2) \
-      if spread < np.pi else rng.uniform(0.0, np.pi, n)
+  if spread < np.pi:
+    theta = site_theta + rng.uniform(-1.0, 1.0, n) * min(spread, np.pi / 2)
+  else:
+    theta = rng.uniform(0.0, np.pi, n)
   elong = np.maximum(1.0, rng.normal(morph.elongation, morph.elongation_sd, n))
   elong = np.where(infected, 1.0 + (1.0 - strength * (1.0 - des.rounding))
                    * (elong - 1.0), elong)
@@ -434,10 +437,20 @@ def render_cells(rng: np.random.Generator, size: int, morph: syn.Morphology,
 # Site-level nuisances and intensity matching.
 
 
-def _smooth_field(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-  """A smooth random field (torus), zero mean, unit sd."""
-  f = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma,
-                              mode="wrap")
+def _smooth_field(rng: np.random.Generator, size: int,
+                  cycles: int = 3) -> np.ndarray:
+  """A smooth periodic random field, zero mean, unit sd: random Fourier
+  modes up to `cycles` per field (Gaussian-weighted), the same structure at
+  every `size`."""
+  k = cycles
+  coef = (rng.standard_normal((2 * k + 1, k + 1))
+          + 1j * rng.standard_normal((2 * k + 1, k + 1)))
+  fy = np.r_[0:k + 1, -k:0]
+  fx = np.arange(k + 1)
+  coef *= np.exp(-(fy[:, None] ** 2 + fx[None, :] ** 2) / (0.5 * k * k))
+  spec = np.zeros((size, size // 2 + 1), complex)
+  spec[fy[:, None] % size, fx[None, :]] = coef
+  f = np.fft.irfft2(spec, s=(size, size))
   return (f - f.mean()) / (f.std() + 1e-12)
 
 
@@ -449,7 +462,7 @@ def _nuisance(rng: np.random.Generator, img: np.ndarray, des: Design,
   blur = rng.uniform(0.0, des.blur_max) * scale
   for c in range(img.shape[0]):
     peak = float(np.percentile(img[c], 99.5)) + 1e-6
-    haze = des.haze * peak * (1.5 + 0.5 * _smooth_field(rng, size, size / 6))
+    haze = des.haze * peak * (1.5 + 0.5 * _smooth_field(rng, size))
     x = img[c] + haze
     out[c] = ndimage.gaussian_filter(x, blur, mode="wrap") if blur > 0.05 else x
   # Tie-breaking dither far below one grey level of any target.
@@ -511,8 +524,9 @@ def reference_quantiles(difficulty: str, cell_types: Tuple[str, ...],
         acc += np.quantile(img.reshape(num_channels, -1), grid, axis=1).T
         k += 1
   q = acc / k
-  # Scale each channel to easy-mode-like 8-bit levels: background near
-  # `synthetic._BACKGROUND`, the 99.9th percentile near 150.
+  # Scale each channel to easy-mode-like 8-bit levels: the minimum at
+  # `synthetic._BACKGROUND`, the second-highest grid point (the 99.6th
+  # percentile) at 150.
   lo, hi = q[:, :1], q[:, -2:-1]
   return syn._BACKGROUND + (q - lo) / np.maximum(hi - lo, 1e-9) * 150.0  # pylint: disable=protected-access
 
