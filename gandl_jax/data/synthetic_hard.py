@@ -22,15 +22,16 @@ treated cells show:
   regular epithelial cobblestone; VERO: larger elongated cells in aligned
   streams; RxRx1's four types likewise).
 
-Then every channel's site-level intensity distribution is replaced by a
-class-independent target (exact histogram matching: each pixel keeps its rank
-and takes the target's value at that rank). The target is the average
-quantile function of reference sites that mix all classes, warped per site by
-a random gain and gamma drawn from one shared distribution. So the mean,
-standard deviation and every percentile of every channel carry no class
-information; only where the bright pixels are does. After matching come the
-nuisances: focus blur and out-of-focus haze per site, per-plate gain, offset
-and vignetting (stronger than the easy mode), shot and read noise.
+The site gets its spatial nuisances (focus blur and out-of-focus haze per
+site, the plate's vignetting). Then every channel's site-level intensity
+distribution is replaced by a class-independent target (exact histogram
+matching: each pixel keeps its rank and takes the target's value at that
+rank). The target is the average quantile function of reference sites that
+mix all classes, warped per site by a random gain and gamma drawn from one
+shared distribution. So the mean, standard deviation and every percentile of
+every channel carry no class information; only where the bright pixels are
+does. After matching come the per-plate gain and offset (stronger than the
+easy mode), shot and read noise, all functions of the pixel value alone.
 
 `hard2` is a second design with other phenotype parameters (no syncytia but
 stronger rounding and clumping, fragmented nucleoli, swollen Golgi, patchy
@@ -556,12 +557,15 @@ def render_site(spec, size: int, num_channels: int, seed: int,
                             spec.cell_type, num_channels, sev, spec.toxicity,
                             spec.effect)
   img = _nuisance(nuis, img, des, size)
-  ref = reference_quantiles(difficulty, tuple(cell_types), size, num_channels,
-                            seed)
-  img = match_histogram(img, site_target(nuis, ref, des))
+  # Vignetting before matching: it shades where cells are (a spatial plate
+  # effect) without making the intensity histogram depend on where the
+  # bright pixels lie, i.e. on the class.
   strength, vx, vy = spec.vignetting
   if strength > 0:
     img = img * vignetting(size, strength, vx, vy)[None]
+  ref = reference_quantiles(difficulty, tuple(cell_types), size, num_channels,
+                            seed)
+  img = match_histogram(img, site_target(nuis, ref, des))
   truth.update(severity=sev, toxicity=spec.toxicity)
   return syn.apply_plate(nuis, img.astype(np.float32), spec.gain, spec.offset), truth
 
