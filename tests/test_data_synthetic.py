@@ -233,3 +233,152 @@ def test_bad_arguments():
     synthetic.generate("/nonexistent", dataset="rxrx2")
   with pytest.raises(ValueError, match="wells_per_plate"):
     synthetic.generate("/nonexistent", wells_per_plate=5)
+
+
+# --------------------------------------------------------------------------
+# Difficulty modes.
+
+# Digests (decoded pixels of every PNG, plus the CSV files, in path order) of
+# trees written by the code before the hard modes existed (commit d5d8ce4):
+# the easy mode must stay byte for byte the same.
+EASY_DIGESTS = {
+    "rxrx19a": "dae9afeb8dc966e7b368f9bef9e827d8a3f06c9b23c9029fbe86c89053684ba9",
+    "rxrx1": "ee8cf55c08fb514f980ecced32344ca3d87ff0d6ee45cf284c94cd7e4ef9a864",
+}
+
+
+def _tree_digest(root):
+  import hashlib
+  h = hashlib.sha256()
+  for dp, dn, fn in sorted(os.walk(root)):
+    dn.sort()
+    for f in sorted(fn):
+      p = os.path.join(dp, f)
+      h.update(os.path.relpath(p, root).encode())
+      if f.endswith(".png"):
+        h.update(np.asarray(Image.open(p)).tobytes())
+      else:
+        with open(p, "rb") as fh:
+          h.update(fh.read())
+  return h.hexdigest()
+
+
+def test_easy_mode_unchanged(tmp_path):
+  a = synthetic.generate(str(tmp_path / "a"), dataset="rxrx19a", size=32,
+                         plates=[1], wells_per_plate=16, seed=3, workers=1)
+  b = synthetic.generate(str(tmp_path / "b"), dataset="rxrx1", size=32,
+                         plates=[1], wells_per_plate=8, seed=3, workers=1,
+                         difficulty="easy")
+  assert _tree_digest(a) == EASY_DIGESTS["rxrx19a"]
+  assert _tree_digest(b) == EASY_DIGESTS["rxrx1"]
+
+
+@pytest.fixture(scope="module", params=["hard", "hard2"])
+def hard(request, tmp_path_factory):
+  out = tmp_path_factory.mktemp(request.param)
+  root = synthetic.generate(str(out), dataset="rxrx19a", size=48, plates=2,
+                            wells_per_plate=16, seed=5, workers=1,
+                            difficulty=request.param)
+  df = pd.read_csv(os.path.join(root, "metadata.csv"), dtype=str,
+                   keep_default_na=False)
+  sites = pd.read_csv(os.path.join(root, synthetic.SITES_FILE), dtype={"site_id": str})
+  df = df.merge(sites, on="site_id")
+  ctrl = df[(df.treatment == "") & df.disease_condition.isin(
+      [schema.MOCK, schema.ACTIVE])].reset_index(drop=True)
+  images = np.stack([np.stack([np.asarray(Image.open(os.path.join(
+      root, "images", schema.image_relpath(r.experiment, int(r.plate), r.well,
+                                           int(r.site), ch))))
+      for ch in range(1, 6)], -1) for r in ctrl.itertuples()])
+  return dict(root=root, difficulty=request.param, ctrl=ctrl, images=images)
+
+
+def _balanced_accuracy(x, y, groups=None):
+  from sklearn.metrics import balanced_accuracy_score
+  from sklearn.model_selection import (GroupKFold, StratifiedKFold,
+                                       cross_val_predict)
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
+  from sklearn.svm import LinearSVC
+  clf = make_pipeline(StandardScaler(), LinearSVC(C=1.0, max_iter=20000))
+  if groups is None:
+    pred = cross_val_predict(clf, x, y, cv=StratifiedKFold(5, shuffle=True,
+                                                           random_state=0))
+  else:
+    pred = cross_val_predict(clf, x, y, cv=GroupKFold(len(set(groups))),
+                             groups=groups)
+  return balanced_accuracy_score(y, pred)
+
+
+def test_hard_intensity_statistics_do_not_separate(hard):
+  from gandl_jax.baselines import classical
+  ctrl, images = hard["ctrl"], hard["images"]
+  # Mean, std, 1/5/25/50/75/95/99th percentiles of every channel.
+  x = np.array([np.concatenate([classical.intensity_statistics(im[..., c])
+                                for c in range(5)]) for im in images])
+  assert x.shape == (len(ctrl), 45)
+  y = (ctrl.disease_condition == schema.ACTIVE).to_numpy()
+  groups = (ctrl.experiment + "/" + ctrl.plate).to_numpy()
+  assert 60 < y.sum() < len(y) - 40
+  assert _balanced_accuracy(x, y, groups) <= 0.65
+  assert _balanced_accuracy(x, y) <= 0.65
+  # Nor do they separate the cell types.
+  assert _balanced_accuracy(x, (ctrl.cell_type == "HRCE").to_numpy(), groups) <= 0.65
+
+
+def test_hard_signal_exists(hard):
+  from gandl_jax.baselines import classical
+  ctrl = hard["ctrl"]
+  y = (ctrl.disease_condition == schema.ACTIVE).to_numpy()
+  groups = (ctrl.experiment + "/" + ctrl.plate).to_numpy()
+  # The planted per-site severity separates the classes ...
+  assert _balanced_accuracy(ctrl[["severity"]].to_numpy(float), y, groups) >= 0.95
+  assert (ctrl.severity[~y] == 0).all() and ctrl.severity[y].mean() > 0.6
+  # ... and the images carry it in their morphology: texture, granularity,
+  # colocalization and nuclei features (intensity statistics left out).
+  names = classical.feature_names(5)
+  morph = [i for i, n in enumerate(names)
+           if not any(n.endswith(f"_{s}") for s in classical.INTENSITY)]
+  x = classical.features(hard["images"])[:, morph]
+  assert _balanced_accuracy(x, y, groups) >= 0.8
+
+
+def test_hard_truth_files(hard):
+  root = hard["root"]
+  truth = synthetic.read_truth(root)
+  assert tuple(truth.columns) == synthetic.TRUTH_COLUMNS
+  gen = truth[truth.kind == "generator"].set_index("parameter").value
+  assert gen["difficulty"] == hard["difficulty"]
+  assert {"gain", "offset", "vignetting"} <= set(truth[truth.kind == "plate"].parameter)
+  comp = synthetic.compound_truth(root)
+  assert comp["Remdesivir (GS-5734)"]["ec50_uM"] == pytest.approx(0.5)
+  sites = pd.read_csv(os.path.join(root, synthetic.SITES_FILE))
+  assert tuple(sites.columns) == synthetic.SITES_COLUMNS
+  pheno = truth[(truth.kind == "infection") & (truth.parameter == "phenotype")]
+  assert "nucleoli" in pheno.value.iloc[0]
+
+
+def test_match_histogram_takes_the_target_at_each_rank():
+  from gandl_jax.data import synthetic_hard
+  rng = np.random.default_rng(0)
+  img = rng.random((2, 8, 8))
+  q = np.stack([np.linspace(0, 100, 5), np.linspace(10, 20, 5) ** 2])
+  out = synthetic_hard.match_histogram(img, q)
+  p = (np.arange(64) + 0.5) / 64
+  for c in range(2):
+    expect = np.interp(p, np.linspace(0, 1, 5), q[c])
+    np.testing.assert_allclose(np.sort(out[c].ravel()), expect)
+    # Ranks are kept: the brightest input pixel gets the brightest value.
+    np.testing.assert_array_equal(np.argsort(out[c].ravel()),
+                                  np.argsort(img[c].ravel()))
+
+
+def test_hard_deterministic_and_independent_of_workers(tmp_path):
+  kw = dict(dataset="rxrx1", size=32, plates=[1], wells_per_plate=6, seed=2,
+            difficulty="hard")
+  a = synthetic.generate(str(tmp_path / "a"), workers=1, **kw)
+  b = synthetic.generate(str(tmp_path / "b"), workers=2, **kw)
+  assert _tree_digest(a) == _tree_digest(b)
+  with pytest.raises(ValueError, match="difficulty"):
+    synthetic.generate(str(tmp_path / "c"), difficulty="medium")
+  from gandl_jax.data import synthetic_hard
+  assert set(synthetic.DIFFICULTIES) == {"easy"} | set(synthetic_hard.DESIGNS)

@@ -2,6 +2,7 @@ r"""gandl-synth: writes the synthetic RxRx19a (or RxRx1) tree.
 
   gandl-synth --output /tmp/synth --size 256 --plates 2 --seed 0
   gandl-synth --output /tmp/synth --dataset rxrx1 --size 128
+  gandl-synth --output /tmp/synth-hard --size 64 --difficulty hard
 
 See docs/data.md for what is planted (synthetic_truth.csv).
 """
@@ -10,6 +11,7 @@ from absl import flags
 from absl import logging
 
 from gandl_jax import cli
+from gandl_jax.data import synthetic
 
 _OUTPUT = flags.DEFINE_string("output", None, "Parent directory; the tree goes "
                               "to OUTPUT/RxRx19a or OUTPUT/RxRx1.", required=True)
@@ -24,10 +26,14 @@ _EXPERIMENTS = flags.DEFINE_integer("experiments", 1, "RxRx1: experiments per "
                                     "cell type (the last one is 'test').")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _WORKERS = flags.DEFINE_integer("workers", None, "Processes (default: all cores).")
+_DIFFICULTY = flags.DEFINE_enum(
+    "difficulty", "easy", list(synthetic.DIFFICULTIES),
+    "easy: the planted biology shows in per-channel intensities; hard, hard2: "
+    "two designs where it shows only in morphology and arrangement (every "
+    "channel's intensity histogram matched between classes).")
 
 
 def synth_command() -> int:
-  from gandl_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   plates = None
   if _PLATES.value:
     vals = [int(p) for p in _PLATES.value]
@@ -36,7 +42,8 @@ def synth_command() -> int:
                             size=_SIZE.value, plates=plates, seed=_SEED.value,
                             wells_per_plate=_WELLS.value,
                             experiments=_EXPERIMENTS.value,
-                            workers=_WORKERS.value)
+                            workers=_WORKERS.value,
+                            difficulty=_DIFFICULTY.value)
   logging.info("Wrote %s", root)
   print(root)
   return cli.EXIT_OK

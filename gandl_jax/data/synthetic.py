@@ -48,6 +48,9 @@ from gandl_jax import io as gio
 from gandl_jax import schema
 
 DATASET_DIRS = {"rxrx19a": "RxRx19a", "rxrx1": "RxRx1"}
+# "easy": the planted biology shows in per-channel intensities; the others are
+# the morphology-only designs of `synthetic_hard.DESIGNS`.
+DIFFICULTIES = ("easy", "hard", "hard2")
 SITES_FILE = "synthetic_sites.csv"
 TRUTH_COLUMNS = ("kind", "name", "cell_type", "experiment", "plate", "channel",
                  "parameter", "value", "description")
@@ -149,6 +152,7 @@ class SiteSpec:
   gain: Tuple[float, ...]    # plate gain per channel
   offset: Tuple[float, ...]  # plate background offset per channel
   effect: Tuple[float, ...] = (1.0, 1.0, 1.0) + (1.0,) * 6  # RxRx1 siRNA: radius, nucleus, occupancy, brightness x6
+  vignetting: Tuple[float, float, float] = (0.0, 0.5, 0.5)  # hard modes: strength, centre x, y
 
 
 def _hill_rows(c: Compound) -> List[dict]:
@@ -201,6 +205,20 @@ def _window(size: int, cx: np.ndarray, cy: np.ndarray, a: np.ndarray,
   Returns `rho2` of shape (N, W, W) (1.0 on the ellipse with semi-axes a, b)
   and `flat` (N, W, W) int indices into a (size*size) canvas (wrapped).
   """
+  u, v, flat = window_uv(size, cx, cy, a, b, theta, reach)
+  rho2 = u * u + v * v
+  return rho2, flat
+
+
+def window_uv(size: int, cx: np.ndarray, cy: np.ndarray, a: np.ndarray,
+              b: np.ndarray, theta: np.ndarray, reach: float):
+  """Elliptical coordinates around each centre, plus flat pixel ids.
+
+  Returns `u`, `v` of shape (N, W, W), the offsets along the major and minor
+  axes in units of the semi-axes a and b (u^2 + v^2 = 1 on the ellipse), and
+  `flat` (N, W, W) int indices into a (size*size) canvas (wrapped); W covers
+  `reach` times the largest semi-axis.
+  """
   half = int(math.ceil(reach * float(max(np.max(a), 1e-3)))) + 1
   half = min(half, size // 2)
   off = np.arange(-half, half + 1, dtype=np.float32)
@@ -214,12 +232,11 @@ def _window(size: int, cx: np.ndarray, cy: np.ndarray, a: np.ndarray,
   s = np.sin(theta).astype(np.float32)[:, None, None]
   u = (dx * c + dy * s) / a.astype(np.float32)[:, None, None]
   v = (dy * c - dx * s) / b.astype(np.float32)[:, None, None]
-  rho2 = u * u + v * v
   ioff = np.arange(-half, half + 1, dtype=np.int64)
   rows = (iy0[:, None] + ioff[None, :]) % size
   cols = (ix0[:, None] + ioff[None, :]) % size
   flat = rows[:, :, None] * size + cols[:, None, :]
-  return rho2, flat
+  return u, v, flat
 
 
 def _splat(size: int, flat: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -344,8 +361,23 @@ def apply_plate(rng: np.random.Generator, img: np.ndarray, gain: Sequence[float]
 
 
 def render_site(spec: SiteSpec, size: int, num_channels: int, seed: int,
+                difficulty: str = "easy",
+                cell_types: Optional[Sequence[str]] = None,
                 ) -> Tuple[np.ndarray, dict]:
-  """Renders one site deterministically from (seed, spec.index)."""
+  """Renders one site deterministically from (seed, spec.index).
+
+  `difficulty`: "easy", or a design of `synthetic_hard.DESIGNS` ("hard",
+  "hard2"), whose intensity target mixes `cell_types` (default: the cell
+  types of the dataset `spec.cell_type` belongs to).
+  """
+  if difficulty != "easy":
+    from gandl_jax.data import synthetic_hard  # pylint: disable=import-outside-toplevel
+    if cell_types is None:
+      cell_types = (schema.RXRX19A_CELL_TYPES
+                    if spec.cell_type in schema.RXRX19A_CELL_TYPES
+                    else schema.RXRX1_CELL_TYPES)
+    return synthetic_hard.render_site(spec, size, num_channels, seed,
+                                      difficulty, tuple(cell_types))
   rng = np.random.default_rng([seed, 7, spec.index])
   sev = 0.0
   if spec.severity > 0:
@@ -379,11 +411,33 @@ def _wells(rows: int, cols: int, count: int) -> List[str]:
   return [interior[i] for i in idx]
 
 
-def _plate_effects(seed: int, key: int, num_channels: int):
+def _plate_effects(seed: int, key: int, num_channels: int,
+                   difficulty: str = "easy"):
+  """(gain, offset, vignetting) of one plate."""
+  if difficulty != "easy":
+    from gandl_jax.data import synthetic_hard  # pylint: disable=import-outside-toplevel
+    return synthetic_hard.plate_effects(seed, key, num_channels, difficulty)
   rng = np.random.default_rng([seed, 11, key])
   gain = np.exp(rng.normal(0.0, 0.18, num_channels))
   offset = rng.normal(6.0, 4.0, num_channels)
-  return tuple(float(g) for g in gain), tuple(float(o) for o in offset)
+  return (tuple(float(g) for g in gain), tuple(float(o) for o in offset),
+          (0.0, 0.5, 0.5))
+
+
+def _plate_rows(exp: str, plate: int, gain, offset, vig) -> List[dict]:
+  rows = []
+  for c in range(len(gain)):
+    for par, val in (("gain", gain[c]), ("offset", offset[c])):
+      rows.append(dict(kind="plate", experiment=exp, plate=plate,
+                       channel=c + 1, parameter=par, value=round(val, 4),
+                       description="pixel = gain * signal + offset"))
+  if vig[0] > 0:
+    for par, val in zip(("vignetting", "vignetting_x", "vignetting_y"), vig):
+      rows.append(dict(kind="plate", experiment=exp, plate=plate, parameter=par,
+                       value=round(val, 4), description="signal x (1 - strength "
+                       "* r^2 / 0.5), r: distance from (x, y), fractions of "
+                       "the field"))
+  return rows
 
 
 def _plate_list(plates: Union[None, int, Sequence[int]], default: int) -> List[int]:
@@ -399,7 +453,7 @@ def _plate_list(plates: Union[None, int, Sequence[int]], default: int) -> List[i
   return out
 
 
-def _rxrx19a_layout(plates, wells_per_plate, seed):
+def _rxrx19a_layout(plates, wells_per_plate, seed, difficulty="easy"):
   """Metadata rows, site specs and truth rows for RxRx19a."""
   nch = 5
   rows, specs, truth = [], [], []
@@ -418,12 +472,8 @@ def _rxrx19a_layout(plates, wells_per_plate, seed):
     queue = [combos[i] for i in order]
     q = 0
     for p_i, plate in enumerate(plates):
-      gain, offset = _plate_effects(seed, e * 1000 + plate, nch)
-      for c in range(nch):
-        for par, val in (("gain", gain[c]), ("offset", offset[c])):
-          truth.append(dict(kind="plate", experiment=exp, plate=plate,
-                            channel=c + 1, parameter=par, value=round(val, 4),
-                            description="pixel = gain * signal + offset"))
+      gain, offset, vig = _plate_effects(seed, e * 1000 + plate, nch, difficulty)
+      truth += _plate_rows(exp, plate, gain, offset, vig)
       # Well roles on this plate, shuffled over the layout.
       roles = ([("Mock", None)] * n_mock + [("UV", None)] * n_uv
                + [("Active", None)] * n_active
@@ -457,7 +507,7 @@ def _rxrx19a_layout(plates, wells_per_plate, seed):
               relpaths=tuple(schema.image_relpath(exp, plate, well, site, ch)
                              for ch in range(1, nch + 1)),
               cell_type=cell_type, severity=severity, toxicity=toxicity,
-              gain=gain, offset=offset))
+              gain=gain, offset=offset, vignetting=vig))
           index += 1
   for c in COMPOUNDS:
     truth += _hill_rows(c)
@@ -466,19 +516,37 @@ def _rxrx19a_layout(plates, wells_per_plate, seed):
            value=ACTIVE_SEVERITY, description="mean fraction of infected cells "
            "in an untreated Active site (per-site sd "
            f"{ACTIVE_SEVERITY_SD}); Mock, UV Inactivated and empty: 0"),
-      dict(kind="infection", name=schema.ACTIVE, parameter="phenotype",
-           value="rounded smaller cells; RNA (w4) cytoplasm x4; nucleoli "
-           "larger; actin ring x0.45, diffuse actin x2.5; Golgi dispersed",
-           description="infected-cell phenotype"),
+      _phenotype_row(difficulty),
       dict(kind="infection", name=schema.ACTIVE, parameter="cell_loss",
-           value=INFECTION_DEATH, description="fraction of cells lost at "
-           "severity 1"),
+           value=_infection_loss(difficulty), description="fraction of cells "
+           "lost at severity 1"),
       dict(kind="disease_condition", name="", parameter="meaning",
            value="uninfected, untreated", description="the few empty "
            "disease_condition rows (as in the real data) are healthy"),
   ]
   truth += _morph_rows(schema.RXRX19A_CELL_TYPES)
   return rows, specs, truth, nch
+
+
+def _phenotype_row(difficulty: str) -> dict:
+  if difficulty == "easy":
+    return dict(kind="infection", name=schema.ACTIVE, parameter="phenotype",
+                value="rounded smaller cells; RNA (w4) cytoplasm x4; nucleoli "
+                "larger; actin ring x0.45, diffuse actin x2.5; Golgi dispersed",
+                description="infected-cell phenotype")
+  from gandl_jax.data import synthetic_hard  # pylint: disable=import-outside-toplevel
+  return dict(kind="infection", name=schema.ACTIVE, parameter="phenotype",
+              value=synthetic_hard.phenotype_text(difficulty),
+              description="infected-cell phenotype (morphology only; every "
+              "channel's intensity histogram matched to a class-independent "
+              "target)")
+
+
+def _infection_loss(difficulty: str) -> float:
+  if difficulty == "easy":
+    return INFECTION_DEATH
+  from gandl_jax.data import synthetic_hard  # pylint: disable=import-outside-toplevel
+  return synthetic_hard.design(difficulty).infection_loss
 
 
 def _morph_rows(cell_types):
@@ -516,7 +584,7 @@ def _rxrx1_sirnas(seed: int, n_treat: int, n_pos: int):
   return out
 
 
-def _rxrx1_layout(plates, wells_per_plate, seed, experiments):
+def _rxrx1_layout(plates, wells_per_plate, seed, experiments, difficulty="easy"):
   nch = 6
   rows, specs, truth = [], [], []
   sirnas = _rxrx1_sirnas(seed, 24, 4)
@@ -534,12 +602,9 @@ def _rxrx1_layout(plates, wells_per_plate, seed, experiments):
       split = "test" if experiments > 1 and k == experiments else "train"
       e_key = ct_i * 100 + k
       for plate in plates:
-        gain, offset = _plate_effects(seed, 50000 + e_key * 1000 + plate, nch)
-        for c in range(nch):
-          for par, val in (("gain", gain[c]), ("offset", offset[c])):
-            truth.append(dict(kind="plate", experiment=exp, plate=plate,
-                              channel=c + 1, parameter=par, value=round(val, 4),
-                              description="pixel = gain * signal + offset"))
+        gain, offset, vig = _plate_effects(seed, 50000 + e_key * 1000 + plate,
+                                           nch, difficulty)
+        truth += _plate_rows(exp, plate, gain, offset, vig)
         roles = [("negative_control",) + NEGATIVE_CONTROL_SIRNA + ((1.0,) * 9,)] * n_neg
         roles += [(p[2], p[0], p[1], p[3]) for p in pos[:n_pos]]
         t = 0
@@ -563,7 +628,8 @@ def _rxrx1_layout(plates, wells_per_plate, seed, experiments):
                 relpaths=tuple(schema.image_relpath(exp, plate, well, site, ch)
                                for ch in range(1, nch + 1)),
                 cell_type=ct, severity=0.0, toxicity=0.0, gain=gain,
-                offset=offset, effect=tuple(float(x) for x in eff)))
+                offset=offset, effect=tuple(float(x) for x in eff),
+                vignetting=vig))
             index += 1
   names = ("radius", "nucleus", "occupancy") + tuple(f"w{i}" for i in range(1, 7))
   for s in sirnas:
@@ -592,11 +658,11 @@ def _csv_text(columns: Sequence[str], rows: Iterable[dict]) -> str:
 
 
 def _render_chunk(args) -> List[Tuple[int, dict]]:
-  specs, root, size, nch, seed, compress_level = args
+  specs, root, size, nch, seed, compress_level, difficulty, cell_types = args
   out = []
   made = set()
   for spec in specs:
-    img, truth = render_site(spec, size, nch, seed)
+    img, truth = render_site(spec, size, nch, seed, difficulty, cell_types)
     for ch in range(nch):
       path = os.path.join(root, "images", spec.relpaths[ch])
       d = os.path.dirname(path)
@@ -615,7 +681,7 @@ def generate(output_dir: str, dataset: str = "rxrx19a", size: int = 256,
              plates: Union[None, int, Sequence[int]] = None, seed: int = 0,
              wells_per_plate: Optional[int] = None,
              experiments: int = 1, workers: Optional[int] = None,
-             compress_level: int = 1) -> str:
+             compress_level: int = 1, difficulty: str = "easy") -> str:
   """Writes a synthetic dataset tree and returns its root (OUTPUT/RxRx19a).
 
   Args:
@@ -633,24 +699,34 @@ def generate(output_dir: str, dataset: str = "rxrx19a", size: int = 256,
     workers: processes (default: all cores; small jobs run in-process);
       the output does not depend on it.
     compress_level: PNG zlib level (1 is fast; files are still lossless).
+    difficulty: "easy" (biology visible in per-channel intensities), "hard"
+      or "hard2" (biology only in morphology and arrangement; every channel's
+      intensity histogram matched to a class-independent target; see
+      `synthetic_hard`). Same layout, compounds and truth files.
   """
   dataset = dataset.lower()
   if dataset not in DATASET_DIRS:
     raise ValueError(f"dataset must be one of {sorted(DATASET_DIRS)}, got {dataset!r}")
   if size < 16:
     raise ValueError(f"size must be >= 16 pixels, got {size}")
+  if difficulty not in DIFFICULTIES:
+    raise ValueError(f"difficulty must be one of {list(DIFFICULTIES)}, got "
+                     f"{difficulty!r}")
   plate_list = _plate_list(plates, 2)
   if dataset == "rxrx19a":
-    rows, specs, truth, nch = _rxrx19a_layout(plate_list, wells_per_plate or 48, seed)
+    rows, specs, truth, nch = _rxrx19a_layout(plate_list, wells_per_plate or 48,
+                                              seed, difficulty)
+    cell_types = tuple(schema.RXRX19A_CELL_TYPES)
   else:
     rows, specs, truth, nch = _rxrx1_layout(plate_list, wells_per_plate or 24,
-                                            seed, experiments)
+                                            seed, experiments, difficulty)
+    cell_types = tuple(schema.RXRX1_CELL_TYPES)
   root = os.path.join(output_dir, DATASET_DIRS[dataset])
   os.makedirs(os.path.join(root, "images"), exist_ok=True)
 
   chunk = 32
-  tasks = [(specs[i:i + chunk], root, size, nch, seed, compress_level)
-           for i in range(0, len(specs), chunk)]
+  tasks = [(specs[i:i + chunk], root, size, nch, seed, compress_level,
+            difficulty, cell_types) for i in range(0, len(specs), chunk)]
   if workers is None:
     # Small jobs run inline: starting processes would cost more than it saves.
     small = len(specs) * size * size < 2_000_000
@@ -680,6 +756,10 @@ def generate(output_dir: str, dataset: str = "rxrx19a", size: int = 256,
       r["treatment_conc"] = repr(float(r["treatment_conc"]))
   truth.append(dict(kind="generator", name="synthetic", parameter="size",
                     value=size, description=f"seed {seed}"))
+  if difficulty != "easy":
+    truth.append(dict(kind="generator", name="synthetic", parameter="difficulty",
+                      value=difficulty, description="morphology-only design "
+                      "of gandl_jax/data/synthetic_hard.py"))
   gio.write_text(os.path.join(root, schema.SYNTHETIC_TRUTH_FILE), _csv_text(TRUTH_COLUMNS, truth))
   gio.write_text(os.path.join(root, SITES_FILE), _csv_text(SITES_COLUMNS, site_rows))
   # metadata.csv last: its presence marks a complete tree.
