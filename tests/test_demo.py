@@ -25,13 +25,21 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   report = tmp_path / "report" / "report.md"
   assert out["report"] == str(report) and report.exists()
   metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-  assert set(metrics["names"]) == {demo.TRAINED, demo.BASELINE}
+  assert set(metrics["names"]) == {demo.TRAINED, demo.BASELINE,
+                                   demo.CLASSICAL}
   for name in metrics["names"]:
     res = metrics["embeddings"][name]
     assert {"control", "cell_model", "dose_response", "rxrx1"} <= set(res)
   text = report.read_text()
   assert demo.TRAINED in text and demo.BASELINE in text
-  assert len(out["headline"]) == 2 and all("acc" in l for l in out["headline"])
+  # Headline: a header, then the three sets side by side with the figures
+  # of metrics.json.
+  assert len(out["headline"]) == 4 and "Mock/Active" in out["headline"][0]
+  for line in out["headline"][1:]:
+    name = next(n for n in metrics["names"] if line.startswith(n))
+    acc = metrics["embeddings"][name]["control"]["plate"]["balanced_accuracy"]
+    assert f"{acc:.3f}" in line
+  assert text.index("## Summary") < text.index("## Inputs")
   # Both embedding sets were computed (trained D != initial D).
   assert (tmp_path / "embeddings" / "trained_rxrx19a.parquet").exists()
   assert (tmp_path / "embeddings" / "init_rxrx1.parquet").exists()
@@ -46,5 +54,5 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   demo.run_demo(str(tmp_path), size=32, config=tiny_demo_config(),
                 log=lines.append, mesh=mesh)
   reused = [l for l in lines if "already done" in l]
-  assert len(reused) == 6, lines
+  assert len(reused) == 7, lines
   assert os.path.exists(tmp_path / "stages" / "train.done")

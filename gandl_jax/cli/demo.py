@@ -14,6 +14,11 @@ from gandl_jax import demo
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes.")
 _SIZE = flags.DEFINE_integer("size", 64, "Edge of the synthetic site images.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
+_DIFFICULTY = flags.DEFINE_string(
+    "difficulty", demo.DEFAULT_DIFFICULTY, "Synthetic mode: easy, hard or "
+    "hard2 (gandl-synth --difficulty; docs/data.md).")
+_CLASSICAL = flags.DEFINE_bool("classical", True, "Also evaluate classical "
+                               "(CellProfiler-style) features.")
 _CONVERTER = flags.DEFINE_enum(
     "converter", "gandl-convert", demo.CONVERTERS,
     "gandl-convert, or tfds: the TFDS builders (Apache Beam with the [beam] "
@@ -23,7 +28,8 @@ flags.mark_flags_as_required(["workdir"])
 
 def demo_command() -> int:
   out = demo.run_demo(_WORKDIR.value, size=_SIZE.value, seed=_SEED.value,
-                      converter=_CONVERTER.value)
+                      converter=_CONVERTER.value, difficulty=_DIFFICULTY.value,
+                      classical=_CLASSICAL.value)
   print("\n=== GAN-DL demo finished in "
         f"{out['seconds'] / 60:.1f} min ===")
   for line in out["headline"]:

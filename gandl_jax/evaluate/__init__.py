@@ -9,9 +9,10 @@ percent replicating, energy distance), truth (planted truth), tasks, plots,
 report. The file format itself is `gandl_jax.embeddings`.
 """
 from gandl_jax.evaluate.io import Embeddings, TableSpec, load_embeddings
-from gandl_jax.evaluate.pipeline import Options, evaluate, postprocess
+from gandl_jax.evaluate.pipeline import (EmbeddingSet, Options, evaluate,
+                                         postprocess)
 from gandl_jax.evaluate.retrieval import RetrievalConfig
 from gandl_jax.evaluate.tasks import ALL_TASKS
 
-__all__ = ["evaluate", "Options", "postprocess", "Embeddings",
+__all__ = ["evaluate", "EmbeddingSet", "Options", "postprocess", "Embeddings",
            "load_embeddings", "ALL_TASKS", "TableSpec", "RetrievalConfig"]

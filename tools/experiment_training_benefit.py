@@ -1,0 +1,282 @@
+r"""Does training the GAN give better embeddings than not training it?
+
+Runs the "what training buys" experiment (issue 13) on the synthetic data:
+for every training seed, one run of the demo-sized GAN with a checkpoint at
+each budget; every checkpoint's discriminator, the same discriminator at
+initialization and the classical (CellProfiler-style) features are exported
+and evaluated with the same protocol (control and cell type on the random
+and plate splits, dose-response EC50 rank correlation with the planted
+EC50s, hits recovered, RxRx1 zero-shot). Writes
+
+  WORKDIR/results.jsonl      one line per (set, seed, kimg) with every metric
+  WORKDIR/summary.md         the table (mean and std over seeds)
+  WORKDIR/<metric>.png       metric against kimg, one line per set
+
+Every stage is resumable (WORKDIR/stages/*.done); rerun the same command.
+
+  python tools/experiment_training_benefit.py --workdir runs/exp-hard \
+      --difficulty hard --budgets 1,2,4,8 --seeds 0,1,2
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Dict, List
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes.",
+                               required=True)
+_DIFFICULTY = flags.DEFINE_string("difficulty", "hard", "Synthetic mode "
+                                  "(gandl-synth --difficulty).")
+_SIZE = flags.DEFINE_integer("size", 64, "Edge of the synthetic site images.")
+_RESOLUTION = flags.DEFINE_integer("resolution", 32, "Training resolution.")
+_DATA_SEED = flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic data.")
+_PLATES = flags.DEFINE_integer("plates", None, "Plates per experiment "
+                               "(default: gandl-synth's).")
+_BUDGETS = flags.DEFINE_list("budgets", ["1", "2", "4", "8"],
+                             "Training budgets in kimg (checkpoints kept).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+_LAYER = flags.DEFINE_string("layer", "fc", "D feature layer to evaluate.")
+_CLASSICAL = flags.DEFINE_bool("classical", True, "Evaluate the classical "
+                               "features too.")
+_OVERRIDES = flags.DEFINE_multi_string(
+    "set", [], "Config overrides KEY=VALUE (e.g. loss.r1_gamma=1.0).")
+
+METRICS = (
+    ("control/random", ("control", "random", "balanced_accuracy")),
+    ("control/plate", ("control", "plate", "balanced_accuracy")),
+    ("cell_type/random", ("cell_model", "random", "balanced_accuracy")),
+    ("cell_type/plate", ("cell_model", "plate", "balanced_accuracy")),
+    ("rxrx1/random", ("rxrx1", "random", "balanced_accuracy")),
+    ("rxrx1/plate", ("rxrx1", "plate", "balanced_accuracy")),
+    ("ec50_spearman", ("truth", "ec50_spearman")),
+    ("hits_found", ("truth", "hits_found")),
+)
+NAMED_COMPOUNDS = ("Remdesivir (GS-5734)", "GS-441524")
+
+
+def _find(tree: Any, keys) -> Any:
+  for k in keys:
+    if not isinstance(tree, dict) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
+def metric_row(metrics: Dict[str, Any], name: str) -> Dict[str, Any]:
+  res = metrics["embeddings"][name]
+  return {label: _find(res, path) for label, path in METRICS}
+
+
+def _parse_value(text: str) -> Any:
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def summarize(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """Mean and standard deviation over seeds per (set, kimg)."""
+  groups: Dict[tuple, List[Dict[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault((r["set"], r["kimg"]), []).append(r)
+  out = []
+  for (name, kimg), rs in sorted(groups.items(),
+                                 key=lambda kv: (kv[0][0], kv[0][1])):
+    agg = {"set": name, "kimg": kimg, "n": len(rs)}
+    for label, _ in METRICS:
+      vals = [r[label] for r in rs if isinstance(r.get(label), (int, float))
+              and math.isfinite(r[label])]
+      if vals:
+        mean = sum(vals) / len(vals)
+        sd = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+              if len(vals) > 1 else 0.0)
+        agg[label] = (mean, sd)
+    out.append(agg)
+  return out
+
+
+def markdown_table(summary: List[Dict[str, Any]]) -> str:
+  labels = [label for label, _ in METRICS]
+  lines = ["| set | kimg | seeds | " + " | ".join(labels) + " |",
+           "|---|---:|---:|" + "---:|" * len(labels)]
+  for s in summary:
+    cells = []
+    for label in labels:
+      if label in s:
+        m, sd = s[label]
+        cells.append(f"{m:.3f} ± {sd:.3f}" if s["n"] > 1 else f"{m:.3f}")
+      else:
+        cells.append("n/a")
+    lines.append(f"| {s['set']} | {s['kimg']:g} | {s['n']} | "
+                 + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(summary: List[Dict[str, Any]], out_dir: str) -> List[str]:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from gandl_jax import io as gio  # pylint: disable=import-outside-toplevel
+  paths = []
+  for label, _ in METRICS:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    sets = sorted({s["set"] for s in summary})
+    for name in sets:
+      pts = [(s["kimg"],) + s[label] for s in summary
+             if s["set"] == name and label in s]
+      if not pts:
+        continue
+      pts.sort()
+      xs = [p[0] for p in pts]
+      ys = [p[1] for p in pts]
+      es = [p[2] for p in pts]
+      if len(pts) == 1:   # a set without training: a horizontal line
+        ax.axhline(ys[0], linestyle="--", label=name,
+                   color="grey" if "classical" in name else None)
+      else:
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+    ax.set_xlabel("training kimg")
+    ax.set_ylabel(label)
+    ax.legend(fontsize=7)
+    path = os.path.join(out_dir, label.replace("/", "_") + ".png")
+    gio.atomic_write(path, lambda f, fig=fig: fig.savefig(
+        f, format="png", dpi=110, bbox_inches="tight"), mode="wb")
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def main(argv):
+  del argv
+  # pylint: disable=import-outside-toplevel
+  from gandl_jax import demo, sharding
+  from gandl_jax.baselines import run as baselines_run
+  from gandl_jax.data import convert, synthetic
+  from gandl_jax.evaluate import pipeline as evaluate_lib
+  from gandl_jax.inference import api, export
+  from gandl_jax.train import loop as train_loop
+
+  logging.set_verbosity(logging.INFO)
+  t0 = time.time()
+  workdir = os.path.abspath(_WORKDIR.value)
+  stages = demo.Stages(workdir, logging.info)
+  mesh = sharding.make_mesh()
+  budgets = sorted(float(b) for b in _BUDGETS.value)
+  seeds = [int(s) for s in _SEEDS.value]
+  res = _RESOLUTION.value
+  raw = os.path.join(workdir, "raw")
+  shards = {d: os.path.join(workdir, "shards", d) for d in ("rxrx19a", "rxrx1")}
+  emb_dir = os.path.join(workdir, "embeddings")
+
+  roots = stages.run("synthetic", lambda: {"roots": {
+      d: synthetic.generate(raw, dataset=d, size=_SIZE.value,
+                            seed=_DATA_SEED.value, plates=_PLATES.value,
+                            difficulty=_DIFFICULTY.value)
+      for d in ("rxrx19a", "rxrx1")}})["roots"]
+  stages.run("convert", lambda: {
+      d: convert.convert(d, roots[d], shards[d], res,
+                         workers=max(1, os.cpu_count() or 1))
+      for d in ("rxrx19a", "rxrx1")})
+  data = {d: os.path.join(shards[d], "*.tfrecord") for d in shards}
+  metadata = {d: os.path.join(roots[d], "metadata.csv") for d in roots}
+  truth = os.path.join(roots["rxrx19a"], "synthetic_truth.csv")
+
+  def evaluate_set(name: str, tag: str) -> Dict[str, Any]:
+    out = os.path.join(workdir, "eval", tag)
+    metrics = evaluate_lib.evaluate(
+        os.path.join(emb_dir, f"{tag}_rxrx19a.parquet"), out,
+        metadata=metadata["rxrx19a"], name=name,
+        rxrx1_embeddings=os.path.join(emb_dir, f"{tag}_rxrx1.parquet"),
+        rxrx1_metadata=metadata["rxrx1"], truth=truth,
+        compounds=NAMED_COMPOUNDS, log=logging.info)
+    return metric_row(metrics, name)
+
+  rows: List[Dict[str, Any]] = []
+  if _CLASSICAL.value:
+    def classical():
+      for d in data:
+        baselines_run.compute_embeddings(
+            "classical", data[d],
+            os.path.join(emb_dir, f"classical_{d}.parquet"))
+      return dict(evaluate_set("classical features", "classical"),
+                  set="classical features", seed=-1, kimg=0.0)
+    rows.append(stages.run("classical", classical))
+
+  for seed in seeds:
+    config = demo.demo_config()
+    config.seed = seed
+    config.total_kimg = max(budgets)
+    config.checkpoint_every_kimg = min(budgets)
+    config.keep_checkpoints = 1000
+    config.image_grid_every_kimg = max(budgets)
+    config.data.path = data["rxrx19a"]
+    for item in _OVERRIDES.value:
+      key, _, value = item.partition("=")
+      node = config
+      *parents, last = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[last] = _parse_value(value)
+    train_dir = os.path.join(workdir, f"train-seed{seed}")
+    stages.run(f"train-seed{seed}",
+               lambda config=config, train_dir=train_dir: train_loop.train(
+                   config, train_dir, mesh=mesh))
+    init_dir = os.path.join(workdir, f"init-seed{seed}")
+    stages.run(f"init-seed{seed}", lambda config=config, init_dir=init_dir: {
+        "checkpoint": demo.save_initial_model(config, mesh, init_dir)})
+    points = [(0.0, init_dir, None)] + [
+        (b, train_dir, int(math.ceil(b * 1000 / config.batch_size)))
+        for b in budgets]
+    for kimg, ckpt, step in points:
+      tag = f"seed{seed}-kimg{kimg:g}"
+      name = "untrained D" if step is None else "trained D"
+
+      def one(ckpt=ckpt, step=step, tag=tag, name=name, kimg=kimg,
+              seed=seed):
+        model = api.load(ckpt, step)
+        for d in data:
+          export.export_model(model, data[d],
+                              os.path.join(emb_dir, f"{tag}_{d}.parquet"),
+                              layer=_LAYER.value, batch=64, checkpoint=ckpt,
+                              mesh=mesh)
+        return dict(evaluate_set(name, tag), set=name, seed=seed, kimg=kimg,
+                    step=model.step)
+      rows.append(stages.run(f"eval-{tag}", one))
+
+  from gandl_jax import io as gio
+  gio.write_text(os.path.join(workdir, "results.jsonl"),
+                 "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+  summary = summarize(rows)
+  figures = plot(summary, workdir)
+  elapsed = time.time() - t0
+  text = "\n".join([
+      f"# Training benefit: {_DIFFICULTY.value} synthetic data",
+      "",
+      "Command: `python " + " ".join([os.path.relpath(sys.argv[0])] +
+                                     sys.argv[1:]) + "`",
+      f"Seeds: training {seeds}, data {_DATA_SEED.value}; layer "
+      f"{_LAYER.value}; budgets {budgets} kimg; elapsed {elapsed / 60:.1f} "
+      f"min (including resumed stages' own time: see stages/*.done); "
+      f"machine: {platform.machine()} {os.cpu_count()} CPU(s), "
+      f"{platform.platform()}.",
+      "",
+      markdown_table(summary),
+      "",
+      "Figures: " + ", ".join(os.path.basename(p) for p in figures),
+      ""])
+  gio.write_text(os.path.join(workdir, "summary.md"), text)
+  print(text)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
+  app.run(main)
