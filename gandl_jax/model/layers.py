@@ -18,6 +18,7 @@ per-sample statistics always run in float32.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence, Tuple
 
@@ -65,6 +66,88 @@ def activate(x: Array, activation: str, gain: float = 1.0,
   return x
 
 
+def _pad_axis(x: Array, axis: int, before: int, after: int,
+              interior: int = 0) -> Array:
+  """Zero-pads (or, for negative amounts, crops) one axis."""
+  cfg = [(0, 0, 0)] * x.ndim
+  cfg[axis] = (before, after, interior)
+  return lax.pad(x, jnp.zeros((), x.dtype), cfg)
+
+
+def _tap_sum(x: Array, taps: Sequence[float], axis: int, starts: Sequence[int],
+             size: int, stride: int) -> Array:
+  """sum_k taps[k] * x[starts[k] : ... : stride] (`size` samples) along `axis`;
+  zero taps are skipped. The weighted slices fuse into one elementwise pass."""
+  out = None
+  for t, s in zip(taps, starts):
+    if t == 0:
+      continue
+    term = lax.slice_in_dim(x, s, s + (size - 1) * stride + 1, stride, axis)
+    term = term * jnp.asarray(t, x.dtype)
+    out = term if out is None else out + term
+  if out is None:
+    shape = list(x.shape)
+    shape[axis] = size
+    out = jnp.zeros(shape, x.dtype)
+  return out
+
+
+def _upfirdn1d(x: Array, taps: Sequence[float], axis: int, up: int, down: int,
+               pad: Tuple[int, int]) -> Array:
+  """upfirdn along one axis with correlation `taps` (the filter already
+  flipped and scaled): zero-stuff by `up`, pad/crop, correlate, keep every
+  `down`-th sample. Upsampling without downsampling is done polyphase: output
+  phase r only sees the taps that land on input samples, so no zeros are
+  inserted or multiplied."""
+  n, t = x.shape[axis], len(taps)
+  p0, p1 = pad
+  size = (n * up + p0 + p1 - t) // down + 1
+  if size <= 0:
+    raise ValueError(f"upfirdn2d: empty output for {n} samples, up={up}, "
+                     f"down={down}, pad={pad}, {t} taps")
+  if up > 1 and down == 1:
+    q = -(-size // up)                    # samples per output phase
+    phases = []
+    for r in range(up):
+      # out[up*i + r] = sum over taps k with (r + k - p0) % up == 0 of
+      #   taps[k] * x[i + (r + k - p0) // up].
+      ks = [k for k in range(t) if (r + k - p0) % up == 0]
+      offs = [(r + k - p0) // up for k in ks]
+      lo = max(0, -min(offs, default=0))
+      hi = max(0, q - 1 + max(offs, default=0) - (n - 1))
+      xp = _pad_axis(x, axis, lo, hi)
+      phases.append(_tap_sum(xp, [taps[k] for k in ks], axis,
+                             [o + lo for o in offs], q, 1))
+    y = jnp.stack(phases, axis=axis + 1)
+    shape = list(x.shape)
+    shape[axis] = q * up
+    return lax.slice_in_dim(y.reshape(shape), 0, size, 1, axis)
+  if up > 1:
+    x = _pad_axis(x, axis, 0, up - 1, up - 1)   # zero insertion
+  x = _pad_axis(x, axis, p0, p1)
+  return _tap_sum(x, taps, axis, range(t), size, down)
+
+
+def separable_factors(f: np.ndarray
+                      ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+  """(a, b) with `outer(a, b) == f` if the 2-D filter is rank one, else None.
+
+  Scaled by the square root of the largest entry so that binomial filters
+  factor exactly in binary floating point ([1, 3, 3, 1] / 64 -> [1, 3, 3, 1] / 8
+  on each axis).
+  """
+  f = np.asarray(f, np.float64)
+  i, j = np.unravel_index(np.argmax(np.abs(f)), f.shape)
+  p = f[i, j]
+  if p == 0:
+    return None
+  s = math.sqrt(abs(p))
+  a, b = f[:, j] / s, f[i, :] / s * np.sign(p)
+  if not np.allclose(np.outer(a, b), f, rtol=1e-6, atol=1e-7 * abs(p)):
+    return None
+  return a, b
+
+
 def upfirdn2d(x: Array, f: np.ndarray, up: int = 1, down: int = 1,
               pad: Tuple[int, int] = (0, 0), gain: float = 1.0,
               flip_filter: bool = False) -> Array:
@@ -74,19 +157,44 @@ def upfirdn2d(x: Array, f: np.ndarray, up: int = 1, down: int = 1,
   both spatial axes: `pad = (before, after)` may be negative (cropping); the
   filter is applied as a true convolution unless `flip_filter`; `gain` scales
   the filter. Output size per axis: `(in * up + before + after - taps) // down + 1`.
+
+  Computed as sums of shifted (strided) slices, in at least float32, which
+  XLA fuses into elementwise passes on every backend (a depthwise
+  `conv_general_dilated` is 10-50x slower on XLA:CPU, see docs/performance.md).
+  Rank-one filters such as `fir_filter()` run as two 1-D passes (4 + 4 taps
+  instead of 16), upsampling polyphase (no multiplications by inserted zeros).
   """
-  _, _, _, c = x.shape
-  f = np.asarray(f, np.float32) * gain
+  f = np.asarray(f, np.float64) * gain
+  if f.ndim != 2:
+    raise ValueError(f"upfirdn2d: filter must be 2-D, got shape {f.shape}")
   if not flip_filter:
     f = f[::-1, ::-1]
+  dtype = x.dtype
+  y = x.astype(jnp.promote_types(dtype, jnp.float32))
+  factors = separable_factors(f)
+  if factors is not None:
+    a, b = factors
+    y = _upfirdn1d(y, [float(t) for t in a], 1, up, down, pad)
+    y = _upfirdn1d(y, [float(t) for t in b], 2, up, down, pad)
+    return y.astype(dtype)
+  # General 2-D filter: zero-stuff, pad/crop, then one 2-D sum of slices.
   p0, p1 = pad
-  zero = jnp.zeros((), x.dtype)
-  spatial = (p0, p1 + up - 1, up - 1)
-  x = lax.pad(x, zero, [(0, 0, 0), spatial, spatial, (0, 0, 0)])
-  kernel = jnp.asarray(np.tile(f[:, :, None, None], (1, 1, 1, c)), x.dtype)
-  return lax.conv_general_dilated(
-      x, kernel, window_strides=(down, down), padding="VALID",
-      dimension_numbers=_DN, feature_group_count=c)
+  th, tw = f.shape
+  for axis in (1, 2):
+    if up > 1:
+      y = _pad_axis(y, axis, 0, up - 1, up - 1)
+    y = _pad_axis(y, axis, p0, p1)
+  oh = (y.shape[1] - th) // down + 1
+  ow = (y.shape[2] - tw) // down + 1
+  if oh <= 0 or ow <= 0:
+    raise ValueError(f"upfirdn2d: empty output for input {x.shape}, up={up}, "
+                     f"down={down}, pad={pad}, filter {f.shape}")
+  out = None
+  for i in range(th):
+    rows = lax.slice_in_dim(y, i, i + (oh - 1) * down + 1, down, 1)
+    term = _tap_sum(rows, [float(t) for t in f[i]], 2, range(tw), ow, down)
+    out = term if out is None else out + term
+  return out.astype(dtype)
 
 
 def upsample2d(x: Array, f: np.ndarray, up: int = 2) -> Array:
@@ -131,14 +239,56 @@ def conv2d_resample(x: Array, w: Array, f: Optional[np.ndarray] = None,
     if kw == 1:
       return conv(upfirdn2d(x, f, down=down, pad=(p0, p1)), w)
     return conv(upfirdn2d(x, f, pad=(p0, p1)), w, stride=down)
-  # Upsampling: transposed strided conv (a true convolution of the
-  # zero-stuffed input, i.e. correlation with the flipped kernel), then filter.
+  # Upsampling: transposed strided conv, then filter. XLA:CPU runs the
+  # input-dilated form 5-10x slower than the polyphase one (and its weight
+  # gradient far slower still); accelerators run input dilation natively, and
+  # the polyphase form would cost them (ceil(k/up) * up / k)^2 = 16/9 the MACs.
   p0 = padding + (fw + up - 1) // 2 - (kw - 1)
   p1 = padding + (fw - up) // 2 - (kw - up)
-  y = lax.conv_general_dilated(
-      x, w[::-1, ::-1], window_strides=(1, 1), padding=[(kw - 1, kw - 1)] * 2,
-      lhs_dilation=(up, up), dimension_numbers=_DN)
+  y = lax.platform_dependent(
+      x, w, cpu=functools.partial(_transposed_conv_polyphase, up=up),
+      default=functools.partial(_transposed_conv_dilated, up=up))
   return upfirdn2d(y, f, pad=(p0, p1), gain=up * up)
+
+
+def _transposed_conv_dilated(x: Array, w: Array, up: int) -> Array:
+  """torch's conv_transpose2d (stride `up`, HWIO `w`): a true convolution of
+  the zero-stuffed input, i.e. correlation with the flipped kernel."""
+  k = w.shape[0]
+  return lax.conv_general_dilated(
+      x, w[::-1, ::-1], window_strides=(1, 1), padding=[(k - 1, k - 1)] * 2,
+      lhs_dilation=(up, up), dimension_numbers=_DN)
+
+
+def _transposed_conv_polyphase(x: Array, w: Array, up: int) -> Array:
+  """`_transposed_conv_dilated` as one stride-1 convolution producing all
+  `up * up` output phases as channels, then interleaved (depth-to-space).
+
+  out[up*q + r] = sum_t w[r + up*t] * x[q - t]: phase r correlates the
+  `T = ceil(k / up)` inputs x[q-T+1 .. q] with the taps w[r + up*(T-1-i)]
+  (zero past the kernel's end).
+  """
+  n, h, wd, c_in = x.shape
+  k, c_out = w.shape[0], w.shape[3]
+  t = -(-k // up)
+  # idx[i, r]: the kernel tap at window position i for phase r (k: zero).
+  idx = np.full((t, up), k)
+  for i in range(t):
+    for r in range(up):
+      if r + up * (t - 1 - i) < k:
+        idx[i, r] = r + up * (t - 1 - i)
+  w0 = jnp.pad(w, ((0, 1), (0, 1), (0, 0), (0, 0)))
+  kern = w0[idx[:, :, None, None], idx[None, None, :, :]]   # (t, up, t, up, I, O)
+  kern = jnp.transpose(kern, (0, 2, 4, 1, 3, 5)).reshape(
+      t, t, c_in, up * up * c_out)
+  xp = jnp.pad(x, ((0, 0), (t - 1, t - 1), (t - 1, t - 1), (0, 0)))
+  y = lax.conv_general_dilated(xp, kern, window_strides=(1, 1),
+                               padding="VALID", dimension_numbers=_DN)
+  qh, qw = h + t - 1, wd + t - 1
+  y = y.reshape(n, qh, qw, up, up, c_out).transpose(0, 1, 3, 2, 4, 5)
+  y = y.reshape(n, qh * up, qw * up, c_out)
+  size_h, size_w = (h - 1) * up + k, (wd - 1) * up + k
+  return y[:, :size_h, :size_w]
 
 
 def demodulation_coefficients(weight: Array, styles: Array) -> Array:
