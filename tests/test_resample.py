@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from gandl_jax import layers
+from gandl_jax.model import layers
 
 DN = ("NHWC", "HWIO", "NHWC")
 FIR = layers.fir_filter()
