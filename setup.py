@@ -51,8 +51,10 @@ setup(
         "beam": _BEAM,
         # The tests run the Beam builders (tests/test_tfds_beam.py).
         "test": ["pytest>=8", "pytest-xdist>=3.5"] + _BEAM,
-        # Only gandl-import (gandl_jax/interop) needs torch; nothing else imports it.
-        # >= 2.6: torch.load(weights_only=True) is safe only from 2.6 on.
+        # torch: gandl-import (gandl_jax/interop) and the side-by-side benchmarks
+        # against stylegan2-ada-pytorch (tools/sg2ada_reference.py); the package
+        # itself never imports it. >= 2.6: torch.load(weights_only=True) is
+        # safe only from 2.6 on.
         "import": ["torch>=2.6"],
     },
     entry_points={

@@ -9,6 +9,16 @@ so it also runs where TensorFlow is not installed (e.g. a bare GPU machine).
   python tools/bench_train.py --config configs/gandl_rxrx19a.py:256 \
       --config.batch_size=32 --config.compute_dtype=bfloat16 --iterations 32
 
+Side by side with stylegan2-ada-pytorch (a checkout of
+https://github.com/NVlabs/stylegan2-ada-pytorch and torch, `pip install -e
+'.[import]'`): its own networks, StyleGAN2Loss and phase schedule at the same
+configuration run in a subprocess (tools/sg2ada_reference.py); timed rounds of
+--iterations alternate ours / reference (--rounds each), so background load
+hits both sides alike:
+
+  python tools/bench_train.py --config configs/demo.py \
+      --reference /path/to/stylegan2-ada-pytorch --rounds 2
+
 Prints one human-readable summary and one JSON line (for tables).
 """
 import json
@@ -26,12 +36,19 @@ from gandl_jax import sharding
 from gandl_jax.train import monitor
 from gandl_jax.train.steps import Trainer
 
+import sg2ada_reference  # tools/, next to this script
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _ITERS = flags.DEFINE_integer(
     "iterations", 32, "Timed iterations (a multiple of the R1 interval "
     "amortizes every phase exactly).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed iterations after the "
                                "compiling one.")
+_REFERENCE = flags.DEFINE_string(
+    "reference", None, "Checkout of stylegan2-ada-pytorch: also time it at "
+    "the same configuration, in alternating rounds.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Timed rounds per side with "
+                               "--reference (each of --iterations).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -59,18 +76,35 @@ def main(argv):
   jax.block_until_ready(state)
 
   # Start the timed window at a multiple of the R1 interval so regularizers
-  # appear at their true frequency.
+  # appear at their true frequency (rounds of a multiple of it stay aligned).
   interval = int(np.lcm(config.loss.r1_interval, config.loss.pl_interval))
   while step % interval:
     state, _ = tr.train_step(state, real, step, step * b)
     step += 1
   jax.block_until_ready(state)
-  t0 = time.time()
-  for _ in range(_ITERS.value):
-    state, metrics = tr.train_step(state, real, step, step * b)
-    step += 1
-  jax.block_until_ready((state, metrics))
-  dt = time.time() - t0
+
+  def our_round(state, step):
+    t0 = time.time()
+    for _ in range(_ITERS.value):
+      state, metrics = tr.train_step(state, real, step, step * b)
+      step += 1
+    jax.block_until_ready((state, metrics))
+    return state, step, time.time() - t0
+
+  ref, ours_s, ref_s = None, [], []
+  if _REFERENCE.value:
+    ref = sg2ada_reference.Worker(
+        _REFERENCE.value, sg2ada_reference.spec_from_config(config, "train"))
+  try:
+    for _ in range(_ROUNDS.value if ref else 1):
+      state, step, dt = our_round(state, step)
+      ours_s.append(dt)
+      if ref:
+        ref_s.append(ref.run("train", _ITERS.value)[0])
+  finally:
+    if ref:
+      ref.close()
+  dt = sum(ours_s) / len(ours_s)
 
   img_s = _ITERS.value * b / dt
   flops = tr.flops_per_iteration(state, real)
@@ -83,6 +117,15 @@ def main(argv):
                             if flops else None),
       "compile_sec": compile_s, "iterations": _ITERS.value,
   }
+  if ref:
+    ref_img_s = _ITERS.value * b * len(ref_s) / sum(ref_s)
+    result.update({
+        "rounds": len(ours_s),
+        "img_per_sec_rounds": [_ITERS.value * b / t for t in ours_s],
+        "reference_img_per_sec": ref_img_s,
+        "reference_img_per_sec_rounds": [_ITERS.value * b / t for t in ref_s],
+        "speedup_vs_reference": img_s / ref_img_s,
+        "reference": ref.info})
   result.update(monitor.device_memory())
   print(f"{result['device']} x{n_dev}: {r}x{r}, batch {b}, "
         f"{config.compute_dtype}: {img_s:.1f} img/s, "
@@ -92,6 +135,14 @@ def main(argv):
         + (f", peak {result['mem/peak_gib']:.2f} GiB"
            if "mem/peak_gib" in result else "")
         + f" (compile {compile_s:.0f} s)")
+  if ref:
+    fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)
+    print(f"stylegan2-ada-pytorch (torch {ref.info['torch']}, "
+          f"{ref.info['device']}, {ref.info['threads']} threads, custom ops "
+          f"{ref.info['custom_ops']}): {ref_img_s:.1f} img/s; rounds "
+          f"alternating ours [{fmt(result['img_per_sec_rounds'])}] / reference "
+          f"[{fmt(result['reference_img_per_sec_rounds'])}] img/s; "
+          f"ours / reference = {result['speedup_vs_reference']:.2f}x")
   print(json.dumps(result))
   sys.stdout.flush()
 

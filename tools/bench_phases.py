@@ -1,0 +1,111 @@
+r"""Per-phase profile of training: compile time and run time of each jitted
+phase (G main, G reg, D main, D reg), optionally against another version of
+the layers in the same process, in alternating rounds.
+
+  python tools/bench_phases.py --config configs/demo.py
+
+Before/after a change to gandl_jax/model/layers.py (A/B in one run):
+
+  git show <commit>:gandl_jax/model/layers.py > /tmp/layers_before.py
+  python tools/bench_phases.py --config configs/demo.py \
+      --baseline_layers /tmp/layers_before.py
+
+The amortized iteration is g_main + d_main + g_reg / pl_interval +
+d_reg / r1_interval (what tools/bench_train.py measures end to end).
+Prints one line per version and one JSON line.
+"""
+import importlib.util
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from gandl_jax import sharding
+from gandl_jax.model import layers, networks
+from gandl_jax.train.steps import Trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
+_BASELINE = flags.DEFINE_string(
+    "baseline_layers", None, "A layers.py (e.g. from an earlier commit) to "
+    "time against the installed one.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds (each runs every phase "
+                               "twice per version).")
+flags.mark_flags_as_required(["config"])
+PHASES = ("g_main", "g_reg", "d_main", "d_reg")
+
+
+def _load_module(path):
+  spec = importlib.util.spec_from_file_location("layers_baseline", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _setup(config, mesh, layers_module):
+  """Compiles the four phases with `layers_module` behind the networks."""
+  networks.layers = layers_module
+  try:
+    tr = Trainer(config, mesh)
+    state = tr.init_state(config.seed)
+    b, r, c = tr.batch, config.model.resolution, config.model.img_channels
+    real = jax.device_put(
+        jax.random.uniform(jax.random.PRNGKey(1), (b, r, r, c), jnp.float32,
+                           -1, 1), sharding.data_sharded(mesh))
+    beta = jax.device_put(jnp.float32(0.5), sharding.replicated(mesh))
+    args = {"g_main": (), "g_reg": (), "d_main": (real, beta),
+            "d_reg": (real,)}
+    fns, compile_s = {}, {}
+    for ph in PHASES:
+      t0 = time.time()
+      fns[ph] = tr.compiled(ph, state).lower(state, *args[ph]).compile()
+      compile_s[ph] = time.time() - t0
+      state, _ = fns[ph](state, *args[ph])
+      jax.block_until_ready(state)
+  finally:
+    networks.layers = layers
+  return {"fns": fns, "args": args, "state": state, "compile_s": compile_s,
+          "ms": {ph: [] for ph in PHASES}}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  mesh = sharding.make_mesh()
+  versions = {}
+  if _BASELINE.value:
+    versions["baseline"] = _setup(config, mesh, _load_module(_BASELINE.value))
+  versions["current"] = _setup(config, mesh, layers)
+  for _ in range(_ROUNDS.value):
+    for v in versions.values():
+      for ph in PHASES:
+        for _ in range(2):
+          t0 = time.time()
+          v["state"], _ = v["fns"][ph](v["state"], *v["args"][ph])
+          jax.block_until_ready(v["state"])
+          v["ms"][ph].append((time.time() - t0) * 1e3)
+  l = config.loss
+  result = {"device": jax.devices()[0].device_kind,
+            "resolution": config.model.resolution,
+            "batch": int(config.batch_size)}
+  for name, v in versions.items():
+    med = {ph: float(np.median(v["ms"][ph])) for ph in PHASES}
+    it = (med["g_main"] + med["d_main"] + med["g_reg"] / l.pl_interval +
+          med["d_reg"] / l.r1_interval)
+    img_s = config.batch_size * 1e3 / it
+    print(f"{name}: " + ", ".join(
+        f"{ph} {med[ph]:.0f} ms (compile {v['compile_s'][ph]:.1f} s)"
+        for ph in PHASES) + f"; amortized iteration {it:.0f} ms = "
+          f"{img_s:.1f} img/s; compile {sum(v['compile_s'].values()):.1f} s")
+    result[name] = {"median_ms": med, "compile_s": v["compile_s"],
+                    "iteration_ms": it, "img_per_sec": img_s}
+  print(json.dumps(result))
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
