@@ -64,6 +64,7 @@ setup(
             "gandl-convert=gandl_jax.cli.convert:run",
             "gandl-train=gandl_jax.cli.train:run",
             "gandl-export=gandl_jax.cli.export:run",
+            "gandl-features=gandl_jax.cli.features:run",
             "gandl-evaluate=gandl_jax.cli.evaluate:run",
             "gandl-features=gandl_jax.cli.features:run",
             "gandl-generate=gandl_jax.cli.generate:run",

@@ -7,7 +7,8 @@
       [--compounds "Remdesivir (GS-5734),GS-441524"] [--whiten] \
       [--aggregate well] [--extra_set classical=cl.parquet,cl_rx1.parquet ...] \
       [--normalization robust_plate|tvn|none] [--annotation_column target] \
-      [--table_columns plate=Metadata_Plate,...]
+      [--table_columns plate=Metadata_Plate,...] \
+      [--collapsed_data shards/rxrx19a-256]
 
 Writes OUTPUT/metrics.json, OUTPUT/report.md, OUTPUT/figures/*.png and the
 dose-response tables. See docs/evaluation.md.
@@ -102,6 +103,24 @@ flags.DEFINE_integer("max_train_rows", 60000, "Max rows of the final fit.")
 flags.DEFINE_float("svm_tol", 1e-3, "LinearSVC stopping tolerance.")
 flags.DEFINE_float("hit_threshold", 0.5, "Efficacy (rescue units) for a hit.")
 flags.DEFINE_integer("top_compounds", 6, "Compounds plotted from the ranking.")
+flags.DEFINE_string("collapsed_data", None, "Run the collapsed DenseNet-121 "
+                    "baseline (a per-task classifier that sees labels; see "
+                    "docs/baselines.md) on the images of these RxRx19a shards "
+                    "(those the embeddings were computed from). Opt-in: it "
+                    "trains through DenseNet-121, slow without an accelerator.")
+flags.DEFINE_string("collapsed_rxrx1_data", None, "RxRx1 shards for the "
+                    "collapsed DenseNet on the rxrx1 task.")
+flags.DEFINE_string("collapsed_weights", "imagenet", "Its DenseNet-121 weights: "
+                    "'imagenet', a weights file or 'none' (random).")
+flags.DEFINE_integer("collapsed_epochs", 5, "Its maximum epochs.")
+flags.DEFINE_integer("collapsed_patience", 1, "Epochs without a better "
+                     "validation loss before it stops.")
+flags.DEFINE_float("collapsed_val_fraction", 0.2, "Validation part carved from "
+                   "each training part.")
+flags.DEFINE_float("collapsed_lr", 1e-3, "Its Adam learning rate.")
+flags.DEFINE_integer("collapsed_batch", 32, "Its batch (sites).")
+flags.DEFINE_integer("collapsed_image_size", None, "Resize sites to this size "
+                     "before DenseNet (default: the shards' resolution).")
 
 
 def parse_extra_sets(values) -> list:
@@ -146,6 +165,18 @@ def main(argv):
     c_grid = tuple(float(c) for c in FLAGS.c_grid)
   except ValueError as e:
     raise cli.usage(f"--c_grid must be numbers: {e}") from e
+  per_task = ()
+  if FLAGS.collapsed_data:
+    from gandl_jax.baselines import collapsed  # pylint: disable=import-outside-toplevel
+    per_task = (collapsed.CollapsedMethod(collapsed.CollapsedConfig(
+        data=FLAGS.collapsed_data, rxrx1_data=FLAGS.collapsed_rxrx1_data or "",
+        weights=FLAGS.collapsed_weights, seed=FLAGS.seed,
+        image_size=FLAGS.collapsed_image_size, batch=FLAGS.collapsed_batch,
+        max_epochs=FLAGS.collapsed_epochs, patience=FLAGS.collapsed_patience,
+        learning_rate=FLAGS.collapsed_lr,
+        val_fraction=FLAGS.collapsed_val_fraction)),)
+  elif FLAGS.collapsed_rxrx1_data:
+    raise cli.usage("--collapsed_rxrx1_data needs --collapsed_data")
   opts = Options(
       normalization=FLAGS.normalization, normalize=FLAGS.normalize,
       tvn_batch=FLAGS.tvn_batch, tvn_shrinkage=FLAGS.tvn_shrinkage,
@@ -163,7 +194,7 @@ def main(argv):
           cv_max_rows=FLAGS.cv_max_rows, max_train_rows=FLAGS.max_train_rows,
           tol=FLAGS.svm_tol),
       fit=dose_response.FitConfig(), hit_threshold=FLAGS.hit_threshold,
-      top_compounds=FLAGS.top_compounds)
+      top_compounds=FLAGS.top_compounds, per_task=per_task)
   extra = parse_extra_sets(FLAGS.extra_set)
   spec = None
   if FLAGS.table_columns or FLAGS.feature_regex or FLAGS.negative_control:

@@ -214,22 +214,28 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
   return out
 
 
+def split_rows(y: np.ndarray, cfg: ProtocolConfig, split: str = "random",
+               groups: Optional[np.ndarray] = None, task: str = ""
+               ) -> Tuple[np.ndarray, np.ndarray]:
+  """(train, test) row indices of `split` ('random' or 'plate'): the one
+  split every method of a task uses."""
+  if split == "random":
+    return random_split(y, cfg)
+  if split == "plate":
+    if groups is None:
+      raise TaskError(f"task {task}: plate-grouped split needs plate keys")
+    return grouped_split(y, groups, cfg, task)
+  raise ValueError(f"unknown split {split!r}")
+
+
 def run_protocol(X: np.ndarray, y: np.ndarray, classes: Sequence[str],
                  cfg: ProtocolConfig, split: str = "random",
                  groups: Optional[np.ndarray] = None, task: str = "",
                  positive: Optional[str] = None) -> Fitted:
   """Split, choose C on the training part, fit, score on the test part."""
   classes = sorted(classes)
-  if split == "random":
-    tr, te = random_split(y, cfg)
-    cv_groups = None
-  elif split == "plate":
-    if groups is None:
-      raise TaskError(f"task {task}: plate-grouped split needs plate keys")
-    tr, te = grouped_split(y, groups, cfg, task)
-    cv_groups = groups[tr]
-  else:
-    raise ValueError(f"unknown split {split!r}")
+  tr, te = split_rows(y, cfg, split, groups, task)
+  cv_groups = None if split == "random" else groups[tr]
   C, cv_scores, cv_desc = select_c(X[tr], y[tr], cfg, cv_groups)
   used = tr[_stratified_cap(y[tr], cfg.max_train_rows, cfg.seed)]
   model = make_svm(C, cfg, use_dual(len(used), X.shape[1]))

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import time
 import traceback
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
@@ -63,6 +63,12 @@ class Options:
   table_rows: int = 15
   projection_points: int = 15_000
   retrieval: retrieval.RetrievalConfig = retrieval.RetrievalConfig()
+  # Methods trained per task on the tasks' training parts (they see labels),
+  # evaluated on the rows and splits of the first embeddings set: objects
+  # with `name`, `prepare(log)`, `evaluate(primary, wanted, options, log,
+  # run_task) -> results` and `note(results) -> markdown`, e.g.
+  # `gandl_jax.baselines.collapsed.CollapsedMethod`.
+  per_task: Tuple[Any, ...] = ()
 
 
 NORMALIZATIONS = ("plate", "robust_plate", "tvn", "none")
@@ -300,6 +306,7 @@ def _evaluate_set(name: str, emb_in: EmbeddingsInput, metadata,
   except ValueError as e:
     res["projection_error"] = str(e)
   timing["projection"] = round(time.time() - t, 2)
+  extras["meta"] = emb.meta   # rows of the tasks, for per-task baselines
   del emb
   # Zero-shot RxRx1.
   if task_lib.RXRX1 in wanted:
@@ -312,6 +319,7 @@ def _evaluate_set(name: str, emb_in: EmbeddingsInput, metadata,
         opts1 = (dataclasses.replace(opts, normalize=False, whiten=False)
                  if raw_ct else opts)
         e1, pp1 = postprocess(e1, opts1, owned1)
+        extras["rxrx1_meta"] = e1.meta
         out = task_lib.rxrx1_cell_type(e1, cfg)
         out["input"] = {"source": e1.source, "rows": int(len(e1.meta)),
                         "issues": e1.issues}
@@ -477,6 +485,11 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
   sets += [(s.name, s.embeddings,
             s.metadata if s.metadata is not None else metadata, s.rxrx1)
            for s in extra_sets]
+  for method in options.per_task:
+    if method.name in [s[0] for s in sets]:
+      raise ValueError(f"the name {method.name!r} is taken by a per-task "
+                       f"method")
+    method.prepare(log)   # bad weights or paths fail before any task runs
   results: Dict[str, Dict] = {}
   extras: Dict[str, Dict] = {}
   for set_name, emb_in, md, rx1 in sets:
@@ -486,6 +499,16 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
                          log, table)
     results[set_name] = r
     extras[set_name] = x
+  for method in options.per_task:
+    log(f"evaluating {method.name} (trained per task on the training part)")
+    results[method.name] = method.evaluate(extras[name], wanted, options, log,
+                                           _run_task)
+    results[method.name]["rows_from"] = name
+    extras[method.name] = {}
+    sets.append((method.name, None, None, None))
+  for x in extras.values():
+    x.pop("meta", None)
+    x.pop("rxrx1_meta", None)
 
   planted = ({} if truth_df is None else {
       str(r.treatment): float(r.true_ec50) for r in truth_df.itertuples()
@@ -495,6 +518,8 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
       "version": 1,
       "embeddings": {n: {"input": r["input"],
                          "postprocessing": r["postprocessing"],
+                         **{k: r[k] for k in ("weights", "config",
+                                              "rows_from") if k in r},
                          **r["tasks"], "timing_s": r["timing_s"]}
                      for n, r in results.items()},
       "names": [s[0] for s in sets],
@@ -513,7 +538,8 @@ def evaluate(embeddings: EmbeddingsInput, output_dir: str,
 
 
 def _options_dict(o: Options) -> Dict:
-  d = dataclasses.asdict(o)
+  d = dataclasses.asdict(dataclasses.replace(o, per_task=()))
+  d["per_task"] = [m.name for m in o.per_task]
   if d["whiten_components"] is None:
     d["whiten_components"] = "all"
   d["normalization"] = normalization_method(o)
@@ -586,6 +612,7 @@ def _markdown(m: Dict, figs: Dict, opts: Options) -> str:
       f"split holds out whole plates (random site splits leak plate "
       f"identity).", "",
       report.summary_section(sets),
+      *[m.note(sets[m.name]) for m in opts.per_task if m.name in sets],
       report.inputs_section(sets),
       report.classification_section(
           "Control classification (Mock vs Active SARS-CoV-2)", task_lib.CONTROL,

@@ -252,12 +252,18 @@ def inputs_section(sets: Dict[str, Dict]) -> str:
     pp = s.get("postprocessing", {})
     rows.append([n, inp.get("source", ""), inp.get("rows"), inp.get("dim"),
                  pp.get("summary", "")])
+    fm = inp.get("file_metadata") or {}
+    if fm.get("gandl.weights"):
+      w = fm["gandl.weights"]
+      notes.append(f"- **{n}**: {fm.get('gandl.layer', 'features')}, "
+                   f"weights: " + ("**random initialisation, not ImageNet**"
+                                   if w == "random" else w))
     for i in inp.get("issues", []):
       notes.append(f"- **{n}**: {i}")
   out = ["## Inputs", "", table(["embeddings", "file", "rows used", "dim",
                                  "post-processing"], rows), ""]
   if notes:
-    out += ["Input problems (rows dropped or repaired):", ""] + notes + [""]
+    out += ["Notes (weights; rows dropped or repaired):", ""] + notes + [""]
   return "\n".join(out)
 
 

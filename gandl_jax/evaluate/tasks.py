@@ -67,16 +67,65 @@ def _two_splits(X: np.ndarray, y: np.ndarray, classes: Sequence[str],
   return out, fitted
 
 
+@dataclasses.dataclass
+class TaskRows:
+  """The rows and labels of a classification task (shared by the SVM
+  protocol and the per-task baselines, so both see the same split)."""
+  mask: np.ndarray          # rows of the embeddings' meta in the task
+  y: np.ndarray             # labels of those rows
+  classes: List[str]
+  groups: np.ndarray        # plate keys of those rows
+  positive: Optional[str]
+  rows: str                 # description for the report
+
+
+def classification_rows(meta: pd.DataFrame, task: str,
+                        cfg: classify.ProtocolConfig) -> TaskRows:
+  """Rows, labels, classes and plates of `task` (control, cell_model, rxrx1);
+  TaskError when columns or classes are missing."""
+  if task == CONTROL:
+    sel = control_rows(meta)
+    y = meta["disease_condition"].astype(str).to_numpy()[sel]
+    classes, positive = [schema.ACTIVE, schema.MOCK], schema.ACTIVE
+    rows = "untreated Mock and Active SARS-CoV-2 sites"
+  elif task == CELL_MODEL:
+    _require(meta, ["cell_type"], CELL_MODEL)
+    sel = control_rows(meta, CELL_MODEL)
+    y = meta["cell_type"].astype(str).to_numpy()[sel]
+    classes, positive = list(schema.RXRX19A_CELL_TYPES), "VERO"
+    rows = "untreated Mock and Active SARS-CoV-2 sites"
+  elif task == RXRX1:
+    _require(meta, ["cell_type"], RXRX1)
+    y = meta["cell_type"].astype(str).to_numpy()
+    known = np.isin(y, schema.RXRX1_CELL_TYPES)
+    if not known.all():
+      bad = sorted(set(y[~known]))[:5]
+      raise classify.TaskError(
+          f"task {RXRX1}: {int((~known).sum())} of {len(y)} rows have a "
+          f"cell_type outside {schema.RXRX1_CELL_TYPES} (e.g. {bad}); is this "
+          f"RxRx1 data?")
+    sel = np.ones(len(y), bool)
+    classes, positive = list(schema.RXRX1_CELL_TYPES), None
+    rows = "all RxRx1 sites"
+  else:
+    raise ValueError(f"{task!r} is not a classification task")
+  classify.check_classes(y, classes, task, cfg.min_per_class)
+  groups = normalize.plate_keys(meta)[sel]
+  return TaskRows(sel, y, classes, groups, positive, rows)
+
+
+def _classify(emb: Embeddings, task: str, cfg: classify.ProtocolConfig
+              ) -> Tuple[Dict, Optional[classify.Fitted]]:
+  t = classification_rows(emb.meta, task, cfg)
+  out, fitted = _two_splits(emb.features[t.mask], t.y, t.classes, t.groups,
+                            cfg, task, positive=t.positive)
+  out["rows"] = t.rows
+  return out, fitted
+
+
 def control_classification(emb: Embeddings, cfg: classify.ProtocolConfig
                            ) -> Tuple[Dict, classify.Fitted]:
-  sel = control_rows(emb.meta)
-  y = emb.meta["disease_condition"].astype(str).to_numpy()[sel]
-  classes = [schema.ACTIVE, schema.MOCK]
-  classify.check_classes(y, classes, CONTROL, cfg.min_per_class)
-  groups = normalize.plate_keys(emb.meta)[sel]
-  out, fitted = _two_splits(emb.features[sel], y, classes, groups, cfg,
-                            CONTROL, positive=schema.ACTIVE)
-  out["rows"] = "untreated Mock and Active SARS-CoV-2 sites"
+  out, fitted = _classify(emb, CONTROL, cfg)
   if fitted is None:
     raise classify.TaskError(f"task {CONTROL}: {out['random']['reason']}")
   return out, fitted
@@ -84,34 +133,12 @@ def control_classification(emb: Embeddings, cfg: classify.ProtocolConfig
 
 def cell_model_classification(emb: Embeddings, cfg: classify.ProtocolConfig
                               ) -> Dict:
-  _require(emb.meta, ["cell_type"], CELL_MODEL)
-  sel = control_rows(emb.meta, CELL_MODEL)
-  y = emb.meta["cell_type"].astype(str).to_numpy()[sel]
-  classes = list(schema.RXRX19A_CELL_TYPES)
-  classify.check_classes(y, classes, CELL_MODEL, cfg.min_per_class)
-  groups = normalize.plate_keys(emb.meta)[sel]
-  out, _ = _two_splits(emb.features[sel], y, classes, groups, cfg, CELL_MODEL,
-                       positive="VERO")
-  out["rows"] = "untreated Mock and Active SARS-CoV-2 sites"
-  return out
+  return _classify(emb, CELL_MODEL, cfg)[0]
 
 
 def rxrx1_cell_type(emb: Embeddings, cfg: classify.ProtocolConfig) -> Dict:
   """Zero-shot RxRx1: 4-class linear SVM on cell type, per-class accuracy."""
-  _require(emb.meta, ["cell_type"], RXRX1)
-  y = emb.meta["cell_type"].astype(str).to_numpy()
-  known = np.isin(y, schema.RXRX1_CELL_TYPES)
-  if not known.all():
-    bad = sorted(set(y[~known]))[:5]
-    raise classify.TaskError(
-        f"task {RXRX1}: {int((~known).sum())} of {len(y)} rows have a cell_type "
-        f"outside {schema.RXRX1_CELL_TYPES} (e.g. {bad}); is this RxRx1 data?")
-  classes = list(schema.RXRX1_CELL_TYPES)
-  classify.check_classes(y, classes, RXRX1, cfg.min_per_class)
-  groups = normalize.plate_keys(emb.meta)
-  out, _ = _two_splits(emb.features, y, classes, groups, cfg, RXRX1, None)
-  out["rows"] = "all RxRx1 sites"
-  return out
+  return _classify(emb, RXRX1, cfg)[0]
 
 
 @dataclasses.dataclass

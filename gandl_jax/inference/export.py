@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -238,8 +238,6 @@ def export_model(model: api.Model, data: str, output: str, *,
   embed = sharded_embed_fn(model, mesh, layer)
   dataset = info.get("dataset")
   fallback = model.meta.get("fallback")
-  pi = jax.process_index()
-  multi = n_hosts > 1
   file_metadata = {
       META_LAYER: layer, META_STEP: model.step, META_KIMG: model.kimg,
       META_CHECKPOINT: checkpoint,
@@ -258,11 +256,55 @@ def export_model(model: api.Model, data: str, output: str, *,
           f"{batch // min(group, batch)}), as Model.embed with "
           f"batch_size={batch}"),
   }
+  written = write_features(embed, data, output, batch=batch, fmt=fmt,
+                           mesh=mesh, file_metadata=file_metadata,
+                           filter=filter, dataset=dataset,
+                           progress_every_s=progress_every_s, batches=batches)
+  return ExportSummary(output=str(output), format=fmt,
+                       num_sites=written.num_sites,
+                       feature_dim=written.feature_dim, layer=layer,
+                       step=model.step, batch_size=batch,
+                       num_batches=written.num_batches,
+                       seconds=written.seconds,
+                       fallback_from_step=(fallback or {}).get("latest_step"))
+
+
+@dataclasses.dataclass
+class Written:
+  num_sites: int
+  feature_dim: int
+  num_batches: int
+  seconds: float
+
+
+def write_features(embed: Callable[[Any], Any], data: str, output: str, *,
+                   batch: int, fmt: str, mesh: Any,
+                   file_metadata: Dict[str, Any],
+                   filter: Optional[str] = None,  # pylint: disable=redefined-builtin
+                   dataset: Optional[str] = None,
+                   progress_every_s: float = 30.0,
+                   batches: Optional[Iterable[Dict[str, Any]]] = None,
+                   name: str = "export") -> Written:
+  """Runs `embed` over every site of `data` and writes the embeddings file
+  (gandl-export, gandl-features).
+
+  `embed(images)`: a global, data-sharded (batch, R, R, C) uint8 array ->
+  (batch, F) features with the same sharding, dispatched asynchronously so
+  the next batch computes while this host writes. Sites come from
+  `pipeline.eval_batches` (or `batches`); padding rows are dropped; several
+  hosts write parts that process 0 merges (module docstring).
+  `file_metadata`: the Parquet key-value metadata (`gandl.*` keys).
+  """
+  n_hosts = jax.process_count()
+  pi = jax.process_index()
+  multi = n_hosts > 1
+  file_metadata = dict(file_metadata)
+  file_metadata.setdefault(META_NUM_HOSTS, n_hosts)
   if batches is None:
     batches = pipeline.eval_batches(data, global_batch=batch, mesh=mesh,
                                     filter=filter or None)
   host_total = len(pipeline.host_sites(data, filter or None, pi, n_hosts))
-  progress = progress_lib.Progress(host_total, name="export",
+  progress = progress_lib.Progress(host_total, name=name,
                                    every_s=progress_every_s)
   num_batches = 0
   start = time.monotonic()
@@ -319,12 +361,8 @@ def export_model(model: api.Model, data: str, output: str, *,
                  else None)
       num_sites = merge_parts(output, n_hosts, fmt, file_metadata, columns)
     multihost_utils.sync_global_devices("gandl-export: merged")
-  seconds = time.monotonic() - start
-  return ExportSummary(output=str(output), format=fmt, num_sites=num_sites,
-                       feature_dim=dim, layer=layer, step=model.step,
-                       batch_size=batch, num_batches=num_batches,
-                       seconds=seconds,
-                       fallback_from_step=(fallback or {}).get("latest_step"))
+  return Written(num_sites=num_sites, feature_dim=dim,
+                 num_batches=num_batches, seconds=time.monotonic() - start)
 
 
 def export_embeddings(checkpoint: str, data: str, output: str, *,
