@@ -66,7 +66,6 @@ setup(
             "gandl-export=gandl_jax.cli.export:run",
             "gandl-features=gandl_jax.cli.features:run",
             "gandl-evaluate=gandl_jax.cli.evaluate:run",
-            "gandl-features=gandl_jax.cli.features:run",
             "gandl-generate=gandl_jax.cli.generate:run",
             "gandl-import=gandl_jax.cli.import_weights:run",
         ],

@@ -194,6 +194,9 @@ def test_export_every_site_once(files, shards, tmp_path):
   feats = np.stack([t.column(f"f{j:04d}").to_numpy() for j in range(5120)], 1)
   ref = _keras_reference(files["model"], b["image"])
   np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-5)
+  with pytest.raises(FileExistsError, match="already exists"):
+    densenet.export_concat(shards, str(out), backbone=backbone, batch=16,
+                           mesh=mesh)
   # gandl-evaluate reads it as an embeddings set.
   emb = emb_io.load_embeddings(str(out))
   assert emb.dim == 5120 and len(emb.meta) == 256

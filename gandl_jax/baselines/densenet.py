@@ -398,17 +398,21 @@ def export_concat(data: str, output: str, *, weights: str = WEIGHTS_IMAGENET,
                   image_size: Optional[int] = None,
                   compute_dtype: str = "float32", mesh: Any = None,
                   backbone: Optional[Backbone] = None,
-                  progress_every_s: float = 30.0) -> Dict[str, Any]:
+                  progress_every_s: float = 30.0,
+                  overwrite: bool = False) -> Dict[str, Any]:
   """Concatenated DenseNet-121 features of every site of `data` -> `output`,
   in gandl-export's layout (`gandl.layer` = densenet121_concat,
   `gandl.weights` = imagenet / the file / random). Data-parallel over `mesh`
   (default: every device) and over hosts like gandl-export. Returns a
-  summary dict."""
+  summary dict. An existing `output` is refused unless `overwrite`."""
   # pylint: disable=import-outside-toplevel
   from gandl_jax import embeddings, sharding
   from gandl_jax.data import pipeline
   from gandl_jax.inference import export
   fmt = embeddings.output_format(output, fmt)
+  if not overwrite and gio.exists(output):
+    raise FileExistsError(f"{output} already exists; pass --overwrite "
+                          f"(overwrite=True) to replace it")
   _dtype(compute_dtype)
   mesh = sharding.make_mesh() if mesh is None else mesh
   sharding.check_batch(batch, int(mesh.devices.size), jax.process_count())
