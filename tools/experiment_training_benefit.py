@@ -157,7 +157,7 @@ def plot(summary: List[Dict[str, Any]], out_dir: str) -> List[str]:
 def main(argv):
   del argv
   # pylint: disable=import-outside-toplevel
-  from gandl_jax import demo, sharding
+  from gandl_jax import checkpoint, demo, sharding
   from gandl_jax.baselines import run as baselines_run
   from gandl_jax.data import convert, synthetic
   from gandl_jax.evaluate import pipeline as evaluate_lib
@@ -232,9 +232,11 @@ def main(argv):
     init_dir = os.path.join(workdir, f"init-seed{seed}")
     stages.run(f"init-seed{seed}", lambda config=config, init_dir=init_dir: {
         "checkpoint": demo.save_initial_model(config, mesh, init_dir)})
+    # The saved step nearest each budget (checkpoints fall on whole steps).
+    saved = checkpoint.list_steps(train_dir)
     points = [(0.0, init_dir, None)] + [
-        (b, train_dir, int(math.ceil(b * 1000 / config.batch_size)))
-        for b in budgets]
+        (b, train_dir, min(saved, key=lambda s, b=b: abs(
+            s * config.batch_size - b * 1000))) for b in budgets]
     for kimg, ckpt, step in points:
       tag = f"seed{seed}-kimg{kimg:g}"
       name = "untrained D" if step is None else "trained D"
