@@ -258,15 +258,21 @@ def main(argv):
                  "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
   summary = summarize(rows)
   figures = plot(summary, workdir)
-  elapsed = time.time() - t0
+  # Compute time of every stage (resumed stages keep their own time).
+  done = os.path.join(workdir, "stages")
+  elapsed = 0.0
+  for f in os.listdir(done):
+    with open(os.path.join(done, f), encoding="utf-8") as fh:
+      elapsed += float(json.load(fh).get("seconds", 0.0))
   text = "\n".join([
       f"# Training benefit: {_DIFFICULTY.value} synthetic data",
       "",
       "Command: `python " + " ".join([os.path.relpath(sys.argv[0])] +
                                      sys.argv[1:]) + "`",
       f"Seeds: training {seeds}, data {_DATA_SEED.value}; layer "
-      f"{_LAYER.value}; budgets {budgets} kimg; elapsed {elapsed / 60:.1f} "
-      f"min (including resumed stages' own time: see stages/*.done); "
+      f"{_LAYER.value}; budgets {budgets} kimg; compute {elapsed / 60:.1f} "
+      f"min summed over the stages (stages/*.done; this call "
+      f"{(time.time() - t0) / 60:.1f} min); "
       f"machine: {platform.machine()} {os.cpu_count()} CPU(s), "
       f"{platform.platform()}.",
       "",
