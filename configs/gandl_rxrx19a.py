@@ -2,7 +2,10 @@ r"""GAN-DL on RxRx19a: the paper's setting (5 channels, mapping depth 3, latent 
 
 The argument after ':' picks the training resolution (256 default, 512, 1024);
 hyperparameters follow stylegan2-ada-pytorch's `paper256`, `paper512` and
-`stylegan2` (1024) configurations, with GAN-DL's changes. Add `,runlocal` for a
+`stylegan2` (1024) configurations, with GAN-DL's changes. As in the
+reference's train.py (every config), activations are clamped to +-256
+(`model.conv_clamp`: every conv, toRGB, fromRGB and epilogue conv), which the
+reference pairs with reduced precision; we train in bfloat16. Add `,runlocal` for a
 few CPU steps of the same model (debugging).
 
 Train on a Cloud TPU VM (all workers run the same command):
@@ -39,7 +42,8 @@ def get_config(arg: str = "256") -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.model = config_lib.model_config(
       resolution=resolution, channel_base=channel_base,
-      mbstd_group_size=mbstd_group)
+      mbstd_group_size=mbstd_group,
+      conv_clamp=256.0)                # reference: conv_clamp = 256
   config.compute_dtype = "bfloat16"    # parameters and optimizer stay float32
   config.batch_size = batch
   config.total_kimg = 15000.0          # ~24 h on a TPU v3-8 at 256x256

@@ -11,7 +11,7 @@ builder fills a checkpoint's model config with `model_config()`'s defaults
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import ml_collections
 from ml_collections import config_dict
@@ -199,3 +199,77 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   if not 0 <= loss.style_mixing_prob <= 1:
     errors.append("config.loss.style_mixing_prob must be in [0, 1]")
   _fail(errors)
+
+
+# ------------------------------------------------------------------ resume
+
+# Keys that change parameter shapes: a checkpoint cannot continue under
+# another value (start a new workdir instead).
+SHAPE_KEYS = ("model.resolution", "model.img_channels", "model.z_dim",
+              "model.w_dim", "model.mapping_layers", "model.channel_base",
+              "model.channel_max", "model.mbstd_num_channels")
+
+
+def flatten(cfg: Any, prefix: str = "") -> Dict[str, Any]:
+  """{'dotted.key': value} of a (nested) config or dict."""
+  out = {}
+  for k, v in cfg.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(v, name + "."))
+    else:
+      out[name] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_diff(stored: Any, new: Any) -> List[Tuple[str, Any, Any]]:
+  """(key, stored value, new value) for every key whose value differs.
+
+  A key the stored config lacks (a checkpoint older than the key) counts as
+  changed only if the new value is not the key's default; a key the new
+  config lacks (removed from the code) is ignored.
+  """
+  old, cur = flatten(stored), flatten(new)
+  defaults = flatten(base_config())
+  diff = []
+  for key in sorted(cur):
+    if key in old:
+      if old[key] != cur[key]:
+        diff.append((key, old[key], cur[key]))
+    elif cur[key] != defaults.get(key, cur[key]):
+      diff.append((key, defaults[key], cur[key]))
+  return diff
+
+
+def check_resume(stored: Any, new: Any, allow: Sequence[str] = (),
+                 where: str = "the checkpoint") -> List[Tuple[str, Any, Any]]:
+  """The changes from the config a run was saved with (`stored`) to `new`.
+
+  Raises ValueError with the full diff unless every changed key is named in
+  `allow` (a key, or a section such as 'optim' for all its keys); keys in
+  `SHAPE_KEYS` can never change. Returns the (allowed) changes.
+  """
+  allow = [a.strip() for a in allow if a and a.strip()]
+  known = set(flatten(base_config()))
+  unknown = [a for a in allow
+             if a not in known and not any(k.startswith(a + ".") for k in known)]
+  if unknown:
+    raise ValueError(f"allowed config change(s) {unknown}: no such config key "
+                     f"(expected dotted keys such as total_kimg or optim.g_lr)")
+  diff = config_diff(stored, new)
+  allowed = lambda k: any(k == a or k.startswith(a + ".") for a in allow)
+  shape = [d for d in diff if d[0] in SHAPE_KEYS]
+  refused = [d for d in diff if d[0] not in SHAPE_KEYS and not allowed(d[0])]
+  if shape or refused:
+    lines = [f"  {k}: {old!r} -> {cur!r}" for k, old, cur in diff]
+    msg = [f"the config differs from the one {where} was saved with:"] + lines
+    if shape:
+      msg.append(f"{', '.join(k for k, _, _ in shape)} change(s) the "
+                 f"parameter shapes and cannot change on resume: use a new "
+                 f"workdir (or restore the old values)")
+    if refused:
+      msg.append("nothing was changed; to continue with the new values, "
+                 "allow them explicitly: --allow_config_change=" +
+                 ",".join(k for k, _, _ in refused))
+    raise ValueError("\n".join(msg))
+  return diff

@@ -6,7 +6,9 @@
   ->  evaluate both side by side  ->  DIR/report/{report.md, metrics.json, figures/}
 
 Each stage records completion in DIR/stages/<stage>.done; re-running reuses
-finished stages (training itself resumes from its last checkpoint).
+finished stages (training itself resumes from its last checkpoint). Training
+stopped by SIGTERM is not complete: the demo stops there (summary reason
+'preempted', `gandl-demo` exits 143) and the next run resumes it.
 """
 from __future__ import annotations
 
@@ -43,7 +45,12 @@ CLASSICAL = "classical features"
 
 def demo_config() -> ml_collections.ConfigDict:
   """configs/demo.py's model and schedule (kept in the library so the
-  installed `gandl-demo` needs no checkout)."""
+  installed `gandl-demo` needs no checkout).
+
+  No `conv_clamp`: the demo computes in float32, and the reference turns the
+  clamp off with full precision (train.py `--fp32`: conv_clamp = None); the
+  paper configs (bfloat16) clamp at 256.
+  """
   config = config_lib.base_config()
   config.model = config_lib.model_config(
       resolution=32, z_dim=64, w_dim=64,
@@ -70,7 +77,11 @@ class Stages:
     os.makedirs(self.dir, exist_ok=True)
     self.log = log
 
-  def run(self, name: str, fn: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+  def run(self, name: str, fn: Callable[[], Dict[str, Any]],
+          complete: Callable[[Dict[str, Any]], bool] = lambda s: True
+          ) -> Dict[str, Any]:
+    """Runs `fn` unless its marker exists; writes the marker only when
+    `complete(summary)` holds."""
     path = os.path.join(self.dir, f"{name}.done")
     if os.path.exists(path):
       self.log(f"[{name}] already done (delete {path} to redo)")
@@ -80,6 +91,10 @@ class Stages:
     t0 = time.time()
     summary = dict(fn() or {})
     summary["seconds"] = round(time.time() - t0, 1)
+    if not complete(summary):
+      self.log(f"[{name}] stopped before completion after "
+               f"{summary['seconds']:.0f} s; rerun to continue")
+      return summary
     gio.write_json(path, summary)
     self.log(f"[{name}] done in {summary['seconds']:.0f} s")
     return summary
@@ -138,7 +153,8 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
              converter: str = "gandl-convert",
              difficulty: str = DEFAULT_DIFFICULTY,
              classical: bool = True) -> Dict[str, Any]:
-  """Runs (or resumes) every stage; returns {'report': path, 'metrics': ...}.
+  """Runs (or resumes) every stage; returns {'reason': 'finished' or
+  'preempted' (training stopped by SIGTERM), 'report': path, ...}.
 
   `mesh` defaults to all devices (training and export). `converter`:
   "gandl-convert" (shards under DIR/shards) or "tfds" (the TFDS builders,
@@ -180,8 +196,13 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
 
   config.data.path = data["rxrx19a"]
   train_dir = os.path.join(workdir, "train")
-  stages.run("train", lambda: train_loop.train(config, train_dir,
-                                                       mesh=mesh))
+  trained = stages.run(
+      "train", lambda: train_loop.train(config, train_dir, mesh=mesh),
+      complete=lambda s: s.get("reason") != "preempted")
+  if trained.get("reason") == "preempted":
+    return {"reason": "preempted", "report": None, "metrics": None,
+            "headline": [], "seconds": round(time.time() - t_start, 1),
+            "stages": trained}
 
   stages.run("init_checkpoint", lambda: {"checkpoint": save_initial_model(
       config, mesh, os.path.join(workdir, "init"))})
@@ -231,7 +252,8 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
   summary = stages.run("evaluate", do_evaluate)
   with open(os.path.join(report_dir, "metrics.json"), encoding="utf-8") as f:
     metrics = json.load(f)
-  return {"report": os.path.join(report_dir, "report.md"),
+  return {"reason": "finished",
+          "report": os.path.join(report_dir, "report.md"),
           "metrics": metrics, "headline": headline(metrics),
           "seconds": round(time.time() - t_start, 1),
           "stages": summary}

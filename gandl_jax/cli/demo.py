@@ -30,6 +30,10 @@ def demo_command() -> int:
   out = demo.run_demo(_WORKDIR.value, size=_SIZE.value, seed=_SEED.value,
                       converter=_CONVERTER.value, difficulty=_DIFFICULTY.value,
                       classical=_CLASSICAL.value)
+  if out["reason"] == "preempted":
+    print("GAN-DL demo stopped by SIGTERM during training (checkpoint "
+          "saved); rerun the same command to resume.")
+    return cli.EXIT_PREEMPTED
   print("\n=== GAN-DL demo finished in "
         f"{out['seconds'] / 60:.1f} min ===")
   for line in out["headline"]:

@@ -3,7 +3,11 @@ r"""gandl-train: train GAN-DL (StyleGAN2) on TFRecord shards.
   gandl-train --config configs/gandl_rxrx19a.py:256 --workdir DIR \
       --config.data.path 'SHARDS/*.tfrecord' [--config.batch_size=64 ...]
 
-Re-running the same command resumes from DIR's latest checkpoint.
+Re-running the same command resumes from DIR's latest checkpoint. A config
+that differs from the checkpoint's is refused with the diff, before anything
+is changed; name the keys you mean to change to allow them, e.g.
+`--allow_config_change=total_kimg,checkpoint_every_kimg` (docs/training.md,
+"Resuming").
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -18,12 +22,19 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints, metrics and samples go here (local or gs://).")
 _MAX_STEPS = flags.DEFINE_integer(
     "max_steps", None, "Stop after this many iterations of this run (debugging).")
+_ALLOW = flags.DEFINE_list(
+    "allow_config_change", [], "Config keys (or sections, e.g. optim) allowed "
+    "to differ from the resumed checkpoint's config, comma-separated. Keys "
+    "that change parameter shapes (model.resolution, model.channel_base, ...) "
+    "can never change; batch_size keeps the images seen and the data "
+    "position.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def train_command() -> int:
   summary = train_loop.train(_CONFIG.value, _WORKDIR.value,
-                             max_steps=_MAX_STEPS.value)
+                             max_steps=_MAX_STEPS.value,
+                             allow_config_change=_ALLOW.value)
   print(f"Training {summary['reason']} at step {summary['step']} "
         f"({summary['kimg']:.3f} kimg); workdir {summary['workdir']}")
   if summary["reason"] == "preempted":

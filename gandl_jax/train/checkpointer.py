@@ -6,19 +6,37 @@ Layout (see `gandl_jax.checkpoint`): WORKDIR/checkpoints/<step>/{model,train,met
 optimizer states, `pl_mean`, the RNG and the step, `meta` (JSON) the model
 config, images seen and the data position. Orbax writes each step to a
 temporary directory and renames it when complete, so a process killed mid-save
-(even with `kill -9`) leaves the previous checkpoints intact; an unreadable
-latest checkpoint is skipped for the previous one with a warning.
+(even with `kill -9`) leaves the previous checkpoints intact.
+
+Resume reads the newest step's `meta` first and lets the caller check it (the
+config comparison of `gandl_jax.train.loop`) before any array is restored or
+any file is touched. A step counts as unreadable only on clear corruption
+(`is_corruption`: missing item files, undecodable JSON, truncated or missing
+array chunks); it is then skipped for the previous one and moved to
+WORKDIR/checkpoints_unreadable/. Any other error (a transient storage error,
+out of memory, a shape mismatch) propagates and nothing is moved. A
+checkpoint is never deleted: where a step cannot be moved aside (object
+stores without directory renames) resume stops with a message instead.
+
+SIGTERM: `install_sigterm_handler` sets a local flag (and returns the handler
+it replaced, which `restore_sigterm_handler` puts back). On several hosts the
+flag is all-reduced every `sync_every` steps (`should_stop`), so every host
+stops at the same step even when only one of them got the signal: Python's
+handler replaces the notifier `jax.distributed` installs in C++, which
+therefore never fires, and cannot be chained to from Python.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -39,6 +57,39 @@ def _join(model: Dict[str, Any], train: Dict[str, Any]) -> TrainState:
       ema_params=model["G_ema"]["params"],
       ema_buffers=model["G_ema"]["buffers"], g_opt=train["g_opt"],
       d_opt=train["d_opt"], pl_mean=train["pl_mean"], rng=train["rng"])
+
+
+# Status codes in storage (tensorstore) errors that mean the files themselves
+# are damaged or missing; anything else (UNAVAILABLE, DEADLINE_EXCEEDED,
+# RESOURCE_EXHAUSTED, PERMISSION_DENIED, ...) may pass and must not cost a
+# checkpoint.
+_CORRUPTION_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+# Files every complete step has (Orbax's layout): item -> required file.
+_REQUIRED_FILES = {checkpoint.MODEL_ITEM: "_METADATA",
+                   checkpoint.TRAIN_ITEM: "_METADATA",
+                   checkpoint.META_ITEM: "metadata"}
+
+
+def is_corruption(error: BaseException) -> bool:
+  """Whether a restore error shows damaged or missing checkpoint files (as
+  opposed to a transient or configuration error, which must propagate)."""
+  if isinstance(error, (FileNotFoundError, json.JSONDecodeError,
+                        UnicodeDecodeError)):
+    return True
+  text = str(error)
+  if isinstance(error, KeyError) and "was not found in the checkpoint" in text:
+    return True
+  return isinstance(error, ValueError) and any(
+      text.startswith(code + ":") or f" {code}: " in text
+      for code in _CORRUPTION_CODES)
+
+
+class CorruptCheckpoint(Exception):
+  """A step whose files are missing or damaged."""
+
+
+def _move(src, dst) -> None:
+  src.rename(dst)
 
 
 def _abstract(tree: Any) -> Any:
@@ -94,30 +145,50 @@ class TrainCheckpointer:
         item_names=(checkpoint.MODEL_ITEM, checkpoint.TRAIN_ITEM,
                     checkpoint.META_ITEM))
     self._sigterm = threading.Event()
+    self._previous_handler = None
+    self._installed = False
 
   # ---------------------------------------------------------- preemption
 
   def install_sigterm_handler(self) -> None:
     """SIGTERM (e.g. a spot VM being reclaimed, `kill`) -> save and stop at
-    the end of the current step instead of dying mid-step."""
+    the end of the current step instead of dying mid-step. The replaced
+    handler is kept for `restore_sigterm_handler`."""
     def handler(signum, frame):
       del signum, frame
       logging.warning("SIGTERM received: saving a checkpoint and stopping.")
       self._sigterm.set()
     try:
-      signal.signal(signal.SIGTERM, handler)
+      self._previous_handler = signal.signal(signal.SIGTERM, handler)
+      self._installed = True
     except ValueError:  # not the main thread (e.g. inside some test runners)
       logging.warning("could not install the SIGTERM handler")
 
-  def should_stop(self, step: int) -> bool:
-    """True once SIGTERM arrived (single host) or at a preemption sync point
-    all hosts agree on (multi-host TPU, via jax.distributed)."""
-    if jax.process_count() > 1:
-      try:
-        return bool(self.manager.reached_preemption(step))
-      except Exception:  # pylint: disable=broad-except
-        return False
-    return self._sigterm.is_set()
+  def restore_sigterm_handler(self) -> None:
+    """Puts back the SIGTERM handler `install_sigterm_handler` replaced."""
+    if self._installed:
+      previous = self._previous_handler
+      signal.signal(signal.SIGTERM,
+                    signal.SIG_DFL if previous is None else previous)
+      self._installed = False
+
+  def request_stop(self) -> None:
+    """What SIGTERM does: stop (after saving) at the next agreed step."""
+    self._sigterm.set()
+
+  def should_stop(self, step: int, sync_every: int = 1) -> bool:
+    """True once SIGTERM arrived on this host (one host), or on any host
+    (several hosts: the flags are all-reduced at every step that is a
+    multiple of `sync_every`, the same steps on every host, so all stop
+    together)."""
+    if jax.process_count() == 1:
+      return self._sigterm.is_set()
+    if step % max(int(sync_every), 1):
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    flags = multihost_utils.process_allgather(
+        np.asarray(int(self._sigterm.is_set()), np.int32))
+    return bool(np.max(flags))
 
   # ---------------------------------------------------------- save/restore
 
@@ -149,10 +220,36 @@ class TrainCheckpointer:
     return max([_best_metric(self.manager.metrics(s))
                 for s in self.manager.all_steps()], default=-math.inf)
 
-  def restore_latest(self, like: TrainState
-                     ) -> Optional[Tuple[TrainState, Dict[str, Any]]]:
+  def _check_files(self, step: int) -> None:
+    step_dir = self.directory / str(step)
+    for item, name in _REQUIRED_FILES.items():
+      if not (step_dir / item / name).exists():
+        raise CorruptCheckpoint(f"{step_dir / item / name} is missing")
+
+  def read_meta(self, step: int) -> Dict[str, Any]:
+    """Step `step`'s metadata (JSON) alone; CorruptCheckpoint if its files
+    are damaged."""
+    self._check_files(step)
+    try:
+      r = self.manager.restore(step, args=ocp.args.Composite(**{
+          checkpoint.META_ITEM: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except
+      if is_corruption(e):
+        raise CorruptCheckpoint(f"{type(e).__name__}: {e}") from e
+      raise
+    return dict(r[checkpoint.META_ITEM])
+
+  def restore_latest(self, like: TrainState,
+                     check_meta: Optional[Callable[[Dict[str, Any]], None]]
+                     = None) -> Optional[Tuple[TrainState, Dict[str, Any]]]:
     """The newest readable checkpoint as (state, meta), placed like `like`
-    (same shardings); None when the workdir has no checkpoint."""
+    (same shardings); None when the workdir has no checkpoint.
+
+    `check_meta(meta)` runs on the chosen step's metadata before its arrays
+    are read; whatever it raises propagates with nothing changed on disk.
+    Steps found corrupt (see the module docstring) are skipped and, once a
+    readable one is found, moved aside.
+    """
     model, train = _split(like)
     target = ocp.args.Composite(**{
         checkpoint.MODEL_ITEM: ocp.args.StandardRestore(_abstract(model)),
@@ -162,11 +259,18 @@ class TrainCheckpointer:
     result = None
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        r = self.manager.restore(step, args=target)
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("checkpoint step %d in %s is unreadable (%s: %s); "
-                        "falling back to the previous one", step,
-                        self.directory, type(e).__name__, e)
+        meta = self.read_meta(step)
+        if check_meta is not None:
+          check_meta(meta)
+        try:
+          r = self.manager.restore(step, args=target)
+        except Exception as e:  # pylint: disable=broad-except
+          if is_corruption(e):
+            raise CorruptCheckpoint(f"{type(e).__name__}: {e}") from e
+          raise
+      except CorruptCheckpoint as e:
+        logging.warning("checkpoint step %d in %s is corrupt (%s); falling "
+                        "back to the previous one", step, self.directory, e)
         unreadable.append(step)
         continue
       result = (_join(r[checkpoint.MODEL_ITEM], r[checkpoint.TRAIN_ITEM]),
@@ -177,18 +281,33 @@ class TrainCheckpointer:
     return result
 
   def _set_aside(self, step: int) -> None:
-    """Moves an unreadable step to WORKDIR/checkpoints_unreadable/ (kept for
-    inspection); where directories cannot be renamed (GCS), deletes it."""
+    """Moves a corrupt step to WORKDIR/checkpoints_unreadable/ (kept for
+    inspection). Never deletes: where the move fails (e.g. object stores that
+    cannot rename directories), raises a ValueError asking the user to move
+    it, since training would otherwise write that step again over it."""
     src = self.directory / str(step)
     dst_dir = self.directory.parent / "checkpoints_unreadable"
-    try:
-      dst_dir.mkdir(parents=True, exist_ok=True)
-      dst = dst_dir / f"{step}-{int(time.time())}"
-      src.rename(dst)
-      logging.warning("moved unreadable checkpoint %s to %s", src, dst)
-    except Exception:  # pylint: disable=broad-except
-      self.manager.delete(step)
-      logging.warning("deleted unreadable checkpoint %s", src)
+    dst = dst_dir / f"{step}-{int(time.time())}"
+    error = None
+    if jax.process_index() == 0:
+      try:
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        _move(src, dst)
+        logging.warning("moved corrupt checkpoint %s to %s", src, dst)
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+    if jax.process_count() > 1:   # every host learns whether the move worked
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      failed = multihost_utils.process_allgather(
+          np.asarray(int(error is not None), np.int32))
+      if np.max(failed) and error is None:
+        error = RuntimeError("the move failed on process 0")
+    if error is not None:
+      raise ValueError(
+          f"checkpoint {src} is corrupt and could not be moved aside to "
+          f"{dst_dir} ({type(error).__name__}: {error}); nothing was deleted. "
+          f"Move or copy it away by hand (e.g. `gcloud storage mv`), then "
+          f"rerun to resume from the previous checkpoint") from error
     self.manager.reload()
 
   def close(self) -> None:

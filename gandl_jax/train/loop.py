@@ -12,13 +12,20 @@ WORKDIR up to date:
   WORKDIR/config.json           the config of the (latest) run
   WORKDIR/probe_sites.csv       the representation probe's sites (probe.py)
 
-Running the same command again resumes from the latest checkpoint.
+Running the same command again resumes from the latest checkpoint. Before
+anything is restored or written, the config is compared with the one the
+checkpoint was saved with: a difference stops with the diff unless the
+changed keys are allowed (`allow_config_change`, gandl-train's
+`--allow_config_change`); keys that change parameter shapes never can. An
+allowed change of `batch_size` keeps the images seen (`nimg`) and moves the
+data position to the same image, so the run still stops at the first
+iteration with nimg >= total_kimg * 1000, as in stylegan2-ada-pytorch.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +44,82 @@ from gandl_jax.train import probe as probe_lib
 from gandl_jax.train.steps import Trainer
 
 
+# On several hosts, the SIGTERM flags are all-reduced every this many
+# iterations (a tiny blocking all-gather; every host checks the same steps).
+STOP_SYNC_EVERY = 4
+
+
 def _steps(kimg: float, batch: int) -> int:
-  """Iterations that show `kimg` thousand images (at least 1)."""
+  """Iterations between events every `kimg` thousand images (at least 1)."""
   return max(1, int(round(kimg * 1000.0 / batch)))
+
+
+def steps_to_reach(images: float, batch: int) -> int:
+  """Iterations of `batch` images until at least `images` more are shown:
+  the reference's stop rule, the first iteration with nimg >= total (ceil;
+  a float error below 1e-6 images is not an extra iteration)."""
+  if images <= 0:
+    return 0
+  return int(math.ceil(images / batch - 1e-6 / batch))
+
+
+def _resume_position(meta: Dict[str, Any], batch: int) -> Dict[str, int]:
+  """step, nimg and data position (in batches of `batch`) of a checkpoint.
+
+  With an (allowed) batch size change the data position is remapped to the
+  same image of this host's stream; where it falls inside a batch it is
+  rounded up, skipping fewer than `batch` images."""
+  step = int(meta["step"])
+  stored = (meta.get("config") or {}).get("batch_size", batch)
+  old_batch = int(stored)
+  nimg = int(meta.get("nimg", step * old_batch))
+  position = int(meta.get("data_position", step))
+  if old_batch != batch:
+    images = position * old_batch
+    position = -(-images // batch)
+    if images % batch:
+      monitor.log_info(f"batch size {old_batch} -> {batch}: the data stream "
+                       f"resumes at image {position * batch} instead of "
+                       f"{images} (whole batches)")
+  return {"step": step, "nimg": nimg, "data_position": position}
+
+
+def _check_resume(config, allow: Sequence[str], directory):
+  """check_meta for `TrainCheckpointer.restore_latest`: refuses a config
+  that differs from the checkpoint's unless the changes are allowed."""
+  def check(meta: Dict[str, Any]) -> None:
+    where = f"checkpoint {directory}/{meta.get('step')}"
+    stored = meta.get("config")
+    if stored is None:    # older checkpoints: only the model config
+      stored, new = {"model": meta.get("model", {})}, {"model": config.model}
+    else:
+      new = config
+    for key, old, cur in config_lib.check_resume(stored, new, allow, where):
+      monitor.log_info(f"config change on resume (allowed): {key}: "
+                       f"{old!r} -> {cur!r}")
+  return check
+
+
+def _state_is_finite(state) -> bool:
+  leaves = [x for x in jax.tree_util.tree_leaves(state)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return bool(jax.device_get(jax.jit(
+      lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(
+          leaves)))
+
+
+def _check_finite(history, state) -> None:
+  """Stops on non-finite parameters or optimizer state; a non-finite loss
+  whose gradients were sanitized (steps.sanitize_grads) left the state
+  finite, as in the reference, and only warns."""
+  bad = monitor.first_non_finite(history)
+  if bad is None:
+    return
+  if not _state_is_finite(state):
+    raise monitor.NonFiniteError(*bad)
+  monitor.log_warning(f"non-finite {bad[1]} = {bad[2]} at step {bad[0]}; its "
+                      f"gradients were sanitized and the parameters are "
+                      f"finite: training goes on")
 
 
 def _sample_fn(trainer: Trainer):
@@ -61,10 +141,14 @@ def _write_grid(writer, trainer, sample, state, z, step, cols):
 
 def train(config: ml_collections.ConfigDict, workdir: str,
           mesh: Optional[Mesh] = None,
-          max_steps: Optional[int] = None) -> Dict[str, Any]:
+          max_steps: Optional[int] = None,
+          allow_config_change: Sequence[str] = ()) -> Dict[str, Any]:
   """Trains until `config.total_kimg` (or `max_steps` more iterations).
 
-  Returns a summary dict (final step, kimg, last metrics, stop reason).
+  `allow_config_change`: config keys (or sections, e.g. 'optim') allowed to
+  differ from the resumed checkpoint's config (see the module docstring).
+  Returns a summary dict (final step, kimg, last metrics, stop reason:
+  'finished' or 'preempted').
   """
   sharding.maybe_initialize_distributed()
   mesh = mesh or sharding.make_mesh()
@@ -80,7 +164,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   trainer = Trainer(config, mesh)
   batch = trainer.batch
-  total_steps = _steps(config.total_kimg, batch)
+  total_img = float(config.total_kimg) * 1000.0
   ckpt_every = _steps(config.checkpoint_every_kimg, batch)
   log_every = _steps(config.log_every_kimg, batch)
   grid_every = _steps(config.image_grid_every_kimg, batch)
@@ -92,19 +176,25 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   ckpt = TrainCheckpointer(workdir, keep=config.keep_checkpoints,
                            keep_period=keep_period,
                            keep_best=tracker.enabled)
-  writer = monitor.MetricWriter(workdir)
   state = trainer.init_state(config.seed)
   step, nimg, data_position = 0, 0, 0
-  restored = ckpt.restore_latest(state)
+  try:
+    restored = ckpt.restore_latest(
+        state, check_meta=_check_resume(config, allow_config_change,
+                                        ckpt.directory))
+  except BaseException:
+    ckpt.close()
+    raise
   if restored is not None:
     state, meta = restored
-    step = int(meta["step"])
-    nimg = int(meta.get("nimg", step * batch))
-    data_position = int(meta.get("data_position", step))
+    pos = _resume_position(meta, batch)
+    step, nimg, data_position = (pos["step"], pos["nimg"],
+                                 pos["data_position"])
     monitor.log_info(f"Resumed from {ckpt.directory}/{step} "
                      f"(kimg {nimg / 1000:.3f}).")
   else:
     monitor.log_info(f"Starting a new run in {workdir}.")
+  writer = monitor.MetricWriter(workdir)
   tracker.best = ckpt.best_score()
   if jax.process_index() == 0:
     gio.write_json(gio.join(workdir, "config.json"), config.to_dict())
@@ -113,7 +203,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       config.data, global_batch=batch, mesh=mesh, seed=config.seed,
       resolution=config.model.resolution, channels=config.model.img_channels,
       start_batch=data_position)
-  ckpt.install_sigterm_handler()
   progress = progress_lib.Progress(config.total_kimg * 1000.0, done=nimg,
                                    unit="img")
   sample = _sample_fn(trainer)
@@ -129,10 +218,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                                  "channels", "num_channels")},
             "config": config.to_dict()}
 
+  total_steps = step + steps_to_reach(total_img - nimg, batch)
   end_step = total_steps if max_steps is None else min(total_steps,
                                                        step + max_steps)
   history, last, reason = [], {}, "finished"
   flops_per_iter = None
+  ckpt.install_sigterm_handler()   # put back in `finally`
   monitor.log_info(
       f"{mesh.devices.size} device(s) on {jax.process_count()} host(s), "
       f"batch {batch}, {total_steps} iterations ({config.total_kimg} kimg); "
@@ -143,7 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       state, metrics = trainer.train_step(state, real, step, nimg)
       history.append((step, metrics))
       step, nimg, data_position = step + 1, nimg + batch, data_position + 1
-      stop = ckpt.should_stop(step)
+      stop = ckpt.should_stop(step, STOP_SYNC_EVERY)
       probed = {} if stop else tracker.maybe_run(state.d_params, step)
       save = (step % ckpt_every == 0 or step == end_step or stop
               or tracker.new_best(probed))
@@ -151,7 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         flops_per_iter = trainer.flops_per_iteration(state, real) or 0.0
       if step % log_every == 0 or save or probed:
         host = jax.device_get(history)
-        monitor.check_finite(host)   # before anything is saved
+        _check_finite(host, state)   # before anything is saved
         last = monitor.average(host)
         last.update(monitor.perf_metrics(progress, nimg))
         last.update(monitor.device_memory())
@@ -177,6 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                          "command to resume.")
         break
   finally:
+    ckpt.restore_sigterm_handler()
     ckpt.close()
     writer.close()
   return {"step": step, "kimg": nimg / 1000.0, "reason": reason,

@@ -167,3 +167,9 @@ def log_info(message: str) -> None:
   """A progress message (absl INFO), from process 0 only."""
   if jax.process_index() == 0:
     logging.info("%s", message)
+
+
+def log_warning(message: str) -> None:
+  """A warning (absl WARNING), from process 0 only."""
+  if jax.process_index() == 0:
+    logging.warning("%s", message)

@@ -8,11 +8,20 @@ One iteration runs, in stylegan2-ada-pytorch's order:
 Each phase is one `jax.jit` with explicit shardings (state replicated, batch
 split on the mesh's `data` axis) and the state donated, compiled once. Lazy
 regularization uses one Adam per network with lr * c and beta ** c,
-c = interval / (interval + 1), shared by its main and reg phases.
+c = interval / (interval + 1), shared by its main and reg phases; as in the
+reference the correction depends only on the interval, so it stays when the
+regularizer's weight is 0 (the reg phase then never runs).
+
+As in stylegan2-ada-pytorch's training loop, every phase replaces non-finite
+gradient entries before the optimizer step (`sanitize_grads`: NaN -> 0,
++-inf -> +-1e5), so one bad batch cannot poison the parameters or Adam state.
+Style mixing draws its cutoff per slice of the batch (`mixing_cutoffs`), as
+the reference draws it per `run_G` call, i.e. per per-GPU batch.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Dict, Tuple
 
 import flax
@@ -74,6 +83,41 @@ def _global_norm(tree) -> Array:
   return optax.global_norm(tree).astype(jnp.float32)
 
 
+# stylegan2-ada-pytorch's training_loop: nan_to_num(grad, nan=0, posinf=1e5,
+# neginf=-1e5) on every parameter's gradient before each optimizer step.
+GRAD_POSINF, GRAD_NEGINF = 1e5, -1e5
+
+
+def sanitize_grads(grads):
+  """Gradients with NaN -> 0, +inf -> 1e5, -inf -> -1e5 (the reference's
+  clean-up before every optimizer step), and the number of entries replaced."""
+  clean = jax.tree_util.tree_map(
+      lambda g: jnp.nan_to_num(g, nan=0.0, posinf=GRAD_POSINF,
+                               neginf=GRAD_NEGINF), grads)
+  bad = sum(jnp.sum(~jnp.isfinite(g)).astype(jnp.float32)
+            for g in jax.tree_util.tree_leaves(grads))
+  return clean, bad
+
+
+def mixing_cutoffs(key: Array, batch: int, slices: int, num_ws: int,
+                   prob: float) -> Array:
+  """Per-sample style-mixing cutoffs, shape (batch,): the batch is cut into
+  `slices` contiguous equal slices; each slice mixes with probability `prob`
+  at a cutoff drawn uniformly from [1, num_ws), else gets `num_ws` (no mixing).
+
+  The reference draws one cutoff and one Bernoulli per `run_G` call, i.e. per
+  per-GPU batch; a slice here is the per-device batch (`Trainer.mbstd_shards`
+  slices), so results do not depend on how many devices run them.
+  """
+  if batch % slices:
+    raise ValueError(f"batch {batch} does not split into {slices} slices")
+  k_cut, k_prob = jax.random.split(key)
+  cutoff = jax.random.randint(k_cut, (slices,), 1, num_ws)
+  cutoff = jnp.where(jax.random.uniform(k_prob, (slices,)) < prob, cutoff,
+                     num_ws)
+  return jnp.repeat(cutoff, batch // slices)
+
+
 class Trainer:
   """Holds G, D, the optimizers and the compiled phases for one config/mesh.
 
@@ -91,15 +135,17 @@ class Trainer:
                             or mesh.devices.size)
     optim, loss = config.optim, config.loss
     # Lazy regularization: a phase that runs every `interval` iterations
-    # (0: never) and the Adam correction its optimizer needs.
+    # (0: never, when its weight is 0). The Adam correction depends on the
+    # configured interval alone, as in the reference (where a zero weight
+    # leaves the reg phase scheduled but without gradients).
     self.pl_interval = (int(loss.pl_interval)
                         if config_lib.pl_enabled(config) else 0)
     self.r1_interval = (int(loss.r1_interval)
                         if config_lib.r1_enabled(config) else 0)
     self.g_tx = make_optimizer(optim.g_lr, optim.beta1, optim.beta2, optim.eps,
-                               self.pl_interval)
+                               int(loss.pl_interval))
     self.d_tx = make_optimizer(optim.d_lr, optim.beta1, optim.beta2, optim.eps,
-                               self.r1_interval)
+                               int(loss.r1_interval))
     self.pl_batch = max(self.batch // int(loss.pl_batch_shrink), 1)
     self._repl = sharding.replicated(mesh)
     self._data = sharding.data_sharded(mesh)
@@ -142,7 +188,7 @@ class Trainer:
                 ) -> Tuple[Array, Array, Any]:
     """Fakes with style mixing and w_avg tracking: (images, ws, buffers)."""
     G = self.G
-    k_z, k_mix, k_cut, k_prob, k_noise = jax.random.split(key, 5)
+    k_z, k_mix, k_cut, k_noise = jax.random.split(key, 4)
     z = jax.lax.with_sharding_constraint(
         jax.random.normal(k_z, (batch, G.z_dim)), self._data)
     ws, upd = G.apply({"params": g_params, "buffers": g_buffers}, z,
@@ -153,12 +199,17 @@ class Trainer:
       z2 = jax.lax.with_sharding_constraint(
           jax.random.normal(k_mix, (batch, G.z_dim)), self._data)
       ws2 = G.apply({"params": g_params, "buffers": buffers}, z2, method=G.map)
-      cutoff = jax.random.randint(k_cut, (), 1, G.num_ws)
-      cutoff = jnp.where(jax.random.uniform(k_prob) < prob, cutoff, G.num_ws)
-      mix = jnp.arange(G.num_ws)[None, :, None] >= cutoff
+      cutoff = mixing_cutoffs(k_cut, batch, self.mixing_slices(batch),
+                              G.num_ws, prob)
+      mix = jnp.arange(G.num_ws)[None, :, None] >= cutoff[:, None, None]
       ws = jnp.where(mix, ws2, ws)
     img = self._synthesize(g_params, buffers, ws, k_noise)
     return img, ws, buffers
+
+  def mixing_slices(self, batch: int) -> int:
+    """Slices of a `batch` that draw their own style-mixing cutoff: one per
+    per-device batch (`mbstd_shards`), fewer if `batch` does not split."""
+    return math.gcd(int(batch), self.mbstd_shards)
 
   def _synthesize(self, g_params, buffers, ws, noise_key):
     return self.G.apply({"params": g_params, "buffers": buffers}, ws,
@@ -183,10 +234,12 @@ class Trainer:
 
     (loss, (buffers, logits)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.g_params)
+    grads, bad = sanitize_grads(grads)
     updates, g_opt = self.g_tx.update(grads, state.g_opt, state.g_params)
     state = state.replace(g_params=optax.apply_updates(state.g_params, updates),
                           g_buffers=buffers, g_opt=g_opt, rng=rng)
     return state, {"G/loss": loss, "G/grad_norm": _global_norm(grads),
+                   "G/grad_nonfinite": bad,
                    "scores/fake": jnp.mean(logits.astype(jnp.float32))}
 
   def g_reg(self, state: TrainState) -> Tuple[TrainState, Metrics]:
@@ -206,13 +259,15 @@ class Trainer:
 
     (loss, (buffers, new_mean, lengths, penalty)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.g_params)
+    grads, bad = sanitize_grads(grads)
     updates, g_opt = self.g_tx.update(grads, state.g_opt, state.g_params)
     state = state.replace(g_params=optax.apply_updates(state.g_params, updates),
                           g_buffers=buffers, g_opt=g_opt,
                           pl_mean=jax.lax.stop_gradient(new_mean), rng=rng)
     return state, {"G/pl_penalty": jnp.mean(penalty),
                    "G/pl_length": jnp.mean(lengths), "G/pl_mean": new_mean,
-                   "G/reg_grad_norm": _global_norm(grads)}
+                   "G/reg_grad_norm": _global_norm(grads),
+                   "G/reg_grad_nonfinite": bad}
 
   def d_main(self, state: TrainState, real: Array, ema_beta: Array
              ) -> Tuple[TrainState, Metrics]:
@@ -229,6 +284,7 @@ class Trainer:
 
     (loss, (fake_logits, real_logits)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.d_params)
+    grads, bad = sanitize_grads(grads)
     updates, d_opt = self.d_tx.update(grads, state.d_opt, state.d_params)
     # G EMA (G does not change in the D phases, so this equals updating at the
     # end of the iteration): p_ema <- p + beta * (p_ema - p); buffers copied.
@@ -239,6 +295,7 @@ class Trainer:
         g_buffers=g_buffers, ema_params=ema, ema_buffers=g_buffers,
         step=state.step + 1, rng=rng)
     return state, {"D/loss": loss, "D/grad_norm": _global_norm(grads),
+                   "D/grad_nonfinite": bad,
                    "scores/real": jnp.mean(real_logits.astype(jnp.float32)),
                    "scores/fake_d": jnp.mean(fake_logits.astype(jnp.float32))}
 
@@ -252,11 +309,13 @@ class Trainer:
 
     (loss, penalty), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.d_params)
+    grads, bad = sanitize_grads(grads)
     updates, d_opt = self.d_tx.update(grads, state.d_opt, state.d_params)
     state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
                           d_opt=d_opt)
     return state, {"D/r1_penalty": jnp.mean(penalty),
-                   "D/reg_grad_norm": _global_norm(grads)}
+                   "D/reg_grad_norm": _global_norm(grads),
+                   "D/reg_grad_nonfinite": bad}
 
   # ------------------------------------------------------------ compiled
 
