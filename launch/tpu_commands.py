@@ -12,6 +12,8 @@ Layout on every TPU worker, relative to the login user's home directory:
   gandl-train.log    training output of this worker (appended on restarts)
   gandl-train.pid    pid of the running `gandl-train`
   gandl-train.exit   exit status of the last finished `gandl-train`
+  gandl-train.stopped  marker: a user stopped training on purpose
+                     (`tpu_train.py stop`); the watcher does not restart it
   gandl-out/         local export and evaluation outputs before upload
 """
 import argparse
@@ -27,6 +29,10 @@ REMOTE_VENV = "gandl-venv"
 TRAIN_LOG = "gandl-train.log"
 TRAIN_PID = "gandl-train.pid"
 TRAIN_EXIT = "gandl-train.exit"
+TRAIN_STOPPED = "gandl-train.stopped"
+# gandl-train's status after a clean SIGTERM stop (checkpoint saved), as
+# gandl_jax.cli.EXIT_PREEMPTED (these scripts do not import gandl_jax).
+EXIT_PREEMPTED = 143
 REMOTE_OUT = "gandl-out"
 
 DEFAULT_ACCELERATOR = "v3-8"
@@ -423,7 +429,7 @@ def start_script(args) -> str:
            f"echo $? > {home(TRAIN_EXIT)}")
   return (f"if {_RUNNING}; then echo \"gandl-train already running on "
           f"$(hostname) (pid $(cat {TRAIN_PID}))\" >&2; exit 3; fi; "
-          f"rm -f {TRAIN_EXIT} {TRAIN_PID}; "
+          f"rm -f {TRAIN_EXIT} {TRAIN_PID} {TRAIN_STOPPED}; "
           f"echo \"== start $(date -u +%FT%TZ)\" >> {TRAIN_LOG}; "
           f"nohup bash -c {shlex.quote(inner)} >> {TRAIN_LOG} 2>&1 "
           f"< /dev/null & "
@@ -434,15 +440,22 @@ STATUS_PREFIX = "gandl-train-status:"
 
 
 def status_script() -> str:
-  """Prints one line per worker: '<prefix> running|absent|exited N'."""
+  """Prints one line per worker: '<prefix> running|absent|stopped|exited N'
+  ('stopped': ended after a user's `stop`, see TRAIN_STOPPED)."""
   return (f"if {_RUNNING}; then echo {STATUS_PREFIX} running; "
+          f"elif [ -f {TRAIN_STOPPED} ] && [ -f {TRAIN_EXIT} ]; then "
+          f"echo {STATUS_PREFIX} stopped; "
           f"elif [ -f {TRAIN_EXIT} ]; then echo {STATUS_PREFIX} exited "
           f"\"$(cat {TRAIN_EXIT})\"; else echo {STATUS_PREFIX} absent; fi")
 
 
-def stop_script() -> str:
-  """SIGTERM to gandl-train (it saves a checkpoint and exits)."""
-  return (f"if {_RUNNING}; then kill -TERM \"$(cat {TRAIN_PID})\" && "
+def stop_script(user: bool = True) -> str:
+  """SIGTERM to gandl-train (it saves a checkpoint and exits 143). A user's
+  stop (`user`) first leaves the TRAIN_STOPPED marker, so that tpu_watch.py
+  neither restarts training nor counts it as a crash; the watcher's own
+  stop of surviving workers after a crash leaves none."""
+  mark = f"touch {TRAIN_STOPPED} && " if user else ""
+  return (f"if {_RUNNING}; then {mark}kill -TERM \"$(cat {TRAIN_PID})\" && "
           f"echo \"sent SIGTERM to gandl-train on $(hostname)\"; "
           f"else echo \"no gandl-train running on $(hostname)\"; fi")
 
@@ -454,8 +467,10 @@ def logs_script(lines: int) -> str:
 def parse_train_status(stdout: str) -> str:
   """Combines the workers' status lines: running, done, failed or absent.
 
-  failed if any worker's run exited non-zero; running if any still runs;
-  done if every reporting worker exited 0; absent if none ever started.
+  failed if any worker's run exited non-zero (other than a SIGTERM stop);
+  running if any still runs; stopped if a user stopped it; preempted if it
+  stopped on SIGTERM (status EXIT_PREEMPTED, checkpoint saved); done if
+  every reporting worker exited 0; absent if none ever started.
   """
   states = []
   for line in stdout.splitlines():
@@ -464,10 +479,16 @@ def parse_train_status(stdout: str) -> str:
       states.append(line[len(STATUS_PREFIX):].strip())
   if not states:
     return "unknown"
-  if any(s.startswith("exited") and s.split()[-1] != "0" for s in states):
+  signal_stop = f"exited {EXIT_PREEMPTED}"
+  if any(s.startswith("exited") and s.split()[-1] not in
+         ("0", str(EXIT_PREEMPTED)) for s in states):
     return "failed"
   if "running" in states:
     return "running"
+  if "stopped" in states:
+    return "stopped"
+  if signal_stop in states:
+    return "preempted"
   if all(s == "exited 0" for s in states):
     return "done"
   if "absent" in states and not any(s.startswith("exited") for s in states):

@@ -12,6 +12,13 @@ Every --interval seconds the watcher reads the TPU's state and acts:
   ready, training running       nothing
   ready, a worker crashed       SIGTERM the survivors, then start again once
                                 all stopped (at most --max-restarts times)
+  ready, stopped by a user      (`tpu_train.py stop` leaves a marker on the
+                                workers) exit without restarting: a
+                                deliberate stop is neither a crash nor a
+                                preemption
+  ready, workers exited 143     SIGTERM stop after a checkpoint (preemption):
+                                if the TPU is still up on the next poll, start
+                                again (not counted in --max-restarts)
   ready, every worker exited 0  on two polls in a row: training finished;
                                 exit (deleting the TPU with --delete-when-done)
   anything else (provisioning)  wait
@@ -50,7 +57,9 @@ VM_STATES = {
 }
 # Per-worker status words of --simulate, as status_script() prints them.
 _SIM_WORKER = {"running": "running", "done": "exited 0",
-               "failed": "exited 1", "absent": "absent"}
+               "failed": "exited 1", "absent": "absent",
+               "preempted": f"exited {tc.EXIT_PREEMPTED}",
+               "stopped": "stopped"}
 
 
 def classify_state(queued: bool, returncode: int, stdout: str,
@@ -64,8 +73,10 @@ def classify_state(queued: bool, returncode: int, stdout: str,
 
 
 def train_counts(stdout: str) -> dict:
-  """Counts the workers' status lines: running, ok, failed, absent."""
-  counts = dict(running=0, ok=0, failed=0, absent=0)
+  """Counts the workers' status lines: running, ok (exited 0), preempted
+  (exited 143: SIGTERM, checkpoint saved), stopped (by a user), failed
+  (any other status), absent."""
+  counts = dict(running=0, ok=0, failed=0, absent=0, preempted=0, stopped=0)
   for line in stdout.splitlines():
     line = line.strip()
     if not line.startswith(tc.STATUS_PREFIX):
@@ -77,6 +88,10 @@ def train_counts(stdout: str) -> dict:
       counts["absent"] += 1
     elif word == "exited 0":
       counts["ok"] += 1
+    elif word == f"exited {tc.EXIT_PREEMPTED}":
+      counts["preempted"] += 1
+    elif word == "stopped":
+      counts["stopped"] += 1
     else:
       counts["failed"] += 1
   return counts
@@ -138,6 +153,7 @@ class Watcher:
     self.restarts = 0
     self.recreations = 0
     self.done_polls = 0
+    self.signal_polls = 0
     # True: a TPU this watcher (re)created, needing install + start.
     # None: a TPU found at start-up, whose install state is unknown.
     self.fresh: Optional[bool] = None
@@ -186,7 +202,7 @@ class Watcher:
       self._run_all(tc.delete_commands(self.args))
     self._run_all(tc.create_commands(self.args))
     self.fresh = True
-    self.done_polls = 0
+    self.done_polls = self.signal_polls = 0
     return None
 
   def _on_ready(self) -> Optional[int]:
@@ -198,10 +214,20 @@ class Watcher:
       self.runner.comment("workers unreachable over ssh; checking again "
                           "next poll")
       return None
+    if counts["stopped"]:
+      if counts["running"]:
+        self.runner.comment("training is being stopped by a user: waiting")
+        return None
+      self.runner.comment(
+          f"training was stopped by a user (~/{tc.TRAIN_STOPPED} on the "
+          f"workers): not restarting. Start it again with tpu_train.py "
+          f"start, then run the watcher again")
+      return 0
     if counts["failed"] and counts["running"]:
       self.runner.comment("a worker's training exited with an error: "
                           "stopping the others before restarting")
-      self._run_all([tc.ssh_command(self.args, tc.stop_script())])
+      self._run_all([tc.ssh_command(self.args,
+                                    tc.stop_script(user=False))])
       return None
     if counts["failed"] or (counts["ok"] and counts["absent"]):
       self.restarts += 1
@@ -220,8 +246,25 @@ class Watcher:
     if counts["running"]:
       self.runner.comment(f"training running on {counts['running']} "
                           f"worker(s)")
-      self.done_polls = 0
+      self.done_polls = self.signal_polls = 0
       self.fresh = False
+      return None
+    if counts["preempted"]:
+      # SIGTERM with a checkpoint saved and no user's marker: a preemption
+      # (the TPU shows it by the next poll) or another signal; either way
+      # training resumes, and that is not a crash.
+      self.signal_polls += 1
+      if self.signal_polls < 2:
+        self.runner.comment(f"training stopped on SIGTERM (exit "
+                            f"{tc.EXIT_PREEMPTED}, checkpoint saved): "
+                            f"checking on the next poll whether the TPU "
+                            f"was preempted")
+        return None
+      self.runner.comment("training stopped on SIGTERM and the TPU is up: "
+                          "starting it again (resumes; not counted as a "
+                          "crash)")
+      if self._start():
+        self.signal_polls = 0
       return None
     if counts["ok"]:
       # A preempted worker's run also exits 0 after its SIGTERM checkpoint;
@@ -291,7 +334,7 @@ def print_plan(args, runner: runner_lib.Runner) -> None:
   runner.comment("5. ready: training status of every worker")
   runner.run(tc.ssh_command(args, tc.status_script()))
   runner.comment("6. a worker failed while others run: stop them")
-  runner.run(tc.ssh_command(args, tc.stop_script()))
+  runner.run(tc.ssh_command(args, tc.stop_script(user=False)))
   runner.comment(f"7. all stopped after a failure: start again (at most "
                  f"{args.max_restarts} times)")
   runner.run(tc.ssh_command(args, tc.start_script(args)))
@@ -327,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="With --dry-run: one observation per poll, "
                       "STATE or STATE/W1+W2+... where STATE is the describe "
                       "output (or MISSING) and Wi a worker's training status "
-                      "(running|done|failed|absent), e.g. "
+                      "(running|done|failed|absent|preempted|stopped), e.g. "
                       "ACTIVE/running,SUSPENDED,ACTIVE,ACTIVE/done,ACTIVE/done")
   return parser
 

@@ -436,7 +436,8 @@ def test_printed_start_refuses_second_copy_and_stop_sends_sigterm(
   assert "sent SIGTERM" in _bash(remote_script(stop), home).stdout
   _wait_for(home / tc.TRAIN_EXIT)
   assert (home / "got-term").exists()
-  assert _bash(status, home).stdout == f"{tc.STATUS_PREFIX} exited 0\n"
+  # A user's stop: the watcher reads "stopped", not a crash or a finish.
+  assert _bash(status, home).stdout == f"{tc.STATUS_PREFIX} stopped\n"
   assert (home / tc.TRAIN_LOG).read_text().count("== start") == 1
 
 
@@ -878,3 +879,75 @@ def test_runner_live_run_query_and_timeout(tmp_path):
   assert runner.query(["sleep", "5"], None, timeout=0.2)[0] == 124
   runner.run_shell(f"echo hi > {shlex.quote(str(tmp_path / 'f'))}")
   assert (tmp_path / "f").read_text() == "hi\n"
+
+
+# ------------------------------------------- item 10: SIGTERM stop, 143 ---
+
+def test_launchers_agree_with_gandl_train_on_the_sigterm_status():
+  from gandl_jax import cli  # pylint: disable=import-outside-toplevel
+  assert tc.EXIT_PREEMPTED == cli.EXIT_PREEMPTED == 143
+  counts = tpu_watch.train_counts(
+      f"{tc.STATUS_PREFIX} exited 143\n{tc.STATUS_PREFIX} stopped\n"
+      f"{tc.STATUS_PREFIX} exited 0\n{tc.STATUS_PREFIX} exited 1\n")
+  assert (counts["preempted"], counts["stopped"], counts["ok"],
+          counts["failed"]) == (1, 1, 1, 1)
+  assert tc.parse_train_status(f"{tc.STATUS_PREFIX} exited 143\n") == \
+      "preempted"
+  assert tc.parse_train_status(f"{tc.STATUS_PREFIX} stopped\n") == "stopped"
+
+
+def test_watch_user_stop_is_respected_and_not_a_crash():
+  lines = dry(tpu_watch.main, [
+      *WATCH, "--max-restarts", "0", "--simulate",
+      "READY/running+running,READY/stopped+running,READY/stopped+stopped"],
+      code=0)
+  assert _kinds(lines) == [
+      "describe", "status", "sleep", "describe", "status", "sleep",
+      "describe", "status"]
+  assert "stopped by a user" in lines[-1] and "not restarting" in lines[-1]
+
+
+def test_watch_sigterm_stop_restarts_without_using_max_restarts():
+  # 143 then a preemption: recreate. 143 with the TPU still up: start again,
+  # twice, with --max-restarts 0 (neither is a crash).
+  lines = dry(tpu_watch.main, [
+      *WATCH, "--max-restarts", "0", "--simulate",
+      "READY/preempted,PREEMPTED,READY,READY/preempted+preempted,"
+      "READY/preempted+preempted,READY/running,READY/preempted,"
+      "READY/preempted,READY/running"])
+  assert _kinds(lines) == [
+      "describe", "status", "sleep",
+      "describe", "delete", "create", "sleep",
+      "describe", *INSTALL, "start", "sleep",
+      "describe", "status", "sleep", "describe", "status", "start", "sleep",
+      "describe", "status", "sleep",
+      "describe", "status", "sleep", "describe", "status", "start", "sleep",
+      "describe", "status", "sleep"]
+  assert "giving up" not in "\n".join(lines)
+
+
+def test_watcher_stops_survivors_without_the_user_marker():
+  lines = dry(tpu_watch.main, [*WATCH, "--simulate", "READY/failed+running"])
+  stop = [l for l in lines if _kind(l) == "stop"][0]
+  assert tc.TRAIN_STOPPED not in remote_script(stop)
+  (user_stop,) = dry(tpu_train.main, ["stop", "--name", "gandl"])
+  assert f"touch {tc.TRAIN_STOPPED}" in remote_script(user_stop)
+
+
+def test_printed_stop_leaves_marker_that_start_clears(fake_worker):
+  (start,) = dry(tpu_train.main, ["start", "--name", "gandl",
+                                  "--bucket", BUCKET])
+  (stop,) = dry(tpu_train.main, ["stop", "--name", "gandl"])
+  home = fake_worker
+  assert _bash(remote_script(start), home, FAKE_SLEEP="30").returncode == 0
+  _wait_for(home / tc.TRAIN_PID)
+  _wait_for(home / "argv.txt")
+  status = tc.status_script()
+  assert "sent SIGTERM" in _bash(remote_script(stop), home).stdout
+  _wait_for(home / tc.TRAIN_EXIT)
+  assert _bash(status, home).stdout == f"{tc.STATUS_PREFIX} stopped\n"
+  assert tpu_watch.train_counts(_bash(status, home).stdout)["stopped"] == 1
+  assert _bash(remote_script(start), home, FAKE_EXIT="143").returncode == 0
+  _wait_for(home / tc.TRAIN_EXIT)
+  assert not (home / tc.TRAIN_STOPPED).exists()
+  assert _bash(status, home).stdout == f"{tc.STATUS_PREFIX} exited 143\n"

@@ -235,3 +235,136 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
   assert out.returncode == 1
   assert "gandl-train: error: invalid config" in out.stderr
   assert "power of two" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_run_length_and_config_changes_on_resume(shards, tmp_path):
+  """Items 5 and 7: the run stops at the first nimg >= total_kimg * 1000; a
+  changed config is refused with its diff before anything is touched, an
+  allowed change is applied, a shape change never is, and an allowed batch
+  size change keeps the images seen and the data position."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  w = str(tmp_path / "w")
+  # 26 images at batch 8: 3.25 iterations -> 4 (rounding gave 3).
+  s = train_loop.train(tiny_config(shards[8], total_kimg=0.026), w, mesh=mesh)
+  assert s["step"] == 4 and s["kimg"] == 0.032
+  steps_before = checkpoint.list_steps(w)
+  cfg_json = (tmp_path / "w" / "config.json").read_text()
+
+  def untouched():
+    assert checkpoint.list_steps(w) == steps_before
+    assert not os.path.exists(tmp_path / "w" / "checkpoints_unreadable")
+    assert (tmp_path / "w" / "config.json").read_text() == cfg_json
+
+  with pytest.raises(ValueError, match=r"(?s)total_kimg: 0\.026 -> 0\.042.*"
+                     r"--allow_config_change=total_kimg"):
+    train_loop.train(tiny_config(shards[8], total_kimg=0.042), w, mesh=mesh)
+  untouched()
+  # A new architecture: refused even when allowed (it used to move every
+  # checkpoint aside and start again from step 0).
+  with pytest.raises(ValueError, match="parameter shapes"):
+    train_loop.train(tiny_config(shards[8], total_kimg=0.026,
+                                 **{"model.channel_base": 128}), w,
+                     mesh=mesh, allow_config_change=["model"])
+  untouched()
+  with pytest.raises(ValueError, match="no such config key"):
+    train_loop.train(tiny_config(shards[8], total_kimg=0.042), w, mesh=mesh,
+                     allow_config_change=["total_kimgs"])
+  untouched()
+  s = train_loop.train(tiny_config(shards[8], total_kimg=0.042), w,
+                       mesh=mesh, allow_config_change=["total_kimg"])
+  assert s["step"] == 6 and s["kimg"] == 0.048
+  # Batch 8 -> 16: refused unless allowed; then 48 images seen = 3 batches
+  # of 16, and 80 images need 2 more iterations.
+  big = tiny_config(shards[8], total_kimg=0.080, batch_size=16)
+  with pytest.raises(ValueError, match="batch_size: 8 -> 16"):
+    train_loop.train(big, w, mesh=mesh, allow_config_change=["total_kimg"])
+  s = train_loop.train(big, w, mesh=mesh,
+                       allow_config_change=["total_kimg", "batch_size"])
+  _, meta = _leaves(w)
+  assert (meta["step"], meta["nimg"], meta["data_position"]) == (8, 80, 5)
+  assert json.load(open(tmp_path / "w" / "config.json"))["batch_size"] == 16
+
+
+def test_resume_position_remaps_batch_size():
+  meta = {"step": 6, "nimg": 48, "data_position": 6,
+          "config": {"batch_size": 8}}
+  assert train_loop._resume_position(meta, 8) == {
+      "step": 6, "nimg": 48, "data_position": 6}
+  assert train_loop._resume_position(meta, 16)["data_position"] == 3
+  assert train_loop._resume_position(meta, 32)["data_position"] == 2  # 48->64
+  assert train_loop._resume_position(meta, 4)["data_position"] == 12
+  assert train_loop.steps_to_reach(26, 8) == 4
+  assert train_loop.steps_to_reach(0.032 * 1000, 8) == 4
+  assert train_loop.steps_to_reach(0, 8) == 0
+
+
+def _saved(tmp_path):
+  from gandl_jax.train import checkpointer  # pylint: disable=import-outside-toplevel
+  from gandl_jax.train import steps  # pylint: disable=import-outside-toplevel
+  config = tiny_config("")
+  tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
+  state = tr.init_state(0)
+  ckpt = checkpointer.TrainCheckpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, state, {"model": config.model.to_dict(), "nimg": 8})
+  ckpt.save(2, state, {"model": config.model.to_dict(), "nimg": 16})
+  return checkpointer, ckpt, state
+
+
+def test_transient_restore_error_propagates_and_moves_nothing(tmp_path,
+                                                              monkeypatch):
+  """Item 7: only clear corruption sets a checkpoint aside."""
+  checkpointer, ckpt, state = _saved(tmp_path)
+  real_restore = ckpt.manager.restore
+
+  def flaky(step, args=None):
+    if "train" in dict(args.items()):
+      raise ValueError("UNAVAILABLE: connection reset by peer")
+    return real_restore(step, args=args)
+  monkeypatch.setattr(ckpt.manager, "restore", flaky)
+  with pytest.raises(ValueError, match="UNAVAILABLE"):
+    ckpt.restore_latest(state)
+  assert checkpoint.list_steps(str(tmp_path)) == (1, 2)
+  assert not os.path.exists(tmp_path / "checkpoints_unreadable")
+  for error, corrupt in (
+      (ValueError("UNAVAILABLE: x"), False), (MemoryError(), False),
+      (ValueError("Requested shape: (1,) is not compatible with the stored "
+                  "shape: (2,)"), False), (OSError("timeout"), False),
+      (ValueError("DATA_LOSS: checksum"), True),
+      (ValueError("OUT_OF_RANGE: Error opening ..."), True),
+      (json.JSONDecodeError("x", "{", 1), True),
+      (FileNotFoundError("x"), True)):
+    assert checkpointer.is_corruption(error) == corrupt, error
+  monkeypatch.undo()
+  ckpt.close()
+
+
+def test_corrupt_checkpoint_that_cannot_be_moved_is_never_deleted(
+    tmp_path, monkeypatch):
+  """Item 7: where a corrupt step cannot be renamed (GCS), stop with a
+  message instead of deleting it."""
+  checkpointer, ckpt, state = _saved(tmp_path)
+  for f in glob.glob(str(tmp_path / "checkpoints" / "2" / "train" / "**"),
+                     recursive=True):
+    if os.path.isfile(f):
+      os.remove(f)
+
+  def no_rename(src, dst):
+    raise OSError("directories cannot be renamed here")
+  monkeypatch.setattr(checkpointer, "_move", no_rename)
+  with pytest.raises(ValueError, match="nothing was deleted"):
+    ckpt.restore_latest(state)
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")
+  ckpt.close()
+
+
+def test_train_restores_the_previous_sigterm_handler(shards, tmp_path):
+  """Item 9 (library half): the SIGTERM handler is scoped to training."""
+  def mine(signum, frame):
+    pass
+  previous = signal.signal(signal.SIGTERM, mine)
+  try:
+    train_loop.train(tiny_config(shards[8]), str(tmp_path / "w"),
+                     mesh=sharding.make_mesh(jax.devices()[:1]), max_steps=1)
+    assert signal.getsignal(signal.SIGTERM) is mine
+  finally:
+    signal.signal(signal.SIGTERM, previous)

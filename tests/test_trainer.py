@@ -176,3 +176,101 @@ def test_bfloat16_training_keeps_float32_state_and_compiles_once():
   # No recompilation after the first call of each phase.
   assert sorted(tr._compiled) == ["d_main", "d_reg", "g_main", "g_reg"]
   assert all(fn._cache_size() == 1 for fn in tr._compiled.values())
+
+
+def _all_finite(tree):
+  return all(bool(np.all(np.isfinite(np.asarray(x))))
+             for x in jax.tree_util.tree_leaves(jax.device_get(tree))
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def test_non_finite_gradients_are_sanitized_in_every_phase(one_device):
+  """Item 1: like the reference (nan_to_num before every optimizer step), a
+  non-finite gradient leaves the parameters and the Adam state finite."""
+  tr, state = one_device
+  real = real_batch()
+  real[0, 0, 0, 0] = np.nan                 # D phases: a NaN pixel
+  real = sharding.host_to_global(real, tr.mesh)
+  # G phases: weights so large that the images overflow.
+  huge = jax.tree_util.tree_map(lambda x: x * 1e20, state.g_params)
+  for name in ("g_main", "g_reg", "d_main", "d_reg"):
+    s = jax.tree_util.tree_map(jnp.copy, state)
+    if name.startswith("g"):
+      s = s.replace(g_params=jax.tree_util.tree_map(jnp.copy, huge))
+    phase = tr._phase(name)
+    new, metrics = tr.compiled(name, s)(
+        *tr._args(phase, s, real, jnp.float32(0.5)))
+    metrics = jax.device_get(metrics)
+    bad = [v for k, v in metrics.items() if k.endswith("grad_nonfinite")]
+    assert bad and bad[0] > 0, (name, metrics)   # the gradient was non-finite
+    net = "g" if name.startswith("g") else "d"
+    assert _all_finite(getattr(new, f"{net}_params")), name
+    assert _all_finite(getattr(new, f"{net}_opt")), name
+    assert np.isfinite(metrics[f"{net.upper()}/" + (
+        "grad_norm" if name.endswith("main") else "reg_grad_norm")])
+
+
+def test_sanitize_grads_matches_reference_values():
+  g = {"a": jnp.asarray([np.nan, np.inf, -np.inf, 2.0])}
+  clean, bad = steps.sanitize_grads(g)
+  np.testing.assert_array_equal(clean["a"], [0.0, 1e5, -1e5, 2.0])
+  assert float(bad) == 3
+
+
+def test_lazy_correction_kept_when_a_regularizer_is_off():
+  """Item 4: the reference corrects lr and betas whenever an interval is set,
+  also with pl_weight=0 or r1_gamma=0 (the reg phase then never runs)."""
+  config = tiny_config(**{"loss.r1_gamma": 0.0, "loss.pl_weight": 0.0,
+                          "optim.beta2": 0.99})
+  tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
+  assert tr.phases_for_step(0) == ("g_main", "d_main")
+  lr, b2, eps = 0.0025, 0.99, 1e-8
+  for tx, interval in ((tr.g_tx, 4), (tr.d_tx, 16)):
+    c = interval / (interval + 1)
+    p = jnp.asarray(1.0)
+    st = tx.init(p)
+    u1, st = tx.update(jnp.asarray(0.5), st, p)
+    u2, _ = tx.update(jnp.asarray(-0.2), st, p)
+    bb = b2 ** c
+    v2 = (bb * (1 - bb) * 0.25 + (1 - bb) * 0.04) / (1 - bb**2)
+    np.testing.assert_allclose(u1, -lr * c * np.sign(0.5), rtol=1e-5)
+    np.testing.assert_allclose(u2, -lr * c * -0.2 / (math.sqrt(v2) + eps),
+                               rtol=1e-5)
+
+
+def _cutoffs(ws):
+  """Per-sample cutoff read off ws: the first layer that differs from layer
+  0 (mapping output is the same for every layer), num_ws if none."""
+  ws = np.asarray(ws)
+  differs = np.any(ws != ws[:, :1], axis=2)          # (N, num_ws)
+  return np.where(differs.any(1), differs.argmax(1), ws.shape[1])
+
+
+def test_style_mixing_cutoff_drawn_per_slice():
+  """Item 3: one cutoff and one Bernoulli draw per per-device slice (the
+  reference draws per run_G call, i.e. per per-GPU batch)."""
+  config = tiny_config(**{"mbstd_shards": 8})
+  config.batch_size = 64
+  tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
+  assert tr.mixing_slices(64) == 8 and tr.mixing_slices(32) == 8
+  state = tr.init_state(0)
+  num_ws = tr.G.num_ws
+  gen = jax.jit(lambda k: tr._generate(state.g_params, state.g_buffers, 64,
+                                       k)[1])
+  per_slice, distinct = [], []
+  for i in range(40):
+    cut = _cutoffs(jax.device_get(gen(jax.random.PRNGKey(i)))).reshape(8, 8)
+    assert np.all(cut == cut[:, :1]), cut           # one cutoff per slice
+    per_slice += list(cut[:, 0])
+    distinct.append(len(set(cut[:, 0])))
+  per_slice = np.asarray(per_slice)
+  assert set(per_slice) <= set(range(1, num_ws + 1))
+  mixed = np.mean(per_slice < num_ws)
+  # 320 Bernoulli(0.9) draws: 5 standard deviations is 0.084.
+  assert abs(mixed - 0.9) < 0.085, mixed
+  assert np.mean(np.asarray(distinct) > 1) > 0.9     # slices differ
+  # The pure function: slices of the batch, the probability respected.
+  cut = np.asarray(steps.mixing_cutoffs(jax.random.PRNGKey(0), 4000, 1000,
+                                        8, 0.25)).reshape(1000, 4)
+  assert np.all(cut == cut[:, :1])
+  assert abs(np.mean(cut[:, 0] < 8) - 0.25) < 5 * math.sqrt(.25 * .75 / 1000)
