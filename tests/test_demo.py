@@ -56,3 +56,34 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   reused = [l for l in lines if "already done" in l]
   assert len(reused) == 7, lines
   assert os.path.exists(tmp_path / "stages" / "train.done")
+
+
+def test_preempted_training_is_not_marked_done(tmp_path, monkeypatch):
+  """Item 9: SIGTERM during training stops the demo after saving; the train
+  stage is not marked done, and the SIGTERM handler is put back."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from gandl_jax.train import checkpointer  # pylint: disable=import-outside-toplevel
+  install = checkpointer.TrainCheckpointer.install_sigterm_handler
+
+  def install_then_sigterm(self):
+    install(self)
+    os.kill(os.getpid(), signal.SIGTERM)    # a real signal, our handler
+  monkeypatch.setattr(checkpointer.TrainCheckpointer,
+                      "install_sigterm_handler", install_then_sigterm)
+
+  def mine(signum, frame):
+    pass
+  previous = signal.signal(signal.SIGTERM, mine)
+  try:
+    out = demo.run_demo(str(tmp_path), size=32, config=tiny_demo_config(),
+                        log=lambda s: None,
+                        mesh=sharding.make_mesh(jax.devices()[:1]))
+    assert signal.getsignal(signal.SIGTERM) is mine
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert out["reason"] == "preempted" and out["stages"]["step"] == 1
+  assert not os.path.exists(tmp_path / "stages" / "train.done")
+  assert os.path.exists(tmp_path / "stages" / "convert.done")
+  assert not os.path.exists(tmp_path / "embeddings")
+  from gandl_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  assert checkpoint.list_steps(str(tmp_path / "train")) == (1,)
