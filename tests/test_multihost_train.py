@@ -66,11 +66,11 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(shards, tmp_path):
     t0 = time.time()
     while not (metrics.exists() and
                len(metrics.read_text().splitlines()) >= 2):
-      assert time.time() - t0 < 400, "training did not start"
+      assert time.time() - t0 < 1200, "training did not start"
       assert all(p.poll() is None for p in procs), procs[0].stdout.read()
       time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)    # the non-coordinator host only
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
   finally:
     for p in procs:
       p.kill()

@@ -141,7 +141,9 @@ def test_sigterm_saves_and_kill9_mid_save_leaves_restorable_workdir(
 
   # 2. kill -9 while asynchronous saves are being written (one per step).
   cfg_every_step = str(cfg_file) + ":0.008"
-  proc = subprocess.Popen(_train_cmd(cfg_every_step, workdir), env=env,
+  proc = subprocess.Popen(_train_cmd(cfg_every_step, workdir,
+                                     "--allow_config_change="
+                                     "checkpoint_every_kimg"), env=env,
                           cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
   try:
