@@ -14,6 +14,7 @@ import pytest
 
 import tiny
 from gandl_jax import checkpoint
+from gandl_jax import config as config_lib
 from gandl_jax.data import convert, synthetic
 from gandl_jax import sharding
 from gandl_jax.train import loop as train_loop
@@ -370,3 +371,26 @@ def test_train_restores_the_previous_sigterm_handler(shards, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is mine
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def _config_module(name):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(REPO, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_paper_configs_clamp_at_256_like_the_reference():
+  """Item 2: stylegan2-ada-pytorch's train.py sets conv_clamp=256 for every
+  config (mixed precision) and None with --fp32; the paper configs compute
+  in bfloat16, the demo in float32."""
+  paper = _config_module("gandl_rxrx19a")
+  for arg in ("256", "512", "1024", "256,runlocal"):
+    config = paper.get_config(arg)
+    assert config.model.conv_clamp == 256.0, arg
+    config_lib.validate(config, 1, 1)
+  demo_cfg = _config_module("demo").get_config()
+  assert demo_cfg.compute_dtype == "float32"
+  assert demo_cfg.model.conv_clamp is None
