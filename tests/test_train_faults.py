@@ -35,13 +35,20 @@ import jax
 fault, nth = os.environ.get("FAULT", ""), int(os.environ.get("FAULT_AT", "1"))
 calls = [0]
 
-def kill_on_nth(orig):
+def kill_on_nth(orig, counts=lambda args, kwargs: True):
   def wrapped(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == nth:
-      os.kill(os.getpid(), signal.SIGKILL)
+    if counts(args, kwargs):
+      calls[0] += 1
+      if calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
     return orig(*args, **kwargs)
   return wrapped
+
+def meta_item(args, kwargs):
+  # JSON items of a save: our `meta` and, with the probe on, Orbax's metrics.
+  save_args = kwargs.get("args", args[3] if len(args) > 3 else None)
+  item = getattr(save_args, "item", None) or kwargs.get("item") or {}
+  return isinstance(item, dict) and "data_position" in item
 
 if fault == "step":
   from gandl_jax.train import checkpointer, steps
@@ -63,7 +70,7 @@ if fault == "step":
 elif fault == "meta_item":
   from orbax.checkpoint._src.handlers import json_checkpoint_handler as m
   m.JsonCheckpointHandler.async_save = kill_on_nth(
-      m.JsonCheckpointHandler.async_save)
+      m.JsonCheckpointHandler.async_save, meta_item)
 elif fault == "step_metadata":
   from orbax.checkpoint._src.checkpointers import async_checkpointer as m
   m.AsyncCheckpointer._save_step_metadata = kill_on_nth(
