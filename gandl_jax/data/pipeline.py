@@ -457,7 +457,8 @@ def train_dataset(path: str, *, host_batch: int, seed: int,
   npc = autotune if num_parallel_calls in (None, -1) else int(num_parallel_calls)
   nf = len(host)
   host_t = tf.constant(host)
-  base = np.int64(seed) * 1_000_003 + process_index * 7_919
+  # Python ints: numpy 2.4's scalars refuse to combine with symbolic tensors.
+  base = int(seed) * 1_000_003 + int(process_index) * 7_919
 
   def one_epoch(epoch):
     s = tf.stack([tf.constant(base, tf.int64), epoch])
