@@ -1,6 +1,8 @@
 """Classical features (gandl_jax.baselines) and gandl-features."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -195,25 +197,20 @@ def test_command_filter_workers_and_errors(tree, tmp_path):
 
 
 def test_cli(tree, tmp_path):
-  from absl import flags
-  from gandl_jax.cli import features as cli
+  """The command as users run it (a subprocess: the commands' absl flags
+  must not meet other commands' in the test process)."""
   out = tmp_path / "cli.csv"
-  argv = ["gandl-features", "--method", "classical", "--data", tree["shards"],
-          "--output", str(out), "--workers", "1",
+  argv = [sys.executable, "-m", "gandl_jax.cli.features", "--method",
+          "classical", "--data", tree["shards"], "--output", str(out),
+          "--workers", "1",
           "--filter", "disease_condition == 'Active SARS-CoV-2'"]
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(argv)
-  try:
-    with pytest.raises(SystemExit) as done:
-      cli.main(argv[:1])
-    assert done.value.code == 0
-    df = pd.read_csv(out)
-    assert df.columns[0] == "site_id" and df.columns[1] == "f0000"
-    assert len(df) > 0
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv[:-2] + ["--data", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit) as failed:
-      cli.main(argv[:1])
-    assert failed.value.code == 1
-  finally:
-    flags.FLAGS.unparse_flags()
+  r = subprocess.run(argv, capture_output=True, text=True, check=False,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  df = pd.read_csv(out)
+  assert df.columns[0] == "site_id" and df.columns[1] == "f0000"
+  assert len(df) > 0
+  r = subprocess.run(argv[:5] + [str(tmp_path / "missing")] + argv[6:-2],
+                     capture_output=True, text=True, check=False, timeout=600)
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert "gandl-features: error:" in r.stderr

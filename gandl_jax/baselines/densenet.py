@@ -210,11 +210,22 @@ def keras_model(weights: Optional[str] = None, seed: int = 0,
   """`keras.applications.DenseNet121` without pooling (any input size >= 32);
   `weights`: None (random, seeded) or 'imagenet' (may download)."""
   keras = _keras()
+  import random  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  # keras.utils.set_random_seed seeds the process-wide Python, NumPy and TF
+  # generators; a library must not leave them set (a global TF seed breaks
+  # tf.data pipelines whose op seeds are tensors), so they are restored.
+  py_state, np_state = random.getstate(), np.random.get_state()
   keras.utils.set_random_seed(seed)
-  if include_top:
-    return keras.applications.DenseNet121(include_top=True, weights=weights)
-  return keras.applications.DenseNet121(
-      include_top=False, weights=weights, input_shape=(None, None, 3))
+  try:
+    if include_top:
+      return keras.applications.DenseNet121(include_top=True, weights=weights)
+    return keras.applications.DenseNet121(
+        include_top=False, weights=weights, input_shape=(None, None, 3))
+  finally:
+    tf.random.set_seed(None)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
 
 
 @functools.lru_cache(maxsize=1)
