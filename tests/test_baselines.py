@@ -210,7 +210,7 @@ def test_cli(tree, tmp_path):
   df = pd.read_csv(out)
   assert df.columns[0] == "site_id" and df.columns[1] == "f0000"
   assert len(df) > 0
-  r = subprocess.run(argv[:5] + [str(tmp_path / "missing")] + argv[6:-2],
+  r = subprocess.run(argv[:6] + [str(tmp_path / "missing")] + argv[7:-2],
                      capture_output=True, text=True, check=False, timeout=600)
   assert r.returncode == 1, r.stderr[-2000:]
   assert "gandl-features: error:" in r.stderr
