@@ -33,7 +33,6 @@ from gandl_jax.baselines import method as get_method
 DEFAULT_BATCH = 64
 META_FEATURE_NAMES = "gandl.feature_names"
 META_METHOD = "gandl.method"
-_NON_METADATA = ("image", "valid", "index")
 
 
 @dataclasses.dataclass
@@ -115,7 +114,8 @@ def compute_embeddings(method_name: str, data: str, output: str, *,
           continue
         # CSV: Recursion's layout (site_id + features), as gandl-export.
         meta = {k: np.asarray(v)[valid] for k, v in b.items()
-                if k not in _NON_METADATA and (k == "site_id" or not csv)}
+                if k not in pipeline.NON_METADATA_KEYS and
+                (k == "site_id" or not csv)}
         images = np.ascontiguousarray(b["image"][valid])
         if pool is not None:
           pending.append((meta, pool.apply_async(meth.features, (images,))))

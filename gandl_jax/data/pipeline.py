@@ -540,6 +540,11 @@ def train_batches(data_config: Any, *, global_batch: int, mesh, seed: int,
 # Evaluation / export stream.
 
 
+# Keys of an eval batch that are not metadata columns (`index`: the site's
+# row in sites.csv, the global order key; -1 for padding).
+NON_METADATA_KEYS = ("image", "valid", "index")
+
+
 def _pad_value(kind: str):
   return {"int64": -1, "float": math.nan, "bytes": ""}[kind]
 

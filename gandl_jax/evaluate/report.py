@@ -271,6 +271,16 @@ def write_report(path: str, text: str) -> None:
   gio.atomic_write(path, lambda f: f.write(text))
 
 
+def _activity_table(rows) -> str:
+  """Compound-doses of the activity mAP: compound, dose, mAP, corrected p."""
+  return table(["compound", "conc", "cell type", "replicates", "mAP",
+                "corrected p", "retrieved"],
+               [[t.get("treatment"), t.get("treatment_conc"),
+                 t.get("cell_type"), t.get("n_replicates"),
+                 t.get("mean_average_precision"), t.get("corrected_p_value"),
+                 t.get("below_corrected_p")] for t in rows])
+
+
 def retrieval_section(sets: Dict[str, Dict], top_n: int) -> str:
   """Phenotypic activity / consistency (mAP), percent replicating, energy."""
   out = ["## Phenotypic activity and consistency (mAP)", "",
@@ -319,24 +329,11 @@ def retrieval_section(sets: Dict[str, Dict], top_n: int) -> str:
                  "median replicate cosine"], rows), ""]
   for n, s in sets.items():
     a = s.get("activity", {})
-    if a.get("status") == "ok" and a.get("top"):
-      out += [f"Most active compound-doses, **{n}**:", "",
-              table(["compound", "conc", "cell type", "replicates", "mAP",
-                     "corrected p", "retrieved"],
-                    [[t.get("treatment"), t.get("treatment_conc"),
-                      t.get("cell_type"), t.get("n_replicates"),
-                      t.get("mean_average_precision"),
-                      t.get("corrected_p_value"), t.get("below_corrected_p")]
-                     for t in a["top"][:top_n]]), ""]
-    if a.get("status") == "ok" and a.get("named"):
-      out += [f"Named compounds, **{n}**:", "",
-              table(["compound", "conc", "cell type", "replicates", "mAP",
-                     "corrected p", "retrieved"],
-                    [[t.get("treatment"), t.get("treatment_conc"),
-                      t.get("cell_type"), t.get("n_replicates"),
-                      t.get("mean_average_precision"),
-                      t.get("corrected_p_value"), t.get("below_corrected_p")]
-                     for t in a["named"]]), ""]
+    for key, title, rows in (("top", "Most active compound-doses", top_n),
+                             ("named", "Named compounds", None)):
+      if a.get("status") == "ok" and a.get(key):
+        out += [f"{title}, **{n}**:", "",
+                _activity_table(a[key][:rows]), ""]
     ed = s.get("replicates", {}).get("energy_distance", {})
     if ed.get("rows"):
       out += [f"Treatment vs reference energy distance, **{n}**:", "",

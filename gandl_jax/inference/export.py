@@ -72,9 +72,6 @@ META_COMPUTE_DTYPE = "gandl.compute_dtype"
 META_NUM_HOSTS = "gandl.num_hosts"
 META_FALLBACK = "gandl.checkpoint_fallback"
 
-# Keys of an eval_batches batch that are not metadata columns (`index`: the
-# site's row in sites.csv, the global order key; -1 for padding).
-_NON_METADATA = ("image", "valid", "index")
 
 
 @dataclasses.dataclass
@@ -336,7 +333,7 @@ def write_features(embed: Callable[[Any], Any], data: str, output: str, *,
                          f"{len(x)} rows of this host")
       # CSV: Recursion's layout, site_id + features.
       cols = (["site_id"] if fmt == "csv" and not multi else
-              [k for k in b if k not in _NON_METADATA])
+              [k for k in b if k not in pipeline.NON_METADATA_KEYS])
       meta = {}
       for c in cols:
         values = np.asarray(b[c])
