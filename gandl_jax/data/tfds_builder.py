@@ -313,8 +313,10 @@ class RxrxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {SPLIT: _iter_sites(job, planned, errors_path, sums_path)}
 
   def _generate_examples(self, **unused):
+    # Required by TFDS's builder interface but never called:
     # _split_generators returns the generators (or the Beam PTransform).
-    raise NotImplementedError
+    raise RuntimeError("_generate_examples is not used by this builder; "
+                       "_split_generators yields the examples")
 
   def _write_index(self) -> None:
     """sites.csv, errors.csv and the metadata, from the plan and the pipeline's
