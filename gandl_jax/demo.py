@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import ml_collections
@@ -41,6 +41,9 @@ DEFAULT_DIFFICULTY = "hard"
 TRAINED = "GAN-DL (trained D)"
 BASELINE = "untrained D (random init)"
 CLASSICAL = "classical features"
+# The paper's DenseNet-121 baseline (issue 14). Offline, the demo has no
+# ImageNet weights: its default is a random initialisation, named as such.
+DEFAULT_DENSENET_WEIGHTS = "none"
 
 
 def demo_config() -> ml_collections.ConfigDict:
@@ -114,6 +117,61 @@ def save_initial_model(config: ml_collections.ConfigDict, mesh: Mesh,
   return str(path)
 
 
+def densenet_set_name(weights: str) -> str:
+  """The report's name of the concatenated DenseNet-121 set: it says which
+  weights (random ones are a control, not the paper's baseline)."""
+  from gandl_jax.baselines import densenet  # pylint: disable=import-outside-toplevel
+  if weights in densenet.RANDOM_ALIASES:
+    return "DenseNet-121 concat (random init)"
+  if weights == densenet.WEIGHTS_IMAGENET:
+    return "DenseNet-121 concat (ImageNet)"
+  return f"DenseNet-121 concat ({os.path.basename(weights)})"
+
+
+def baseline_sets(stages: "Stages", data: Dict[str, str], emb_dir: str, *,
+                  classical: bool = True, densenet: bool = True,
+                  densenet_weights: str = DEFAULT_DENSENET_WEIGHTS,
+                  mesh: Optional[Mesh] = None,
+                  datasets: Tuple[str, ...] = ("rxrx19a", "rxrx1"),
+                  ) -> List[Tuple[str, str]]:
+  """Computes (or reuses, per stage) the non-GAN embedding sets of every
+  dataset in `data` ({dataset: shards}) into EMB_DIR/<tag>_<dataset>.parquet
+  and returns their (report name, tag): the classical (CellProfiler-style)
+  features and the concatenated DenseNet-121 (weights `densenet_weights`:
+  imagenet, a weights file, or none = random init, recorded in the files'
+  `gandl.weights`). The demo and tools/experiment_training_benefit.py share
+  this, so both compare the same sets."""
+  # pylint: disable=import-outside-toplevel
+  sets = []
+  if classical:
+    def do_classical():
+      from gandl_jax.baselines import run as baselines_run
+      return {d: baselines_run.compute_embeddings(
+          "classical", data[d], os.path.join(emb_dir, f"classical_{d}.parquet"),
+          progress_every_s=60.0).as_dict() for d in datasets}
+    stages.run("classical", do_classical)
+    sets.append((CLASSICAL, "classical"))
+  if densenet:
+    def do_densenet():
+      from gandl_jax.baselines import densenet as densenet_lib
+      from gandl_jax.data import pipeline
+      backbone = densenet_lib.load_backbone(densenet_weights)
+      out = {}
+      for d in datasets:
+        res = int(pipeline.read_dataset_info(data[d])["resolution"])
+        # Below Keras' 32x32 minimum (tests' tiny shards) the sites are
+        # resized up; the files record the input size (`gandl.input`).
+        size = None if res >= densenet_lib.MIN_SIZE else densenet_lib.MIN_SIZE
+        out[d] = densenet_lib.export_concat(
+            data[d], os.path.join(emb_dir, f"densenet_{d}.parquet"),
+            backbone=backbone, mesh=mesh, overwrite=True, image_size=size,
+            progress_every_s=60.0)
+      return out
+    stages.run("densenet", do_densenet)
+    sets.append((densenet_set_name(densenet_weights), "densenet"))
+  return sets
+
+
 # The headline's columns: (label, task, split, metric) of the report's
 # summary table. Plate splits (held-out plates, the honest estimate) except
 # RxRx1, whose plates each hold one cell type (no plate split exists).
@@ -152,15 +210,19 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
              mesh: Optional[Mesh] = None,
              converter: str = "gandl-convert",
              difficulty: str = DEFAULT_DIFFICULTY,
-             classical: bool = True) -> Dict[str, Any]:
+             classical: bool = True, densenet: bool = True,
+             densenet_weights: str = DEFAULT_DENSENET_WEIGHTS
+             ) -> Dict[str, Any]:
   """Runs (or resumes) every stage; returns {'reason': 'finished' or
   'preempted' (training stopped by SIGTERM), 'report': path, ...}.
 
   `mesh` defaults to all devices (training and export). `converter`:
   "gandl-convert" (shards under DIR/shards) or "tfds" (the TFDS builders,
   on Beam when installed, into DIR/tfds; training and export read it).
-  `difficulty`: the synthetic mode (gandl-synth --difficulty); `classical`:
-  evaluate the classical (CellProfiler-style) features as a third set."""
+  `difficulty`: the synthetic mode (gandl-synth --difficulty); `classical`,
+  `densenet`: evaluate the classical (CellProfiler-style) features and the
+  concatenated DenseNet-121 (weights `densenet_weights`; offline default:
+  random init, named so in the report) as more sets (`baseline_sets`)."""
   if converter not in CONVERTERS:
     raise ValueError(f"converter must be one of {CONVERTERS}, got {converter!r}")
   workdir = os.path.abspath(workdir)
@@ -220,13 +282,9 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
     return out
   stages.run("export", do_export)
 
-  if classical:
-    def do_classical():
-      from gandl_jax.baselines import run as baselines_run  # pylint: disable=import-outside-toplevel
-      return {d: baselines_run.compute_embeddings(
-          "classical", data[d], os.path.join(emb, f"classical_{d}.parquet"),
-          progress_every_s=60.0).as_dict() for d in ("rxrx19a", "rxrx1")}
-    stages.run("classical", do_classical)
+  extra = baseline_sets(stages, data, emb, classical=classical,
+                        densenet=densenet, densenet_weights=densenet_weights,
+                        mesh=mesh)
 
   report_dir = os.path.join(workdir, "report")
 
@@ -244,9 +302,8 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
         truth=os.path.join(roots["rxrx19a"], "synthetic_truth.csv"),
         compounds=NAMED_COMPOUNDS, log=log,
         extra_sets=[evaluate.EmbeddingSet(
-            CLASSICAL, os.path.join(emb, "classical_rxrx19a.parquet"),
-            os.path.join(emb, "classical_rxrx1.parquet"))] if classical
-        else [])
+            name, os.path.join(emb, f"{tag}_rxrx19a.parquet"),
+            os.path.join(emb, f"{tag}_rxrx1.parquet")) for name, tag in extra])
     return {"report": os.path.join(report_dir, "report.md"),
             "headline": headline(metrics)}
   summary = stages.run("evaluate", do_evaluate)

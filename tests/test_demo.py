@@ -25,16 +25,18 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   report = tmp_path / "report" / "report.md"
   assert out["report"] == str(report) and report.exists()
   metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+  densenet = demo.densenet_set_name("none")
+  assert densenet == "DenseNet-121 concat (random init)"
   assert set(metrics["names"]) == {demo.TRAINED, demo.BASELINE,
-                                   demo.CLASSICAL}
+                                   demo.CLASSICAL, densenet}
   for name in metrics["names"]:
     res = metrics["embeddings"][name]
     assert {"control", "cell_model", "dose_response", "rxrx1"} <= set(res)
   text = report.read_text()
   assert demo.TRAINED in text and demo.BASELINE in text
-  # Headline: a header, then the three sets side by side with the figures
+  # Headline: a header, then the four sets side by side with the figures
   # of metrics.json.
-  assert len(out["headline"]) == 4 and "Mock/Active" in out["headline"][0]
+  assert len(out["headline"]) == 5 and "Mock/Active" in out["headline"][0]
   for line in out["headline"][1:]:
     name = next(n for n in metrics["names"] if line.startswith(n))
     acc = metrics["embeddings"][name]["control"]["plate"]["balanced_accuracy"]
@@ -47,6 +49,16 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   a = pd.read_parquet(tmp_path / "embeddings" / "trained_rxrx19a.parquet")
   b = pd.read_parquet(tmp_path / "embeddings" / "init_rxrx19a.parquet")
   assert len(a) == len(b) > 1000
+  # The DenseNet set: every site once, 5 x 1024 features of the 8x8 shards
+  # resized to Keras' 32x32 minimum, random weights recorded as such.
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "embeddings" / "densenet_rxrx19a.parquet"
+  dn = pd.read_parquet(path)
+  assert list(dn["site_id"]) == list(a["site_id"])
+  assert len([c for c in dn.columns if c.startswith("f")]) == 5 * 1024
+  meta = pq.read_schema(path).metadata
+  assert meta[b"gandl.weights"] == b"random"
+  assert meta[b"gandl.image_size"] == b"32"
   feats = [c for c in a.columns if c.startswith("f0")]
   assert float((a[feats] - b[feats]).abs().to_numpy().max()) > 1e-4
   # Second run: every stage is reused.
@@ -54,7 +66,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   demo.run_demo(str(tmp_path), size=32, config=tiny_demo_config(),
                 log=lines.append, mesh=mesh)
   reused = [l for l in lines if "already done" in l]
-  assert len(reused) == 7, lines
+  assert len(reused) == 8, lines
   assert os.path.exists(tmp_path / "stages" / "train.done")
 
 

@@ -19,6 +19,14 @@ _DIFFICULTY = flags.DEFINE_string(
     "hard2 (gandl-synth --difficulty; docs/data.md).")
 _CLASSICAL = flags.DEFINE_bool("classical", True, "Also evaluate classical "
                                "(CellProfiler-style) features.")
+_DENSENET = flags.DEFINE_bool(
+    "densenet", True, "Also evaluate the concatenated DenseNet-121 baseline "
+    "(docs/baselines.md).")
+_DENSENET_WEIGHTS = flags.DEFINE_string(
+    "densenet_weights", demo.DEFAULT_DENSENET_WEIGHTS,
+    "DenseNet-121 weights: none (random init, the offline default; the report "
+    "names it so), imagenet (downloaded by Keras once) or a Keras weights "
+    "file.")
 _CONVERTER = flags.DEFINE_enum(
     "converter", "gandl-convert", demo.CONVERTERS,
     "gandl-convert, or tfds: the TFDS builders (Apache Beam with the [beam] "
@@ -29,7 +37,8 @@ flags.mark_flags_as_required(["workdir"])
 def demo_command() -> int:
   out = demo.run_demo(_WORKDIR.value, size=_SIZE.value, seed=_SEED.value,
                       converter=_CONVERTER.value, difficulty=_DIFFICULTY.value,
-                      classical=_CLASSICAL.value)
+                      classical=_CLASSICAL.value, densenet=_DENSENET.value,
+                      densenet_weights=_DENSENET_WEIGHTS.value)
   if out["reason"] == "preempted":
     print("GAN-DL demo stopped by SIGTERM during training (checkpoint "
           "saved); rerun the same command to resume.")
