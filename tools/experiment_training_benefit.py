@@ -3,7 +3,8 @@ r"""Does training the GAN give better embeddings than not training it?
 Runs the "what training buys" experiment (issue 13) on the synthetic data:
 for every training seed, one run of the demo-sized GAN with a checkpoint at
 each budget; every checkpoint's discriminator, the same discriminator at
-initialization and the classical (CellProfiler-style) features are exported
+initialization, the classical (CellProfiler-style) features and the
+concatenated DenseNet-121 (random init unless --densenet_weights) are exported
 and evaluated with the same protocol (control and cell type on the random
 and plate splits, dose-response EC50 rank correlation with the planted
 EC50s, hits recovered, RxRx1 zero-shot). Writes
@@ -44,6 +45,11 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 _LAYER = flags.DEFINE_string("layer", "fc", "D feature layer to evaluate.")
 _CLASSICAL = flags.DEFINE_bool("classical", True, "Evaluate the classical "
                                "features too.")
+_DENSENET = flags.DEFINE_bool("densenet", True, "Evaluate the concatenated "
+                              "DenseNet-121 baseline too.")
+_DENSENET_WEIGHTS = flags.DEFINE_string(
+    "densenet_weights", "none", "DenseNet-121 weights: none (random init, "
+    "named so), imagenet or a Keras weights file.")
 _OVERRIDES = flags.DEFINE_multi_string(
     "set", [], "Config overrides KEY=VALUE (e.g. loss.r1_gamma=1.0).")
 
@@ -120,7 +126,8 @@ def markdown_table(summary: List[Dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def plot(summary: List[Dict[str, Any]], out_dir: str) -> List[str]:
+def plot(summary: List[Dict[str, Any]], out_dir: str,
+         suffix: str = "") -> List[str]:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -146,7 +153,7 @@ def plot(summary: List[Dict[str, Any]], out_dir: str) -> List[str]:
     ax.set_xlabel("training kimg")
     ax.set_ylabel(label)
     ax.legend(fontsize=7)
-    path = os.path.join(out_dir, label.replace("/", "_") + ".png")
+    path = os.path.join(out_dir, label.replace("/", "_") + suffix + ".png")
     gio.atomic_write(path, lambda f, fig=fig: fig.savefig(
         f, format="png", dpi=110, bbox_inches="tight"), mode="wb")
     plt.close(fig)
@@ -158,7 +165,6 @@ def main(argv):
   del argv
   # pylint: disable=import-outside-toplevel
   from gandl_jax import checkpoint, demo, sharding
-  from gandl_jax.baselines import run as baselines_run
   from gandl_jax.data import convert, synthetic
   from gandl_jax.evaluate import pipeline as evaluate_lib
   from gandl_jax.inference import api, export
@@ -200,15 +206,16 @@ def main(argv):
     return metric_row(metrics, name)
 
   rows: List[Dict[str, Any]] = []
-  if _CLASSICAL.value:
-    def classical():
-      for d in data:
-        baselines_run.compute_embeddings(
-            "classical", data[d],
-            os.path.join(emb_dir, f"classical_{d}.parquet"))
-      return dict(evaluate_set("classical features", "classical"),
-                  set="classical features", seed=-1, kimg=0.0)
-    rows.append(stages.run("classical", classical))
+  layer = _LAYER.value
+  layer_suffix = "" if layer == "fc" else f"-{layer}"
+  layer_name = "" if layer == "fc" else f" [{layer}]"
+  # Non-GAN sets: the same helper and names as gandl-demo.
+  for name, tag in demo.baseline_sets(
+      stages, data, emb_dir, classical=_CLASSICAL.value,
+      densenet=_DENSENET.value, densenet_weights=_DENSENET_WEIGHTS.value,
+      mesh=mesh):
+    rows.append(stages.run(f"eval-{tag}", lambda name=name, tag=tag: dict(
+        evaluate_set(name, tag), set=name, seed=-1, kimg=0.0)))
 
   for seed in seeds:
     config = demo.demo_config()
@@ -238,8 +245,10 @@ def main(argv):
         (b, train_dir, min(saved, key=lambda s, b=b: abs(
             s * config.batch_size - b * 1000))) for b in budgets]
     for kimg, ckpt, step in points:
-      tag = f"seed{seed}-kimg{kimg:g}"
-      name = "untrained D" if step is None else "trained D"
+      # fc keeps the original tags; another layer evaluates the same
+      # checkpoints again under its own tags (and summary-<layer>.md).
+      tag = f"seed{seed}-kimg{kimg:g}" + layer_suffix
+      name = ("untrained D" if step is None else "trained D") + layer_name
 
       def one(ckpt=ckpt, step=step, tag=tag, name=name, kimg=kimg,
               seed=seed):
@@ -254,10 +263,10 @@ def main(argv):
       rows.append(stages.run(f"eval-{tag}", one))
 
   from gandl_jax import io as gio
-  gio.write_text(os.path.join(workdir, "results.jsonl"),
+  gio.write_text(os.path.join(workdir, f"results{layer_suffix}.jsonl"),
                  "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
   summary = summarize(rows)
-  figures = plot(summary, workdir)
+  figures = plot(summary, workdir, layer_suffix)
   # Compute time of every stage (resumed stages keep their own time).
   done = os.path.join(workdir, "stages")
   elapsed = 0.0
@@ -280,7 +289,7 @@ def main(argv):
       "",
       "Figures: " + ", ".join(os.path.basename(p) for p in figures),
       ""])
-  gio.write_text(os.path.join(workdir, "summary.md"), text)
+  gio.write_text(os.path.join(workdir, f"summary{layer_suffix}.md"), text)
   print(text)
 
 
