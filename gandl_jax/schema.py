@@ -34,6 +34,35 @@ RXRX1_CHANNELS: Tuple[Channel, ...] = RXRX19A_CHANNELS + (
 
 CHANNELS = {"rxrx19a": RXRX19A_CHANNELS, "rxrx1": RXRX1_CHANNELS}
 
+# Any Cell Painting set described by a CellProfiler LoadData CSV
+# (gandl-convert --dataset loaddata): one FileName_<name> / PathName_<name>
+# column pair per channel, the channel's name being the suffix. The five
+# channels of the Cell Painting protocol (Bray et al. 2016, Nat. Protoc.;
+# Cimini et al. 2023, the JUMP version) under the names JUMP's load_data_csv
+# files use: name -> (stain, target). Other names keep their name as stain.
+LOADDATA = "loaddata"
+CELL_PAINTING_STAINS = {
+    "OrigDNA": ("Hoechst 33342", "nucleus"),
+    "OrigER": ("Concanavalin A", "endoplasmic reticulum"),
+    "OrigRNA": ("SYTO 14", "nucleoli / cytoplasmic RNA"),
+    "OrigAGP": ("Phalloidin + Wheat germ agglutinin",
+                "actin, Golgi / plasma membrane"),
+    "OrigMito": ("MitoTracker Deep Red", "mitochondria"),
+}
+JUMP_CHANNELS: Tuple[str, ...] = ("OrigDNA", "OrigER", "OrigRNA", "OrigAGP",
+                                  "OrigMito")
+# LoadData CSV columns: the per-channel prefixes, and the columns read as our
+# plate / well / site (first one present wins; plate and well are required).
+LOADDATA_FILE_PREFIX = "FileName_"
+LOADDATA_PATH_PREFIX = "PathName_"
+LOADDATA_FRAME_PREFIX = "Frame_"     # page of a multi-page file (0-based)
+LOADDATA_METADATA_PREFIX = "Metadata_"
+LOADDATA_KEY_COLUMNS = {
+    "plate": ("Metadata_Plate", "Metadata_plate", "plate"),
+    "well": ("Metadata_Well", "Metadata_well", "well"),
+    "site": ("Metadata_Site", "Metadata_site", "Metadata_Field", "site"),
+}
+
 # Default channel selection when RxRx1 feeds a model trained on RxRx19a.
 RXRX1_DEFAULT_CHANNELS: Tuple[int, ...] = (1, 2, 3, 4, 5)
 
@@ -46,7 +75,12 @@ RXRX1_COLUMNS: Tuple[str, ...] = (
     "site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well",
     "site", "well_type", "sirna", "sirna_id",
 )
-COLUMNS = {"rxrx19a": RXRX19A_COLUMNS, "rxrx1": RXRX1_COLUMNS}
+# A LoadData set's records: these, then the CSV's other Metadata_* columns
+# under their own names (text). `plate` is text there (plate barcodes).
+LOADDATA_COLUMNS: Tuple[str, ...] = ("site_id", "well_id", "plate", "well",
+                                     "site")
+COLUMNS = {"rxrx19a": RXRX19A_COLUMNS, "rxrx1": RXRX1_COLUMNS,
+           LOADDATA: LOADDATA_COLUMNS}
 
 # Integer-valued metadata columns (everything else is text; `treatment_conc` is float).
 INT_COLUMNS = frozenset({"plate", "site", "sirna_id"})
@@ -105,8 +139,14 @@ TFDS_FEATURES_FILE = "features.json"
 TFDS_METADATA_FILE = "metadata.json"
 
 
-def column_type(column: str) -> str:
-  """TFRecord type of a metadata column: "int64", "float" or "bytes"."""
+def column_type(column: str, dataset: str = "") -> str:
+  """TFRecord type of a metadata column: "int64", "float" or "bytes".
+
+  In a LoadData set only `site` is a number; plates are barcodes and the
+  carried Metadata_* columns text.
+  """
+  if dataset == LOADDATA:
+    return "int64" if column == "site" else "bytes"
   if column in INT_COLUMNS:
     return "int64"
   if column in FLOAT_COLUMNS:

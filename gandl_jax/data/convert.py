@@ -160,7 +160,14 @@ def default_num_shards(num_sites: int, resolution: int, num_channels: int) -> in
   return max(1, math.ceil(total / TARGET_SHARD_BYTES), min(MIN_SHARDS, num_sites))
 
 
-def encode_example(image: np.ndarray, meta: Dict[str, object], dataset: str) -> bytes:
+def dataset_columns(dataset: str) -> Dict[str, str]:
+  """The metadata columns of `dataset`'s records and their TFRecord types
+  (a LoadData set adds its CSV's Metadata_* columns: `read_loaddata`)."""
+  return {c: schema.column_type(c, dataset) for c in schema.COLUMNS[dataset]}
+
+
+def encode_example(image: np.ndarray, meta: Dict[str, object], dataset: str,
+                   columns: Optional[Dict[str, str]] = None) -> bytes:
   """One site as a serialized tf.train.Example (see schema.TFRECORD_*)."""
   tf = _tf()
   feat = tf.train.Feature
@@ -170,8 +177,7 @@ def encode_example(image: np.ndarray, meta: Dict[str, object], dataset: str) -> 
   }
   for name, n in zip(schema.TFRECORD_SHAPE, image.shape):
     f[name] = feat(int64_list=tf.train.Int64List(value=[int(n)]))
-  for col in schema.COLUMNS[dataset]:
-    kind = schema.column_type(col)
+  for col, kind in (columns or dataset_columns(dataset)).items():
     v = meta[col]
     if kind == "int64":
       f[col] = feat(int64_list=tf.train.Int64List(value=[int(v)]))
@@ -195,10 +201,15 @@ def _csv(columns: Sequence[str], rows: Sequence[Dict[str, object]]) -> str:
 
 
 def _plan_key(site_ids: Sequence[str], resolution: int, channels: Sequence[int],
-              source_size: Sequence[int], compression: str) -> str:
+              source_size: Sequence[int], compression: str,
+              extra: Optional[object] = None) -> str:
+  """What a finished shard depends on; `extra` (JSON): the LoadData files of
+  its sites and the intensity windows."""
   h = hashlib.sha1()
   h.update(json.dumps([FORMAT_VERSION, resolution, list(channels),
                        list(source_size), compression]).encode())
+  if extra is not None:
+    h.update(json.dumps(extra, sort_keys=True).encode())
   for s in site_ids:
     h.update(s.encode() + b"\n")
   return h.hexdigest()
@@ -240,6 +251,67 @@ def read_plan(dataset: str, input_dir: str, subset: str = "all",
   return metas, errors, tuple(int(s) for s in source_size)
 
 
+DEFAULT_CLIP = (0.1, 99.9)
+DEFAULT_INTENSITY_SAMPLE = 64
+
+
+def intensity_windows(metas: Sequence[Dict[str, object]], channels: Sequence[str],
+                      clip_percentiles: Optional[Sequence[float]],
+                      sample: int, seed: int, workers: int = 1
+                      ) -> Dict[str, object]:
+  """Each channel's (low, high) -> (0, 255) window of a LoadData set.
+
+  The `clip_percentiles` of the channel's pixel values (the centred square
+  that is converted, at source resolution) pooled over `sample` sites drawn
+  with `seed` (`np.random.default_rng(seed).choice`, without replacement,
+  sorted); unreadable sampled sites are skipped (they fail conversion
+  later anyway). None: the full range of the channel's bit depth.
+  Returns the dataset_info.json `intensity` record.
+  """
+  if clip_percentiles is not None:
+    lo_q, hi_q = (float(q) for q in clip_percentiles)
+    if not 0.0 <= lo_q < hi_q <= 100.0:
+      raise ValueError(f"clip percentiles must be 0 <= low < high <= 100, got "
+                       f"{list(clip_percentiles)}")
+  if sample < 1:
+    raise ValueError(f"intensity sample must be >= 1 site, got {sample}")
+  k = min(sample, len(metas))
+  idx = np.sort(np.random.default_rng(seed).choice(len(metas), k, replace=False))
+  tasks = [(metas[i], tuple(channels)) for i in idx]
+  if workers > 1 and k > 1:
+    with multiprocessing.get_context("spawn").Pool(min(workers, k)) as pool:
+      results = pool.map(reader.histogram_task, tasks, chunksize=1)
+  else:
+    results = [reader.histogram_task(t) for t in tasks]
+  good = [r for r in results if r.hists is not None]
+  if not good:
+    raise reader.MetadataError(
+        f"none of the {k} sites sampled for the intensity percentiles could "
+        f"be read (first: {results[0].site_id}: {results[0].error})")
+  hist = np.sum([r.hists for r in good], axis=0)
+  out = []
+  for c, name in enumerate(channels):
+    bits = max(r.bits[c] for r in good)
+    if clip_percentiles is None:
+      low, high = 0.0, float(2**bits - 1)
+    else:
+      low = reader.histogram_percentile(hist[c], lo_q)
+      high = reader.histogram_percentile(hist[c], hi_q)
+    out.append(dict(name=name, bit_depth=bits, low=low, high=high))
+  logging.info("Intensity windows from %d sites: %s", len(good), ", ".join(
+      f"{c['name']} {c['low']:g}..{c['high']:g}" for c in out))
+  return dict(
+      method=("percentile clip" if clip_percentiles is not None
+              else "full bit-depth range"),
+      percentiles=None if clip_percentiles is None else [lo_q, hi_q],
+      formula="round(255 * clip((x - low) / (high - low), 0, 1)), after "
+              "area-averaging the rescaled values to the resolution",
+      sample_seed=int(seed), sample_sites=len(good),
+      sampled_site_ids=[r.site_id for r in good],
+      skipped_site_ids=[r.site_id for r in results if r.hists is None],
+      channels=out)
+
+
 def site_order(num_sites: int) -> np.ndarray:
   """The fixed (seed 42) order of the valid rows in the output: shard i holds
   the i-th `np.array_split` part of it, in order."""
@@ -259,10 +331,25 @@ def dataset_info(dataset: str, *, shards: Sequence[Dict[str, object]],
                  num_failed: int, resolution: int, channels: Sequence[int],
                  compression: str, mean: Sequence[float], std: Sequence[float],
                  subset: str, source: str, source_size: Sequence[int],
-                 command: str) -> Dict[str, object]:
+                 command: str, columns: Optional[Dict[str, str]] = None,
+                 intensity: Optional[Dict[str, object]] = None
+                 ) -> Dict[str, object]:
   """The dataset_info.json fields the input pipeline reads (see module doc);
-  `shards`: [{"file", "num_examples"}] in reading order."""
-  channel_names = {c.index: c for c in schema.CHANNELS[dataset]}
+  `shards`: [{"file", "num_examples"}] in reading order. A LoadData set
+  (`channels` are names) adds `intensity` (the 8-bit rescaling) and `crop`."""
+  if dataset == schema.LOADDATA:
+    channel_info = [dict(index=i + 1, name=c,
+                         stain=schema.CELL_PAINTING_STAINS.get(c, (c, ""))[0],
+                         target=schema.CELL_PAINTING_STAINS.get(c, (c, ""))[1])
+                    for i, c in enumerate(channels)]
+    extra = dict(intensity=intensity,
+                 crop=("none" if source_size[0] == source_size[1] else
+                       "centred square of the shorter side"))
+  else:
+    names = {c.index: c for c in schema.CHANNELS[dataset]}
+    channel_info = [dict(index=c, stain=names[c].stain, target=names[c].target)
+                    for c in channels]
+    extra = {}
   return dict(
       format_version=FORMAT_VERSION,
       dataset=dataset,
@@ -271,12 +358,11 @@ def dataset_info(dataset: str, *, shards: Sequence[Dict[str, object]],
       num_shards=len(shards),
       shards=[dict(file=s["file"], num_examples=int(s["num_examples"])) for s in shards],
       resolution=resolution,
-      channels=[dict(index=c, stain=channel_names[c].stain,
-                     target=channel_names[c].target) for c in channels],
+      channels=channel_info,
       num_channels=len(channels),
       image=dict(dtype="uint8", layout="HWC", feature=schema.TFRECORD_IMAGE,
                  shape=[resolution, resolution, len(channels)]),
-      columns={c: schema.column_type(c) for c in schema.COLUMNS[dataset]},
+      columns=dict(columns or dataset_columns(dataset)),
       compression=compression,
       mean=list(mean),
       std=list(std),
@@ -285,14 +371,17 @@ def dataset_info(dataset: str, *, shards: Sequence[Dict[str, object]],
       source_size=list(source_size),
       resize="area average",
       shard_seed=SHARD_SEED,
+      **extra,
       command=command,
       created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   )
 
 
-def sites_text(dataset: str, rows: Sequence[Dict[str, object]]) -> str:
+def sites_text(dataset: str, rows: Sequence[Dict[str, object]],
+               columns: Optional[Sequence[str]] = None) -> str:
   """sites.csv: shard, position and metadata of every site, in reading order."""
-  return _csv(("shard", "position") + tuple(schema.COLUMNS[dataset]), rows)
+  return _csv(("shard", "position") + tuple(columns or schema.COLUMNS[dataset]),
+              rows)
 
 
 def errors_text(errors: Sequence[Dict[str, object]]) -> str:
@@ -305,12 +394,19 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
             workers: int = 1, channels: Optional[Sequence[int]] = None,
             compression: str = "", overwrite: bool = False,
             source_size: Optional[Tuple[int, int]] = None,
-            command: Optional[str] = None) -> Dict[str, object]:
+            command: Optional[str] = None,
+            path_map: Sequence[Tuple[str, str]] = (),
+            clip_percentiles: Optional[Sequence[float]] = DEFAULT_CLIP,
+            intensity_sample: int = DEFAULT_INTENSITY_SAMPLE,
+            intensity_seed: int = 0) -> Dict[str, object]:
   """Converts a dataset tree to TFRecord shards; returns a summary dict.
 
   Args:
-    dataset: "rxrx19a" or "rxrx1" (selects columns and channels).
-    input_dir: root of the download (holds metadata.csv and images/).
+    dataset: "rxrx19a" or "rxrx1" (selects columns and channels), or
+      "loaddata": any multi-channel set described by CellProfiler LoadData
+      CSVs (docs/data.md, "Any Cell Painting set").
+    input_dir: root of the download (holds metadata.csv and images/); for
+      "loaddata" the CSV file, or several (a list or comma-separated).
     output_dir: where shards go (created; local or gs://).
     resolution: output edge in pixels (area-averaged from the source).
     subset: "all" or "controls" (RxRx19a: untreated wells; RxRx1: control
@@ -318,12 +414,20 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
     num_shards: default about 128 MiB per shard, at least 16.
     workers: processes decoding and resizing PNGs (1: in this process).
     channels: channel numbers to stack (default: all five of RxRx19a;
-      w1..w5 of RxRx1).
+      w1..w5 of RxRx1); for "loaddata" channel names (the FileName_
+      suffixes; default every one, in the CSV's order).
     compression: "" (none; fastest to read) or "GZIP".
     overwrite: redo every shard even when a finished one exists.
     source_size: (height, width) every PNG must have; default: the most
       common size among a few probed sites.
     command: recorded in dataset_info.json (the CLI passes its argv).
+    path_map: "loaddata": (old, new) prefix replacements of the files'
+      paths (e.g. an s3:// prefix -> the local copy).
+    clip_percentiles: "loaddata": (low, high) percentiles of each channel's
+      values over the sampled sites, mapped to 0 and 255; None: the full
+      range of the bit depth (0..255 or 0..65535).
+    intensity_sample: "loaddata": sites sampled for the percentiles.
+    intensity_seed: "loaddata": seed of that sample.
 
   Returns:
     {"num_examples", "num_failed", "num_shards", "output_dir", "errors_csv",
@@ -336,17 +440,42 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   """
   tf = _tf()
   dataset = dataset.lower()
-  channels = reader.check_channels(dataset, channels)
-  if not gio.is_remote(input_dir):
-    input_dir = os.path.abspath(input_dir)
+  loaddata = dataset == schema.LOADDATA
+  columns = windows = intensity = None
+  if loaddata:
+    inputs = ([p.strip() for p in input_dir.split(",") if p.strip()]
+              if isinstance(input_dir, str) else list(input_dir))
+    inputs = [p if gio.is_remote(p) else os.path.abspath(p) for p in inputs]
+    input_dir = ",".join(inputs)
+    if subset != "all":
+      raise ValueError(f"subset {subset!r}: a LoadData set converts every "
+                       "row (select rows in the CSV instead)")
+  else:
+    channels = reader.check_channels(dataset, channels)
+    if not gio.is_remote(input_dir):
+      input_dir = os.path.abspath(input_dir)
   if resolution < 4:
     raise ValueError(f"resolution must be >= 4, got {resolution}")
   compression = (compression or "").upper()
   if compression not in ("", "GZIP"):
     raise ValueError(f"compression must be '' or 'GZIP', got {compression!r}")
 
-  metas, errors, source_size = read_plan(dataset, input_dir, subset, channels,
-                                          source_size)
+  if loaddata:
+    channels, col_names, metas, errors = reader.read_loaddata(
+        inputs, tuple(str(c) for c in channels or ()), path_map)
+    if not metas:
+      raise reader.MetadataError(f"{input_dir}: no usable rows ({len(errors)} "
+                                 f"refused, first: {errors[0]['reason'] if errors else '-'})")
+    columns = {c: schema.column_type(c, dataset) for c in col_names}
+    if source_size is None:
+      source_size = reader.probe_loaddata_size(metas, channels)
+    source_size = tuple(int(v) for v in source_size)
+    intensity = intensity_windows(metas, channels, clip_percentiles,
+                                  intensity_sample, intensity_seed, workers)
+    windows = [(c["low"], c["high"]) for c in intensity["channels"]]
+  else:
+    metas, errors, source_size = read_plan(dataset, input_dir, subset, channels,
+                                           source_size)
   logging.info("%s: %d sites, source images %dx%d, converting to %dx%d x %d channels",
                input_dir, len(metas), source_size[1], source_size[0], resolution,
                resolution, len(channels))
@@ -362,7 +491,7 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
     return _write_shards(
         tf, dataset, input_dir, output_dir, resolution, subset, num_shards,
         n, plan, metas, errors, channels, compression, overwrite,
-        source_size, workers, command)
+        source_size, workers, command, columns, windows, intensity)
   finally:
     unlock_output(output_dir, lock)
 
@@ -380,7 +509,8 @@ def _shard_digest(path: str) -> Tuple[int, str]:
 
 def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
                   num_shards, n, plan, metas, errors, channels, compression,
-                  overwrite, source_size, workers, command):
+                  overwrite, source_size, workers, command, columns=None,
+                  windows=None, intensity=None):
   """The body of `convert` once the output directory is locked."""
   prog_dir = gio.join(output_dir, PROGRESS_DIR)
   tf.io.gfile.makedirs(prog_dir)
@@ -398,7 +528,11 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
     tf.io.gfile.remove(stale)
 
   keys = [_plan_key([m["site_id"] for m in part], resolution, channels,
-                    source_size, compression) for part in plan]
+                    source_size, compression,
+                    None if windows is None else dict(
+                        windows=windows,
+                        files=[m[reader.LOADDATA_FILES] for m in part]))
+          for part in plan]
   stats: List[Optional[dict]] = [None] * n
   for i in range(n):
     path = gio.join(output_dir, shard_name(dataset, i, n))
@@ -429,7 +563,8 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
         continue
       name = shard_name(dataset, i, n)
       path = gio.join(output_dir, name)
-      tasks = [(input_dir, m, channels, resolution, source_size) for m in plan[i]]
+      tasks = [(input_dir, m, channels, resolution, source_size, windows)
+               for m in plan[i]]
       results = (pool.imap(reader.load_task, tasks, chunksize=4) if pool
                  else map(reader.load_task, tasks))
       s_sum = np.zeros(len(channels))
@@ -446,7 +581,7 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
               shard_errors.append(dict(site_id=r.meta["site_id"], path=r.path,
                                        reason=r.error))
               continue
-            w.write(encode_example(r.image, r.meta, dataset))
+            w.write(encode_example(r.image, r.meta, dataset, columns))
             x = r.image.reshape(-1, len(channels)).astype(np.float64)
             s_sum += x.sum(0)
             s_sq += (x * x).sum(0)
@@ -472,7 +607,9 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
   index_rows = []
   for i, s in enumerate(stats):
     for pos, sid in enumerate(s["site_ids"]):
-      index_rows.append(dict(shard=s["shard"], position=pos, **by_id[sid]))
+      index_rows.append(dict(shard=s["shard"], position=pos,
+                             **{k: v for k, v in by_id[sid].items()
+                                if k != reader.LOADDATA_FILES}))
     errors += s["errors"]
   pixels = sum(s["pixels"] for s in stats)
   mean, std = channel_stats(np.sum([s["sum"] for s in stats], 0),
@@ -483,13 +620,14 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
       shards=[dict(file=s["shard"], num_examples=len(s["site_ids"])) for s in stats],
       num_failed=len(errors), resolution=resolution, channels=channels,
       compression=compression, mean=mean, std=std, subset=subset,
-      source=input_dir, source_size=source_size,
+      source=input_dir, source_size=source_size, columns=columns,
+      intensity=intensity,
       command=command or (f"gandl_jax.data.convert.convert(dataset={dataset!r}, "
                           f"input_dir={input_dir!r}, output_dir={output_dir!r}, "
                           f"resolution={resolution}, subset={subset!r}, "
                           f"num_shards={num_shards}, channels={list(channels)})"))
   gio.write_text(gio.join(output_dir, schema.SITES_INDEX_FILE),
-                 sites_text(dataset, index_rows))
+                 sites_text(dataset, index_rows, columns and list(columns)))
   errors_path = gio.join(output_dir, ERRORS_FILE)
   gio.write_text(errors_path, errors_text(errors))
   gio.write_text(gio.join(output_dir, schema.DATASET_INFO_FILE),

@@ -253,6 +253,18 @@ def resize_area(img: np.ndarray, resolution: int) -> np.ndarray:
   return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
 
 
+def resize_area_float(img: np.ndarray, resolution: int) -> np.ndarray:
+  """`resize_area` of a float (H, W) image in float64, without rounding."""
+  h, w = img.shape
+  x = img.astype(np.float64)
+  if (h, w) == (resolution, resolution):
+    return x
+  if h % resolution == 0 and w % resolution == 0:
+    kh, kw = h // resolution, w // resolution
+    return x.reshape(resolution, kh, resolution, kw).mean(axis=(1, 3))
+  return area_weights(h, resolution) @ x @ area_weights(w, resolution).T
+
+
 def load_site(input_dir: str, meta: Dict[str, object], channels: Sequence[int],
               resolution: int, source_size: Optional[Tuple[int, int]]) -> np.ndarray:
   """Reads, checks and resizes one site: uint8 (R, R, C).
@@ -323,9 +335,350 @@ class SiteResult:
 
 
 def load_task(args) -> SiteResult:
-  """Picklable worker entry: (input_dir, meta, channels, resolution, size)."""
-  input_dir, meta, channels, resolution, source_size = args
+  """Picklable worker entry: (input_dir, meta, channels, resolution, size),
+  plus the per-channel (low, high) intensity window for LoadData sites."""
+  input_dir, meta, channels, resolution, source_size = args[:5]
   try:
-    return SiteResult(meta, load_site(input_dir, meta, channels, resolution, source_size))
+    if LOADDATA_FILES in meta:
+      image = load_loaddata_site(meta, channels, resolution, source_size,
+                                 args[5])
+    else:
+      image = load_site(input_dir, meta, channels, resolution, source_size)
+    return SiteResult(meta, image)
   except SiteError as e:
     return SiteResult(meta, None, e.reason, e.path)
+
+
+# ----------------------------------------------------------------------------
+# Any Cell Painting set: a CellProfiler LoadData CSV (one row per site, one
+# FileName_<channel> / PathName_<channel> pair per channel), 8- or 16-bit
+# PNG or TIFF planes, rescaled per channel to 8 bits by percentile clipping.
+
+LOADDATA_FILES = "_files"     # meta key: {channel: (path, page)}, not a column
+HIST_BINS = 2**16             # 8- and 16-bit values share one histogram
+
+
+def _read_csv_text(path: str):
+  import pandas as pd  # pylint: disable=import-outside-toplevel
+  try:
+    raw = gio.read_bytes(path)
+  except FileNotFoundError as e:
+    raise MetadataError(f"{path}: LoadData CSV not found") from e
+  except IsADirectoryError as e:
+    raise MetadataError(f"{path}: is a directory; expected a LoadData CSV "
+                        "file") from e
+  try:
+    return pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+  except Exception as e:  # pandas raises several parser error types
+    raise MetadataError(f"{path}: not a readable CSV file ({e})") from e
+
+
+def loaddata_channels(columns: Sequence[str]) -> List[str]:
+  """Channel names: the suffixes of the FileName_<name> columns, in order."""
+  pre = schema.LOADDATA_FILE_PREFIX
+  return [c[len(pre):] for c in columns if c.startswith(pre) and len(c) > len(pre)]
+
+
+def _key_column(columns: Sequence[str], ours: str) -> Optional[str]:
+  return next((c for c in schema.LOADDATA_KEY_COLUMNS[ours] if c in columns),
+              None)
+
+
+def check_loaddata_columns(path: str, columns: Sequence[str],
+                           channels: Sequence[str]) -> List[str]:
+  """The channels to read (`channels`, default every FileName_ column);
+  MetadataError naming the CSV and what is missing otherwise."""
+  found = loaddata_channels(columns)
+  missing = []
+  if not found:
+    missing.append("FileName_<channel> (e.g. FileName_OrigDNA, with its "
+                   "directory in PathName_OrigDNA)")
+  for ours in ("plate", "well"):
+    if _key_column(columns, ours) is None:
+      missing.append(" or ".join(schema.LOADDATA_KEY_COLUMNS[ours]))
+  if missing:
+    raise MetadataError(
+        f"{path}: not a LoadData CSV, missing column(s): {'; '.join(missing)}"
+        f" (found {list(columns)[:12]})")
+  if not channels:
+    return found
+  absent = [c for c in channels if c not in found]
+  if absent or len(set(channels)) != len(channels):
+    raise MetadataError(
+        f"{path}: channels {list(channels)} must be distinct names among its "
+        f"FileName_ columns {found}" + (f"; missing {absent}" if absent else ""))
+  return list(channels)
+
+
+def parse_path_map(items: Sequence[str]) -> Tuple[Tuple[str, str], ...]:
+  """`OLD=NEW` prefix replacements for PathName_ values."""
+  out = []
+  for item in items or ():
+    old, sep, new = str(item).partition("=")
+    if not sep or not old:
+      raise ValueError(f"path map {item!r}: expected OLD=NEW, e.g. "
+                       "s3://cellpainting-gallery/=/data/cpg/")
+    out.append((old, new))
+  return tuple(out)
+
+
+def _resolve(csv_path: str, directory: str, name: str,
+             path_map: Sequence[Tuple[str, str]]) -> str:
+  """PathName + FileName, prefixes mapped, relative ones taken from the
+  CSV's directory."""
+  full = gio.join(directory, name) if directory else name
+  for old, new in path_map:
+    if full.startswith(old):
+      full = new + full[len(old):]
+      break
+  if gio.is_remote(full) or os.path.isabs(full):
+    return full
+  base = os.path.dirname(csv_path)
+  return gio.join(base, full) if base else full
+
+
+def read_loaddata(csv_paths: Sequence[str], channels: Sequence[str] = (),
+                  path_map: Sequence[Tuple[str, str]] = ()
+                  ) -> Tuple[List[str], List[str], List[Dict[str, object]],
+                             List[Dict[str, object]]]:
+  """One or more LoadData CSVs -> (channels, columns, metas, errors).
+
+  Each meta holds `site_id` (`{plate}_{well}_{site}`), `well_id`, `plate`,
+  `well`, `site` and the CSV's other Metadata_* columns, plus the channel
+  files under LOADDATA_FILES. A row with an empty FileName_/PathName_ cell
+  or an unparsable site, and a repeated site, is an error row (site_id,
+  path, reason); a CSV without FileName_ or plate/well columns a
+  MetadataError.
+  """
+  if not csv_paths:
+    raise MetadataError("no LoadData CSV given")
+  frames, chosen, extras = [], None, []
+  for path in csv_paths:
+    df = _read_csv_text(path)
+    sel = check_loaddata_columns(path, list(df.columns), channels)
+    if chosen is None:
+      chosen = sel
+    elif channels == () and sel != chosen:
+      raise MetadataError(f"{path}: channels {sel} differ from {chosen} of "
+                          f"{csv_paths[0]}; pick common ones with --channels")
+    keys = {ours: _key_column(df.columns, ours) for ours in ("plate", "well", "site")}
+    pre = schema.LOADDATA_METADATA_PREFIX
+    for c in df.columns:
+      if c.startswith(pre) and c not in keys.values() and c not in extras:
+        extras.append(c)
+    frames.append((path, df, keys))
+  columns = list(schema.LOADDATA_COLUMNS) + extras
+  metas: List[Dict[str, object]] = []
+  errors: List[Dict[str, object]] = []
+  seen = set()
+  fp, pp, frp = (schema.LOADDATA_FILE_PREFIX, schema.LOADDATA_PATH_PREFIX,
+                 schema.LOADDATA_FRAME_PREFIX)
+  for path, df, keys in frames:
+    for n, row in enumerate(df.to_dict("records")):
+      plate = str(row[keys["plate"]]).strip()
+      well = str(row[keys["well"]]).strip()
+      site_text = str(row[keys["site"]]).strip() if keys["site"] else "1"
+      sid = f"{plate}_{well}_{site_text}"
+      where = f"{path} (row {n + 2})"
+      try:
+        if not plate or not well:
+          raise SiteError(f"column {keys['plate'] if not plate else keys['well']}:"
+                          " empty")
+        site = parse_int(site_text, keys["site"] or "site")
+        files = {}
+        for ch in chosen:
+          name = str(row.get(fp + ch, "")).strip()
+          if not name:
+            raise SiteError(f"{fp}{ch} is empty")
+          if (pp + ch) in row and not str(row[pp + ch]).strip():
+            raise SiteError(f"{pp}{ch} is empty")
+          frame = str(row.get(frp + ch, "")).strip()
+          page = parse_int(frame, frp + ch) if frame else None
+          if page is not None and page < 0:
+            raise SiteError(f"{frp}{ch}: expected a page number >= 0, got {page}")
+          files[ch] = (_resolve(path, str(row.get(pp + ch, "")).strip(), name,
+                                path_map), page)
+      except SiteError as e:
+        errors.append(dict(site_id=sid, path=where, reason=e.reason))
+        continue
+      sid = f"{plate}_{well}_{site}"
+      if sid in seen:
+        errors.append(dict(site_id=sid, path=where,
+                           reason="duplicate plate, well and site (first row kept)"))
+        continue
+      seen.add(sid)
+      meta: Dict[str, object] = dict(site_id=sid, well_id=f"{plate}_{well}",
+                                     plate=plate, well=well, site=site)
+      for c in extras:
+        meta[c] = str(row.get(c, ""))
+      meta[LOADDATA_FILES] = files
+      metas.append(meta)
+  return list(chosen), columns, metas, errors
+
+
+def decode_plane(data: bytes, path: str, page: Optional[int] = None
+                 ) -> Tuple[np.ndarray, int]:
+  """One 8- or 16-bit grayscale plane of a PNG or TIFF -> (array, bits).
+
+  A multi-page file needs its page named (`Frame_<channel>`); SiteError for
+  corrupt files, other modes (RGB, float, 32-bit) and missing pages.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      pages = int(getattr(im, "n_frames", 1))
+      if page is None and pages > 1:
+        raise SiteError(f"has {pages} pages; name the page of each site in "
+                        "a Frame_<channel> column", path)
+      if page is not None:
+        if page >= pages:
+          raise SiteError(f"page {page} requested, the file has {pages}", path)
+        im.seek(page)
+      im.load()
+      mode = im.mode
+      if mode == "L":
+        return np.asarray(im, dtype=np.uint8), 8
+      if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im)
+        if mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+          raise SiteError("32-bit image values outside 0..65535; expected an "
+                          "8- or 16-bit grayscale image", path)
+        return a.astype(np.uint16), 16
+      raise SiteError(f"expected an 8- or 16-bit grayscale image, got mode "
+                      f"{mode}", path)
+  except SiteError:
+    raise
+  except Exception as e:  # PIL raises many types for corrupt data
+    msg = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", " (in memory)", str(e))
+    raise SiteError(f"corrupt or unreadable image ({type(e).__name__}: {msg})",
+                    path) from None
+
+
+def center_square(a: np.ndarray) -> np.ndarray:
+  """The centred square of side min(H, W) (the whole image when square)."""
+  h, w = a.shape
+  s = min(h, w)
+  top, left = (h - s) // 2, (w - s) // 2
+  return a[top:top + s, left:left + s]
+
+
+def read_loaddata_planes(meta: Dict[str, object], channels: Sequence[str],
+                         source_size: Optional[Tuple[int, int]] = None
+                         ) -> List[Tuple[np.ndarray, int]]:
+  """The (plane, bits) of every channel of one LoadData site, checked.
+
+  SiteError naming the file: no file at all, a missing or unreadable one,
+  channels of different sizes, a size other than `source_size`.
+  """
+  files = meta[LOADDATA_FILES]
+  blobs = []
+  for ch in channels:
+    p = files[ch][0]
+    try:
+      blobs.append(read_image_file(p))
+    except FileNotFoundError:
+      blobs.append(None)
+  if all(b is None for b in blobs):
+    raise SiteError("no image files for this site (none of its channel files "
+                    "exists)", files[channels[0]][0])
+  planes = []
+  for ch, b in zip(channels, blobs):
+    p, page = files[ch]
+    if b is None:
+      raise SiteError(f"missing channel file {ch}", p)
+    a, bits = decode_plane(b, p, page)
+    if planes and a.shape != planes[0][0].shape:
+      raise SiteError(f"{ch} is {a.shape[1]}x{a.shape[0]} pixels but "
+                      f"{channels[0]} of this site is {planes[0][0].shape[1]}x"
+                      f"{planes[0][0].shape[0]} (channels of different sizes)", p)
+    if source_size is not None and a.shape != tuple(source_size):
+      raise SiteError(f"{ch} is {a.shape[1]}x{a.shape[0]} pixels, expected "
+                      f"{source_size[1]}x{source_size[0]} like the rest of the "
+                      "dataset", p)
+    planes.append((a, bits))
+  return planes
+
+
+def rescale_8bit(a: np.ndarray, low: float, high: float) -> np.ndarray:
+  """255 * clip((a - low) / (high - low), 0, 1) in float64 (no rounding);
+  a window with high <= low becomes one intensity step wide."""
+  width = high - low if high > low else 1.0
+  return np.clip((a.astype(np.float64) - low) / width, 0.0, 1.0) * 255.0
+
+
+def load_loaddata_site(meta: Dict[str, object], channels: Sequence[str],
+                       resolution: int, source_size: Optional[Tuple[int, int]],
+                       windows: Sequence[Tuple[float, float]]) -> np.ndarray:
+  """Reads, checks, rescales (each channel's (low, high) window -> 0..255),
+  centre-crops to a square, area-resizes and rounds one site: uint8 (R, R, C).
+  """
+  planes = read_loaddata_planes(meta, channels, source_size)
+  out = []
+  for ch, (a, _), (low, high) in zip(channels, planes, windows):
+    a = center_square(a)
+    if a.shape[0] < resolution:
+      raise SiteError(f"{ch} is {a.shape[1]}x{a.shape[0]} pixels (after "
+                      f"cropping to a square); need at least {resolution}x"
+                      f"{resolution}", meta[LOADDATA_FILES][ch][0])
+    x = resize_area_float(rescale_8bit(a, low, high), resolution)
+    out.append(np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8))
+  return np.stack(out, axis=-1)
+
+
+@dataclasses.dataclass
+class HistogramResult:
+  """Per-channel value histograms (HIST_BINS) of one sampled site."""
+  site_id: str
+  hists: Optional[np.ndarray] = None     # (C, HIST_BINS) int64
+  bits: Optional[List[int]] = None
+  error: str = ""
+
+
+def histogram_task(args) -> HistogramResult:
+  """Picklable worker entry: (meta, channels) -> value counts per channel of
+  the centred square that conversion keeps."""
+  meta, channels = args
+  try:
+    planes = read_loaddata_planes(meta, channels)
+  except SiteError as e:
+    return HistogramResult(str(meta["site_id"]), error=e.reason)
+  hists = np.stack([np.bincount(center_square(a).ravel(), minlength=HIST_BINS)
+                    for a, _ in planes]).astype(np.int64)
+  return HistogramResult(str(meta["site_id"]), hists, [b for _, b in planes])
+
+
+def histogram_percentile(hist: np.ndarray, q: float) -> float:
+  """np.percentile(values, q) (linear interpolation) of the values whose
+  counts are `hist` (value v counted hist[v] times)."""
+  cum = np.cumsum(hist)
+  n = int(cum[-1])
+  if n == 0:
+    raise ValueError("empty histogram")
+  pos = q / 100.0 * (n - 1)
+  k = int(math.floor(pos))
+  lo = int(np.searchsorted(cum, k, side="right"))
+  hi = int(np.searchsorted(cum, min(k + 1, n - 1), side="right"))
+  t = pos - k
+  return float(lo + (hi - lo) * t) if t < 0.5 else float(hi - (hi - lo) * (1 - t))
+
+
+def probe_loaddata_size(metas: Sequence[Dict[str, object]],
+                        channels: Sequence[str], probes: int = 16
+                        ) -> Tuple[int, int]:
+  """The most common first-channel size among up to `probes` spread sites."""
+  if not metas:
+    raise MetadataError("the LoadData CSV has no usable rows")
+  idx = np.unique(np.linspace(0, len(metas) - 1, min(probes, len(metas))).astype(int))
+  counts: Dict[Tuple[int, int], int] = {}
+  for i in list(idx) + [j for j in range(len(metas)) if j not in set(idx)]:
+    p, page = metas[i][LOADDATA_FILES][channels[0]]
+    try:
+      a, _ = decode_plane(read_image_file(p), p, page)
+    except (FileNotFoundError, SiteError):
+      continue
+    counts[a.shape] = counts.get(a.shape, 0) + 1
+    if i not in idx:    # fallback scan: the first readable image decides
+      break
+  if not counts:
+    raise MetadataError(f"no readable {channels[0]} image for any row of the "
+                        "LoadData CSV")
+  return max(sorted(counts), key=lambda s: counts[s])
