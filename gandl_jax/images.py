@@ -122,6 +122,40 @@ def to_rgb(images: np.ndarray, style: str = "bgr",
   return rgb[0] if single else rgb
 
 
+def dataset_channels(info_channels: Sequence[Mapping[str, Any]]
+                     ) -> Tuple[schema.Channel, ...]:
+  """The `schema.Channel`s of a dataset_info.json `channels` list: RxRx's by
+  their w-number, a LoadData set's by name (the Cell Painting stains get
+  RxRx's short names, so the 'bgr' composite colours them alike)."""
+  rxrx = {c.index: c for c in schema.RXRX1_CHANNELS}
+  out = []
+  for c in info_channels:
+    if "name" in c:
+      known = schema.CELL_PAINTING_STAINS.get(c["name"])
+      out.append(schema.Channel(int(c["index"]), str(c.get("stain", "")),
+                                str(c.get("target", "")),
+                                known[2] if known else str(c["name"])))
+    else:
+      out.append(rxrx[int(c["index"])])
+  return tuple(out)
+
+
+def preview_rgb(images: np.ndarray,
+                channels: Sequence[schema.Channel] = schema.RXRX19A_CHANNELS
+                ) -> np.ndarray:
+  """RGB previews of any channel set: the 'bgr' composite when the channels
+  hold its stains, otherwise the mean of the channels in grey."""
+  images = np.asarray(images)
+  channels = tuple(channels) or schema.RXRX19A_CHANNELS
+  if len(channels) == images.shape[-1]:
+    try:
+      return to_rgb(images, "bgr", channels)
+    except ValueError:
+      pass
+  grey = np.clip(np.rint(images.astype(np.float32).mean(-1)), 0, 255)
+  return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+
+
 def channel_strip(images: np.ndarray, pad: int = 2) -> np.ndarray:
   """Raw per-channel view: uint8 (N, H, W, C) -> (N, H, C*W + (C-1)*pad)
   greyscale, channels side by side in their stored order."""

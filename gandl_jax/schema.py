@@ -39,15 +39,15 @@ CHANNELS = {"rxrx19a": RXRX19A_CHANNELS, "rxrx1": RXRX1_CHANNELS}
 # column pair per channel, the channel's name being the suffix. The five
 # channels of the Cell Painting protocol (Bray et al. 2016, Nat. Protoc.;
 # Cimini et al. 2023, the JUMP version) under the names JUMP's load_data_csv
-# files use: name -> (stain, target). Other names keep their name as stain.
+# files use. Other names keep their name as stain.
 LOADDATA = "loaddata"
-CELL_PAINTING_STAINS = {
-    "OrigDNA": ("Hoechst 33342", "nucleus"),
-    "OrigER": ("Concanavalin A", "endoplasmic reticulum"),
-    "OrigRNA": ("SYTO 14", "nucleoli / cytoplasmic RNA"),
+CELL_PAINTING_STAINS = {   # name -> (stain, target, short as in RxRx's)
+    "OrigDNA": ("Hoechst 33342", "nucleus", "hoechst"),
+    "OrigER": ("Concanavalin A", "endoplasmic reticulum", "cona"),
+    "OrigRNA": ("SYTO 14", "nucleoli / cytoplasmic RNA", "syto14"),
     "OrigAGP": ("Phalloidin + Wheat germ agglutinin",
-                "actin, Golgi / plasma membrane"),
-    "OrigMito": ("MitoTracker Deep Red", "mitochondria"),
+                "actin, Golgi / plasma membrane", "phalloidin"),
+    "OrigMito": ("MitoTracker Deep Red", "mitochondria", "mitotracker"),
 }
 JUMP_CHANNELS: Tuple[str, ...] = ("OrigDNA", "OrigER", "OrigRNA", "OrigAGP",
                                   "OrigMito")

@@ -339,7 +339,7 @@ def dataset_info(dataset: str, *, shards: Sequence[Dict[str, object]],
   (`channels` are names) adds `intensity` (the 8-bit rescaling) and `crop`."""
   if dataset == schema.LOADDATA:
     channel_info = [dict(index=i + 1, name=c,
-                         stain=schema.CELL_PAINTING_STAINS.get(c, (c, ""))[0],
+                         stain=schema.CELL_PAINTING_STAINS.get(c, (c,))[0],
                          target=schema.CELL_PAINTING_STAINS.get(c, (c, ""))[1])
                     for i, c in enumerate(channels)]
     extra = dict(intensity=intensity,

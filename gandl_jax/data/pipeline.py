@@ -150,7 +150,8 @@ def read_dataset_info(path: str) -> Dict[str, Any]:
 
 
 def read_sites_index(path: str):
-  """sites.csv next to the shards: shard, position and typed metadata."""
+  """sites.csv next to the shards: shard, position and metadata typed as
+  dataset_info.json's `columns` say."""
   import pandas as pd  # pylint: disable=import-outside-toplevel
   tf = _tf()
   f = os.path.join(shard_dir(path), schema.SITES_INDEX_FILE)
@@ -159,8 +160,10 @@ def read_sites_index(path: str):
                             "TFDS builders next to the shards)")
   with tf.io.gfile.GFile(f, "rb") as fh:
     df = pd.read_csv(fh, dtype=str, keep_default_na=False)
+  columns = read_dataset_info(path)["columns"]
   for c in df.columns:
-    kind = "int64" if c == "position" else schema.column_type(c)
+    kind = ("int64" if c == "position" else
+            columns.get(c) or schema.column_type(c))
     if kind == "int64":
       df[c] = df[c].astype(np.int64)
     elif kind == "float":
@@ -378,7 +381,10 @@ def check_dataset(info: Mapping[str, Any], path: str,
   if isinstance(channels, (int, np.integer)) and (
       int(info["num_channels"]) != int(channels)):
     errors.append(f"the shards have {info['num_channels']} channels but "
-                  f"{against} expects {channels}")
+                  f"{against} expects {channels} (a model's channel count "
+                  f"follows its data: set config.model.img_channels = "
+                  f"{info['num_channels']}, e.g. --config.model.img_channels "
+                  f"{info['num_channels']})")
   if errors:
     raise ValueError(f"{path}: " + "; ".join(errors))
   if channels is None or isinstance(channels, (int, np.integer)):

@@ -368,6 +368,9 @@ def _read_csv_text(path: str):
     raise MetadataError(f"{path}: is a directory; expected a LoadData CSV "
                         "file") from e
   try:
+    if raw[:2] == b"\x1f\x8b":      # load_data.csv.gz
+      import gzip  # pylint: disable=import-outside-toplevel
+      raw = gzip.decompress(raw)
     return pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
   except Exception as e:  # pandas raises several parser error types
     raise MetadataError(f"{path}: not a readable CSV file ({e})") from e
@@ -516,8 +519,8 @@ def read_loaddata(csv_paths: Sequence[str], channels: Sequence[str] = (),
   return list(chosen), columns, metas, errors
 
 
-def decode_plane(data: bytes, path: str, page: Optional[int] = None
-                 ) -> Tuple[np.ndarray, int]:
+def decode_plane(data: bytes, path: str, page: Optional[int] = None,
+                 channel: str = "<channel>") -> Tuple[np.ndarray, int]:
   """One 8- or 16-bit grayscale plane of a PNG or TIFF -> (array, bits).
 
   A multi-page file needs its page named (`Frame_<channel>`); SiteError for
@@ -527,8 +530,9 @@ def decode_plane(data: bytes, path: str, page: Optional[int] = None
     with Image.open(io.BytesIO(data)) as im:
       pages = int(getattr(im, "n_frames", 1))
       if page is None and pages > 1:
-        raise SiteError(f"has {pages} pages; name the page of each site in "
-                        "a Frame_<channel> column", path)
+        raise SiteError(f"{channel}: the file has {pages} pages; name the "
+                        f"page in a {schema.LOADDATA_FRAME_PREFIX}{channel} "
+                        "column", path)
       if page is not None:
         if page >= pages:
           raise SiteError(f"page {page} requested, the file has {pages}", path)
@@ -585,7 +589,7 @@ def read_loaddata_planes(meta: Dict[str, object], channels: Sequence[str],
     p, page = files[ch]
     if b is None:
       raise SiteError(f"missing channel file {ch}", p)
-    a, bits = decode_plane(b, p, page)
+    a, bits = decode_plane(b, p, page, ch)
     if planes and a.shape != planes[0][0].shape:
       raise SiteError(f"{ch} is {a.shape[1]}x{a.shape[0]} pixels but "
                       f"{channels[0]} of this site is {planes[0][0].shape[1]}x"

@@ -170,7 +170,8 @@ def merge_parts(output: str, num_parts: int, fmt: str,
 
 
 def _channel_names(channels: Sequence[Any]) -> str:
-  return ", ".join(f"w{c.get('index')} {c.get('stain')}" for c in channels)
+  return ", ".join(c["name"] if "name" in c else
+                   f"w{c.get('index')} {c.get('stain')}" for c in channels)
 
 
 def check_channels(model: api.Model, info: Dict[str, Any], data: str,
@@ -196,7 +197,7 @@ def check_channels(model: api.Model, info: Dict[str, Any], data: str,
         f"[{_channel_names(have)}] but {against} was trained on "
         f"({trained_on}) [{_channel_names(want)}]; convert the shards with "
         f"gandl-convert --channels "
-        f"{','.join(str(c.get('index')) for c in want)}")
+        f"{','.join(str(c.get('name') or c.get('index')) for c in want)}")
 
 
 def export_model(model: api.Model, data: str, output: str, *,

@@ -132,11 +132,11 @@ def _sample_fn(trainer: Trainer):
   return sample
 
 
-def _write_grid(writer, trainer, sample, state, z, step, cols):
+def _write_grid(writer, trainer, sample, state, z, step, cols, channels):
   images = image_lib.to_uint8(jax.device_get(
       sample(state.ema_params, state.ema_buffers, z)))
-  writer.write_image(step, "fakes", image_lib.grid(image_lib.to_rgb(images),
-                                                   cols=cols))
+  writer.write_image(step, "fakes", image_lib.grid(
+      image_lib.preview_rgb(images, channels), cols=cols))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -207,6 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                    unit="img")
   sample = _sample_fn(trainer)
   grid_n = int(config.image_grid_size)
+  grid_channels = image_lib.dataset_channels(info.get("channels") or [])
   grid_z = sharding.replicate(jnp.asarray(image_lib.seeds_to_z(
       range(grid_n * grid_n), trainer.G.z_dim)), mesh)
 
@@ -257,7 +258,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                                last))
         history = []
       if step % grid_every == 0 or step == end_step:
-        _write_grid(writer, trainer, sample, state, grid_z, step, grid_n)
+        _write_grid(writer, trainer, sample, state, grid_z, step, grid_n,
+                    grid_channels)
       if save:
         ckpt.save(step, state, dict(meta(), **probe_lib.checkpoint_record(
             probed)), force=True)
