@@ -314,17 +314,17 @@ def test_jump_like_set_trains_exports_and_evaluates(tiff_set, tmp_path):
 
   csv_path, raw = tiff_set
   shards = str(tmp_path / "shards")
-  r = _cli(["--dataset=loaddata", f"--input={csv_path}", f"--output={shards}",
-            "--resolution=8", "--num_shards=2",
-            "--channels=" + ",".join(CHANNELS)])
-  assert r.returncode == 0, r.stderr[-2000:]
+  convert.convert("loaddata", csv_path, shards, 8, num_shards=2,
+                  channels=list(CHANNELS))
   cfg = tiny_config(shards, **{"loss.r1_interval": 2, "loss.pl_interval": 2,
                                "data.shuffle_buffer": 64})
   assert cfg.model.img_channels == 5
   mesh = sharding.make_mesh(jax.devices()[:1])
   workdir = str(tmp_path / "run")
-  summary = loop.train(cfg, workdir, mesh=mesh)
-  assert summary["reason"] == "finished" if "reason" in summary else True
+  loop.train(cfg, workdir, mesh=mesh)
+  # The sample grids are composites of the Cell Painting channels.
+  assert any(n.startswith("fakes-") and n.endswith(".png")
+             for n in os.listdir(os.path.join(workdir, "samples")))
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   emb = str(tmp_path / "emb.parquet")
   r = subprocess.run([sys.executable, "-m", "gandl_jax.cli.export",
@@ -344,7 +344,14 @@ def test_jump_like_set_trains_exports_and_evaluates(tiff_set, tmp_path):
   m = json.loads((out / "metrics.json").read_text())
   e = m["embeddings"]["embeddings"]
   assert e["activity"]["status"] == "ok", e["activity"]
-  assert e["activity"]["n_perturbations"] == 4, e["activity"]
+  a = e["activity"]
+  # Well profiles: 4 compounds x 2 wells x 2 plates against 8 DMSO wells
+  # (Metadata_JCP2022 read as the treatment, Metadata_pert_type control as
+  # the negative control).
+  assert (a["n_compound_doses"], a["n_perturbation_profiles"],
+          a["n_reference_profiles"]) == (4, 16, 8), a
+  assert 0.0 <= a["mean_map"] <= 1.0
+  assert e["replicates"]["status"] == "ok", e["replicates"]
 
   # Four channels: the 5-channel config says what to change.
   four = str(tmp_path / "four")
@@ -353,3 +360,23 @@ def test_jump_like_set_trains_exports_and_evaluates(tiff_set, tmp_path):
   with pytest.raises(ValueError, match=r"4 channels but config.model "
                      r"expects 5 .*img_channels 4"):
     loop.train(tiny_config(four), str(tmp_path / "run4"), mesh=mesh)
+
+
+def test_previews_of_cell_painting_and_other_channel_sets():
+  """The training grids colour JUMP's channels by stain (DNA blue, ER and
+  RNA green, AGP red) and show other channel sets in grey."""
+  from gandl_jax import images
+  info = [dict(index=i + 1, name=n) for i, n in enumerate(CHANNELS)]
+  ch = images.dataset_channels(info)
+  x = np.zeros((1, 2, 2, 5), np.uint8)
+  x[..., 0] = 200          # OrigDNA
+  x[..., 3] = 100          # OrigAGP
+  rgb = images.preview_rgb(x, ch)
+  assert rgb[0, 0, 0].tolist() == [100, 0, 200]
+  four = images.preview_rgb(np.full((1, 2, 2, 4), 8, np.uint8),
+                            images.dataset_channels(info[:4]))
+  assert four.shape == (1, 2, 2, 3)
+  grey = images.preview_rgb(np.arange(12, dtype=np.uint8).reshape(1, 1, 4, 3),
+                            images.dataset_channels(
+                                [dict(index=i + 1, name=f"c{i}") for i in range(3)]))
+  assert grey[0, 0, :, 0].tolist() == [1, 4, 7, 10]
