@@ -380,3 +380,25 @@ def test_previews_of_cell_painting_and_other_channel_sets():
                             images.dataset_channels(
                                 [dict(index=i + 1, name=f"c{i}") for i in range(3)]))
   assert grey[0, 0, :, 0].tolist() == [1, 4, 7, 10]
+
+
+@pytest.mark.parametrize("fmt,kw,mode", [
+    ("PNG", {}, None), ("TIFF", {}, None),
+    ("TIFF", {"compression": "tiff_lzw"}, None),
+    ("TIFF", {"compression": "tiff_adobe_deflate"}, None),
+    ("TIFF", {}, "I;16B"),
+])
+def test_decode_16bit_png_and_tiff_variants(fmt, kw, mode):
+  import io
+  a = np.random.default_rng(0).integers(0, 65536, (5, 7)).astype(np.uint16)
+  im = (Image.frombytes(mode, (7, 5), a.astype(">u2").tobytes()) if mode
+        else Image.fromarray(a))
+  buf = io.BytesIO()
+  im.save(buf, format=fmt, **kw)
+  x, bits = reader.decode_plane(buf.getvalue(), "f")
+  assert bits == 16 and x.dtype == np.uint16
+  np.testing.assert_array_equal(x, a)
+  buf = io.BytesIO()
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, format=fmt)
+  with pytest.raises(reader.SiteError, match="8- or 16-bit grayscale.*RGB"):
+    reader.decode_plane(buf.getvalue(), "f")
