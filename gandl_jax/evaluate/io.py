@@ -427,11 +427,13 @@ def read_embeddings_file(path: Union[str, Sequence[str]],
     meta = table.select(other).to_pandas() if other else pd.DataFrame(
         index=range(table.num_rows))
     del table
-    if profile_cols is not None or spec is not None or any(
-        str(c).startswith("Metadata_") for c in meta.columns):
-      # Profile tables, and our own embeddings of a Cell Painting set
-      # (gandl-convert --dataset loaddata carries its CSV's Metadata_*
-      # columns): CellProfiler names and --table_columns read as ours.
+    if profile_cols is not None or "site_id" in meta.columns and (
+        spec is not None or any(str(c).startswith("Metadata_")
+                                for c in meta.columns)):
+      # Profile tables, and embeddings with site ids and CellProfiler
+      # columns (ours of a Cell Painting set: gandl-convert --dataset
+      # loaddata carries its CSV's Metadata_* columns): CellProfiler names
+      # and --table_columns read as ours.
       meta = _profile_metadata(meta, p, spec)
     sid = _site_ids_from_columns(meta, p)
     if sid is None:
