@@ -353,6 +353,17 @@ def test_jump_like_set_trains_exports_and_evaluates(tiff_set, tmp_path):
   assert 0.0 <= a["mean_map"] <= 1.0
   assert e["replicates"]["status"] == "ok", e["replicates"]
 
+  # The paper's configs take the set as it is (channel count and stains).
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "gandl_rxrx19a", os.path.join(os.path.dirname(__file__), "..",
+                                    "configs", "gandl_rxrx19a.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  paper = mod.get_config("256")
+  pipeline.check_dataset(pipeline.read_dataset_info(shards), shards, None,
+                         paper.model.img_channels)
+
   # Four channels: the 5-channel config says what to change.
   four = str(tmp_path / "four")
   convert.convert("loaddata", csv_path, four, 8, num_shards=2,
