@@ -282,23 +282,40 @@ def test_bad_sites_listed_in_errors_csv_rest_converted(tmp_path):
     (["Metadata_Well"], "Metadata_Well"),
     (["Metadata_Plate", "Metadata_Well"], "Metadata_Plate"),
 ])
-def test_csv_without_channel_or_key_columns_is_one_line_error(
-    tiff_set, tmp_path, drop, missing):
+def test_csv_without_channel_or_key_columns_is_refused(tiff_set, tmp_path,
+                                                       drop, missing):
   csv_path, _ = tiff_set
   df = pd.read_csv(csv_path, dtype=str).drop(columns=drop)
   bad = str(tmp_path / "bad.csv")
   df.to_csv(bad, index=False)
   out = tmp_path / "out"
-  r = _cli(["--dataset=loaddata", f"--input={bad}", f"--output={out}",
-            "--resolution=8"])
+  with pytest.raises(reader.MetadataError) as e:
+    convert.convert("loaddata", bad, str(out), 8)
+  msg = str(e.value)
+  assert msg.startswith(f"{bad}: not a LoadData CSV, missing column(s): ")
+  assert missing in msg and "\n" not in msg
+  if len(drop) == 2:
+    assert "Metadata_Well" in msg        # both named
+  assert not out.exists()
+
+
+def test_cli_refusal_is_one_line_with_exit_status_1(tiff_set, tmp_path):
+  csv_path, _ = tiff_set
+  df = pd.read_csv(csv_path, dtype=str).drop(
+      columns=[f"FileName_{c}" for c in CHANNELS])
+  bad = str(tmp_path / "bad.csv")
+  df.to_csv(bad, index=False)
+  out = tmp_path / "out"
+  r = _cli(["--dataset=loaddata", f"--input={bad},{tmp_path / 'none.csv'}",
+            f"--output={out}", "--resolution=8"])
   assert r.returncode == 1
   line = r.stderr.strip().splitlines()[-1]
-  assert line.startswith("gandl-convert: error: ") and bad in line
-  assert missing in line and "missing column" in line
-  assert not out.exists() or not any(out.iterdir())
-  r = _cli(["--dataset=loaddata", f"--input={tmp_path / 'none.csv'}",
-            f"--output={out}"])
-  assert r.returncode == 1 and "none.csv: LoadData CSV not found" in r.stderr
+  assert line.startswith(f"gandl-convert: error: {bad}: not a LoadData CSV, "
+                         "missing column(s): FileName_<channel>")
+  assert not out.exists()
+  with pytest.raises(reader.MetadataError, match="none.csv: LoadData CSV not "
+                     "found"):
+    convert.convert("loaddata", str(tmp_path / "none.csv"), str(out), 8)
 
 
 def test_jump_like_set_trains_exports_and_evaluates(tiff_set, tmp_path):

@@ -673,15 +673,22 @@ def probe_loaddata_size(metas: Sequence[Dict[str, object]],
     raise MetadataError("the LoadData CSV has no usable rows")
   idx = np.unique(np.linspace(0, len(metas) - 1, min(probes, len(metas))).astype(int))
   counts: Dict[Tuple[int, int], int] = {}
-  for i in list(idx) + [j for j in range(len(metas)) if j not in set(idx)]:
+
+  def size(i):
     p, page = metas[i][LOADDATA_FILES][channels[0]]
     try:
-      a, _ = decode_plane(read_image_file(p), p, page)
+      return decode_plane(read_image_file(p), p, page, channels[0])[0].shape
     except (FileNotFoundError, SiteError):
-      continue
-    counts[a.shape] = counts.get(a.shape, 0) + 1
-    if i not in idx:    # fallback scan: the first readable image decides
-      break
+      return None
+
+  for i in idx:
+    s = size(i)
+    if s is not None:
+      counts[s] = counts.get(s, 0) + 1
+  if not counts:    # fall back to a scan: the first readable image decides
+    s = next((s for s in map(size, range(len(metas))) if s is not None), None)
+    if s is not None:
+      return s
   if not counts:
     raise MetadataError(f"no readable {channels[0]} image for any row of the "
                         "LoadData CSV")
