@@ -10,6 +10,11 @@ worker in this process, and `--workers` processes
 (direct_running_mode=multi_processing). Every run writes to a fresh
 directory. Prints one line per run: wall seconds and sites/s (wall time of
 the whole job: planning, reading, resizing, writing, index).
+
+`--runs convert,loaddata` compares gandl-convert on the PNG tree with
+`--dataset loaddata` on the same sites as 16-bit TIFFs (each PNG value x 257)
+described by a LoadData CSV (written once into --scratch): the 16-bit decode,
+the percentile sample (64 sites) and the rescaling.
 """
 import os
 import shutil
@@ -30,7 +35,8 @@ _WORKERS = flags.DEFINE_integer("workers", 2, "gandl-convert processes and "
                                 "Beam direct_num_workers.")
 _RUNS = flags.DEFINE_list("runs", ["convert", "beam1", "beamN"],
                           "Which runs: convert, beam1 (one in-process Beam "
-                          "worker), beamN (--workers Beam processes).")
+                          "worker), beamN (--workers Beam processes), "
+                          "loaddata (16-bit TIFFs through a LoadData CSV).")
 _SCRATCH = flags.DEFINE_string("scratch", "/tmp/gandl-bench-convert", "Where "
                                "the synthetic tree and outputs go.")
 
@@ -59,6 +65,46 @@ def _convert(root: str) -> int:
   return int(s["num_examples"])
 
 
+def _loaddata_csv(root: str) -> str:
+  """The tree's sites as 16-bit TIFFs and a LoadData CSV (made once)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import pandas as pd  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  base = os.path.join(_SCRATCH.value, f"loaddata-{_SIZE.value}-p{_PLATES.value}")
+  csv_path = os.path.join(base, "load_data.csv")
+  if os.path.exists(csv_path):
+    return csv_path
+  t = time.time()
+  rows = []
+  md = pd.read_csv(os.path.join(root, "metadata.csv"), dtype=str,
+                   keep_default_na=False)
+  for r in md.to_dict("records"):
+    plate = f"{r['experiment']}_{r['plate']}"
+    d = os.path.join(base, "images", plate)
+    os.makedirs(d, exist_ok=True)
+    row = dict(Metadata_Plate=plate, Metadata_Well=r["well"],
+               Metadata_Site=r["site"], Metadata_Condition=r["disease_condition"])
+    for ch in range(1, 6):
+      src = os.path.join(root, "images", r["experiment"], f"Plate{r['plate']}",
+                         f"{r['well']}_s{r['site']}_w{ch}.png")
+      name = f"{r['well']}_s{r['site']}_w{ch}.tiff"
+      a = np.asarray(Image.open(src), np.uint16) * 257
+      Image.fromarray(a).save(os.path.join(d, name), format="TIFF")
+      row[f"FileName_w{ch}"], row[f"PathName_w{ch}"] = name, d
+    rows.append(row)
+  pd.DataFrame(rows).to_csv(csv_path + ".tmp", index=False)
+  os.replace(csv_path + ".tmp", csv_path)
+  print(f"16-bit TIFF LoadData set: {time.time() - t:.1f} s", flush=True)
+  return csv_path
+
+
+def _convert_loaddata(root: str) -> int:
+  from gandl_jax.data import convert  # pylint: disable=import-outside-toplevel
+  s = convert.convert("loaddata", _loaddata_csv(root), _fresh("loaddata"),
+                      _RESOLUTION.value, workers=_WORKERS.value)
+  return int(s["num_examples"])
+
+
 def _beam(root: str, workers: int) -> int:
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from apache_beam.options import pipeline_options  # pylint: disable=import-outside-toplevel
@@ -78,14 +124,17 @@ def main(argv):
   del argv
   root = _tree()
   runs = {"convert": lambda: _convert(root), "beam1": lambda: _beam(root, 1),
-          "beamN": lambda: _beam(root, _WORKERS.value)}
+          "beamN": lambda: _beam(root, _WORKERS.value),
+          "loaddata": lambda: _convert_loaddata(root)}
   for name in _RUNS.value:
     t = time.time()
     n = runs[name]()
     dt = time.time() - t
     label = {"convert": f"gandl-convert --workers {_WORKERS.value}",
              "beam1": "tfds builder, FnApiRunner, 1 worker",
-             "beamN": f"tfds builder, FnApiRunner, {_WORKERS.value} processes"}[name]
+             "beamN": f"tfds builder, FnApiRunner, {_WORKERS.value} processes",
+             "loaddata": f"gandl-convert --dataset loaddata (16-bit TIFF) "
+                         f"--workers {_WORKERS.value}"}[name]
     print(f"{label}: {n} sites {_SIZE.value}->{_RESOLUTION.value} in {dt:.1f} s "
           f"= {n / dt:.1f} sites/s", flush=True)
 
