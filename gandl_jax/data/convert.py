@@ -1,4 +1,6 @@
-"""RxRx19a / RxRx1 (or the synthetic tree) -> deterministic TFRecord shards.
+"""RxRx19a / RxRx1 (or the synthetic tree), or any Cell Painting set described
+by CellProfiler LoadData CSVs (`dataset="loaddata"`) -> deterministic TFRecord
+shards.
 
 Output directory (local or gs://)::
 

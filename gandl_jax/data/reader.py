@@ -1,4 +1,5 @@
-"""Reading the public RxRx19a / RxRx1 tree: metadata.csv and per-channel PNGs.
+"""Reading the public RxRx19a / RxRx1 tree (metadata.csv and per-channel PNGs)
+and LoadData CSVs of any Cell Painting set (8/16-bit PNG and TIFF planes).
 
 Shared by the converter (`convert.py`), the TFDS builder (`tfds_rxrx19a.py`)
 and the tests. Nothing here imports TensorFlow unless a path is remote
