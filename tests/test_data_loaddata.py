@@ -275,6 +275,10 @@ def test_bad_sites_listed_in_errors_csv_rest_converted(tmp_path):
   assert "duplicate" in by[sid[6]][0]["reason"]
   sites = pd.read_csv(os.path.join(out, "sites.csv"), dtype=str)
   assert len(sites) == len(raw) - 6 and not set(sites.site_id) & set(sid[:6])
+  # Every usable row was sampled (64 > 48); unreadable ones are skipped.
+  it = pipeline.read_dataset_info(out)["intensity"]
+  assert set(it["skipped_site_ids"]) == {sid[0], sid[1], sid[2], sid[5]}
+  assert it["sample_sites"] == len(raw) - 2 - 4   # 2 rows refused, 4 unreadable
 
 
 @pytest.mark.parametrize("drop,missing", [

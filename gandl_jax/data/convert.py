@@ -280,17 +280,27 @@ def intensity_windows(metas: Sequence[Dict[str, object]], channels: Sequence[str
   k = min(sample, len(metas))
   idx = np.sort(np.random.default_rng(seed).choice(len(metas), k, replace=False))
   tasks = [(metas[i], tuple(channels)) for i in idx]
-  if workers > 1 and k > 1:
-    with multiprocessing.get_context("spawn").Pool(min(workers, k)) as pool:
-      results = pool.map(reader.histogram_task, tasks, chunksize=1)
-  else:
-    results = [reader.histogram_task(t) for t in tasks]
-  good = [r for r in results if r.hists is not None]
+  hist, good, bad = None, [], []
+  pool = (multiprocessing.get_context("spawn").Pool(min(workers, k))
+          if workers > 1 and k > 1 else None)
+  try:
+    # Summed as they come: one (C, 65536) histogram held, not one per site.
+    for r in (pool.imap(reader.histogram_task, tasks) if pool
+              else map(reader.histogram_task, tasks)):
+      if r.hists is None:
+        bad.append(r)
+        continue
+      hist = r.hists if hist is None else hist + r.hists
+      good.append(r)
+      r.hists = None
+  finally:
+    if pool is not None:
+      pool.close()
+      pool.join()
   if not good:
     raise reader.MetadataError(
         f"none of the {k} sites sampled for the intensity percentiles could "
-        f"be read (first: {results[0].site_id}: {results[0].error})")
-  hist = np.sum([r.hists for r in good], axis=0)
+        f"be read (first: {bad[0].site_id}: {bad[0].error})")
   out = []
   for c, name in enumerate(channels):
     bits = max(r.bits[c] for r in good)
@@ -310,7 +320,7 @@ def intensity_windows(metas: Sequence[Dict[str, object]], channels: Sequence[str
               "area-averaging the rescaled values to the resolution",
       sample_seed=int(seed), sample_sites=len(good),
       sampled_site_ids=[r.site_id for r in good],
-      skipped_site_ids=[r.site_id for r in results if r.hists is None],
+      skipped_site_ids=[r.site_id for r in bad],
       channels=out)
 
 
