@@ -48,6 +48,13 @@ def save_samples(model: api.Model, out: str, seeds: Sequence[int],
     if view == "raw":
       tiles = image_lib.channel_strip(images)
       picture = image_lib.grid(tiles, cols=cols or 1)
+    elif view == "bgr":
+      # The training data's channels (a Cell Painting set's stains are
+      # coloured like RxRx's; other sets in grey).
+      channels = image_lib.dataset_channels(
+          (model.meta.get("dataset") or {}).get("channels") or [])
+      picture = image_lib.grid(image_lib.preview_rgb(images, channels),
+                               cols=cols)
     else:
       picture = image_lib.grid(image_lib.to_rgb(images, style=view),
                                cols=cols)
