@@ -2,19 +2,25 @@
 
 Generates RxRx19a-shaped embeddings with planted signal (HRCE/VERO, Mock /
 UV / Active controls, 1,670 compounds x 6 half-log doses with known EC50s,
-plate shifts), writes them as our Parquet layout plus metadata.csv and
-synthetic_truth.csv, then runs the evaluation in a fresh child process and
-reports its wall time and peak resident memory (ru_maxrss of the child).
+plate shifts), writes them in Recursion's CSV layout (`embeddings.csv`:
+`site_id` then columns `0 ... 1023`; `--format parquet`: our Parquet layout)
+plus metadata.csv and synthetic_truth.csv, then runs the evaluation (all six
+RxRx19a tasks by default) in a fresh child process and reports its wall time,
+the seconds of each stage and the child's peak resident memory (its
+ru_maxrss, what `/usr/bin/time -v` reports as "Maximum resident set size"),
+then one JSON line with all of these (`BENCH_JSON {...}`).
 
   python tools/bench_evaluate.py                       # full: 305,520 x 1024
   python tools/bench_evaluate.py --sites 20000 --dim 256   # quick look
   python tools/bench_evaluate.py --tasks activity,replicates  # retrieval
+  python tools/bench_evaluate.py --workdir W --keep --reuse --code OTHER
+      # evaluate with the gandl_jax of another checkout (A/B on the same data)
 
 The retrieval tasks (issue 15) compute the well-level phenotypic-activity mAP
 (copairs) of every compound-dose, percent replicating and the energy
 distances of the named compounds.
 
-Targets (issue 6): full size under 120 s and 8 GB on a 2-core machine.
+Targets (issue 12): full size, all tasks, within 45 s and 4 GB.
 
 Files: without --workdir, everything goes to a fresh private temporary
 directory that is removed at the end (unless --keep). With --workdir, the
@@ -42,8 +48,15 @@ flags.DEFINE_string("workdir", None, "Scratch directory (default: a fresh "
                     "private temporary one). Only the bench's own files "
                     "(GENERATED) are written and removed there.")
 flags.DEFINE_bool("keep", False, "Keep the generated files.")
-flags.DEFINE_list("tasks", ["control", "cell_model", "dose_response", "truth"],
-                  "Tasks to time.")
+flags.DEFINE_list("tasks", ["control", "cell_model", "dose_response", "truth",
+                            "activity", "replicates"], "Tasks to time.")
+flags.DEFINE_enum("format", "csv", ["csv", "parquet"], "Embeddings file: "
+                  "Recursion's embeddings.csv layout or our Parquet layout.")
+flags.DEFINE_string("code", None, "Root of the gandl-jax checkout whose "
+                    "gandl_jax evaluates (default: this one), e.g. an older "
+                    "version for a before/after comparison on the same data.")
+flags.DEFINE_float("target_s", 45.0, "Wall-time target (seconds).")
+flags.DEFINE_float("target_gb", 4.0, "Peak-memory target (GB).")
 flags.DEFINE_integer("seed", 0, "Generator seed.")
 flags.DEFINE_string("normalization", "plate", "Normalization of the run.")
 flags.DEFINE_integer("null_size", 10000, "mAP permutation null size.")
@@ -58,7 +71,30 @@ _HRCE, _VERO = 284_080, 21_440
 
 # What the bench writes into its work directory (and removes unless --keep).
 GENERATED = ("metadata.csv", "synthetic_truth.csv", "embeddings.parquet",
-             "bench_info.json", "out")
+             "embeddings.csv", "bench_info.json", "out")
+
+
+def _embeddings_name() -> str:
+  return "embeddings.csv" if FLAGS.format == "csv" else "embeddings.parquet"
+
+
+def _write_recursion_csv(path: str, site_ids, X) -> None:
+  """Recursion's embeddings.csv: `site_id`, then columns `0 ... dim-1`,
+  written in row blocks (bounded memory) to a temporary name, then renamed."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.csv as pa_csv  # pylint: disable=g-import-not-at-top
+  names = ["site_id"] + [str(i) for i in range(X.shape[1])]
+  schema = pa.schema([("site_id", pa.string())] +
+                     [(n, pa.float32()) for n in names[1:]])
+  site_ids = np.asarray(site_ids, dtype=object)
+  tmp = path + ".tmp"
+  with pa_csv.CSVWriter(tmp, schema) as w:
+    for s in range(0, len(X), 16384):
+      block = np.ascontiguousarray(X[s:s + 16384].T)
+      w.write_table(pa.table([pa.array(site_ids[s:s + 16384], pa.string())] +
+                             [pa.array(c) for c in block], schema=schema))
+  os.replace(tmp, path)
 
 
 def _cleanup(wd: str, created: bool) -> None:
@@ -84,11 +120,15 @@ def _generate(workdir: str) -> dict:
 
   scale = FLAGS.sites / _FULL
   hrce = int(round(_HRCE * scale))
+  # 10 rescue and 10 toxic compounds at full size; at most a quarter each
+  # of the compounds in small runs (they must fit among the compounds).
+  n_compounds = max(12, int(round(1670 * scale)))
+  n_special = min(10, n_compounds // 4)
   cfg = simulate.SimConfig(
       sites_per_cell_type=(("HRCE", hrce), ("VERO", FLAGS.sites - hrce)),
       wells_per_plate=1380, dim=FLAGS.dim, frac_mock=9120 / _FULL,
       frac_uv=9120 / _FULL, frac_active=0.03,
-      n_compounds=max(12, int(round(1670 * scale))), n_rescue=10, n_toxic=10,
+      n_compounds=n_compounds, n_rescue=n_special, n_toxic=n_special,
       infection_effect=3.0, cell_effect=1.5, plate_shift=2.0, seed=FLAGS.seed)
   t = time.time()
   rng = np.random.default_rng(cfg.seed)
@@ -99,28 +139,37 @@ def _generate(workdir: str) -> dict:
   t = time.time()
   md.to_csv(os.path.join(workdir, "metadata.csv"), index=False)
   truth.to_csv(os.path.join(workdir, "synthetic_truth.csv"), index=False)
-  embeddings.write(os.path.join(workdir, "embeddings.parquet"), md, X,
-                       file_metadata={"gandl.layer": "bench"})
+  if FLAGS.format == "csv":
+    _write_recursion_csv(os.path.join(workdir, _embeddings_name()),
+                         md["site_id"].to_numpy(), X)
+  else:
+    embeddings.write(os.path.join(workdir, _embeddings_name()), md, X,
+                     file_metadata={"gandl.layer": "bench"})
   write_s = time.time() - t
-  size = os.path.getsize(os.path.join(workdir, "embeddings.parquet"))
+  size = os.path.getsize(os.path.join(workdir, _embeddings_name()))
   return {"sites": int(len(md)), "dim": int(X.shape[1]),
           "plates": int(md.groupby(["experiment", "plate"]).ngroups),
           "compounds": int(len(truth)),
           "generate_s": round(gen_s, 1), "write_s": round(write_s, 1),
-          "parquet_gb": round(size / 2**30, 2)}
+          "format": FLAGS.format, "file_gb": round(size / 2**30, 2)}
 
 
 _CHILD = """
-import json, sys, time
+import json, resource, sys, time
 t = time.time()
+import gandl_jax
 from gandl_jax.evaluate import Options, evaluate, retrieval
-w, tasks, norm, null = sys.argv[1], sys.argv[2].split(","), sys.argv[3], sys.argv[4]
+print("CHILD_IMPORT_S", time.time() - t)
+w, emb, tasks, norm, null = (sys.argv[1], sys.argv[2], sys.argv[3].split(","),
+                             sys.argv[4], sys.argv[5])
 opts = Options(normalization=norm,
                retrieval=retrieval.RetrievalConfig(null_size=int(null)))
-m = evaluate(w + "/embeddings.parquet", w + "/out", metadata=w + "/metadata.csv",
+m = evaluate(w + "/" + emb, w + "/out", metadata=w + "/metadata.csv",
              tasks=tasks, compounds=["Remdesivir (GS-5734)", "GS-441524"],
              options=opts)
+print("CHILD_CODE", gandl_jax.__file__)
 print("CHILD_WALL", time.time() - t)
+print("CHILD_MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
@@ -151,38 +200,57 @@ def _bench(wd: str) -> None:
   if FLAGS.reuse and os.path.exists(info_path):
     with open(info_path) as f:
       info = json.load(f)
-    if (info["sites"], info["dim"]) != (FLAGS.sites, FLAGS.dim):
-      raise SystemExit(f"{wd} holds {info['sites']} x {info['dim']}; "
-                       f"drop --reuse to generate {FLAGS.sites} x {FLAGS.dim}")
+    if (info["sites"], info["dim"], info.get("format", "parquet")) != (
+        FLAGS.sites, FLAGS.dim, FLAGS.format):
+      raise SystemExit(f"{wd} holds {info['sites']} x {info['dim']} "
+                       f"({info.get('format', 'parquet')}); drop --reuse to "
+                       f"generate {FLAGS.sites} x {FLAGS.dim} ({FLAGS.format})")
     print("reusing the generated files", flush=True)
   else:
     info = _generate(wd)
     with open(info_path, "w") as f:
       json.dump(info, f)
   print(json.dumps(info), flush=True)
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.abspath(FLAGS.code) if FLAGS.code else os.path.dirname(
+      os.path.dirname(os.path.abspath(__file__)))
+  if not os.path.isfile(os.path.join(repo, "gandl_jax", "__init__.py")):
+    raise SystemExit(f"--code {repo}: no gandl_jax package there")
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep +
              os.environ.get("PYTHONPATH", ""))
+  load = os.getloadavg()
   t = time.time()
-  r = subprocess.run([sys.executable, "-c", _CHILD, wd, ",".join(FLAGS.tasks),
-                      FLAGS.normalization, str(FLAGS.null_size)],
-                     env=env, capture_output=True, text=True)
+  r = subprocess.run([sys.executable, "-c", _CHILD, wd, _embeddings_name(),
+                      ",".join(FLAGS.tasks), FLAGS.normalization,
+                      str(FLAGS.null_size)],
+                     env=env, capture_output=True, text=True, cwd=wd)
   wall = time.time() - t
-  peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+  load = [round(max(a, b), 1) for a, b in zip(load, os.getloadavg())]
   if r.returncode != 0:
     print(r.stdout[-3000:], r.stderr[-3000:])
     raise SystemExit(f"evaluation failed with exit code {r.returncode}")
+  child = dict(line.split(" ", 1) for line in r.stdout.splitlines()
+               if line.startswith("CHILD_"))
+  peak_gb = int(child["CHILD_MAXRSS_KB"]) / 2**20
   with open(os.path.join(wd, "out", "metrics.json")) as f:
     m = json.load(f)
   e = m["embeddings"]["embeddings"]
   print("\n".join(line for line in r.stdout.splitlines()
                   if line.startswith("  ")))
-  print(f"\nevaluate: {info['sites']} sites x {info['dim']} features, "
-        f"tasks {','.join(FLAGS.tasks)}")
+  print(f"\nevaluate: {info['sites']} sites x {info['dim']} features "
+        f"({info.get('format', 'parquet')}), tasks {','.join(FLAGS.tasks)}, "
+        f"code {child['CHILD_CODE'].strip()}")
   print(f"  wall time (process start to report written): {wall:.1f} s "
-        f"(target < 120 s)")
-  print(f"  peak resident memory: {peak_gb:.2f} GB (target < 8 GB)")
-  print(f"  stage seconds: {json.dumps(e['timing_s'])}")
+        f"(target < {FLAGS.target_s:g} s)")
+  print(f"  peak resident memory: {peak_gb:.2f} GB (target < "
+        f"{FLAGS.target_gb:g} GB)")
+  print(f"  load average (1 min, highest seen at start/end): {load[0]}")
+  stages = {"imports": round(float(child["CHILD_IMPORT_S"]), 2),
+            **e["timing_s"],
+            "figures_report": round(m["elapsed_s"] - e["timing_s"]["total"],
+                                    2)}
+  print("  stage seconds:")
+  for k, v in stages.items():
+    print(f"    {k:<20s} {v:8.2f}")
   for task in ("control", "cell_model"):
     if e.get(task, {}).get("status") == "ok":
       for split in ("random", "plate"):
@@ -215,8 +283,16 @@ def _bench(wd: str) -> None:
           f"{e['timing_s'].get('replicates')} s")
   elif "replicates" in e:
     print(f"  replicates: {e['replicates']}")
-  ok = wall < 120 and peak_gb < 8
-  print(f"  {'PASS' if ok else 'FAIL'} (wall < 120 s and peak < 8 GB)")
+  ok = wall < FLAGS.target_s and peak_gb < FLAGS.target_gb
+  print(f"  {'PASS' if ok else 'FAIL'} (wall < {FLAGS.target_s:g} s and peak "
+        f"< {FLAGS.target_gb:g} GB)")
+  summary = {"sites": info["sites"], "dim": info["dim"],
+             "format": info.get("format", "parquet"), "tasks": FLAGS.tasks,
+             "normalization": FLAGS.normalization,
+             "null_size": FLAGS.null_size, "code": repo,
+             "wall_s": round(wall, 1), "peak_gb": round(peak_gb, 2),
+             "loadavg": load, "stages_s": stages, "pass": ok}
+  print("BENCH_JSON " + json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

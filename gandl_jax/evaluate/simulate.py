@@ -64,6 +64,10 @@ def _well_names(n: int) -> list:
 
 
 def compounds_truth(cfg: SimConfig, rng: np.random.Generator) -> pd.DataFrame:
+  if cfg.n_rescue + cfg.n_toxic > cfg.n_compounds:
+    raise ValueError(f"SimConfig: n_rescue ({cfg.n_rescue}) + n_toxic "
+                     f"({cfg.n_toxic}) must not exceed n_compounds "
+                     f"({cfg.n_compounds})")
   names = list(NAMED_ACTIVES[:min(cfg.n_rescue, len(NAMED_ACTIVES))])
   names += [f"CMPD-{i:04d}" for i in range(cfg.n_compounds - len(names))]
   kinds = (["rescue"] * cfg.n_rescue + ["toxic"] * cfg.n_toxic +
