@@ -182,8 +182,19 @@ def _is_parquet(path: str) -> bool:
   return path.endswith((".parquet", ".pq"))
 
 
-def _read_csv_table(path: str) -> pa.Table:
-  """A CSV as an Arrow table; features as float32, a header line optional."""
+# Text per Arrow read_csv call (bounded memory: the parsed table of one range
+# lives next to the float32 matrix, never the whole file's), and per parsing
+# block inside it (the unit of Arrow's multithreading).
+CSV_RANGE_BYTES = 128 << 20
+CSV_BLOCK_BYTES = 8 << 20
+_TEXT_COLUMNS = ("site_id", "well_id", "well", "experiment", "cell_type",
+                 "disease_condition", "treatment", "SMILES", "dataset",
+                 "well_type", "sirna")
+
+
+def _csv_header(path: str) -> Tuple[List[str], bool]:
+  """(column names, headerless) of a CSV: a first line that looks like data
+  (`site_id` then numbers) is no header."""
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt", newline="", encoding="utf-8") as f:
     reader = csv.reader(f)
@@ -194,30 +205,101 @@ def _read_csv_table(path: str) -> pa.Table:
   headerless = bool(header) and bool(_SITE_ID.match(header[0])) and all(
       _is_float(v) for v in header[1:])
   if headerless:
-    names = ["site_id"] + [str(i) for i in range(len(header) - 1)]
-  else:
-    names = [h if h else f"Unnamed: {i}" for i, h in enumerate(header)]
-  types = {}
-  feats = []
+    return ["site_id"] + [str(i) for i in range(len(header) - 1)], True
+  return [h if h else f"Unnamed: {i}" for i, h in enumerate(header)], False
+
+
+def _csv_ranges(path: str, skip_header: bool, size: int):
+  """Yields the file's data rows as bytes, about `size` at a time, each
+  ending at a line end (Arrow's reader splits at line ends too: it does not
+  allow newlines inside values by default)."""
+  with open(path, "rb") as f:
+    if skip_header:
+      f.readline()
+    rest = b""
+    while True:
+      chunk = f.read(size)
+      if not chunk:
+        break
+      chunk = rest + chunk
+      cut = chunk.rfind(b"\n") + 1
+      if cut == 0:
+        rest = chunk
+        continue
+      rest = chunk[cut:]
+      yield chunk[:cut]
+    if rest.strip():
+      yield rest
+
+
+def _count_lines(path: str) -> int:
+  """Newlines in the file (+1 for a last line without one): an upper bound
+  on its rows."""
+  n, last = 0, b"\n"
+  with open(path, "rb") as f:
+    while True:
+      chunk = f.read(64 << 20)
+      if not chunk:
+        break
+      n += chunk.count(b"\n")
+      last = chunk[-1:]
+  return n + (last != b"\n")
+
+
+def _read_csv(path: str, names: List[str], headerless: bool,
+              feats: Sequence[str]) -> Tuple[pa.Table, np.ndarray]:
+  """(the other columns as an Arrow table, the features as C-ordered float32
+  (rows, len(feats)) with nulls as NaN) of a CSV.
+
+  Arrow's multithreaded reader parses the text range by range; each range's
+  feature columns go straight into the preallocated float32 matrix
+  (`RecordBatch.to_tensor`, row-major) and its table is dropped, so memory
+  stays at the matrix plus one range. gzip files are parsed whole.
+  """
+  types = {n: pa.float32() for n in feats}
   for n in names:
-    if n != "site_id" and _feature_index(n) is not None and n not in _ID_COLUMNS:
-      feats.append(n)
-  # `Unnamed: 0` holding a pandas index is not a feature when other numbered
-  # columns start at 0 too: keep only one column per index.
-  for n in feats:
-    types[n] = pa.float32()
-  for n in names:
-    if n in ("site_id", "well_id", "well", "experiment", "cell_type",
-             "disease_condition", "treatment", "SMILES", "dataset",
-             "well_type", "sirna"):
+    if n in _TEXT_COLUMNS:
       types[n] = pa.string()
-  read_opts = pa_csv.ReadOptions(column_names=names,
-                                 skip_rows=0 if headerless else 1)
   convert = pa_csv.ConvertOptions(column_types=types, strings_can_be_null=True)
-  try:
-    return pa_csv.read_csv(path, read_options=read_opts, convert_options=convert)
-  except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-    raise ValueError(f"{path}: cannot parse as an embeddings CSV: {e}") from e
+  fset = set(feats)
+  other = [n for n in names if n not in fset]
+  gz = path.endswith(".gz")
+
+  def parse(source, skip):
+    opts = pa_csv.ReadOptions(column_names=names, skip_rows=skip,
+                              block_size=CSV_BLOCK_BYTES)
+    try:
+      return pa_csv.read_csv(source, read_options=opts,
+                             convert_options=convert)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+      raise ValueError(f"{path}: cannot parse as an embeddings CSV: {e}") from e
+
+  if gz:
+    sources = [(path, 0 if headerless else 1)]
+    X = None
+  else:
+    sources = ((pa.py_buffer(b), 0) for b in
+               _csv_ranges(path, not headerless, CSV_RANGE_BYTES))
+    X = np.empty((_count_lines(path), len(feats)), dtype=np.float32)
+  metas, n = [], 0
+  for source, skip in sources:
+    table = parse(source, skip)
+    if X is None:
+      X = np.empty((table.num_rows, len(feats)), dtype=np.float32)
+    metas.append(table.select(other))
+    for batch in table.select(list(feats)).to_batches():
+      m = batch.num_rows
+      if n + m > len(X):            # cannot happen: rows <= line ends
+        raise ValueError(f"{path}: more rows than lines")
+      X[n:n + m] = np.asarray(batch.to_tensor(null_to_nan=True,
+                                              row_major=True))
+      n += m
+    del table
+  if X is None:
+    X = np.empty((0, len(feats)), dtype=np.float32)
+  meta = (pa.concat_tables(metas) if metas else
+          pa.table({c: pa.array([], pa.string()) for c in other}))
+  return meta, X[:n]
 
 
 def _is_float(v: str) -> bool:
@@ -406,13 +488,14 @@ def read_embeddings_file(path: Union[str, Sequence[str]],
         if k.startswith(b"gandl."):
           file_meta[k.decode()] = v.decode()
       table = _ParquetColumns(pfile)
+      names = table.column_names
     else:
-      table = _read_csv_table(p)
-    profile_cols = _profile_features(table.column_names, spec)
+      names, headerless = _csv_header(p)
+    profile_cols = _profile_features(names, spec)
     if profile_cols is not None:
       cols, missing = profile_cols, []
     else:
-      cols = feature_columns(table.column_names, p)
+      cols = feature_columns(names, p)
       missing = _missing_indices(cols)
     if missing:
       issues.append(
@@ -422,10 +505,14 @@ def read_embeddings_file(path: Union[str, Sequence[str]],
       raise ValueError(f"{p}: {len(cols)} feature columns, but {paths[0]} has "
                        f"{len(cols_ref)}")
     cols_ref = cols_ref or cols
-    X = _table_to_matrix(table, cols)
-    other = [c for c in table.column_names if c not in set(cols)]
-    meta = table.select(other).to_pandas() if other else pd.DataFrame(
-        index=range(table.num_rows))
+    if _is_parquet(p):
+      X = _table_to_matrix(table, cols)
+      other = [c for c in names if c not in set(cols)]
+      table = table.select(other) if other else None
+    else:
+      table, X = _read_csv(p, names, headerless, cols)
+    meta = table.to_pandas() if table is not None and table.num_columns \
+        else pd.DataFrame(index=range(len(X)))
     del table
     if profile_cols is not None or "site_id" in meta.columns and (
         spec is not None or any(str(c).startswith("Metadata_")
