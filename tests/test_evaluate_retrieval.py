@@ -399,3 +399,56 @@ def test_tvn_few_controls_equals_shrunk_coral_reference():
     expect = ((X[rows].astype(np.float64) - w.mean) @ W - mu) @ T
     np.testing.assert_allclose(Z[rows], expect, rtol=1e-3, atol=1e-3)
   assert info.shrinkage == {"b0": 0.3, "b1": 0.3}
+
+
+def test_ledoit_wolf_from_gram_equals_sklearn():
+  """The O(n) Ledoit-Wolf coefficient of TVN equals scikit-learn's, for
+  fewer and for more rows than columns."""
+  from sklearn.covariance import ledoit_wolf_shrinkage  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(11)
+  for n, k in ((9, 30), (60, 20), (1500, 1100)):
+    R = rng.standard_normal((n, k)) @ (np.eye(k) + 0.3 * rng.standard_normal(
+        (k, k)))
+    R -= R.mean(0)
+    G = R @ R.T if n < k else R.T @ R
+    got = normalize.ledoit_wolf_shrinkage(np.einsum("ij,ij->i", R, R),
+                                          float(np.square(G).sum()), k)
+    assert got == pytest.approx(ledoit_wolf_shrinkage(R, assume_centered=True),
+                                rel=1e-9)
+
+
+def test_tvn_ledoit_wolf_equals_reference_and_inplace():
+  """Default shrinkage (Ledoit-Wolf, sklearn's coefficient) on a batch with
+  fewer controls than components matches the scipy reference; inplace
+  writes the same values into X."""
+  import scipy.linalg  # pylint: disable=import-outside-toplevel
+  from sklearn.covariance import ledoit_wolf_shrinkage  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(12)
+  dim = 12
+  scales = np.geomspace(0.1, 10, dim)      # far from isotropic: a < 1
+  X = (rng.standard_normal((200, dim)) * scales).astype(np.float32)
+  X[100:] = X[100:] * 1.7 + 2.0
+  X[100:, :6] *= 5.0                        # the batches' covariances
+  X[:100, 6:] *= 5.0                        # differ
+  b = np.repeat(["b0", "b1"], 100)
+  ctrl = np.zeros(200, bool)
+  ctrl[:8] = ctrl[50:62] = True            # b0: 20 controls (k <= n < 2k)
+  ctrl[100:109] = True                      # b1: 9 controls < 12 components
+  Z, info = normalize.tvn(X, b, ctrl, min_controls=4)
+  w = normalize.fit_whitening(X[ctrl])
+  W = w.components * w.scale[None, :]
+  for k in ("b0", "b1"):
+    rows = b == k
+    ref = (X[rows & ctrl].astype(np.float64) - w.mean) @ W
+    mu = ref.mean(0)
+    a = ledoit_wolf_shrinkage(ref - mu, assume_centered=True)
+    assert 0 < a < 1 and info.shrinkage[k] == round(a, 6)
+    C = np.cov(ref, rowvar=False)
+    S = (1 - a) * C + a * np.trace(C) / C.shape[0] * np.eye(C.shape[0])
+    T = np.linalg.inv(np.real(scipy.linalg.sqrtm(S)))
+    expect = ((X[rows].astype(np.float64) - w.mean) @ W - mu) @ T
+    np.testing.assert_allclose(Z[rows], expect, rtol=1e-3, atol=1e-3)
+  X2 = X.copy()
+  Z2, _ = normalize.tvn(X2, b, ctrl, min_controls=4, inplace=True)
+  assert np.shares_memory(Z2, X2)
+  np.testing.assert_allclose(Z2, Z, rtol=1e-6, atol=1e-6)

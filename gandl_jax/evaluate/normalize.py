@@ -165,19 +165,44 @@ class TVNInfo:
   fallback_batches: List[str]  # batches aligned with all their rows
 
 
-def _coral_map(R: np.ndarray, C: Optional[np.ndarray], a: float,
-               W: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  """(W S^-1/2 as float32, S^-1/2) for S = (1 - a) C + a (tr C / k) I, C the
-  covariance of the centered rows R (n x k; passed when n >= k).
+def ledoit_wolf_shrinkage(row_sq: np.ndarray, frob2: float, k: int) -> float:
+  """scikit-learn's `ledoit_wolf_shrinkage(R, assume_centered=True)` from
+  sums the CORAL step has at hand: `row_sq` = squared norm of each row of R
+  (n x k), `frob2` = squared Frobenius norm of R'R (equal to that of the
+  n x n Gram matrix RR'). O(n) instead of two k x k products.
 
-  With n < k and a > 0, C has rank < n: S^-1/2 = c I + V diag(...) V' from
-  the eigenvectors of the n x n Gram matrix R R' (V = R' U / s), about 8x
-  less work than the k x k eigendecomposition at n = 500, k = 1,024.
+  With S = R'R / n: mu = tr(S) / k, delta = ||S - mu I||^2 / k, beta =
+  (sum_i ||r_i||^4 / n - ||R'R||^2 / n) / (k n^2), shrinkage = min(beta,
+  delta) / delta (Ledoit & Wolf 2004, sklearn's blocked sums).
+  """
+  n = len(row_sq)
+  if k == 1:
+    return 0.0
+  trace = float(row_sq.sum()) / n
+  mu = trace / k
+  delta_ = frob2 / n ** 2
+  beta_ = float(np.square(row_sq).sum())
+  beta = (beta_ / n - delta_) / (k * n)
+  delta = (delta_ - 2.0 * mu * trace + k * mu ** 2) / k
+  beta = min(beta, delta)
+  return 0.0 if beta == 0 else float(beta / delta)
+
+
+def _coral_map(R: np.ndarray, G: Optional[np.ndarray], a: float,
+               W: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """(W S^-1/2 and y S^-1/2, both float32) for S = (1 - a) C + a (tr C / k) I,
+  C = R'R / (n - 1) the covariance of the centered rows R (n x k); `G` = the
+  n x n Gram matrix RR' when n < k, else R'R.
+
+  With n < k and a > 0, C has rank < n: S^-1/2 = c I + V diag(d) V' from the
+  eigenvectors of the Gram matrix (V = R' U / s), about 8x less work than the
+  k x k eigendecomposition at n = 500, k = 1,024; S^-1/2 itself (k x k) is
+  never formed.
   """
   n, k = R.shape
   with _single_thread_lapack():
-    if C is None and a > 0:
-      g, U = np.linalg.eigh(R @ R.T)
+    if n < k and a > 0:
+      g, U = np.linalg.eigh(G)
       keep = g > 1e-10 * max(g.max(), 1e-300)
       g, U = g[keep], U[:, keep]
       V = (R.T @ U) / np.sqrt(g)                  # (k, r), orthonormal
@@ -185,21 +210,21 @@ def _coral_map(R: np.ndarray, C: Optional[np.ndarray], a: float,
       floor = a * var.sum() / k                   # a * tr(C) / k
       lam = (1.0 - a) * var + floor
       d = 1.0 / np.sqrt(lam) - 1.0 / np.sqrt(floor)
-      T = np.eye(k) / np.sqrt(floor) + (V * d) @ V.T
       A = W / np.sqrt(floor) + ((W @ V) * d) @ V.T
-      return A.astype(np.float32), T
-    if C is None:
-      C = R.T @ R / max(n - 1, 1)
+      shift = y / np.sqrt(floor) + ((y @ V) * d) @ V.T
+      return A.astype(np.float32), shift.astype(np.float32)
+    C = (G if n >= k else R.T @ R) / max(n - 1, 1)
     S = (1.0 - a) * C + a * (np.trace(C) / k) * np.eye(k)
     evals, evecs = np.linalg.eigh(S)
   evals = np.maximum(evals, 1e-12 * max(evals.max(), 1e-12))
   T = (evecs / np.sqrt(evals)) @ evecs.T
-  return (W @ T).astype(np.float32), T
+  return (W @ T).astype(np.float32), (y @ T).astype(np.float32)
 
 
 def tvn(X: np.ndarray, batches: np.ndarray, controls: np.ndarray,
         n_components: Optional[int] = None, shrinkage: Optional[float] = None,
-        min_controls: int = 8, seed: int = 0) -> Tuple[np.ndarray, TVNInfo]:
+        min_controls: int = 8, seed: int = 0, inplace: bool = False
+        ) -> Tuple[np.ndarray, TVNInfo]:
   """Typical variation normalization.
 
   1. PCA whitening fitted on the control rows of all batches (mean 0,
@@ -213,15 +238,23 @@ def tvn(X: np.ndarray, batches: np.ndarray, controls: np.ndarray,
      identity, C = (1 - a) C_b + a (tr C_b / k) I, with the Ledoit-Wolf
      coefficient a. A number fixes a for every batch (0 = exact CORAL).
   Batches with fewer than `min_controls` controls are aligned on all rows.
+
+  Cost: per batch, its whitened controls (n x dim x k), their n x n Gram
+  matrix and the affine map W C_b^-1/2 (dim x k); then one float32 product
+  of each batch's rows with its map. `inplace` (float32 X, all components
+  kept) writes the result into X instead of a new matrix.
   """
-  from sklearn.covariance import ledoit_wolf_shrinkage  # pylint: disable=import-outside-toplevel
   ctrl_rows = np.flatnonzero(controls)
   if len(ctrl_rows) < 2:
     raise ValueError(f"TVN needs control rows to fit on, got {len(ctrl_rows)}")
   w = fit_whitening(X[ctrl_rows], n_components, seed=seed)
   W = w.components * w.scale[None, :]            # (dim, k), float64
   k = W.shape[1]
-  Z = np.empty((len(X), k), dtype=np.float32)
+  mW = w.mean @ W
+  if inplace and k == X.shape[1] and X.dtype == np.float32:
+    Z = X
+  else:
+    Z = np.empty((len(X), k), dtype=np.float32)
   names, blocks = _plate_blocks(batches)
   used, fallback = {}, []
   for name, rows in zip(names, blocks):
@@ -229,19 +262,20 @@ def tvn(X: np.ndarray, batches: np.ndarray, controls: np.ndarray,
     if len(ref_rows) < min_controls:
       ref_rows = rows
       fallback.append(str(name))
-    ref = (X[ref_rows].astype(np.float64) - w.mean) @ W
+    ref = X[ref_rows].astype(np.float64) @ W - mW   # (x - m) W
     mu = ref.mean(axis=0)
     R = ref - mu
-    C = None if len(R) < k else R.T @ R / max(len(R) - 1, 1)
+    n = len(R)
+    G = R @ R.T if n < k else R.T @ R
     if shrinkage is not None:
       a = float(shrinkage)
-    elif len(R) >= 2 * k:
+    elif n >= 2 * k:
       a = 0.0      # enough controls: exact CORAL
     else:
-      a = float(ledoit_wolf_shrinkage(R, assume_centered=True))
-    A, T = _coral_map(R, C, a, W)
+      a = ledoit_wolf_shrinkage(np.einsum("ij,ij->i", R, R),
+                                float(np.square(G).sum()), k)
     # Whitening and alignment as one affine map: z = x (W T) - (m W + mu) T.
-    shift = ((w.mean @ W + mu) @ T).astype(np.float32)
+    A, shift = _coral_map(R, G, a, W, mW + mu)
     for s in range(0, len(rows), 65536):
       part = rows[s:s + 65536]
       Z[part] = X[part] @ A - shift
@@ -366,4 +400,5 @@ def condition_labels(meta: pd.DataFrame) -> np.ndarray:
 __all__ = ["plate_keys", "control_mask", "plate_normalize", "PlateNormInfo",
            "robust_plate_normalize", "robust_stats", "tvn", "TVNInfo",
            "fit_whitening", "Whitening", "aggregate_rows", "aggregate_wells",
-           "aggregate_compound_doses", "condition_labels", "batch_keys"]
+           "aggregate_compound_doses", "condition_labels", "batch_keys",
+           "ledoit_wolf_shrinkage"]
