@@ -169,7 +169,9 @@ m = evaluate(w + "/" + emb, w + "/out", metadata=w + "/metadata.csv",
              options=opts)
 print("CHILD_CODE", gandl_jax.__file__)
 print("CHILD_WALL", time.time() - t)
-print("CHILD_MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print("CHILD_MAXRSS_KB", ru.ru_maxrss)
+print("CHILD_CPU_S", ru.ru_utime + ru.ru_stime)
 """
 
 
@@ -241,6 +243,8 @@ def _bench(wd: str) -> None:
         f"code {child['CHILD_CODE'].strip()}")
   print(f"  wall time (process start to report written): {wall:.1f} s "
         f"(target < {FLAGS.target_s:g} s)")
+  cpu = float(child["CHILD_CPU_S"])
+  print(f"  CPU time (user + system, all threads): {cpu:.1f} s")
   print(f"  peak resident memory: {peak_gb:.2f} GB (target < "
         f"{FLAGS.target_gb:g} GB)")
   print(f"  load average (1 min, highest seen at start/end): {load[0]}")
@@ -290,7 +294,7 @@ def _bench(wd: str) -> None:
              "format": info.get("format", "parquet"), "tasks": FLAGS.tasks,
              "normalization": FLAGS.normalization,
              "null_size": FLAGS.null_size, "code": repo,
-             "wall_s": round(wall, 1), "peak_gb": round(peak_gb, 2),
+             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_gb": round(peak_gb, 2),
              "loadavg": load, "stages_s": stages, "pass": ok}
   print("BENCH_JSON " + json.dumps(summary), flush=True)
 

@@ -136,7 +136,7 @@ def postprocess(emb: Embeddings, opts: Options, owned: bool
       ctrl = normalize.control_mask(meta)
       X, tinfo = normalize.tvn(X, batches, ctrl, opts.whiten_components,
                                opts.tvn_shrinkage, opts.min_controls,
-                               seed=opts.protocol.seed)
+                               seed=opts.protocol.seed, inplace=owned)
       sh = list(tinfo.shrinkage.values())
       info["tvn"] = {
           "components": tinfo.components, "batch": opts.tvn_batch,
