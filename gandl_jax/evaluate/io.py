@@ -26,9 +26,10 @@ import csv
 import dataclasses
 import glob
 import gzip
+import mmap
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -209,41 +210,50 @@ def _csv_header(path: str) -> Tuple[List[str], bool]:
   return [h if h else f"Unnamed: {i}" for i, h in enumerate(header)], False
 
 
-def _csv_ranges(path: str, skip_header: bool, size: int):
-  """Yields the file's data rows as bytes, about `size` at a time, each
-  ending at a line end (Arrow's reader splits at line ends too: it does not
-  allow newlines inside values by default)."""
+def _csv_ranges(path: str, skip_header: bool, size: int,
+                fn: Callable[[pa.Buffer], None]) -> None:
+  """Calls `fn` on the file's data rows as zero-copy buffers of a read-only
+  memory map, about `size` bytes each, each ending at a line end (Arrow's
+  reader splits at line ends too: it does not allow newlines inside values
+  by default). A range's pages are released once `fn` returns, so the file
+  never sits in this process's memory as a whole. `fn` must not keep the
+  buffer."""
   with open(path, "rb") as f:
+    if os.fstat(f.fileno()).st_size == 0:
+      return
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    end = len(mm)
+    start = 0
     if skip_header:
-      f.readline()
-    rest = b""
-    while True:
-      chunk = f.read(size)
-      if not chunk:
-        break
-      chunk = rest + chunk
-      cut = chunk.rfind(b"\n") + 1
-      if cut == 0:
-        rest = chunk
-        continue
-      rest = chunk[cut:]
-      yield chunk[:cut]
-    if rest.strip():
-      yield rest
+      start = mm.find(b"\n") + 1 or end        # a header line only: no rows
+    while start < end:
+      stop = min(start + size, end)
+      if stop < end:
+        cut = mm.rfind(b"\n", start, stop)
+        stop = cut + 1 if cut >= 0 else (mm.find(b"\n", stop) + 1 or end)
+      view = memoryview(mm)[start:stop]
+      buf = pa.py_buffer(view)
+      try:
+        fn(buf)
+      finally:
+        del buf
+        try:
+          view.release()
+        except BufferError:   # held by an exception's traceback: freed with it
+          pass
+      page = start - start % mmap.PAGESIZE
+      mm.madvise(mmap.MADV_DONTNEED, page, stop - page)
+      start = stop
+    # The map closes when its last reference goes (Arrow may still hold an
+    # export of a range briefly; closing it here would raise BufferError).
+    del mm
 
 
-def _count_lines(path: str) -> int:
-  """Newlines in the file (+1 for a last line without one): an upper bound
-  on its rows."""
-  n, last = 0, b"\n"
-  with open(path, "rb") as f:
-    while True:
-      chunk = f.read(64 << 20)
-      if not chunk:
-        break
-      n += chunk.count(b"\n")
-      last = chunk[-1:]
-  return n + (last != b"\n")
+def _grow(X: np.ndarray, n: int, need: int) -> np.ndarray:
+  """A larger matrix holding X's first n rows."""
+  out = np.empty((max(need, int(len(X) * 1.5)), X.shape[1]), dtype=X.dtype)
+  out[:n] = X[:n]
+  return out
 
 
 def _read_csv(path: str, names: List[str], headerless: bool,
@@ -251,10 +261,13 @@ def _read_csv(path: str, names: List[str], headerless: bool,
   """(the other columns as an Arrow table, the features as C-ordered float32
   (rows, len(feats)) with nulls as NaN) of a CSV.
 
-  Arrow's multithreaded reader parses the text range by range; each range's
-  feature columns go straight into the preallocated float32 matrix
-  (`RecordBatch.to_tensor`, row-major) and its table is dropped, so memory
-  stays at the matrix plus one range. gzip files are parsed whole.
+  Arrow's multithreaded reader parses the text range by range (from a
+  memory map, no copy of the text); each range's feature columns go
+  straight into one float32 matrix (`RecordBatch.to_tensor`, row-major) and
+  its table is dropped, so memory stays at the matrix plus one range. The
+  matrix is sized from the first range's bytes per row with room to spare
+  (np.empty's untouched pages take no memory; an overflow is one
+  reallocation). gzip files are parsed whole.
   """
   types = {n: pa.float32() for n in feats}
   for n in names:
@@ -263,38 +276,39 @@ def _read_csv(path: str, names: List[str], headerless: bool,
   convert = pa_csv.ConvertOptions(column_types=types, strings_can_be_null=True)
   fset = set(feats)
   other = [n for n in names if n not in fset]
-  gz = path.endswith(".gz")
+  state = {"X": None, "n": 0}
+  metas = []
 
-  def parse(source, skip):
+  def add(source, skip: int, nbytes: Optional[int]) -> None:
     opts = pa_csv.ReadOptions(column_names=names, skip_rows=skip,
                               block_size=CSV_BLOCK_BYTES)
     try:
-      return pa_csv.read_csv(source, read_options=opts,
-                             convert_options=convert)
+      table = pa_csv.read_csv(source, read_options=opts,
+                              convert_options=convert)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
       raise ValueError(f"{path}: cannot parse as an embeddings CSV: {e}") from e
-
-  if gz:
-    sources = [(path, 0 if headerless else 1)]
-    X = None
-  else:
-    sources = ((pa.py_buffer(b), 0) for b in
-               _csv_ranges(path, not headerless, CSV_RANGE_BYTES))
-    X = np.empty((_count_lines(path), len(feats)), dtype=np.float32)
-  metas, n = [], 0
-  for source, skip in sources:
-    table = parse(source, skip)
+    X, n = state["X"], state["n"]
     if X is None:
-      X = np.empty((table.num_rows, len(feats)), dtype=np.float32)
+      rows = table.num_rows
+      if nbytes is not None and rows:
+        rows = int(os.path.getsize(path) / (nbytes / rows) * 1.25) + 1024
+      X = np.empty((max(rows, table.num_rows), len(feats)), dtype=np.float32)
     metas.append(table.select(other))
     for batch in table.select(list(feats)).to_batches():
       m = batch.num_rows
-      if n + m > len(X):            # cannot happen: rows <= line ends
-        raise ValueError(f"{path}: more rows than lines")
+      if n + m > len(X):
+        X = _grow(X, n, n + m)
       X[n:n + m] = np.asarray(batch.to_tensor(null_to_nan=True,
                                               row_major=True))
       n += m
-    del table
+    state["X"], state["n"] = X, n
+
+  if path.endswith(".gz"):
+    add(path, 0 if headerless else 1, None)
+  else:
+    _csv_ranges(path, not headerless, CSV_RANGE_BYTES,
+                lambda buf: add(buf, 0, buf.size))
+  X, n = state["X"], state["n"]
   if X is None:
     X = np.empty((0, len(feats)), dtype=np.float32)
   meta = (pa.concat_tables(metas) if metas else

@@ -158,12 +158,17 @@ def treated_rows(meta: pd.DataFrame) -> np.ndarray:
 
 
 def healthy_scores(model: classify.Fitted, X: np.ndarray,
+                   rows: Optional[np.ndarray] = None,
                    block: int = 32768) -> np.ndarray:
-  """Decision score oriented so that larger = more Mock-like."""
+  """Decision score of X's `rows` (default all), oriented so that larger =
+  more Mock-like. Rows are gathered block by block: no copy of the whole
+  selection (250,000 x 1,024 treated sites at RxRx19a size)."""
   sign = 1.0 if model.classes[1] == schema.MOCK else -1.0
-  out = np.empty(len(X), dtype=np.float64)
-  for s in range(0, len(X), block):
-    out[s:s + block] = model.model.decision_function(X[s:s + block])
+  n = len(X) if rows is None else len(rows)
+  out = np.empty(n, dtype=np.float64)
+  for s in range(0, n, block):
+    part = X[s:s + block] if rows is None else X[rows[s:s + block]]
+    out[s:s + block] = model.model.decision_function(part)
   return sign * out
 
 
@@ -183,8 +188,8 @@ def dose_response_task(emb: Embeddings, model: classify.Fitted,
           else np.full(len(meta), "all"))
   idx_ctrl = np.flatnonzero(ctrl)
   idx_tr = np.flatnonzero(treated)
-  s_ctrl = healthy_scores(model, emb.features[idx_ctrl])
-  s_tr = healthy_scores(model, emb.features[idx_tr])
+  s_ctrl = healthy_scores(model, emb.features, idx_ctrl)
+  s_tr = healthy_scores(model, emb.features, idx_tr)
   # Rescue scale, per cell type where both controls exist, else global.
   mock_c = cond[idx_ctrl] == schema.MOCK
   act_c = cond[idx_ctrl] == schema.ACTIVE
