@@ -598,6 +598,15 @@ def _parse_site_ids(site_ids: pd.Series) -> pd.DataFrame:
   return out
 
 
+def _nonfinite_rows(X: np.ndarray, block: int = 32768) -> np.ndarray:
+  """Rows holding a NaN or infinite value (checked in row blocks: no
+  boolean copy of the whole matrix)."""
+  out = np.zeros(len(X), dtype=bool)
+  for s in range(0, len(X), block):
+    out[s:s + block] = ~np.isfinite(X[s:s + block]).all(axis=1)
+  return out
+
+
 def join_metadata(emb: Embeddings, metadata: Optional[pd.DataFrame],
                   metadata_source: str = "metadata") -> Embeddings:
   """Aligns `emb` with `metadata` by site_id; drops and counts bad rows.
@@ -617,7 +626,7 @@ def join_metadata(emb: Embeddings, metadata: Optional[pd.DataFrame],
                   f"dropped (first occurrence kept)")
     keep &= ~dup
 
-  nan_rows = ~np.isfinite(X).all(axis=1)
+  nan_rows = _nonfinite_rows(X)
   if nan_rows.any():
     issues.append(f"{emb.source}: {int(nan_rows.sum())} row(s) with missing, NaN "
                   f"or infinite feature values dropped")

@@ -23,11 +23,18 @@ def _single_thread_lapack():
   2-core machine `np.linalg.eigh` took 21.6 s on 2 threads and 2.2 s on one.
   threadpoolctl comes with scikit-learn.
   """
+  global _THREADPOOLS
   try:
-    from threadpoolctl import threadpool_limits  # pylint: disable=import-outside-toplevel
+    from threadpoolctl import ThreadpoolController  # pylint: disable=import-outside-toplevel
   except ImportError:
     return contextlib.nullcontext()
-  return threadpool_limits(limits=1, user_api="blas")
+  if _THREADPOOLS is None:
+    # Finding the loaded libraries takes ~20 ms; TVN asks once per batch.
+    _THREADPOOLS = ThreadpoolController()
+  return _THREADPOOLS.limit(limits=1, user_api="blas")
+
+
+_THREADPOOLS = None
 
 
 def plate_keys(meta: pd.DataFrame) -> np.ndarray:
