@@ -96,3 +96,46 @@ def test_fit_all_ranks_actives_first():
   assert fits.set_index("treatment")["hit"].to_dict() == {
       "strong": True, "strong_late": True, "weak": False, "inactive": False}
   assert fits["rank"].tolist() == [1, 2, 3, 4]
+
+
+def test_fit_all_grouping_equals_per_group_loop(monkeypatch):
+  """The grouped pass gives each curve the same points and summaries as the
+  old loop over `points.groupby(...)` sub-frames (rows shuffled, two cell
+  types, unequal dose counts, a row without a group)."""
+  rng = np.random.default_rng(3)
+  rows = []
+  for group in ("HRCE", "VERO"):
+    for t in range(7):
+      for c in DOSES[:3 + t % 4]:
+        rows.append({"group": group, "treatment": f"C{t}", "conc": c,
+                     "n": int(rng.integers(1, 20)),
+                     "mean": dr.four_pl(c, 0.0, 1.0, 0.3 * (t + 1), 1.2) +
+                     0.05 * rng.standard_normal()})
+  rows.append({"group": None, "treatment": "C0", "conc": 1.0, "n": 3,
+               "mean": 0.5})
+  points = pd.DataFrame(rows).sample(frac=1, random_state=1).reset_index(
+      drop=True)
+  seen = []
+  real = dr.fit_4pl_many
+  def spy(curves, cfg):
+    seen.extend(curves)
+    return real(curves, cfg)
+  monkeypatch.setattr(dr, "fit_4pl_many", spy)
+  fits = dr.fit_all(points)
+  expect = []
+  for (g, t), sub in points.groupby(["group", "treatment"], sort=True):
+    expect.append(((g, t), (sub["conc"].to_numpy(), sub["mean"].to_numpy(),
+                            sub["n"].to_numpy()),
+                   {"n_sites": int(sub["n"].sum()),
+                    "n_concentrations": int(sub["conc"].nunique()),
+                    "max_mean_rescue": float(sub["mean"].max()),
+                    "conc_min": float(sub["conc"].min()),
+                    "conc_max": float(sub["conc"].max())}))
+  assert len(seen) == len(expect) == 14
+  by_key = fits.set_index(["group", "treatment"])
+  for (key, curve, summary), got in zip(expect, seen):
+    for a, b in zip(curve, got):
+      np.testing.assert_array_equal(a, b)
+    row = by_key.loc[key]
+    for k, v in summary.items():
+      assert row[k] == v
