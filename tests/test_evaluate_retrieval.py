@@ -452,3 +452,18 @@ def test_tvn_ledoit_wolf_equals_reference_and_inplace():
   Z2, _ = normalize.tvn(X2, b, ctrl, min_controls=4, inplace=True)
   assert np.shares_memory(Z2, X2)
   np.testing.assert_allclose(Z2, Z, rtol=1e-6, atol=1e-6)
+
+
+def test_perturbation_keys_equal_per_row_formatting():
+  """Concentrations formatted once per distinct value give the keys of the
+  per-row definition `treatment @ f"{conc:.6g}" [cell_type]`."""
+  rng = np.random.default_rng(13)
+  conc = rng.choice([0.01, 0.0316227766, 1.0, 3.16227766, 10.0, np.nan,
+                     np.inf, 1e-7, 12345678.0], 200)
+  meta = pd.DataFrame({"treatment": rng.choice(["A", "B", ""], 200),
+                       "treatment_conc": conc,
+                       "cell_type": rng.choice(["HRCE", "VERO", None], 200)})
+  expect = [f"{t} @ {f'{c:.6g}' if np.isfinite(c) else ''} "
+            f"[{'' if ct is None else ct}]"
+            for t, c, ct in zip(meta["treatment"], conc, meta["cell_type"])]
+  assert list(retrieval.perturbation_keys(meta)) == expect

@@ -126,8 +126,9 @@ def perturbation_keys(meta: pd.DataFrame) -> np.ndarray:
   key = meta["treatment"].fillna("").astype(str).str.strip()
   if "treatment_conc" in meta:
     conc = pd.to_numeric(meta["treatment_conc"], errors="coerce")
-    key = key + " @ " + conc.map(lambda c: f"{c:.6g}" if np.isfinite(c)
-                                  else "")
+    # Formatted once per distinct concentration, not once per row.
+    text = {c: f"{c:.6g}" if np.isfinite(c) else "" for c in conc.unique()}
+    key = key + " @ " + conc.map(text).fillna("").astype(str)
   if "cell_type" in meta:
     key = key + " [" + meta["cell_type"].map(
         lambda v: "" if pd.isna(v) else str(v)) + "]"
