@@ -464,6 +464,6 @@ def test_perturbation_keys_equal_per_row_formatting():
                        "treatment_conc": conc,
                        "cell_type": rng.choice(["HRCE", "VERO", None], 200)})
   expect = [f"{t} @ {f'{c:.6g}' if np.isfinite(c) else ''} "
-            f"[{'' if ct is None else ct}]"
+            f"[{'' if pd.isna(ct) else ct}]"
             for t, c, ct in zip(meta["treatment"], conc, meta["cell_type"])]
   assert list(retrieval.perturbation_keys(meta)) == expect
