@@ -80,21 +80,20 @@ def _embeddings_name() -> str:
 
 def _write_recursion_csv(path: str, site_ids, X) -> None:
   """Recursion's embeddings.csv: `site_id`, then columns `0 ... dim-1`,
-  written in row blocks (bounded memory) to a temporary name, then renamed."""
+  written in row blocks (bounded memory), atomically."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.csv as pa_csv  # pylint: disable=g-import-not-at-top
+  from gandl_jax import io as gio  # pylint: disable=g-import-not-at-top
   names = ["site_id"] + [str(i) for i in range(X.shape[1])]
   schema = pa.schema([("site_id", pa.string())] +
                      [(n, pa.float32()) for n in names[1:]])
   site_ids = np.asarray(site_ids, dtype=object)
-  tmp = path + ".tmp"
-  with pa_csv.CSVWriter(tmp, schema) as w:
+  with gio.atomic_path(path) as tmp, pa_csv.CSVWriter(tmp, schema) as w:
     for s in range(0, len(X), 16384):
       block = np.ascontiguousarray(X[s:s + 16384].T)
       w.write_table(pa.table([pa.array(site_ids[s:s + 16384], pa.string())] +
                              [pa.array(c) for c in block], schema=schema))
-  os.replace(tmp, path)
 
 
 def _cleanup(wd: str, created: bool) -> None:
