@@ -207,22 +207,21 @@ def _coral_map(R: np.ndarray, G: Optional[np.ndarray], a: float,
   never formed.
   """
   n, k = R.shape
-  if n < k and a > 0:
-    with _single_thread_lapack():
-      g, U = np.linalg.eigh(G)
-    keep = g > 1e-10 * max(g.max(), 1e-300)
-    g, U = g[keep], U[:, keep]
-    V = (R.T @ U) / np.sqrt(g)                    # (k, r), orthonormal
-    var = g / max(n - 1, 1)
-    floor = a * var.sum() / k                     # a * tr(C) / k
-    lam = (1.0 - a) * var + floor
-    d = 1.0 / np.sqrt(lam) - 1.0 / np.sqrt(floor)
-    A = W / np.sqrt(floor) + ((W @ V) * d) @ V.T
-    shift = y / np.sqrt(floor) + ((y @ V) * d) @ V.T
-    return A.astype(np.float32), shift.astype(np.float32)
-  C = (G if n >= k else R.T @ R) / max(n - 1, 1)
-  S = (1.0 - a) * C + a * (np.trace(C) / k) * np.eye(k)
   with _single_thread_lapack():
+    if n < k and a > 0:
+      g, U = np.linalg.eigh(G)
+      keep = g > 1e-10 * max(g.max(), 1e-300)
+      g, U = g[keep], U[:, keep]
+      V = (R.T @ U) / np.sqrt(g)                  # (k, r), orthonormal
+      var = g / max(n - 1, 1)
+      floor = a * var.sum() / k                   # a * tr(C) / k
+      lam = (1.0 - a) * var + floor
+      d = 1.0 / np.sqrt(lam) - 1.0 / np.sqrt(floor)
+      A = W / np.sqrt(floor) + ((W @ V) * d) @ V.T
+      shift = y / np.sqrt(floor) + ((y @ V) * d) @ V.T
+      return A.astype(np.float32), shift.astype(np.float32)
+    C = (G if n >= k else R.T @ R) / max(n - 1, 1)
+    S = (1.0 - a) * C + a * (np.trace(C) / k) * np.eye(k)
     evals, evecs = np.linalg.eigh(S)
   evals = np.maximum(evals, 1e-12 * max(evals.max(), 1e-12))
   T = (evecs / np.sqrt(evals)) @ evecs.T
