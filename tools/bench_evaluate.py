@@ -1,4 +1,4 @@
-"""Benchmark gandl-evaluate at RxRx19a size: wall time and peak memory.
+"""Benchmark gandl-evaluate at RxRx19a size: wall time, CPU time, peak memory.
 
 Generates RxRx19a-shaped embeddings with planted signal (HRCE/VERO, Mock /
 UV / Active controls, 1,670 compounds x 6 half-log doses with known EC50s,
@@ -6,7 +6,9 @@ plate shifts), writes them in Recursion's CSV layout (`embeddings.csv`:
 `site_id` then columns `0 ... 1023`; `--format parquet`: our Parquet layout)
 plus metadata.csv and synthetic_truth.csv, then runs the evaluation (all six
 RxRx19a tasks by default) in a fresh child process and reports its wall time,
-the seconds of each stage and the child's peak resident memory (its
+its CPU time (all threads; on a shared machine the figure to compare), the
+wall seconds of each stage, the CPU seconds between the evaluation's log
+messages, the load average and the child's peak resident memory (its
 ru_maxrss, what `/usr/bin/time -v` reports as "Maximum resident set size"),
 then one JSON line with all of these (`BENCH_JSON {...}`).
 
