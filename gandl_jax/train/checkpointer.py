@@ -4,7 +4,9 @@ automatic resume.
 Layout (see `gandl_jax.checkpoint`): WORKDIR/checkpoints/<step>/{model,train,meta}.
 `model` holds G, G_ema and D (what `gandl_jax.load` reads), `train` holds the
 optimizer states, `pl_mean`, the RNG and the step, `meta` (JSON) the model
-config, images seen and the data position. Orbax writes each step to a
+config, images seen and the data position (a ConvAE baseline's state,
+train/convae.py, holds `model` = {'convae': {'params'}} and `train` = its
+optimizer state and step). Orbax writes each step to a
 temporary directory and renames it when complete, so a process killed mid-save
 (even with `kill -9`) leaves the previous checkpoints intact.
 
