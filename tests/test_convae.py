@@ -87,40 +87,51 @@ def test_loss_is_mean_squared_error():
                              10 * np.log10(4.0 / mse), rtol=1e-5)
 
 
-def test_reconstruction_loss_falls(shards, tmp_path):
-  config = tiny.tiny_convae_config(shards, total_kimg=0.192,
-                                   checkpoint_every_kimg=0.192,
-                                   image_grid_every_kimg=0.192)
-  s = train_loop.train(config, str(tmp_path), mesh=_mesh())
+def _config(path):
+  # 24 iterations of 8 images, a checkpoint every 8 (steps 8, 16, 24).
+  return tiny.tiny_convae_config(path, total_kimg=0.192,
+                                 checkpoint_every_kimg=0.064,
+                                 image_grid_every_kimg=0.192)
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+  """An uninterrupted run of `_config` (through the Python API)."""
+  workdir = str(tmp_path_factory.mktemp("convae") / "ref")
+  s = convae_api.train(_config(shards), workdir, mesh=_mesh())
   assert s["step"] == 24 and s["reason"] == "finished"
-  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  return workdir
+
+
+def test_reconstruction_loss_falls(reference):
+  lines = [json.loads(l) for l in open(os.path.join(reference,
+                                                    "metrics.jsonl"))]
   l2 = [l["AE/l2"] for l in lines]
   assert len(l2) == 24 and all(np.isfinite(l2))
   first, last = np.mean(l2[:3]), np.mean(l2[-3:])
   assert last < 0.6 * first, (first, last)
   assert lines[-1]["AE/psnr_db"] > lines[0]["AE/psnr_db"] + 2
+  assert "AE/grad_norm" in lines[0] and "perf/img_per_sec" in lines[0]
   # Monitoring as for the GAN: TensorBoard, a reconstruction grid, config.
-  assert os.listdir(tmp_path / "tb")
-  assert os.path.exists(tmp_path / "samples" / "reconstructions-00000024.png")
-  assert json.load(open(tmp_path / "config.json"))["family"] == "convae"
-  _, meta = _params(tmp_path)
+  assert os.listdir(os.path.join(reference, "tb"))
+  assert os.path.exists(os.path.join(reference, "samples",
+                                     "reconstructions-00000024.png"))
+  assert json.load(open(os.path.join(reference, "config.json")))[
+      "family"] == "convae"
+  assert checkpoint.list_steps(reference) == (8, 16, 24)
+  _, meta = _params(reference)
   assert meta["family"] == "convae" and meta["nimg"] == 192
 
 
-def test_resume_equals_uninterrupted(shards, tmp_path):
-  mesh = _mesh()
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  assert train_loop.train(tiny.tiny_convae_config(shards), a,
-                          mesh=mesh)["step"] == 4
-  assert train_loop.train(tiny.tiny_convae_config(shards), b, mesh=mesh,
-                          max_steps=2)["step"] == 2
-  assert checkpoint.list_steps(b) == (2,)
-  assert train_loop.train(tiny.tiny_convae_config(shards), b,
-                          mesh=mesh)["step"] == 4
-  want, meta_a = _params(a)
-  got, meta_b = _params(b)
-  assert meta_a["step"] == meta_b["step"] == 4
-  assert meta_b["data_position"] == 4
+def test_resume_equals_uninterrupted(shards, reference, tmp_path):
+  b = str(tmp_path / "b")
+  assert train_loop.train(_config(shards), b, mesh=_mesh(),
+                          max_steps=8)["step"] == 8
+  assert checkpoint.list_steps(b) == (8,)
+  assert train_loop.train(_config(shards), b, mesh=_mesh())["step"] == 24
+  want, _ = _params(reference)
+  got, meta = _params(b)
+  assert meta["step"] == 24 and meta["data_position"] == 24
   for x, y in zip(want, got):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
 
@@ -154,54 +165,38 @@ train.run()
 """
 
 
-def _six_steps(path):
-  # 6 iterations of 8 images, a checkpoint every 2 (steps 2, 4, 6).
-  return tiny.tiny_convae_config(path, total_kimg=0.048,
-                                 image_grid_every_kimg=0.048)
-
-
-def test_killed_after_checkpoint_resumes_to_uninterrupted(shards, tmp_path):
-  ref = str(tmp_path / "ref")
-  train_loop.train(_six_steps(shards), ref, mesh=_mesh())
-  want, _ = _params(ref)
-
+def test_killed_after_checkpoint_resumes_to_uninterrupted(shards, reference,
+                                                          tmp_path):
   cfg = tmp_path / "cfg.py"
   cfg.write_text(
       "import sys\n"
       f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-      "from test_convae import _six_steps\n"
+      "from test_convae import _config\n"
       "def get_config(arg=''):\n"
-      f"  return _six_steps({shards!r})\n")
+      f"  return _config({shards!r})\n")
   driver = tmp_path / "driver.py"
   driver.write_text(_KILL_DRIVER)
   workdir = tmp_path / "w"
   proc = subprocess.run(
       [sys.executable, str(driver), f"--config={cfg}", f"--workdir={workdir}"],
-      env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="", FAULT_AT="3"),
+      env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="", FAULT_AT="9"),
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr[-3000:]
-  assert checkpoint.list_steps(str(workdir)) == (2,)   # killed at step 3
-  s = train_loop.train(_six_steps(shards), str(workdir), mesh=_mesh())
-  assert s["step"] == 6
+  assert checkpoint.list_steps(str(workdir)) == (8,)   # killed at step 9
+  s = train_loop.train(_config(shards), str(workdir), mesh=_mesh())
+  assert s["step"] == 24
+  want, _ = _params(reference)
   got, meta = _params(workdir)
-  assert meta["step"] == 6 and meta["nimg"] == 48
+  assert meta["step"] == 24 and meta["nimg"] == 192
   for x, y in zip(want, got):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def trained(shards, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("convae") / "w")
-  convae_api.train(tiny.tiny_convae_config(shards), workdir, total_kimg=0.016,
-                   mesh=_mesh())
-  return workdir
-
-
-def test_export_equals_encoder_on_the_same_images(shards, trained, tmp_path):
+def test_export_equals_encoder_on_the_same_images(shards, reference, tmp_path):
   out = str(tmp_path / "convae.parquet")
-  summary = convae_api.export(trained, shards, out, batch=16, mesh=_mesh())
+  summary = convae_api.export(reference, shards, out, batch=16, mesh=_mesh())
   assert (summary.num_sites, summary.feature_dim) == (NUM_SITES, 16)
-  assert summary.layer == "bottleneck" and summary.step == 2
+  assert summary.layer == "bottleneck" and summary.step == 24
   table = pq.read_table(out)
   kv = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
   assert kv["gandl.layer"] == "bottleneck" and kv["gandl.family"] == "convae"
@@ -210,7 +205,7 @@ def test_export_equals_encoder_on_the_same_images(shards, trained, tmp_path):
   assert feats.shape == (NUM_SITES, 16) and feats.dtype == np.float32
   # Direct: the checkpoint's parameters, the encoder applied to the shards'
   # images read in order.
-  model, meta = checkpoint.restore_model(trained)
+  model, meta = checkpoint.restore_model(reference)
   ae = convae.build(meta["model"])
   it, _ = pipeline.eval_host_batches(shards, host_batch=64)
   images, ids = [], []
@@ -218,12 +213,13 @@ def test_export_equals_encoder_on_the_same_images(shards, trained, tmp_path):
     images.append(b["image"][b["valid"]])
     ids += list(b["site_id"][b["valid"]])
   images = np.concatenate(images)
-  want = ae.apply({"params": model["convae"]["params"]},
-                  image_lib.to_float(jnp.asarray(images)), method=ae.encode)
+  want = jax.jit(lambda p, x: ae.apply(p, image_lib.to_float(x),
+                                       method=ae.encode))(
+      {"params": model["convae"]["params"]}, jnp.asarray(images))
   assert list(df["site_id"]) == ids
   np.testing.assert_allclose(feats, np.asarray(want), rtol=1e-5, atol=1e-5)
   # gandl_jax.load gives the ConvAE model; its embed is the same.
-  loaded = api.load(trained)
+  loaded = api.load(reference)
   assert isinstance(loaded, api.ConvAEModel)
   np.testing.assert_allclose(loaded.embed(images[:5]), feats[:5], rtol=1e-5,
                              atol=1e-5)
@@ -246,9 +242,9 @@ def _cli(argv, capsys):
   return e.value.code, capsys.readouterr()
 
 
-def test_cli_export_and_errors(shards, trained, tmp_path, capsys):
+def test_cli_export_and_errors(shards, reference, tmp_path, capsys):
   out = tmp_path / "cli.csv"
-  code, cap = _cli(["gandl-export", "--workdir", trained, "--data", shards,
+  code, cap = _cli(["gandl-export", "--workdir", reference, "--data", shards,
                     "--output", str(out), "--batch", "8"], capsys)
   assert code == 0, cap.err
   df = pd.read_csv(out)
@@ -264,7 +260,7 @@ def test_cli_export_and_errors(shards, trained, tmp_path, capsys):
   assert "no checkpoints found" in err[0] and str(empty) in err[0]
   assert not os.path.exists(tmp_path / "x.parquet")
   # A GAN layer name on a ConvAE: one line listing the ConvAE's layers.
-  code, cap = _cli(["gandl-export", "--workdir", trained, "--data", shards,
+  code, cap = _cli(["gandl-export", "--workdir", reference, "--data", shards,
                     "--output", str(tmp_path / "y.parquet"), "--layer", "fc"],
                    capsys)
   err = [l for l in cap.err.splitlines() if l.startswith("gandl-export:")]
