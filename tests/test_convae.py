@@ -23,7 +23,7 @@ from gandl_jax import sharding
 from gandl_jax.baselines import convae as convae_api
 from gandl_jax.data import convert, pipeline, synthetic
 from gandl_jax.evaluate import io as emb_io
-from gandl_jax.inference import api, export
+from gandl_jax.inference import api, samples
 from gandl_jax.model import convae, networks
 from gandl_jax.train import convae as convae_train
 from gandl_jax.train import loop as train_loop
@@ -224,6 +224,8 @@ def test_export_equals_encoder_on_the_same_images(shards, reference, tmp_path):
   np.testing.assert_allclose(loaded.embed(images[:5]), feats[:5], rtol=1e-5,
                              atol=1e-5)
   assert loaded.reconstruct(images[:5]).shape == images[:5].shape
+  with pytest.raises(ValueError, match="has no generator"):   # gandl-generate
+    samples.save_samples(loaded, str(tmp_path / "x.png"), [0])
   # gandl-evaluate reads it as a set.
   emb = emb_io.read_embeddings_file(out)
   assert emb.dim == 16 and len(emb.meta) == NUM_SITES
@@ -291,3 +293,22 @@ def test_config_errors(shards, tmp_path):
                      "trains a 'convae' model"):
     train_loop.train(tiny.tiny_convae_config(shards), gan, mesh=mesh)
   assert checkpoint.list_steps(gan) == (2,)
+
+
+def test_named_configs_validate():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      "convae_rxrx19a", os.path.join(REPO, "configs", "convae_rxrx19a.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  for arg, res, dim in (("256", 256, 1024), ("512", 512, 1024),
+                        ("256,runlocal", 256, 1024), ("demo", 32, 128)):
+    config = mod.get_config(arg)
+    config_lib.validate(config)
+    assert config_lib.family(config) == "convae"
+    assert (config.model.resolution, config.model.bottleneck_dim) == (res, dim)
+  assert convae_api.demo_config("x", resolution=8).model.resolution == 8
+  with pytest.raises(ValueError, match="resolution must be one of"):
+    mod.get_config("128")
+  with pytest.raises(ValueError, match="not a ConvAE config"):
+    convae_api.train(tiny.tiny_config(""), "/nonexistent")

@@ -22,13 +22,16 @@ from gandl_jax.inference import export as export_lib
 from gandl_jax.train import loop
 
 
-def demo_config(data_path: str = "") -> ml_collections.ConfigDict:
+def demo_config(data_path: str = "", resolution: int = 32
+                ) -> ml_collections.ConfigDict:
   """The demo-sized ConvAE (`configs/convae_rxrx19a.py:demo`): 32x32x5, the
   GAN demo's feature maps (64), a 128-d bottleneck (the paper's 1024 scaled
-  as the GAN's embedding is, 512 -> 64), batch 16, Adam lr 0.005, 2 kimg."""
+  as the GAN's embedding is, 512 -> 64), batch 16, Adam lr 0.005, 2 kimg.
+  `resolution`: the shards' (any power of two from 8; the same layers)."""
   config = config_lib.convae_base_config()
   config.model = config_lib.convae_model_config(
-      resolution=32, channel_base=1024, channel_max=64, bottleneck_dim=128)
+      resolution=int(resolution), channel_base=1024, channel_max=64,
+      bottleneck_dim=128)
   config.data.path = data_path
   # 0.005 rather than the full config's 0.002: after 1 kimg on the demo
   # shards L2 0.0635 vs 0.0676 (lr 0.01: 0.0603; 0.0005: 0.086),
