@@ -7,6 +7,8 @@ builder fills a checkpoint's model config with `model_config()`'s defaults
 (`full_model_config`), the input pipeline its data config likewise. Training-loop keys (`config.data.path`,
 `config.batch_size`, `config.total_kimg`, `config.checkpoint_every_kimg`,
 `config.seed`, `config.compute_dtype`) are part of the public interface.
+The ConvAE baseline's configs (`config.family = 'convae'`) have their own
+key set, `convae_base_config()`, validated and resumed by the same functions.
 """
 from __future__ import annotations
 
@@ -91,9 +93,7 @@ FAMILY_CONVAE = "convae"
 
 def family(config: Any) -> str:
   """'gan' or 'convae' for a config (ConfigDict or dict)."""
-  value = config.get("family", FAMILY_GAN) if hasattr(config, "get") else (
-      FAMILY_GAN)
-  return str(value or FAMILY_GAN)
+  return str(config.get("family") or FAMILY_GAN)
 
 
 def convae_model_config(**overrides) -> ml_collections.ConfigDict:
