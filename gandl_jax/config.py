@@ -7,6 +7,8 @@ builder fills a checkpoint's model config with `model_config()`'s defaults
 (`full_model_config`), the input pipeline its data config likewise. Training-loop keys (`config.data.path`,
 `config.batch_size`, `config.total_kimg`, `config.checkpoint_every_kimg`,
 `config.seed`, `config.compute_dtype`) are part of the public interface.
+The ConvAE baseline's configs (`config.family = 'convae'`) have their own
+key set, `convae_base_config()`, validated and resumed by the same functions.
 """
 from __future__ import annotations
 
@@ -78,6 +80,79 @@ def full_model_config(given: Any) -> Dict[str, Any]:
 def full_data_config(given: Any) -> Dict[str, Any]:
   """`config.data` (dict or ConfigDict) with every key of `data_config()`."""
   return _filled(data_config(), given)
+
+
+# ---------------------------------------------------------------- ConvAE
+
+# `config.family`: which model a config trains. GAN configs have no such key
+# (they are the default); the convolutional-autoencoder baseline sets
+# FAMILY_CONVAE and has its own keys (`convae_base_config`).
+FAMILY_GAN = "gan"
+FAMILY_CONVAE = "convae"
+
+
+def family(config: Any) -> str:
+  """'gan' or 'convae' for a config (ConfigDict or dict)."""
+  return str(config.get("family") or FAMILY_GAN)
+
+
+def convae_model_config(**overrides) -> ml_collections.ConfigDict:
+  """The ConvAE baseline's architecture (gandl_jax/model/convae.py): the
+  GAN's feature maps per resolution, a 1024-d bottleneck."""
+  cfg = ml_collections.ConfigDict(dict(
+      resolution=256,
+      img_channels=5,
+      channel_base=16384,
+      channel_max=512,
+      bottleneck_dim=1024,        # the embedding
+      conv_clamp=config_dict.FieldReference(None, field_type=float),
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def full_convae_model_config(given: Any) -> Dict[str, Any]:
+  """A ConvAE model config with every key of `convae_model_config()`."""
+  return _filled(convae_model_config(), given)
+
+
+def convae_base_config() -> ml_collections.ConfigDict:
+  """Every key of a ConvAE training run (gandl-train with `family` 'convae')
+  with its default: the GAN's data, schedule and checkpoint keys, Adam, and
+  the loss (pixel L2 plus `loss.perceptual_weight` times the perceptual
+  term named by `loss.perceptual_weights`, off by default)."""
+  config = ml_collections.ConfigDict()
+  config.family = FAMILY_CONVAE
+  config.model = convae_model_config()
+  config.compute_dtype = "float32"
+  config.seed = 0
+  config.data = data_config()
+  config.batch_size = 64
+  config.total_kimg = 2000.0
+  config.checkpoint_every_kimg = 50.0
+  config.keep_checkpoints = 3
+  config.keep_checkpoint_every_kimg = 1000.0
+  config.log_every_kimg = 4.0
+  config.image_grid_every_kimg = 100.0
+  config.image_grid_size = 8           # real / reconstruction pairs per side
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=0.002, beta1=0.9, beta2=0.99, eps=1e-8))
+  config.loss = ml_collections.ConfigDict(dict(
+      perceptual_weight=0.0,           # 0: pixel L2 only
+      perceptual_weights="none",       # model/convae.py `perceptual_loss`
+  ))
+  return config
+
+
+def family_base_config(config: Any) -> ml_collections.ConfigDict:
+  """The base config (every key and default) of `config`'s family."""
+  name = family(config)
+  if name == FAMILY_GAN:
+    return base_config()
+  if name == FAMILY_CONVAE:
+    return convae_base_config()
+  raise ValueError(f"config.family must be {FAMILY_GAN!r} (or absent) or "
+                   f"{FAMILY_CONVAE!r}, got {name!r}")
 
 
 def pl_enabled(config: Any) -> bool:
@@ -157,10 +232,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
              num_hosts: int = 1) -> None:
   """Raises ValueError listing every problem: unknown or missing keys, bad
   resolution, batch sizes that do not split over devices, bad schedules."""
-  known, given = set(_keys(base_config())), set(_keys(config))
+  known, given = set(_keys(family_base_config(config))), set(_keys(config))
   errors = [f"unknown key 'config.{k}'" for k in sorted(given - known)]
   errors += [f"missing key 'config.{k}'" for k in sorted(known - given)]
   _fail(errors)
+  if family(config) == FAMILY_CONVAE:
+    _validate_convae(config, num_devices, num_hosts)
+    return
   model, loss = config.model, config.loss
   try:
     check_resolution(int(model.resolution))
@@ -201,13 +279,44 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _fail(errors)
 
 
+def _validate_convae(config: ml_collections.ConfigDict, num_devices: int,
+                     num_hosts: int) -> None:
+  errors = []
+  try:
+    check_resolution(int(config.model.resolution))
+  except ValueError as e:
+    errors.append(f"config.model.resolution: {e}")
+  if config.compute_dtype not in ("float32", "bfloat16"):
+    errors.append(f"config.compute_dtype must be 'float32' or 'bfloat16', got "
+                  f"{config.compute_dtype!r}")
+  if int(config.model.bottleneck_dim) < 1:
+    errors.append(f"config.model.bottleneck_dim must be >= 1, got "
+                  f"{config.model.bottleneck_dim}")
+  try:
+    sharding.check_batch(int(config.batch_size), num_devices, num_hosts, 1,
+                         name="config.batch_size")
+  except ValueError as e:
+    errors.append(str(e))
+  for key in ("total_kimg", "checkpoint_every_kimg", "log_every_kimg",
+              "image_grid_every_kimg"):
+    if not config[key] > 0:
+      errors.append(f"config.{key} must be > 0, got {config[key]}")
+  if not config.optim.lr > 0:
+    errors.append(f"config.optim.lr must be > 0, got {config.optim.lr}")
+  if not config.loss.perceptual_weight >= 0:
+    errors.append(f"config.loss.perceptual_weight must be >= 0, got "
+                  f"{config.loss.perceptual_weight}")
+  _fail(errors)
+
+
 # ------------------------------------------------------------------ resume
 
 # Keys that change parameter shapes: a checkpoint cannot continue under
 # another value (start a new workdir instead).
 SHAPE_KEYS = ("model.resolution", "model.img_channels", "model.z_dim",
               "model.w_dim", "model.mapping_layers", "model.channel_base",
-              "model.channel_max", "model.mbstd_num_channels")
+              "model.channel_max", "model.mbstd_num_channels",
+              "model.bottleneck_dim")
 
 
 def flatten(cfg: Any, prefix: str = "") -> Dict[str, Any]:
@@ -230,7 +339,7 @@ def config_diff(stored: Any, new: Any) -> List[Tuple[str, Any, Any]]:
   config lacks (removed from the code) is ignored.
   """
   old, cur = flatten(stored), flatten(new)
-  defaults = flatten(base_config())
+  defaults = flatten(family_base_config(new))
   diff = []
   for key in sorted(cur):
     if key in old:
@@ -250,12 +359,16 @@ def check_resume(stored: Any, new: Any, allow: Sequence[str] = (),
   `SHAPE_KEYS` can never change. Returns the (allowed) changes.
   """
   allow = [a.strip() for a in allow if a and a.strip()]
-  known = set(flatten(base_config()))
+  known = set(flatten(family_base_config(new)))
   unknown = [a for a in allow
              if a not in known and not any(k.startswith(a + ".") for k in known)]
   if unknown:
     raise ValueError(f"allowed config change(s) {unknown}: no such config key "
                      f"(expected dotted keys such as total_kimg or optim.g_lr)")
+  if family(stored) != family(new):
+    raise ValueError(f"{where} belongs to a {family(stored)!r} run but the "
+                     f"config trains a {family(new)!r} model: use a new "
+                     f"workdir")
   diff = config_diff(stored, new)
   allowed = lambda k: any(k == a or k.startswith(a + ".") for a in allow)
   shape = [d for d in diff if d[0] in SHAPE_KEYS]

@@ -1,4 +1,5 @@
-"""The tiny GAN-DL config the tests share: 8x8 images, 16 feature maps."""
+"""The tiny GAN-DL (and ConvAE) configs the tests share: 8x8 images, 16
+feature maps."""
 from gandl_jax import config as config_lib
 
 
@@ -29,4 +30,21 @@ def tiny_config(path: str = "", **overrides):
   config.image_grid_size = 2
   config.loss.r1_gamma = 1.0
   config.ema.half_life_kimg = 0.01
+  return override(config, overrides)
+
+
+def tiny_convae_config(path: str = "", **overrides):
+  """The ConvAE baseline at the same size: 8x8, 16 feature maps, a 16-d
+  bottleneck; batch 8, 4 iterations, checkpoints every 2, logs every 1."""
+  config = config_lib.convae_base_config()
+  config.model = config_lib.convae_model_config(
+      resolution=8, channel_base=64, channel_max=16, bottleneck_dim=16)
+  config.data.path = path
+  config.data.shuffle_buffer = 16
+  config.batch_size = 8
+  config.total_kimg = 0.032
+  config.checkpoint_every_kimg = 0.016
+  config.log_every_kimg = 0.008
+  config.image_grid_every_kimg = 0.016
+  config.image_grid_size = 2
   return override(config, overrides)

@@ -7,6 +7,10 @@
       --layer fc --batch 256
   gandl-export --workdir W --data S --output embeddings.csv --format csv
   gandl-export --workdir W --step best --data S --output best.parquet
+  gandl-export --workdir CONVAE_WORKDIR --data S --output convae.parquet
+
+A ConvAE baseline's workdir (configs/convae_rxrx19a.py) exports its
+bottleneck (layer 'bottleneck') the same way; docs/baselines.md.
 
 One row per site: `site_id`, the metadata columns and the features (`f0000`,
 ...); `--format csv` writes Recursion's layout (`site_id` + features). Runs on
@@ -32,8 +36,10 @@ flags.DEFINE_string("step", None, "Checkpoint step (default: latest), or "
 flags.DEFINE_string("data", None, "Shards written by gandl-convert (directory "
                     "or glob; local or gs://).")
 flags.DEFINE_string("output", None, "Embeddings file (.parquet or .csv).")
-flags.DEFINE_string("layer", "fc", "D feature layer ('fc' is GAN-DL's "
-                    "embedding; 'conv', 'logit', 'b{res}' also exist).")
+flags.DEFINE_string("layer", None, "Feature layer. GAN: D's layer, default "
+                    "'fc' (GAN-DL's embedding; 'conv', 'logit', 'b{res}' "
+                    "also exist). ConvAE baseline: 'bottleneck' (the "
+                    "default).")
 flags.DEFINE_integer("batch", 64, "Global batch over all devices and hosts; "
                      "fixes the minibatch-stddev groups (recorded in the file).")
 flags.DEFINE_enum("format", None, ["parquet", "csv"], "Output format (default "

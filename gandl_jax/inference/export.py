@@ -23,6 +23,11 @@ batch as `Model.embed` does), so the output is a deterministic function of
 checkpoint, shards, filter, B and the number of hosts, independent of the
 number of devices per host.
 
+ConvAE baseline (configs/convae_rxrx19a.py): a checkpoint whose meta says
+'family': 'convae' loads as `api.ConvAEModel`; its encoder's bottleneck
+(layer 'bottleneck') is exported by `export_convae` through the same
+`write_features`, in the same layout (`gandl.family` = 'convae').
+
 Several hosts: each host writes its rows to `OUTPUT.part-{process_index}`;
 after a barrier process 0 merges them in global order into OUTPUT and removes
 the parts, so OUTPUT must be on storage every host sees (gs://, NFS).
@@ -44,6 +49,7 @@ from gandl_jax.data import pipeline
 from gandl_jax import embeddings
 from gandl_jax.inference import api
 from gandl_jax import io as gio
+from gandl_jax.model import convae
 from gandl_jax.model import embed as embed_lib
 from gandl_jax.model import networks
 from gandl_jax import progress as progress_lib
@@ -71,6 +77,7 @@ META_FEATURE_DIM = "gandl.feature_dim"
 META_COMPUTE_DTYPE = "gandl.compute_dtype"
 META_NUM_HOSTS = "gandl.num_hosts"
 META_FALLBACK = "gandl.checkpoint_fallback"
+META_FAMILY = "gandl.family"       # 'convae' for the ConvAE baseline only
 
 
 
@@ -200,6 +207,66 @@ def check_channels(model: api.Model, info: Dict[str, Any], data: str,
         f"{','.join(str(c.get('name') or c.get('index')) for c in want)}")
 
 
+def default_layer(model: Union[api.Model, api.ConvAEModel]) -> str:
+  """'fc' (GAN-DL's embedding) for a GAN, 'bottleneck' for a ConvAE."""
+  if isinstance(model, api.ConvAEModel):
+    return convae.BOTTLENECK
+  return "fc"
+
+
+def export_convae(model: api.ConvAEModel, data: str, output: str, *,
+                  layer: Optional[str] = None, batch: int = DEFAULT_BATCH,
+                  fmt: Optional[str] = None,
+                  filter: Optional[str] = None,  # pylint: disable=redefined-builtin
+                  mesh: Optional[Any] = None, checkpoint: str = "",
+                  progress_every_s: float = 30.0,
+                  compute_dtype: str = "float32",
+                  batches: Optional[Iterable[Dict[str, Any]]] = None
+                  ) -> ExportSummary:
+  """`export_model` for a ConvAE baseline: its bottleneck for every site of
+  `data`, encoder data-parallel on `mesh`, written by `write_features` in
+  gandl-export's layout (`gandl.layer` 'bottleneck', `gandl.family`
+  'convae'). A site's row depends on that site alone, so `batch` changes
+  speed, not results."""
+  layer = layer or convae.BOTTLENECK
+  convae.check_embedding_layer(layer)
+  fmt = embeddings.output_format(output, fmt)
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  n_dev, n_hosts = int(mesh.devices.size), jax.process_count()
+  sharding.check_batch(batch, n_dev, n_hosts, 1, name="batch")
+  info = pipeline.read_dataset_info(data)
+  pipeline.check_dataset(info, data, model.resolution, model.img_channels,
+                         against=checkpoint or "the checkpoint")
+  check_channels(model, info, data, against=checkpoint or "the checkpoint")
+  jitted = embed_lib.data_parallel_bottleneck(model.ae, mesh)
+  variables = sharding.replicate(model.variables, mesh)
+  embed = lambda images: jitted(variables, images)  # noqa: E731
+  fallback = model.meta.get("fallback")
+  file_metadata = {
+      META_LAYER: layer, META_FAMILY: "convae", META_STEP: model.step,
+      META_KIMG: model.kimg, META_CHECKPOINT: checkpoint,
+      META_MODEL_CONFIG: json.dumps(model.config, sort_keys=True),
+      META_SOURCE: data, META_DATASET: info.get("dataset") or "",
+      META_FILTER: filter or "", META_BATCH: batch,
+      META_COMPUTE_DTYPE: compute_dtype, META_NUM_HOSTS: n_hosts,
+      **({META_FALLBACK: json.dumps(fallback)} if fallback else {}),
+      META_BATCHING: (f"batches of {batch} sites in shard order; a site's "
+                      f"row depends on that site alone"),
+  }
+  written = write_features(embed, data, output, batch=batch, fmt=fmt,
+                           mesh=mesh, file_metadata=file_metadata,
+                           filter=filter, dataset=info.get("dataset"),
+                           progress_every_s=progress_every_s,
+                           batches=batches)
+  return ExportSummary(output=str(output), format=fmt,
+                       num_sites=written.num_sites,
+                       feature_dim=written.feature_dim, layer=layer,
+                       step=model.step, batch_size=batch,
+                       num_batches=written.num_batches,
+                       seconds=written.seconds,
+                       fallback_from_step=(fallback or {}).get("latest_step"))
+
+
 def export_model(model: api.Model, data: str, output: str, *,
                  layer: str = "fc", batch: int = DEFAULT_BATCH,
                  fmt: Optional[str] = None, filter: Optional[str] = None,  # pylint: disable=redefined-builtin
@@ -222,7 +289,14 @@ def export_model(model: api.Model, data: str, output: str, *,
     checkpoint: recorded in the file metadata.
     compute_dtype: the dtype `model` was loaded with (recorded).
     batches: eval batches to use instead of `pipeline.eval_batches` (tests).
+
+  A `ConvAEModel` (the ConvAE baseline) goes to `export_convae`.
   """
+  if isinstance(model, api.ConvAEModel):
+    return export_convae(
+        model, data, output, layer=layer, batch=batch, fmt=fmt, filter=filter,
+        mesh=mesh, checkpoint=checkpoint, progress_every_s=progress_every_s,
+        compute_dtype=compute_dtype, batches=batches)
   fmt = embeddings.output_format(output, fmt)
   networks.check_embedding_layer(layer, model.resolution)
   mesh = sharding.make_mesh() if mesh is None else mesh
@@ -364,7 +438,8 @@ def write_features(embed: Callable[[Any], Any], data: str, output: str, *,
 
 
 def export_embeddings(checkpoint: str, data: str, output: str, *,
-                      layer: str = "fc", batch: int = DEFAULT_BATCH,
+                      layer: Optional[str] = None,
+                      batch: int = DEFAULT_BATCH,
                       fmt: Optional[str] = None,
                       step: Union[None, int, str] = None,
                       filter: Optional[str] = None,  # pylint: disable=redefined-builtin
@@ -376,6 +451,9 @@ def export_embeddings(checkpoint: str, data: str, output: str, *,
   """Restores `checkpoint` (workdir, checkpoints dir or step dir; the latest
   step unless `step`, an int or 'best': the best training-probe score) and
   runs `export_model`.
+
+  `layer`: default 'fc' (GAN-DL's embedding) for a GAN checkpoint and
+  'bottleneck' for a ConvAE baseline's (`default_layer`).
 
   An existing `output` is refused unless `overwrite`. An unreadable latest
   checkpoint is refused unless `step` names another one or `allow_fallback`
@@ -396,7 +474,11 @@ def export_embeddings(checkpoint: str, data: str, output: str, *,
   except FileNotFoundError as e:
     raise FileNotFoundError(f"cannot restore a checkpoint from {checkpoint}: "
                             f"{e}") from e
-  networks.check_embedding_layer(layer, model.resolution)
+  layer = layer or default_layer(model)
+  if isinstance(model, api.ConvAEModel):
+    convae.check_embedding_layer(layer)
+  else:
+    networks.check_embedding_layer(layer, model.resolution)
   if model.meta.get("fallback"):
     logging.warning("export: using checkpoint step %d, NOT the latest (%d, "
                     "unreadable)", model.step,

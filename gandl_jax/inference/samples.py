@@ -28,6 +28,11 @@ def save_samples(model: api.Model, out: str, seeds: Sequence[int],
     in greyscale (one row per seed unless `cols` says otherwise).
   Returns a small summary dict.
   """
+  if isinstance(model, api.ConvAEModel):
+    raise ValueError("this is a ConvAE baseline checkpoint: it has no "
+                     "generator to sample from (gandl-generate needs a GAN "
+                     "checkpoint; the ConvAE's reconstructions are in "
+                     "WORKDIR/samples/)")
   ext = str(out).lower().rsplit(".", 1)[-1] if "." in str(out) else ""
   if ext not in ("png", "npz"):
     raise ValueError(f"--out must end in .png or .npz, got {out!r}")

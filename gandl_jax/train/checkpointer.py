@@ -4,7 +4,9 @@ automatic resume.
 Layout (see `gandl_jax.checkpoint`): WORKDIR/checkpoints/<step>/{model,train,meta}.
 `model` holds G, G_ema and D (what `gandl_jax.load` reads), `train` holds the
 optimizer states, `pl_mean`, the RNG and the step, `meta` (JSON) the model
-config, images seen and the data position. Orbax writes each step to a
+config, images seen and the data position (a ConvAE baseline's state,
+train/convae.py, holds `model` = {'convae': {'params'}} and `train` = its
+optimizer state and step). Orbax writes each step to a
 temporary directory and renames it when complete, so a process killed mid-save
 (even with `kill -9`) leaves the previous checkpoints intact.
 
@@ -44,13 +46,21 @@ from gandl_jax import checkpoint
 from gandl_jax.train.steps import TrainState
 
 
-def _split(state: TrainState) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def _split(state: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """(model item, train item) of a training state: the GAN's `TrainState`,
+  or any state with `model_variables()` and `train_items()` (the ConvAE's,
+  train/convae.py)."""
+  if not isinstance(state, TrainState):
+    return state.model_variables(), state.train_items()
   train = {"g_opt": state.g_opt, "d_opt": state.d_opt,
            "pl_mean": state.pl_mean, "rng": state.rng, "step": state.step}
   return state.model_variables(), train
 
 
-def _join(model: Dict[str, Any], train: Dict[str, Any]) -> TrainState:
+def _join(model: Dict[str, Any], train: Dict[str, Any], like: Any) -> Any:
+  """The state of `like`'s type from restored items (inverse of `_split`)."""
+  if not isinstance(like, TrainState):
+    return type(like).from_items(model, train)
   return TrainState(
       step=train["step"], g_params=model["G"]["params"],
       g_buffers=model["G"]["buffers"], d_params=model["D"]["params"],
@@ -195,7 +205,7 @@ class TrainCheckpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: TrainState, meta: Dict[str, Any],
+  def save(self, step: int, state: Any, meta: Dict[str, Any],
            force: bool = False) -> bool:
     """With `keep_best`, `meta[checkpoint.PROBE_META]['score']` (when
     present) is the step's score for retention."""
@@ -239,9 +249,9 @@ class TrainCheckpointer:
       raise
     return dict(r[checkpoint.META_ITEM])
 
-  def restore_latest(self, like: TrainState,
+  def restore_latest(self, like: Any,
                      check_meta: Optional[Callable[[Dict[str, Any]], None]]
-                     = None) -> Optional[Tuple[TrainState, Dict[str, Any]]]:
+                     = None) -> Optional[Tuple[Any, Dict[str, Any]]]:
     """The newest readable checkpoint as (state, meta), placed like `like`
     (same shardings); None when the workdir has no checkpoint.
 
@@ -273,7 +283,8 @@ class TrainCheckpointer:
                         "back to the previous one", step, self.directory, e)
         unreadable.append(step)
         continue
-      result = (_join(r[checkpoint.MODEL_ITEM], r[checkpoint.TRAIN_ITEM]),
+      result = (_join(r[checkpoint.MODEL_ITEM], r[checkpoint.TRAIN_ITEM],
+                      like),
                 dict(r[checkpoint.META_ITEM]))
       break
     for step in unreadable:   # training will write these steps again

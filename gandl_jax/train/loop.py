@@ -1,5 +1,10 @@
 """GAN-DL training: `train(config, workdir)`.
 
+The same loop trains the ConvAE baseline when `config.family == 'convae'`
+(train/convae.py; configs/convae_rxrx19a.py): one jitted step instead of the
+GAN's phases, a grid of reconstructions instead of samples, no probe, and
+checkpoints holding {'convae': {'params'}} (meta 'family': 'convae').
+
 Reads TFRecord shards with tf.data (split per host), runs the jitted
 StyleGAN2 phases of `gandl_jax.train.steps` on a mesh of all devices, and keeps
 WORKDIR up to date:
@@ -30,6 +35,7 @@ from typing import Any, Dict, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from gandl_jax import config as config_lib
@@ -39,6 +45,7 @@ from gandl_jax import io as gio
 from gandl_jax import progress as progress_lib
 from gandl_jax import sharding
 from gandl_jax.train.checkpointer import TrainCheckpointer
+from gandl_jax.train import convae as convae_lib
 from gandl_jax.train import monitor
 from gandl_jax.train import probe as probe_lib
 from gandl_jax.train.steps import Trainer
@@ -139,6 +146,70 @@ def _write_grid(writer, trainer, sample, state, z, step, cols, channels):
       image_lib.preview_rgb(images, channels), cols=cols))
 
 
+def _gan_grid(config, trainer: Trainer, mesh: Mesh, channels):
+  """grid(writer, state, step): G_ema samples of fixed latents ('fakes')."""
+  sample = _sample_fn(trainer)
+  grid_n = int(config.image_grid_size)
+  grid_z = sharding.replicate(jnp.asarray(image_lib.seeds_to_z(
+      range(grid_n * grid_n), trainer.G.z_dim)), mesh)
+  return lambda writer, state, step: _write_grid(
+      writer, trainer, sample, state, grid_z, step, grid_n, channels)
+
+
+def convae_grid_images(config) -> np.ndarray:
+  """The ConvAE grid's real sites: the first image_grid_size *
+  max(image_grid_size // 2, 1) sites of the shards (uint8, every host the
+  same)."""
+  cols = int(config.image_grid_size)
+  n = cols * max(cols // 2, 1)
+  it, _ = pipeline.eval_host_batches(config.data.path, host_batch=n,
+                                     filter=config.data.filter or None)
+  b = next(iter(it))
+  return b["image"][np.asarray(b["valid"], bool)]
+
+
+def _convae_grid(config, trainer: convae_lib.ConvAETrainer, mesh: Mesh,
+                 channels):
+  """grid(writer, state, step): rows of real sites, each followed by the row
+  of their reconstructions ('reconstructions')."""
+  cols = int(config.image_grid_size)
+  real = convae_grid_images(config)
+  x = sharding.replicate(jnp.asarray(image_lib.to_float(real)), mesh)
+
+  def grid(writer, state, step):
+    recon = image_lib.to_uint8(trainer.reconstruct(state, x))
+    rows = []
+    for i in range(0, len(real), cols):
+      rows += [real[i:i + cols], recon[i:i + cols]]
+    images = np.concatenate(rows)
+    writer.write_image(step, "reconstructions", image_lib.grid(
+        image_lib.preview_rgb(images, channels), cols=min(cols, len(real))))
+  return grid
+
+
+class _NoProbe:
+  """The representation probe reads D's features; a ConvAE run has none."""
+  enabled = False
+  best = -math.inf
+
+  def new_best(self, metrics) -> bool:
+    del metrics
+    return False
+
+
+def _parts(config, workdir: str, mesh: Mesh, every_kimg_steps, info):
+  """(trainer, probe tracker, grid writer) of the config's model family;
+  grids coloured by the shards' channels (`info`: dataset_info.json)."""
+  channels = image_lib.dataset_channels(info.get("channels") or [])
+  if config_lib.family(config) == config_lib.FAMILY_CONVAE:
+    trainer = convae_lib.ConvAETrainer(config, mesh)
+    return trainer, _NoProbe(), _convae_grid(config, trainer, mesh, channels)
+  trainer = Trainer(config, mesh)
+  tracker = probe_lib.Tracker(config, workdir, mesh, trainer.D,
+                              every_kimg_steps(config.probe_every_kimg))
+  return trainer, tracker, _gan_grid(config, trainer, mesh, channels)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           mesh: Optional[Mesh] = None,
           max_steps: Optional[int] = None,
@@ -162,8 +233,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                          config.model.img_channels,
                          against="config.model")
 
-  trainer = Trainer(config, mesh)
-  batch = trainer.batch
+  batch = int(config.batch_size)
+  trainer, tracker, write_grid = _parts(config, workdir, mesh,
+                                        lambda kimg: _steps(kimg, batch), info)
   total_img = float(config.total_kimg) * 1000.0
   ckpt_every = _steps(config.checkpoint_every_kimg, batch)
   log_every = _steps(config.log_every_kimg, batch)
@@ -171,8 +243,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   keep_period = _steps(config.keep_checkpoint_every_kimg, batch)
   keep_period = int(math.ceil(keep_period / ckpt_every)) * ckpt_every
 
-  tracker = probe_lib.Tracker(config, workdir, mesh, trainer.D,
-                              _steps(config.probe_every_kimg, batch))
   ckpt = TrainCheckpointer(workdir, keep=config.keep_checkpoints,
                            keep_period=keep_period,
                            keep_best=tracker.enabled)
@@ -205,19 +275,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       start_batch=data_position)
   progress = progress_lib.Progress(config.total_kimg * 1000.0, done=nimg,
                                    unit="img")
-  sample = _sample_fn(trainer)
-  grid_n = int(config.image_grid_size)
-  grid_channels = image_lib.dataset_channels(info.get("channels") or [])
-  grid_z = sharding.replicate(jnp.asarray(image_lib.seeds_to_z(
-      range(grid_n * grid_n), trainer.G.z_dim)), mesh)
+  family = config_lib.family(config)
 
   def meta() -> Dict[str, Any]:
-    return {"model": config.model.to_dict(), "step": step, "nimg": nimg,
-            "kimg": nimg / 1000.0, "data_position": data_position,
-            "source": "gandl-train", "compute_dtype": config.compute_dtype,
-            "dataset": {k: info.get(k) for k in ("dataset", "resolution",
-                                                 "channels", "num_channels")},
-            "config": config.to_dict()}
+    out = {"model": config.model.to_dict(), "step": step, "nimg": nimg,
+           "kimg": nimg / 1000.0, "data_position": data_position,
+           "source": "gandl-train", "compute_dtype": config.compute_dtype,
+           "dataset": {k: info.get(k) for k in ("dataset", "resolution",
+                                                "channels", "num_channels")},
+           "config": config.to_dict()}
+    if family != config_lib.FAMILY_GAN:
+      out["family"] = family
+    return out
 
   total_steps = step + steps_to_reach(total_img - nimg, batch)
   end_step = total_steps if max_steps is None else min(total_steps,
@@ -236,7 +305,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       history.append((step, metrics))
       step, nimg, data_position = step + 1, nimg + batch, data_position + 1
       stop = ckpt.should_stop(step, STOP_SYNC_EVERY)
-      probed = {} if stop else tracker.maybe_run(state.d_params, step)
+      probed = ({} if stop or not tracker.enabled else
+                tracker.maybe_run(state.d_params, step))
       save = (step % ckpt_every == 0 or step == end_step or stop
               or tracker.new_best(probed))
       if flops_per_iter is None and step == 1:
@@ -258,8 +328,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                                last))
         history = []
       if step % grid_every == 0 or step == end_step:
-        _write_grid(writer, trainer, sample, state, grid_z, step, grid_n,
-                    grid_channels)
+        write_grid(writer, state, step)
       if save:
         ckpt.save(step, state, dict(meta(), **probe_lib.checkpoint_record(
             probed)), force=True)

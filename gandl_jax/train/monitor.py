@@ -64,6 +64,8 @@ def progress_line(step: int, nimg: int, total_kimg: float,
            f"({pct:.1f}%)"]
   for key, fmt in (("G/loss", "G {:.3f}"), ("D/loss", "D {:.3f}"),
                    ("D/r1_penalty", "R1 {:.3g}"), ("G/pl_mean", "PL {:.3g}"),
+                   ("AE/l2", "L2 {:.4g}"), ("AE/psnr_db", "PSNR {:.2f} dB"),
+                   ("AE/perceptual", "perceptual {:.4g}"),
                    ("probe/control_bacc", "probe Mock/Active {:.3f}"),
                    ("probe/cell_type_bacc", "probe HRCE/VERO {:.3f}"),
                    ("perf/sec_per_kimg", "{:.1f} s/kimg"),

@@ -1,0 +1,160 @@
+"""The ConvAE baseline's training state and its jitted step on a mesh.
+
+`gandl_jax.train.loop.train` runs it when `config.family == 'convae'`
+(configs/convae_rxrx19a.py), with everything else of a GAN run: the input
+pipeline, Orbax checkpoints and resume, metrics.jsonl / TensorBoard, the
+progress line, SIGTERM and the non-finite guard. One iteration is one jitted
+step with explicit shardings (state replicated, batch split on the mesh's
+`data` axis, the state donated):
+
+  loss = mean((decoder(encoder(x)) - x)^2)                       pixel L2
+         + loss.perceptual_weight * perceptual(p, recon, x)      optional
+
+with x the real batch in [-1, 1] (augmented as for the GAN), then Adam
+(`config.optim`). Non-finite gradient entries are replaced as in the GAN's
+phases (`steps.sanitize_grads`). The perceptual term comes from
+`model.convae.perceptual_loss` (its frozen parameters are a replicated
+argument of the step, not part of the state).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from gandl_jax import sharding
+from gandl_jax.model import convae
+from gandl_jax.train import monitor
+from gandl_jax.train.steps import sanitize_grads
+
+Array = jax.Array
+Metrics = Dict[str, Array]
+
+
+@flax.struct.dataclass
+class ConvAEState:
+  step: Array          # completed iterations
+  params: Any          # {'encoder': ..., 'decoder': ...}
+  opt: Any
+
+  def model_variables(self) -> Dict[str, Any]:
+    """The checkpoint's `model` item ({'convae': {'params'}})."""
+    return {convae.MODEL_KEY: {"params": self.params}}
+
+  def train_items(self) -> Dict[str, Any]:
+    """The checkpoint's `train` item."""
+    return {"opt": self.opt, "step": self.step}
+
+  @classmethod
+  def from_items(cls, model: Dict[str, Any], train: Dict[str, Any]
+                 ) -> "ConvAEState":
+    return cls(step=train["step"], params=model[convae.MODEL_KEY]["params"],
+               opt=train["opt"])
+
+
+class ConvAETrainer:
+  """The ConvAE, its optimizer and the compiled step for one config/mesh
+  (the interface `train.loop` uses: `batch`, `init_state`, `train_step`,
+  `flops_per_iteration`, `reconstruct`)."""
+
+  def __init__(self, config, mesh: Mesh):
+    self.config = config
+    self.mesh = mesh
+    self.ae = convae.build(config.model, config.compute_dtype)
+    self.batch = int(config.batch_size)
+    o = config.optim
+    self.tx = optax.adam(float(o.lr), b1=float(o.beta1), b2=float(o.beta2),
+                         eps=float(o.eps))
+    self.perceptual_weight = float(config.loss.perceptual_weight)
+    self.perceptual: Optional[convae.PerceptualFn] = None
+    perceptual_params: Any = {}
+    if self.perceptual_weight > 0:
+      term = convae.perceptual_loss(str(config.loss.perceptual_weights),
+                                    int(config.model.img_channels))
+      if term is None:
+        raise ValueError(
+            f"config.loss.perceptual_weight={self.perceptual_weight} needs a "
+            f"perceptual network: set config.loss.perceptual_weights "
+            f"(got {config.loss.perceptual_weights!r})")
+      self.perceptual, perceptual_params = term
+    self._repl = sharding.replicated(mesh)
+    self._data = sharding.data_sharded(mesh)
+    self._perceptual_params = sharding.replicate(perceptual_params, mesh)
+    self._compiled = None
+    self._recon = None
+
+  # ------------------------------------------------------------ state
+
+  def init_state(self, seed: int) -> ConvAEState:
+    """A fresh, replicated state (same values on any mesh)."""
+    variables = convae.init(jax.random.PRNGKey(seed), self.ae)
+    params = variables["params"]
+    state = ConvAEState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt=self.tx.init(params))
+    return sharding.replicate(state, self.mesh)
+
+  # ------------------------------------------------------------ step
+
+  def loss(self, params, real: Array, perceptual_params: Any
+           ) -> Tuple[Array, Metrics]:
+    """(total loss, metrics) of one batch of real images in [-1, 1]."""
+    recon, _ = self.ae.apply({"params": params}, real)
+    l2 = convae.pixel_l2(recon, real)
+    total, metrics = l2, {"AE/l2": l2, "AE/psnr_db": convae.psnr_db(l2)}
+    if self.perceptual is not None:
+      p = self.perceptual(perceptual_params, recon, real).astype(jnp.float32)
+      total = total + self.perceptual_weight * p
+      metrics["AE/perceptual"] = p
+    metrics["AE/loss"] = total
+    return total, metrics
+
+  def step_fn(self, state: ConvAEState, real: Array, perceptual_params: Any
+              ) -> Tuple[ConvAEState, Metrics]:
+    (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
+        state.params, real, perceptual_params)
+    grads, bad = sanitize_grads(grads)
+    updates, opt = self.tx.update(grads, state.opt, state.params)
+    state = state.replace(params=optax.apply_updates(state.params, updates),
+                          opt=opt, step=state.step + 1)
+    metrics["AE/grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
+    metrics["AE/grad_nonfinite"] = bad
+    return state, metrics
+
+  def compiled(self, state: ConvAEState):
+    if self._compiled is None:
+      st = jax.tree_util.tree_map(lambda _: self._repl, state)
+      pp = jax.tree_util.tree_map(lambda _: self._repl,
+                                  self._perceptual_params)
+      self._compiled = jax.jit(
+          self.step_fn, in_shardings=(st, self._data, pp),
+          out_shardings=(st, self._repl), donate_argnums=(0,))
+    return self._compiled
+
+  def train_step(self, state: ConvAEState, real: Array, step: int,
+                 nimg: float) -> Tuple[ConvAEState, Metrics]:
+    """One iteration on a global batch `real` (float, data-sharded)."""
+    del step, nimg
+    return self.compiled(state)(state, real, self._perceptual_params)
+
+  def flops_per_iteration(self, state: ConvAEState, real: Array
+                          ) -> Optional[float]:
+    """FLOPs of one step from XLA's cost analysis (None if not reported)."""
+    try:
+      return monitor.compiled_flops(self.compiled(state).lower(
+          state, real, self._perceptual_params))
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+  # ------------------------------------------------------------ monitoring
+
+  def reconstruct(self, state: ConvAEState, images: Array) -> np.ndarray:
+    """Reconstructions (float32, [-1, 1] range) of replicated float images."""
+    if self._recon is None:
+      self._recon = jax.jit(
+          lambda params, x: self.ae.apply({"params": params}, x)[0])
+    return np.asarray(jax.device_get(self._recon(state.params, images)))
