@@ -44,6 +44,15 @@ CLASSICAL = "classical features"
 # The paper's DenseNet-121 baseline (issue 14). Offline, the demo has no
 # ImageNet weights: its default is a random initialisation, named as such.
 DEFAULT_DENSENET_WEIGHTS = "none"
+CONVAE = "ConvAE (pixel L2)"
+
+
+class Preempted(Exception):
+  """A training stage stopped by SIGTERM (checkpoint saved; rerun resumes)."""
+
+  def __init__(self, stage: str, summary: Dict[str, Any]):
+    super().__init__(f"{stage} stopped by SIGTERM")
+    self.stage, self.summary = stage, summary
 
 
 def demo_config() -> ml_collections.ConfigDict:
@@ -131,6 +140,8 @@ def densenet_set_name(weights: str) -> str:
 def baseline_sets(stages: "Stages", data: Dict[str, str], emb_dir: str, *,
                   classical: bool = True, densenet: bool = True,
                   densenet_weights: str = DEFAULT_DENSENET_WEIGHTS,
+                  convae: bool = True, convae_kimg: float = 2.0,
+                  convae_seed: int = 0,
                   mesh: Optional[Mesh] = None,
                   datasets: Tuple[str, ...] = ("rxrx19a", "rxrx1"),
                   ) -> List[Tuple[str, str]]:
@@ -139,8 +150,11 @@ def baseline_sets(stages: "Stages", data: Dict[str, str], emb_dir: str, *,
   and returns their (report name, tag): the classical (CellProfiler-style)
   features and the concatenated DenseNet-121 (weights `densenet_weights`:
   imagenet, a weights file, or none = random init, recorded in the files'
-  `gandl.weights`). The demo and tools/experiment_training_benefit.py share
-  this, so both compare the same sets."""
+  `gandl.weights`), and the convolutional autoencoder's bottleneck (the
+  demo-sized ConvAE trained for `convae_kimg` on the first dataset's shards
+  into EMB_DIR/../convae; raises `Preempted` if SIGTERM stops that training).
+  The demo and tools/experiment_training_benefit.py share this, so both
+  compare the same sets."""
   # pylint: disable=import-outside-toplevel
   sets = []
   if classical:
@@ -169,6 +183,24 @@ def baseline_sets(stages: "Stages", data: Dict[str, str], emb_dir: str, *,
       return out
     stages.run("densenet", do_densenet)
     sets.append((densenet_set_name(densenet_weights), "densenet"))
+  if convae:
+    from gandl_jax.baselines import convae as convae_lib
+    from gandl_jax.data import pipeline
+    first = data[datasets[0]]
+    res = int(pipeline.read_dataset_info(first)["resolution"])
+    train_dir = os.path.join(os.path.dirname(emb_dir), "convae")
+    config = convae_lib.demo_config(first, resolution=res)
+    config.seed = int(convae_seed)
+    trained = stages.run(
+        "convae_train", lambda: convae_lib.train(
+            config, train_dir, total_kimg=convae_kimg, mesh=mesh),
+        complete=lambda s: s.get("reason") != "preempted")
+    if trained.get("reason") == "preempted":
+      raise Preempted("convae_train", trained)
+    stages.run("convae", lambda: {d: convae_lib.export(
+        train_dir, data[d], os.path.join(emb_dir, f"convae_{d}.parquet"),
+        mesh=mesh, overwrite=True).as_dict() for d in datasets})
+    sets.append((CONVAE, "convae"))
   return sets
 
 
@@ -211,8 +243,8 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
              converter: str = "gandl-convert",
              difficulty: str = DEFAULT_DIFFICULTY,
              classical: bool = True, densenet: bool = True,
-             densenet_weights: str = DEFAULT_DENSENET_WEIGHTS
-             ) -> Dict[str, Any]:
+             densenet_weights: str = DEFAULT_DENSENET_WEIGHTS,
+             convae: bool = True) -> Dict[str, Any]:
   """Runs (or resumes) every stage; returns {'reason': 'finished' or
   'preempted' (training stopped by SIGTERM), 'report': path, ...}.
 
@@ -222,7 +254,9 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
   `difficulty`: the synthetic mode (gandl-synth --difficulty); `classical`,
   `densenet`: evaluate the classical (CellProfiler-style) features and the
   concatenated DenseNet-121 (weights `densenet_weights`; offline default:
-  random init, named so in the report) as more sets (`baseline_sets`)."""
+  random init, named so in the report) as more sets; `convae`: train the
+  demo-sized ConvAE for the GAN's budget and evaluate its bottleneck
+  (`baseline_sets`)."""
   if converter not in CONVERTERS:
     raise ValueError(f"converter must be one of {CONVERTERS}, got {converter!r}")
   workdir = os.path.abspath(workdir)
@@ -282,9 +316,15 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
     return out
   stages.run("export", do_export)
 
-  extra = baseline_sets(stages, data, emb, classical=classical,
-                        densenet=densenet, densenet_weights=densenet_weights,
-                        mesh=mesh)
+  try:
+    extra = baseline_sets(stages, data, emb, classical=classical,
+                          densenet=densenet, densenet_weights=densenet_weights,
+                          convae=convae, convae_kimg=float(config.total_kimg),
+                          convae_seed=int(config.seed), mesh=mesh)
+  except Preempted as e:
+    return {"reason": "preempted", "report": None, "metrics": None,
+            "headline": [], "seconds": round(time.time() - t_start, 1),
+            "stages": e.summary}
 
   report_dir = os.path.join(workdir, "report")
 

@@ -28,15 +28,15 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   densenet = demo.densenet_set_name("none")
   assert densenet == "DenseNet-121 concat (random init)"
   assert set(metrics["names"]) == {demo.TRAINED, demo.BASELINE,
-                                   demo.CLASSICAL, densenet}
+                                   demo.CLASSICAL, densenet, demo.CONVAE}
   for name in metrics["names"]:
     res = metrics["embeddings"][name]
     assert {"control", "cell_model", "dose_response", "rxrx1"} <= set(res)
   text = report.read_text()
   assert demo.TRAINED in text and demo.BASELINE in text
-  # Headline: a header, then the four sets side by side with the figures
+  # Headline: a header, then the five sets side by side with the figures
   # of metrics.json.
-  assert len(out["headline"]) == 5 and "Mock/Active" in out["headline"][0]
+  assert len(out["headline"]) == 6 and "Mock/Active" in out["headline"][0]
   for line in out["headline"][1:]:
     name = next(n for n in metrics["names"] if line.startswith(n))
     acc = metrics["embeddings"][name]["control"]["plate"]["balanced_accuracy"]
@@ -59,6 +59,13 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   meta = pq.read_schema(path).metadata
   assert meta[b"gandl.weights"] == b"random"
   assert meta[b"gandl.image_size"] == b"32"
+  # The ConvAE: trained for the GAN's budget, its bottleneck exported.
+  train = json.loads((tmp_path / "stages" / "convae_train.done").read_text())
+  assert train["reason"] == "finished" and train["step"] >= 1
+  ae = pd.read_parquet(tmp_path / "embeddings" / "convae_rxrx19a.parquet")
+  assert list(ae["site_id"]) == list(a["site_id"])
+  assert pq.read_schema(tmp_path / "embeddings" / "convae_rxrx19a.parquet"
+                        ).metadata[b"gandl.family"] == b"convae"
   feats = [c for c in a.columns if c.startswith("f0")]
   assert float((a[feats] - b[feats]).abs().to_numpy().max()) > 1e-4
   # Second run: every stage is reused.
@@ -66,7 +73,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   demo.run_demo(str(tmp_path), size=32, config=tiny_demo_config(),
                 log=lines.append, mesh=mesh)
   reused = [l for l in lines if "already done" in l]
-  assert len(reused) == 8, lines
+  assert len(reused) == 10, lines
   assert os.path.exists(tmp_path / "stages" / "train.done")
 
 

@@ -50,6 +50,8 @@ _DENSENET = flags.DEFINE_bool("densenet", True, "Evaluate the concatenated "
 _DENSENET_WEIGHTS = flags.DEFINE_string(
     "densenet_weights", "none", "DenseNet-121 weights: none (random init, "
     "named so), imagenet or a Keras weights file.")
+_CONVAE = flags.DEFINE_bool("convae", True, "Train the demo-sized ConvAE "
+                            "for the largest budget and evaluate it too.")
 _OVERRIDES = flags.DEFINE_multi_string(
     "set", [], "Config overrides KEY=VALUE (e.g. loss.r1_gamma=1.0).")
 
@@ -213,7 +215,7 @@ def main(argv):
   for name, tag in demo.baseline_sets(
       stages, data, emb_dir, classical=_CLASSICAL.value,
       densenet=_DENSENET.value, densenet_weights=_DENSENET_WEIGHTS.value,
-      mesh=mesh):
+      convae=_CONVAE.value, convae_kimg=max(budgets), mesh=mesh):
     rows.append(stages.run(f"eval-{tag}", lambda name=name, tag=tag: dict(
         evaluate_set(name, tag), set=name, seed=-1, kimg=0.0)))
 

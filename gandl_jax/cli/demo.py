@@ -27,6 +27,9 @@ _DENSENET_WEIGHTS = flags.DEFINE_string(
     "DenseNet-121 weights: none (random init, the offline default; the report "
     "names it so), imagenet (downloaded by Keras once) or a Keras weights "
     "file.")
+_CONVAE = flags.DEFINE_bool(
+    "convae", True, "Also train the demo-sized convolutional autoencoder for "
+    "the GAN's budget and evaluate its bottleneck (docs/baselines.md).")
 _CONVERTER = flags.DEFINE_enum(
     "converter", "gandl-convert", demo.CONVERTERS,
     "gandl-convert, or tfds: the TFDS builders (Apache Beam with the [beam] "
@@ -38,7 +41,8 @@ def demo_command() -> int:
   out = demo.run_demo(_WORKDIR.value, size=_SIZE.value, seed=_SEED.value,
                       converter=_CONVERTER.value, difficulty=_DIFFICULTY.value,
                       classical=_CLASSICAL.value, densenet=_DENSENET.value,
-                      densenet_weights=_DENSENET_WEIGHTS.value)
+                      densenet_weights=_DENSENET_WEIGHTS.value,
+                      convae=_CONVAE.value)
   if out["reason"] == "preempted":
     print("GAN-DL demo stopped by SIGTERM during training (checkpoint "
           "saved); rerun the same command to resume.")
