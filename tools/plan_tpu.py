@@ -129,6 +129,58 @@ def cost(compiled) -> dict:
   return out
 
 
+def conv_flops(n: int, h: int, w: int, c_in: int, c_out: int, k: int,
+               padding: str = "VALID") -> int:
+  """2 * multiply-adds of a stride-1 k x k convolution on an n x h x w x
+  c_in input, counting only taps that fall on the input (what XLA's cost
+  analysis counts): VALID: 2 n (h-k+1)(w-k+1) c_in c_out k^2; SAME (odd k):
+  the zero padding is not counted."""
+  if padding == "VALID":
+    taps = (h - k + 1) * (w - k + 1) * k * k
+  elif padding == "SAME":
+    p = k // 2
+    inside = lambda size: sum(min(i + p, size - 1) - max(i - p, 0) + 1
+                              for i in range(size))
+    taps = inside(h) * inside(w)
+  else:
+    raise ValueError(f"padding must be VALID or SAME, got {padding!r}")
+  return 2 * n * taps * c_in * c_out
+
+
+def analytic(model_cfg, param_counts) -> dict:
+  """Closed-form cross-checks: FLOPs of one image through G's synthesis and
+  D (3x3 convs as 2 * H * W * Cin * Cout * 9 at their output resolution,
+  1x1 convs and dense layers likewise; resampling filters, modulation and
+  activations left out), and the bytes of the replicated float32 state:
+  G params, G EMA, G Adam (m, v), D params, D Adam (m, v)."""
+  from gandl_jax.model import networks  # pylint: disable=import-outside-toplevel
+  cfg = dict(model_cfg)
+  ch = lambda r: networks.channels_at(r, cfg["channel_base"],
+                                      cfg["channel_max"])
+  c_img, w_dim = cfg["img_channels"], cfg["w_dim"]
+  res = networks.block_resolutions(cfg["resolution"])
+  g = 0
+  for r in res:
+    c = ch(r)
+    convs = ([(ch(r // 2), c)] if r > 4 else []) + [(c, c)]
+    for c_in, c_out in convs:                     # (up)conv + its affine
+      g += 2 * r * r * 9 * c_in * c_out + 2 * w_dim * c_in
+    g += 2 * r * r * c * c_img + 2 * w_dim * c    # toRGB
+  d = 0
+  for r in reversed(res[1:]):
+    c, c2 = ch(r), ch(r // 2)
+    if r == cfg["resolution"]:
+      d += 2 * r * r * c_img * c                  # fromRGB
+    d += 2 * r * r * 9 * c * c                    # conv0
+    d += 2 * (r // 2) ** 2 * (9 * c * c2 + c * c2)  # conv1 (down), skip
+  c4 = ch(4)
+  d += 2 * 16 * 9 * (c4 + cfg["mbstd_num_channels"]) * c4 + 2 * 16 * c4 * c4
+  g_params, d_params = param_counts
+  return {"g_forward_flops": g, "d_forward_flops": d,
+          "g_params": g_params, "d_params": d_params,
+          "state_bytes": 4 * (4 * g_params + 3 * d_params)}
+
+
 def phase_images(trainer, name: str) -> int:
   """Images (per global batch) one call of phase `name` is counted for: the
   path-length phase runs on batch // pl_batch_shrink, the others on batch."""
@@ -166,7 +218,11 @@ def compile_phases(config, devices, phases=()):
     res["flops_per_image"] = res["flops"] * n / images
     results[phase.name] = res
     del compiled
-  return results
+  from gandl_jax.model import networks  # pylint: disable=import-outside-toplevel
+  from gandl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  counts = (networks.count_params(state.g_params),
+            networks.count_params(state.d_params))
+  return results, analytic(config_lib.full_model_config(config.model), counts)
 
 
 def predict(results: dict, batch: int, devices: int, peak_tflops: float,
@@ -194,7 +250,8 @@ def plan(config, target: str, devices: int, remat: str, utilization: float,
   config.remat = remat
   peak = peak_tflops or spec["peak_tflops"]
   hbm = hbm_gib or spec["hbm_gib"]
-  results = compile_phases(config, target_devices(target, devices), phases)
+  results, closed = compile_phases(config, target_devices(target, devices),
+                                   phases)
   pred = predict(results, int(config.batch_size), devices, peak, utilization,
                  float(config.total_kimg))
   for r in results.values():
@@ -206,7 +263,7 @@ def plan(config, target: str, devices: int, remat: str, utilization: float,
           "hbm_gib": hbm or None, "peak_tflops_per_device": peak or None,
           "utilization": utilization if peak else None,
           "total_kimg": float(config.total_kimg), "phases": results,
-          **pred}
+          "analytic": closed, **pred}
 
 
 def format_plan(p: dict) -> str:
@@ -231,6 +288,12 @@ def format_plan(p: dict) -> str:
         f"predicted at {p['utilization']:.0%} of {p['peak_tflops_per_device']}"
         f" TFLOP/s per device: {p['sec_per_kimg']:.2f} sec/kimg, "
         f"{p['days']:.2f} days for {p['total_kimg']:g} kimg")
+  a = p["analytic"]
+  lines.append(
+      f"closed form: G forward {a['g_forward_flops'] / 1e9:.1f}, D forward "
+      f"{a['d_forward_flops'] / 1e9:.1f} GFLOP/img (convs and dense layers); "
+      f"state {a['state_bytes'] / GIB:.2f} GiB ({a['g_params'] / 1e6:.1f}M G "
+      f"x 4 + {a['d_params'] / 1e6:.1f}M D x 3 float32)")
   if "xla_optimal_sec_per_kimg" in p:
     lines.append(f"XLA's own cost model ('optimal_seconds', a lower bound): "
                  f"{p['xla_optimal_sec_per_kimg']:.2f} sec/kimg")
