@@ -56,7 +56,10 @@ def reference():
   return inputs, _grads("none", *inputs)
 
 
-@pytest.mark.parametrize("remat", ["blocks", "blocks_dots"])
+# blocks_dots wraps the same blocks under another policy: slow-marked to keep
+# the default suite short (~1 min of compilation each on 2 cores).
+@pytest.mark.parametrize("remat", [
+    "blocks", pytest.param("blocks_dots", marks=pytest.mark.slow)])
 def test_remat_same_values_and_gradients(reference, remat):
   inputs, expected = reference
   got = _grads(remat, *inputs)

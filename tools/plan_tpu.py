@@ -35,6 +35,7 @@ import json
 import math
 import os
 import sys
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -208,15 +209,21 @@ def compile_phases(config, devices, phases=()):
     if not phase.every or (phases and phase.name not in phases):
       continue
     args = trainer._args(phase, state, real, beta)  # pylint: disable=protected-access
+    t0 = time.time()
     compiled = trainer.compiled(phase.name, state).lower(*args).compile()
     images = phase_images(trainer, phase.name)
     res = {"every": phase.every, "images": images,
-           "memory": memory_breakdown(compiled)}
+           "memory": memory_breakdown(compiled),
+           "compile_s": round(time.time() - t0, 1)}
     res.update(cost(compiled))
     # cost_analysis is of the per-device (SPMD-partitioned) program, which
     # sees images / n of the batch.
     res["flops_per_image"] = res["flops"] * n / images
     results[phase.name] = res
+    print(f"{phase.name}: compiled in {res['compile_s']:.0f} s; "
+          f"{res['memory']['total'] / GIB:.2f} GiB per device, "
+          f"{res['flops_per_image'] / 1e9:.1f} GFLOP per image",
+          file=sys.stderr, flush=True)
     del compiled
   from gandl_jax.model import networks  # pylint: disable=import-outside-toplevel
   from gandl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
