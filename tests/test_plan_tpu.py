@@ -84,3 +84,20 @@ def test_plan_on_cpu_devices():
   low = a["g_forward_flops"] + 2 * a["d_forward_flops"]
   assert low < per_img[1] < 4 * (a["g_forward_flops"] +
                                  6 * a["d_forward_flops"])
+
+
+def test_replan_changes_only_the_prediction():
+  results = {"g_main": {"flops": 4e12, "every": 1, "xla_optimal_s": 0.5,
+                        "memory": {"total": 17 * plan_tpu.GIB}},
+             "d_main": {"flops": 6e12, "every": 1, "xla_optimal_s": 0.5,
+                        "memory": {"total": 3 * plan_tpu.GIB}}}
+  p = {"batch": 8, "devices": 2, "total_kimg": 100.0, "hbm_gib": 16.0,
+       "peak_tflops_per_device": 50.0, "utilization": 0.4, "phases": results,
+       **plan_tpu.predict(results, 8, 2, 50.0, 0.4, 100.0)}
+  q = plan_tpu.replan(p, 0.2)
+  assert q["sec_per_kimg"] == pytest.approx(2 * p["sec_per_kimg"])
+  assert q["xla_optimal_sec_per_kimg"] == p["xla_optimal_sec_per_kimg"] == (
+      pytest.approx(1.0 * 1000 / 8))
+  assert q["xla_optimal_utilization"] == pytest.approx(10e12 / (1.0 * 50e12))
+  assert [r["fits"] for r in q["phases"].values()] == [False, True]
+  assert plan_tpu.replan(p, 0.2, hbm_gib=32)["phases"]["g_main"]["fits"]

@@ -49,7 +49,9 @@ _REMAT = flags.DEFINE_string(
     "remat", None, "config.remat for this plan (none, blocks, blocks_dots); "
     "default: the config's. Comma-separated: one plan per value.")
 _UTIL = flags.DEFINE_float(
-    "utilization", 0.35, "Fraction of the peak FLOP/s assumed for sec/kimg.")
+    "utilization", 0.2, "Fraction of the peak FLOP/s assumed for sec/kimg "
+    "(default 0.2: XLA's own TPU cost model bounds these memory-bound "
+    "programs to about 23% at 256x256; docs/performance.md).")
 _PEAK = flags.DEFINE_float(
     "peak_tflops", 0.0, "Peak TFLOP/s per device (0: the target's; cpu: "
     "none, no sec/kimg).")
@@ -57,7 +59,12 @@ _HBM = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device in GiB (0: the "
                           "target's).")
 _PHASES = flags.DEFINE_list("phases", [], "Only these phases (default: all "
                             "that run).")
-flags.mark_flags_as_required(["config"])
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the JSON line "
+                                "to this file.")
+_FROM_JSON = flags.DEFINE_string(
+    "from_json", None, "Compile nothing: re-print the plans of an earlier "
+    "--json_out (or the JSON line saved from stdout) with this run's "
+    "--utilization, --peak_tflops and --hbm_gib.")
 
 GIB = 2**30
 # Per device (a TPU v3 chip has 2 TensorCores, each its own JAX device).
@@ -150,10 +157,11 @@ def conv_flops(n: int, h: int, w: int, c_in: int, c_out: int, k: int,
 
 def analytic(model_cfg, param_counts) -> dict:
   """Closed-form cross-checks: FLOPs of one image through G's synthesis and
-  D (3x3 convs as 2 * H * W * Cin * Cout * 9 at their output resolution,
-  1x1 convs and dense layers likewise; resampling filters, modulation and
-  activations left out), and the bytes of the replicated float32 state:
-  G params, G EMA, G Adam (m, v), D params, D Adam (m, v)."""
+  D (a 3x3 conv as 2 * H * W * Cin * Cout * 9 at its output resolution, G's
+  upsampling conv0 as the stride-2 transposed conv it is, i.e. at its input
+  resolution; 1x1 convs and dense layers likewise; resampling filters,
+  modulation and activations left out), and the bytes of the replicated
+  float32 state: G params, G EMA, G Adam (m, v), D params, D Adam (m, v)."""
   from gandl_jax.model import networks  # pylint: disable=import-outside-toplevel
   cfg = dict(model_cfg)
   ch = lambda r: networks.channels_at(r, cfg["channel_base"],
@@ -163,9 +171,9 @@ def analytic(model_cfg, param_counts) -> dict:
   g = 0
   for r in res:
     c = ch(r)
-    convs = ([(ch(r // 2), c)] if r > 4 else []) + [(c, c)]
-    for c_in, c_out in convs:                     # (up)conv + its affine
-      g += 2 * r * r * 9 * c_in * c_out + 2 * w_dim * c_in
+    if r > 4:                                     # conv0 (up) + affine
+      g += 2 * (r // 2) ** 2 * 9 * ch(r // 2) * c + 2 * w_dim * ch(r // 2)
+    g += 2 * r * r * 9 * c * c + 2 * w_dim * c   # conv1 + affine
     g += 2 * r * r * c * c_img + 2 * w_dim * c    # toRGB
   d = 0
   for r in reversed(res[1:]):
@@ -246,6 +254,9 @@ def predict(results: dict, batch: int, devices: int, peak_tflops: float,
   if all("xla_optimal_s" in r for r in results.values()) and results:
     sec_iter = sum(r["xla_optimal_s"] / r["every"] for r in results.values())
     out["xla_optimal_sec_per_kimg"] = sec_iter * 1000.0 / batch
+    if peak_tflops > 0:   # the utilization XLA's estimate amounts to
+      out["xla_optimal_utilization"] = flops_iter / (sec_iter * peak_tflops *
+                                                     1e12)
   return out
 
 
@@ -273,6 +284,27 @@ def plan(config, target: str, devices: int, remat: str, utilization: float,
           "analytic": closed, **pred}
 
 
+def replan(p: dict, utilization: float, peak_tflops: float = 0.0,
+           hbm_gib: float = 0.0) -> dict:
+  """An earlier plan `p` (compiled figures kept) with another utilization,
+  peak or memory size."""
+  p = dict(p)
+  peak = peak_tflops or p["peak_tflops_per_device"] or 0.0
+  hbm = hbm_gib or p["hbm_gib"] or 0.0
+  results = {k: dict(v) for k, v in p["phases"].items()}
+  for r in results.values():
+    r["fits"] = (r["memory"]["total"] <= hbm * GIB) if hbm else None
+  for key in ("sec_per_kimg", "days", "xla_optimal_sec_per_kimg",
+              "xla_optimal_utilization"):
+    p.pop(key, None)
+  p.update(predict(results, p["batch"], p["devices"], peak, utilization,
+                   p["total_kimg"]))
+  p.update(phases=results, hbm_gib=hbm or None,
+           peak_tflops_per_device=peak or None,
+           utilization=utilization if peak else None)
+  return p
+
+
 def format_plan(p: dict) -> str:
   g = lambda b: f"{b / GIB:7.2f}"
   lines = [f"{p['target']} x {p['devices']}, {p['resolution']}x"
@@ -295,20 +327,38 @@ def format_plan(p: dict) -> str:
         f"predicted at {p['utilization']:.0%} of {p['peak_tflops_per_device']}"
         f" TFLOP/s per device: {p['sec_per_kimg']:.2f} sec/kimg, "
         f"{p['days']:.2f} days for {p['total_kimg']:g} kimg")
-  a = p["analytic"]
-  lines.append(
-      f"closed form: G forward {a['g_forward_flops'] / 1e9:.1f}, D forward "
-      f"{a['d_forward_flops'] / 1e9:.1f} GFLOP/img (convs and dense layers); "
-      f"state {a['state_bytes'] / GIB:.2f} GiB ({a['g_params'] / 1e6:.1f}M G "
-      f"x 4 + {a['d_params'] / 1e6:.1f}M D x 3 float32)")
+  a = p.get("analytic")
+  if a:
+    lines.append(
+        f"closed form: G forward {a['g_forward_flops'] / 1e9:.1f}, D forward "
+        f"{a['d_forward_flops'] / 1e9:.1f} GFLOP/img (convs and dense layers)"
+        f"; state {a['state_bytes'] / GIB:.2f} GiB ({a['g_params'] / 1e6:.1f}"
+        f"M G x 4 + {a['d_params'] / 1e6:.1f}M D x 3 float32)")
   if "xla_optimal_sec_per_kimg" in p:
+    util = p.get("xla_optimal_utilization")
     lines.append(f"XLA's own cost model ('optimal_seconds', a lower bound): "
-                 f"{p['xla_optimal_sec_per_kimg']:.2f} sec/kimg")
+                 f"{p['xla_optimal_sec_per_kimg']:.2f} sec/kimg" +
+                 (f" = {util:.0%} of the peak" if util else ""))
   return "\n".join(lines)
 
 
 def main(argv):
   del argv
+  if _FROM_JSON.value:
+    from gandl_jax import io  # pylint: disable=import-outside-toplevel
+    try:
+      saved = json.loads(io.read_text(_FROM_JSON.value).strip().splitlines()[-1])
+      plans = [replan(p, _UTIL.value, _PEAK.value, _HBM.value)
+               for p in saved["plans"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      sys.exit(f"--from_json={_FROM_JSON.value}: expected a JSON line of "
+               f"this tool ({type(e).__name__}: {e})")
+    for p in plans:
+      print(format_plan(p), flush=True)
+    print(json.dumps({**saved, "plans": plans}))
+    return
+  if _CONFIG.value is None:
+    sys.exit("--config is required (or --from_json)")
   if _TARGET.value == "cpu":
     flag = f"--xla_force_host_platform_device_count={_DEVICES.value}"
     if "xla_force_host_platform_device_count" not in os.environ.get(
@@ -337,7 +387,20 @@ def main(argv):
              _PEAK.value, _HBM.value, tuple(_PHASES.value))
     print(format_plan(p), flush=True)
     plans.append(p)
-  print(json.dumps({"jax": jax.__version__, "plans": plans}))
+  line = json.dumps({"jax": jax.__version__, "libtpu": _libtpu_version(),
+                     "plans": plans})
+  print(line)
+  if _JSON_OUT.value:
+    from gandl_jax import io  # pylint: disable=import-outside-toplevel
+    io.write_text(_JSON_OUT.value, line + "\n")
+
+
+def _libtpu_version():
+  try:
+    from importlib import metadata  # pylint: disable=import-outside-toplevel
+    return metadata.version("libtpu")
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 if __name__ == "__main__":
