@@ -103,8 +103,8 @@ def target_devices(target: str, devices: int):
     topo = topologies.get_topology_desc(name, "tpu")
   except Exception as e:  # pylint: disable=broad-except
     raise RuntimeError(
-        f"cannot describe TPU topology {name!r} without hardware ({e}); "
-        f"install the libtpu matching jax {jax.__version__}: pip install "
+        f"cannot describe TPU topology {name!r} without hardware ({e}); it "
+        f"needs the libtpu matching jax {jax.__version__}: pip install "
         f"'jax[tpu]=={jax.__version__}'") from e
   return list(topo.devices)
 
@@ -321,7 +321,8 @@ def format_plan(p: dict) -> str:
                           ("total",)) +
                  f" {fits:>5s} {r['flops_per_image'] / 1e9:10.1f}")
   lines.append(f"amortized: {p['flops_per_image'] / 1e9:.1f} GFLOP per image "
-               f"(regularizers weighted by 1/every)")
+               f"(regularizers weighted by 1/every; phases compiled: "
+               f"{', '.join(p['phases'])})")
   if "sec_per_kimg" in p:
     lines.append(
         f"predicted at {p['utilization']:.0%} of {p['peak_tflops_per_device']}"
@@ -365,6 +366,9 @@ def main(argv):
         "XLA_FLAGS", ""):
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
                                  flag).strip()
+  # Compile-only use of libtpu touches no TPU: let it load while another
+  # process (a second plan, a training run) holds libtpu's lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_platforms", "cpu")   # TPU targets are compile-only
   config = _CONFIG.value
