@@ -228,8 +228,11 @@ def compile_phases(config, devices, phases=()):
     # sees images / n of the batch.
     res["flops_per_image"] = res["flops"] * n / images
     results[phase.name] = res
+    m = res["memory"]
     print(f"{phase.name}: compiled in {res['compile_s']:.0f} s; "
-          f"{res['memory']['total'] / GIB:.2f} GiB per device, "
+          f"{m['total'] / GIB:.2f} GiB per device (arguments "
+          f"{m['arguments'] / GIB:.2f}, temporaries {m['temporaries'] / GIB:.2f}"
+          f", code {m['code'] / GIB:.2f}), "
           f"{res['flops_per_image'] / 1e9:.1f} GFLOP per image",
           file=sys.stderr, flush=True)
     del compiled
