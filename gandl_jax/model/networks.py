@@ -32,8 +32,10 @@ check_resolution = config_lib.check_resolution
 # block's inputs (`jax.checkpoint`). Values and gradients are unchanged; only
 # memory and compute move.
 #   none        keep everything (no jax.checkpoint)
-#   blocks      keep only each block's inputs: least memory, about one more
-#               forward pass of the blocks per gradient
+#   blocks      keep only each block's inputs; about one more forward pass
+#               of the blocks per gradient (compiled for TPU v3 at 512x512
+#               it saved under 1%: the peak is inside the top block;
+#               docs/performance.md, "Rematerialization")
 #   blocks_dots keep the convolution outputs inside each block, recompute the
 #               elementwise work (bias, noise, activation, FIR resampling)
 REMAT_POLICIES = {
