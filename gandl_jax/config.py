@@ -20,6 +20,10 @@ from ml_collections import config_dict
 
 from gandl_jax import sharding
 
+# `config.remat`: which G/D block activations gradients keep (the policies
+# are in gandl_jax/model/networks.py, `REMAT_POLICIES`).
+REMAT_OPTIONS = ("none", "blocks", "blocks_dots")
+
 
 def check_resolution(resolution: int) -> int:
   """Returns log2(resolution); raises unless it is a power of two in [8, 1024]."""
@@ -170,6 +174,9 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = model_config()
   config.compute_dtype = "float32"     # or bfloat16 (params stay float32)
+  # Rematerialization of G/D blocks in gradients (networks.REMAT_OPTIONS):
+  # "none", "blocks" or "blocks_dots"; memory for compute, same numbers.
+  config.remat = "none"
   config.seed = 0
 
   config.data = data_config()
@@ -247,6 +254,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   if config.compute_dtype not in ("float32", "bfloat16"):
     errors.append(f"config.compute_dtype must be 'float32' or 'bfloat16', got "
                   f"{config.compute_dtype!r}")
+  if config.remat not in REMAT_OPTIONS:
+    errors.append(f"config.remat must be one of {list(REMAT_OPTIONS)}, got "
+                  f"{config.remat!r}")
   b = int(config.batch_size)
   try:
     sharding.check_batch(
@@ -317,6 +327,9 @@ SHAPE_KEYS = ("model.resolution", "model.img_channels", "model.z_dim",
               "model.w_dim", "model.mapping_layers", "model.channel_base",
               "model.channel_max", "model.mbstd_num_channels",
               "model.bottleneck_dim")
+# Keys that change neither parameters nor values, only memory and speed: a
+# resume may change them freely (the change is logged).
+FREE_KEYS = ("remat",)
 
 
 def flatten(cfg: Any, prefix: str = "") -> Dict[str, Any]:
@@ -372,7 +385,8 @@ def check_resume(stored: Any, new: Any, allow: Sequence[str] = (),
   diff = config_diff(stored, new)
   allowed = lambda k: any(k == a or k.startswith(a + ".") for a in allow)
   shape = [d for d in diff if d[0] in SHAPE_KEYS]
-  refused = [d for d in diff if d[0] not in SHAPE_KEYS and not allowed(d[0])]
+  refused = [d for d in diff if d[0] not in SHAPE_KEYS + FREE_KEYS
+             and not allowed(d[0])]
   if shape or refused:
     lines = [f"  {k}: {old!r} -> {cur!r}" for k, old, cur in diff]
     msg = [f"the config differs from the one {where} was saved with:"] + lines

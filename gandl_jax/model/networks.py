@@ -27,6 +27,41 @@ Dtype = Any
 NOISE_MODES = ("random", "const", "none")
 check_resolution = config_lib.check_resolution
 
+# Rematerialization (`config.remat`): which activations of each G synthesis
+# block and D block the backward pass keeps; the rest it recomputes from the
+# block's inputs (`jax.checkpoint`). Values and gradients are unchanged; only
+# memory and compute move.
+#   none        keep everything (no jax.checkpoint)
+#   blocks      keep only each block's inputs; about one more forward pass
+#               of the blocks per gradient (compiled for TPU v3 at 512x512
+#               it saved under 1%: the peak is inside the top block;
+#               docs/performance.md, "Rematerialization")
+#   blocks_dots keep the convolution outputs inside each block, recompute the
+#               elementwise work (bias, noise, activation, FIR resampling)
+REMAT_POLICIES = {
+    "blocks": jax.checkpoint_policies.nothing_saveable,
+    "blocks_dots": jax.checkpoint_policies.dots_saveable,
+}
+REMAT_OPTIONS = config_lib.REMAT_OPTIONS
+assert REMAT_OPTIONS == ("none",) + tuple(REMAT_POLICIES)
+
+
+def check_remat(remat: str) -> str:
+  """Raises ValueError unless `remat` is one of `REMAT_OPTIONS`."""
+  if remat not in REMAT_OPTIONS:
+    raise ValueError(f"remat must be one of {list(REMAT_OPTIONS)}, got "
+                     f"{remat!r}")
+  return remat
+
+
+def _rematted(block_cls, remat: str, static_argnums=()):
+  """`block_cls`, or its `nn.checkpoint` version under `remat`'s policy (same
+  parameter names; `static_argnums` counts `self` as 0)."""
+  if check_remat(remat) == "none":
+    return block_cls
+  return nn.checkpoint(block_cls, policy=REMAT_POLICIES[remat],
+                       static_argnums=static_argnums)
+
 
 def num_ws(resolution: int) -> int:
   """Number of w inputs of the synthesis network: 2 * log2(R) - 2."""
@@ -207,6 +242,7 @@ class SynthesisNetwork(nn.Module):
   channel_max: int
   conv_clamp: Optional[float] = None
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @property
   def num_ws(self) -> int:
@@ -221,8 +257,10 @@ class SynthesisNetwork(nn.Module):
     ch = lambda r: channels_at(r, self.channel_base, self.channel_max)
     x = img = None
     w_idx = 0
+    # __call__(self, x, img, ws, noise_mode): noise_mode is a string.
+    block_cls = _rematted(SynthesisBlock, self.remat, static_argnums=(4,))
     for res in block_resolutions(self.resolution):
-      block = SynthesisBlock(
+      block = block_cls(
           in_channels=ch(res // 2) if res > 4 else 0, out_channels=ch(res),
           resolution=res, img_channels=self.img_channels,
           conv_clamp=self.conv_clamp, dtype=self.dtype, name=f"b{res}")
@@ -248,6 +286,7 @@ class Generator(nn.Module):
   channel_max: int
   conv_clamp: Optional[float] = None
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   def setup(self):
     self.mapping = MappingNetwork(
@@ -258,7 +297,7 @@ class Generator(nn.Module):
         w_dim=self.w_dim, resolution=self.resolution,
         img_channels=self.img_channels, channel_base=self.channel_base,
         channel_max=self.channel_max, conv_clamp=self.conv_clamp,
-        dtype=self.dtype)
+        dtype=self.dtype, remat=self.remat)
 
   @property
   def num_ws(self) -> int:
@@ -355,6 +394,7 @@ class Discriminator(nn.Module):
   mbstd_num_channels: int
   conv_clamp: Optional[float] = None
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, img: Array, return_features: bool = False,
@@ -367,8 +407,9 @@ class Discriminator(nn.Module):
     features = {}
     x = None
     img = img.astype(self.dtype)
+    block_cls = _rematted(DiscriminatorBlock, self.remat)
     for res in reversed(block_resolutions(self.resolution)[1:]):
-      x = DiscriminatorBlock(
+      x = block_cls(
           in_channels=ch(res) if res < self.resolution else 0,
           tmp_channels=ch(res), out_channels=ch(res // 2),
           conv_clamp=self.conv_clamp, dtype=self.dtype, name=f"b{res}")(x, img)
@@ -396,14 +437,16 @@ def compute_dtype(name: str) -> Dtype:
   return _DTYPES[name]
 
 
-def build(model_config: Any, dtype: Union[str, Dtype] = jnp.float32
-          ) -> Tuple[Generator, Discriminator]:
+def build(model_config: Any, dtype: Union[str, Dtype] = jnp.float32,
+          remat: str = "none") -> Tuple[Generator, Discriminator]:
   """(G, D) for a model config (`configs/gandl_rxrx19a.py: model_config()`).
 
   `model_config` may be an ml_collections ConfigDict or a plain dict (e.g.
   from a checkpoint's metadata); keys it lacks take `config.model_config()`'s
-  defaults.
+  defaults. `remat` (`REMAT_OPTIONS`, training's `config.remat`) trades
+  compute for memory in gradients; it changes no parameter or value.
   """
+  check_remat(remat)
   cfg = config_lib.full_model_config(model_config)
   if isinstance(dtype, str):
     dtype = compute_dtype(dtype)
@@ -415,13 +458,13 @@ def build(model_config: Any, dtype: Union[str, Dtype] = jnp.float32
       mapping_lr_multiplier=cfg["mapping_lr_multiplier"],
       w_avg_beta=cfg["w_avg_beta"],
       channel_base=cfg["channel_base"], channel_max=cfg["channel_max"],
-      conv_clamp=clamp, dtype=dtype)
+      conv_clamp=clamp, dtype=dtype, remat=remat)
   D = Discriminator(
       resolution=cfg["resolution"], img_channels=cfg["img_channels"],
       channel_base=cfg["channel_base"], channel_max=cfg["channel_max"],
       mbstd_group_size=cfg["mbstd_group_size"],
       mbstd_num_channels=cfg["mbstd_num_channels"],
-      conv_clamp=clamp, dtype=dtype)
+      conv_clamp=clamp, dtype=dtype, remat=remat)
   return G, D
 
 

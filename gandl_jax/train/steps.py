@@ -129,7 +129,8 @@ class Trainer:
   def __init__(self, config, mesh: Mesh, mbstd_shards: int = None):
     self.config = config
     self.mesh = mesh
-    self.G, self.D = networks.build(config.model, config.compute_dtype)
+    self.G, self.D = networks.build(config.model, config.compute_dtype,
+                                    config.get("remat", "none"))
     self.batch = int(config.batch_size)
     self.mbstd_shards = int(mbstd_shards or config.mbstd_shards
                             or mesh.devices.size)
@@ -164,6 +165,18 @@ class Trainer:
 
   def init_state(self, seed: int) -> TrainState:
     """A fresh, replicated state (same values on any mesh)."""
+    return sharding.replicate(self._fresh_state(seed), self.mesh)
+
+  def abstract_state(self) -> TrainState:
+    """The state's shapes and dtypes with its shardings
+    (`jax.ShapeDtypeStruct`s), for lowering the phases without values, e.g.
+    ahead-of-time for devices this host does not have (tools/plan_tpu.py)."""
+    shapes = jax.eval_shape(self._fresh_state, 0)
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._repl),
+        shapes)
+
+  def _fresh_state(self, seed: int) -> TrainState:
     rng = jax.random.PRNGKey(seed)
     init_key, state_key = jax.random.split(rng)
     g_vars, d_vars = networks.init(init_key, self.G, self.D)
@@ -177,7 +190,7 @@ class Trainer:
         d_opt=self.d_tx.init(d_vars["params"]),
         pl_mean=jnp.zeros((), jnp.float32),
         rng=state_key)
-    return sharding.replicate(state, self.mesh)
+    return state
 
   def state_sharding(self, state: TrainState):
     return jax.tree_util.tree_map(lambda _: self._repl, state)
