@@ -42,6 +42,8 @@ PHASES = ("g_main", "g_reg", "d_main", "d_reg")
 def _load_module(path):
   spec = importlib.util.spec_from_file_location("layers_baseline", path)
   module = importlib.util.module_from_spec(spec)
+  # Registered first: dataclasses (Flax modules) look their module up there.
+  sys.modules[spec.name] = module
   spec.loader.exec_module(module)
   return module
 
