@@ -36,6 +36,18 @@ _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch if installed.")
 DN = ("NHWC", "HWIO", "NHWC")
 
 
+def _conv_im2col(x, w):
+  """Stride-1 VALID correlation as one matmul over the k*k shifted windows
+  (the im2col formulation, for comparison; slower on XLA:CPU)."""
+  n, h, wd, c_in = x.shape
+  kh, kw, _, c_out = w.shape
+  oh, ow = h - kh + 1, wd - kw + 1
+  cols = jnp.concatenate([x[:, i:i + oh, j:j + ow] for i in range(kh)
+                          for j in range(kw)], axis=-1)
+  return jnp.dot(cols.reshape(-1, kh * kw * c_in),
+                 w.reshape(kh * kw * c_in, c_out)).reshape(n, oh, ow, c_out)
+
+
 def _jax_cases(n, r, c_in, c_out):
   """{case: {formulation: (fn(x, w), x, w)}} at the given shapes."""
   key = jax.random.PRNGKey(0)
@@ -54,7 +66,10 @@ def _jax_cases(n, r, c_in, c_out):
           "strided, s2d grads": (functools.partial(
               layers._strided_conv_s2d_grads, stride=2), xp, w3),
       },
-      f"3x3 conv {n}x{r}x{r}x{c_in}->{c_out}": {"plain": (plain, x, w3)},
+      f"3x3 conv {n}x{r}x{r}x{c_in}->{c_out}": {
+          "plain": (plain, x, w3),
+          "im2col matmul": (lambda x, w: _conv_im2col(
+              jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), w), x, w3)},
   }
 
 
