@@ -55,6 +55,10 @@ def _jax_cases(n, r, c_in, c_out):
   xp = jax.random.normal(kx, (n, r + 1, r + 1, c_in))    # FIR-padded input
   x = jax.random.normal(kx, (n, r, r, c_in))
   w3 = jax.random.normal(kw, (3, 3, c_in, c_out)) / np.sqrt(9 * c_in)
+  # G's upsampling conv at this resolution: c_out -> c_in channels from
+  # r/2 to r, as the polyphase 2x2 convolution on the pre-padded input.
+  xu = jax.random.normal(kx, (n, r // 2 + 2, r // 2 + 2, c_out))
+  w2 = jax.random.normal(kw, (2, 2, c_out, 4 * c_in)) / np.sqrt(4 * c_out)
   plain = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
                                                 dimension_numbers=DN)
   return {
@@ -66,6 +70,11 @@ def _jax_cases(n, r, c_in, c_out):
           "strided, s2d grads": (functools.partial(
               layers._strided_conv_s2d_grads, stride=2), xp, w3),
       },
+      f"2x2 VALID conv (polyphase up) {n}x{r // 2 + 2}x{r // 2 + 2}x{c_out}"
+      f"->{4 * c_in}": {
+          "lax conv": (lambda x, w: lax.conv_general_dilated(
+              x, w, (1, 1), "VALID", dimension_numbers=DN), xu, w2),
+          "conv_valid": (layers.conv_valid, xu, w2)},
       f"3x3 conv {n}x{r}x{r}x{c_in}->{c_out}": {
           "plain": (plain, x, w3),
           "im2col matmul": (lambda x, w: _conv_im2col(
