@@ -18,6 +18,10 @@ import os
 import sys
 import time
 
+# As tools/sg2ada_reference.py: PyTorch's OpenMP threads otherwise spin-wait
+# and, on a loaded machine, stall (set before torch is imported).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,7 +112,14 @@ def _torch_cases(n, r, c_in, c_out):
   x = torch.randn(n, c_in, r, r)
   w3 = torch.randn(c_out, c_in, 3, 3) / np.sqrt(9 * c_in)
   conv = torch.nn.functional.conv2d
+  # The reference's upsampling conv: conv_transpose2d, stride 2, 3x3,
+  # c_out -> c_in channels at r/2 (the op our polyphase 2x2 conv replaces).
+  xu = torch.randn(n, c_out, r // 2, r // 2)
+  wt = torch.randn(c_out, c_in, 3, 3) / np.sqrt(9 * c_out)
   cases = {
+      f"2x2 VALID conv (polyphase up) {n}x{r // 2 + 2}x{r // 2 + 2}x{c_out}"
+      f"->{4 * c_in}": (lambda x, w: torch.nn.functional.conv_transpose2d(
+          x, w, stride=2), xu, wt),
       f"3x3 stride-2 conv {n}x{r + 1}x{r + 1}x{c_in}->{c_out}":
           (lambda x, w: conv(x, w, stride=2), xp, w3),
       f"3x3 conv {n}x{r}x{r}x{c_in}->{c_out}":
@@ -130,7 +141,8 @@ def _torch_cases(n, r, c_in, c_out):
       c = c.clone().requires_grad_()
       (gx,) = torch.autograd.grad((fn(x, w) * c).sum(), [x],
                                   create_graph=True)
-      return torch.autograd.grad(gx.square().sum(), [x, w, c])
+      return torch.autograd.grad(gx.square().sum(), [x, w, c],
+                                 allow_unused=True)
     out[name] = {"forward": forward, "fwd+vjp": vjp, "2nd order": second}
   return out, torch
 
