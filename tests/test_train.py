@@ -127,6 +127,9 @@ def test_sigterm_saves_and_kill9_mid_save_leaves_restorable_workdir(
 
   cache = tmp_path / "xla_cache"
   cache_flag = f"--compilation_cache_dir={cache}"
+  # conftest.py's suite-wide cache (JAX_COMPILATION_CACHE_DIR) would take
+  # precedence over the flag.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
 
   # 1. SIGTERM: a final checkpoint at the current step, exit status 143.
   proc = subprocess.Popen(_train_cmd(cfg_file, workdir, cache_flag), env=env,
