@@ -238,13 +238,14 @@ def conv2d_resample(x: Array, w: Array, f: Optional[np.ndarray] = None,
     p1 = padding + (fw - down) // 2
     if kw == 1:
       return conv(upfirdn2d(x, f, down=down, pad=(p0, p1)), w)
-    # Strided conv: XLA:CPU runs the gradients of a strided convolution
-    # (input dilation for the input gradient, window dilation for the weight
-    # gradient of R1's gradient-of-gradient) far outside its fast path; on
-    # CPU it is space-to-depth and a stride-1 convolution instead, whose
-    # gradients are stride-1 convolutions again. Accelerators keep the
-    # strided conv (the space-to-depth kernel has (ceil(k/s) * s / k)^2 =
-    # 16/9 the MACs).
+    # Strided conv. XLA:CPU runs the derivative of its input gradient (an
+    # input-dilated conv) with respect to the weights, which R1 takes, as a
+    # window-dilated conv far outside its fast path; on CPU the input
+    # gradient therefore comes from the space-to-depth form (stride-1
+    # convolutions on pre-padded inputs), while the forward pass and weight
+    # gradient stay strided (the space-to-depth kernel has
+    # (ceil(k/s) * s / k)^2 = 16/9 the MACs). Accelerators keep the plain
+    # strided conv.
     return lax.platform_dependent(
         upfirdn2d(x, f, pad=(p0, p1)), w,
         cpu=functools.partial(_strided_conv_s2d_grads, stride=down),
