@@ -1,8 +1,10 @@
-"""The slice-based FIR resampling and the polyphase transposed convolution
-(gandl_jax/layers.py) against the formulation they replaced: depthwise
-`conv_general_dilated` for upfirdn2d and input dilation for the transposed
-conv, written out here as the reference. Values and gradients (first and
-second order, as R1 and the path-length penalty need) on random inputs."""
+"""The slice-based FIR resampling, the polyphase transposed convolution and
+the space-to-depth strided convolution (gandl_jax/model/layers.py) against
+the formulations they replaced: depthwise `conv_general_dilated` for
+upfirdn2d, input dilation for the transposed conv and a strided
+`conv_general_dilated`, written out here as the reference. Values and
+gradients (first and second order, as R1 and the path-length penalty need)
+on random inputs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +119,33 @@ def test_polyphase_transposed_conv_equals_input_dilation(k, up):
   new = lambda x, w: layers._transposed_conv_polyphase(x, w, up)
   _check_value_and_vjp(new, lambda x, w: ref_transposed_conv(x, w, up),
                        (x, w), atol=1e-4)
+
+
+def ref_strided_conv(x, w, stride):
+  """The strided VALID convolution space-to-depth replaces on CPU."""
+  return lax.conv_general_dilated(x, w, (stride, stride), "VALID",
+                                  dimension_numbers=DN,
+                                  precision=lax.Precision.HIGHEST)
+
+
+# (k, stride, input size): D's conv1 (3x3, stride 2 on the FIR-padded odd
+# size), an even size that needs a crop, 1x1 and 4x4 kernels, stride 3.
+@pytest.mark.parametrize("k,stride,size", [(3, 2, 9), (3, 2, 8), (1, 2, 8),
+                                           (4, 2, 9), (3, 3, 10)])
+def test_space_to_depth_conv_equals_strided_conv(k, stride, size):
+  x, w = _rand(10, (2, size, size, 3)), _rand(11, (k, k, 3, 4))
+  new = lambda x, w: layers._strided_conv_space_to_depth(x, w, stride)
+  ref = lambda x, w: ref_strided_conv(x, w, stride)
+  _check_value_and_vjp(new, ref, (x, w), atol=1e-4)
+
+  # Second order (R1's structure): d/dw of ||d<out, c>/dx||^2.
+  c = _rand(12, jax.eval_shape(ref, x, w).shape)
+  def penalty(fn):
+    gx = lambda w: jax.grad(lambda x: jnp.sum(fn(x, w) * c))(x)
+    return lambda w: jnp.sum(jnp.square(gx(w)))
+  np.testing.assert_allclose(jax.jit(jax.grad(penalty(new)))(w),
+                             jax.jit(jax.grad(penalty(ref)))(w), rtol=1e-4,
+                             atol=1e-3)
 
 
 @pytest.mark.parametrize("k,up,down", [(3, 2, 1), (3, 1, 2), (1, 1, 2)])

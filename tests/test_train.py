@@ -125,9 +125,16 @@ def test_sigterm_saves_and_kill9_mid_save_leaves_restorable_workdir(
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
   metrics = workdir / "metrics.jsonl"
 
+  cache = tmp_path / "xla_cache"
+  cache_flag = f"--compilation_cache_dir={cache}"
+  # conftest.py's suite-wide cache (JAX_COMPILATION_CACHE_DIR) would take
+  # precedence over the flag.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+
   # 1. SIGTERM: a final checkpoint at the current step, exit status 143.
-  proc = subprocess.Popen(_train_cmd(cfg_file, workdir), env=env, cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(_train_cmd(cfg_file, workdir, cache_flag), env=env,
+                          cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
   try:
     assert _wait_for(lambda: metrics.exists() and len(
         metrics.read_text().splitlines()) >= 2, 300, proc), proc.stdout.read()
@@ -139,10 +146,14 @@ def test_sigterm_saves_and_kill9_mid_save_leaves_restorable_workdir(
   steps = checkpoint.list_steps(str(workdir))
   assert len(steps) == 1 and steps[0] >= 2, (steps, out)
   sigterm_step = steps[0]
+  # The compiled phases went to the persistent compilation cache, which the
+  # next run of the same configuration reads.
+  assert "compiled the training phases in" in out, out
+  assert len(list(cache.iterdir())) >= 4, list(cache.iterdir())
 
   # 2. kill -9 while asynchronous saves are being written (one per step).
   cfg_every_step = str(cfg_file) + ":0.008"
-  proc = subprocess.Popen(_train_cmd(cfg_every_step, workdir,
+  proc = subprocess.Popen(_train_cmd(cfg_every_step, workdir, cache_flag,
                                      "--allow_config_change="
                                      "checkpoint_every_kimg"), env=env,
                           cwd=REPO, stdout=subprocess.PIPE,
@@ -394,3 +405,21 @@ def test_paper_configs_clamp_at_256_like_the_reference():
   demo_cfg = _config_module("demo").get_config()
   assert demo_cfg.compute_dtype == "float32"
   assert demo_cfg.model.conv_clamp is None
+
+
+def test_compilation_cache_setting():
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert train_loop.use_compilation_cache("") is None
+    assert train_loop.use_compilation_cache(None) is None
+    assert not jax.config.jax_compilation_cache_dir
+    assert train_loop.use_compilation_cache("~/x") == os.path.expanduser("~/x")
+    assert jax.config.jax_compilation_cache_dir == os.path.expanduser("~/x")
+    # A directory already chosen (JAX_COMPILATION_CACHE_DIR) is kept.
+    assert train_loop.use_compilation_cache("/elsewhere") == (
+        os.path.expanduser("~/x"))
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+  assert train_loop.DEFAULT_COMPILATION_CACHE_DIR.endswith(
+      os.path.join("gandl_jax", "jax"))

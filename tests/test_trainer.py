@@ -133,7 +133,7 @@ def test_path_lengths_match_explicit_jacobian(one_device):
   np.testing.assert_allclose(pen, (lengths - m) ** 2, rtol=1e-5)
 
 
-def _run_all_phases(num_devices):
+def _run_all_phases(num_devices, precompile=False):
   # A large Adam eps makes updates proportional to gradients, so float
   # reduction-order differences are not amplified into sign flips.
   config = tiny_config(**{"optim.eps": 1.0, "mbstd_shards": 8})
@@ -142,13 +142,20 @@ def _run_all_phases(num_devices):
   state = tr.init_state(0)
   real = sharding.host_to_global(real_batch(16), tr.mesh)
   assert tr.phases_for_step(0) == ("g_main", "g_reg", "d_main", "d_reg")
+  if precompile:
+    ready = tr.precompile(state, real)
+    assert sorted(ready) == ["d_main", "d_reg", "g_main", "g_reg"]
   state, metrics = tr.train_step(state, real, 0, 0)
+  if precompile:   # train_step ran the concurrently compiled executables
+    assert all(fn._cache_size() == 0 for fn in tr._compiled.values())
   return jax.device_get(state), jax.device_get(metrics)
 
 
 def test_one_iteration_identical_on_1_and_8_devices():
+  # The 8-device run also checks Trainer.precompile (as gandl-train runs):
+  # its executables give the jitted phases' results.
   s1, m1 = _run_all_phases(1)
-  s8, m8 = _run_all_phases(8)
+  s8, m8 = _run_all_phases(8, precompile=True)
   assert set(m1) == set(m8) and {"G/loss", "G/pl_penalty", "D/loss",
                                  "D/r1_penalty"} <= set(m1)
   for k in m1:

@@ -22,6 +22,7 @@ hits both sides alike:
 Prints one human-readable summary and one JSON line (for tables).
 """
 import json
+import os
 import sys
 import time
 
@@ -33,7 +34,7 @@ from ml_collections import config_flags
 
 from gandl_jax import config as config_lib
 from gandl_jax import sharding
-from gandl_jax.train import monitor
+from gandl_jax.train import loop, monitor
 from gandl_jax.train.steps import Trainer
 
 import sg2ada_reference  # tools/, next to this script
@@ -49,12 +50,18 @@ _REFERENCE = flags.DEFINE_string(
     "the same configuration, in alternating rounds.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Timed rounds per side with "
                                "--reference (each of --iterations).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", None, "Use JAX's persistent compilation cache "
+    "here (as gandl-train does by default); off by default, so that "
+    "compile_sec is a cold compilation. Run twice with the same directory "
+    "for the first- and second-run compile times.")
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
+  cache_dir = loop.use_compilation_cache(_CACHE.value)
   mesh = sharding.make_mesh()
   n_dev = mesh.devices.size
   config_lib.validate(config, n_dev, jax.process_count())
@@ -66,7 +73,8 @@ def main(argv):
                          -1, 1), sharding.data_sharded(mesh))
 
   t0 = time.time()
-  state, _ = tr.train_step(state, real, 0, 0)          # compiles every phase
+  tr.precompile(state, real)       # all phases, concurrently, as gandl-train
+  state, _ = tr.train_step(state, real, 0, 0)
   jax.block_until_ready(state)
   compile_s = time.time() - t0
   step = 1
@@ -115,7 +123,8 @@ def main(argv):
       "img_per_sec": img_s, "sec_per_kimg": 1000.0 / img_s,
       "tflops_per_device": (flops * (img_s / b) / n_dev / 1e12
                             if flops else None),
-      "compile_sec": compile_s, "iterations": _ITERS.value,
+      "compile_sec": compile_s, "compilation_cache": cache_dir,
+      "load_average": os.getloadavg(), "iterations": _ITERS.value,
   }
   if ref:
     ref_img_s = _ITERS.value * b * len(ref_s) / sum(ref_s)

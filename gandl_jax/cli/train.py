@@ -28,13 +28,19 @@ _ALLOW = flags.DEFINE_list(
     "that change parameter shapes (model.resolution, model.channel_base, ...) "
     "can never change; batch_size keeps the images seen and the data "
     "position.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", train_loop.DEFAULT_COMPILATION_CACHE_DIR,
+    "JAX's persistent compilation cache: a second run of the same "
+    "configuration loads its compiled phases from here instead of compiling "
+    "them again. Empty (--compilation_cache_dir=) turns it off.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def train_command() -> int:
   summary = train_loop.train(_CONFIG.value, _WORKDIR.value,
                              max_steps=_MAX_STEPS.value,
-                             allow_config_change=_ALLOW.value)
+                             allow_config_change=_ALLOW.value,
+                             compilation_cache_dir=_CACHE.value)
   print(f"Training {summary['reason']} at step {summary['step']} "
         f"({summary['kimg']:.3f} kimg); workdir {summary['workdir']}")
   if summary["reason"] == "preempted":

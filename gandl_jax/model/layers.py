@@ -238,7 +238,18 @@ def conv2d_resample(x: Array, w: Array, f: Optional[np.ndarray] = None,
     p1 = padding + (fw - down) // 2
     if kw == 1:
       return conv(upfirdn2d(x, f, down=down, pad=(p0, p1)), w)
-    return conv(upfirdn2d(x, f, pad=(p0, p1)), w, stride=down)
+    # Strided conv. XLA:CPU runs the derivative of its input gradient (an
+    # input-dilated conv) with respect to the weights, which R1 takes, as a
+    # window-dilated conv far outside its fast path; on CPU the input
+    # gradient therefore comes from the space-to-depth form (stride-1
+    # convolutions on pre-padded inputs), while the forward pass and weight
+    # gradient stay strided (the space-to-depth kernel has
+    # (ceil(k/s) * s / k)^2 = 16/9 the MACs). Accelerators keep the plain
+    # strided conv.
+    return lax.platform_dependent(
+        upfirdn2d(x, f, pad=(p0, p1)), w,
+        cpu=functools.partial(_strided_conv_s2d_grads, stride=down),
+        default=functools.partial(_strided_conv, stride=down))
   # Upsampling: transposed strided conv, then filter. XLA:CPU runs the
   # input-dilated form 5-10x slower than the polyphase one (and its weight
   # gradient far slower still); accelerators run input dilation natively, and
@@ -249,6 +260,96 @@ def conv2d_resample(x: Array, w: Array, f: Optional[np.ndarray] = None,
       x, w, cpu=functools.partial(_transposed_conv_polyphase, up=up),
       default=functools.partial(_transposed_conv_dilated, up=up))
   return upfirdn2d(y, f, pad=(p0, p1), gain=up * up)
+
+
+@jax.custom_vjp
+def conv_valid(x: Array, w: Array) -> Array:
+  """Stride-1 VALID cross-correlation (NHWC, HWIO) whose input gradient is a
+  VALID convolution of the explicitly zero-padded output gradient.
+
+  Same values and gradients as `lax.conv_general_dilated(x, w, (1, 1),
+  'VALID')`. The difference is in the derivatives of the gradient that R1
+  and the path-length penalty take: autodiff's input gradient is a
+  convolution whose padding makes its output larger than its input, and
+  XLA:CPU runs the weight gradient of such a convolution 10-30x slower than
+  the same convolution on a pre-padded input (docs/performance.md).
+  """
+  return lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                  dimension_numbers=_DN)
+
+
+def _conv_valid_fwd(x, w):
+  return conv_valid(x, w), (x, w)
+
+
+def _conv_valid_bwd(res, dy):
+  x, w = res
+  kh, kw = w.shape[0], w.shape[1]
+  dy_pad = lax.pad(dy, jnp.zeros((), dy.dtype),
+                   [(0, 0, 0), (kh - 1, kh - 1, 0), (kw - 1, kw - 1, 0),
+                    (0, 0, 0)])
+  # Full correlation with the flipped kernel, input and output swapped.
+  dx = lax.conv_general_dilated(dy_pad, jnp.swapaxes(w[::-1, ::-1], 2, 3),
+                                (1, 1), "VALID", dimension_numbers=_DN)
+  _, pull_w = jax.vjp(
+      lambda w: lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                         dimension_numbers=_DN), w)
+  (dw,) = pull_w(dy)
+  return dx.astype(x.dtype), dw
+
+
+conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
+
+
+def _strided_conv(x: Array, w: Array, stride: int) -> Array:
+  """VALID cross-correlation of NHWC `x` with HWIO `w`, stride `stride`."""
+  return lax.conv_general_dilated(x, w, window_strides=(stride, stride),
+                                  padding="VALID", dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _strided_conv_s2d_grads(x: Array, w: Array, stride: int) -> Array:
+  """`_strided_conv` whose input gradient is that of
+  `_strided_conv_space_to_depth` (same values)."""
+  return _strided_conv(x, w, stride)
+
+
+def _strided_conv_s2d_grads_fwd(x, w, stride):
+  return _strided_conv(x, w, stride), (x, w)
+
+
+def _strided_conv_s2d_grads_bwd(stride, res, dy):
+  x, w = res
+  _, pull_x = jax.vjp(lambda x: _strided_conv_space_to_depth(x, w, stride), x)
+  _, pull_w = jax.vjp(lambda w: _strided_conv(x, w, stride), w)
+  return pull_x(dy)[0], pull_w(dy)[0]
+
+
+_strided_conv_s2d_grads.defvjp(_strided_conv_s2d_grads_fwd,
+                               _strided_conv_s2d_grads_bwd)
+
+
+def _strided_conv_space_to_depth(x: Array, w: Array, stride: int) -> Array:
+  """`_strided_conv` as space-to-depth and one stride-1 VALID convolution.
+
+  With T = ceil(k / s): out[q] = sum_{t < T, r < s} w[s*t + r] x[s*(q+t) + r],
+  i.e. the input's s x s blocks become channels (index (r_h, r_w, c)) and the
+  kernel, zero-padded to T*s taps, is regrouped the same way into a T x T
+  kernel over s*s*C_in channels. Padded input samples only meet zero taps.
+  """
+  n, h, wd, c_in = x.shape
+  k, c_out = w.shape[0], w.shape[3]
+  s, t = stride, -(-k // stride)
+  oh, ow = (h - k) // s + 1, (wd - k) // s + 1
+  hp, wp = (oh + t - 1) * s, (ow + t - 1) * s
+  x = lax.pad(x, jnp.zeros((), x.dtype),
+              [(0, 0, 0), (0, hp - h, 0), (0, wp - wd, 0), (0, 0, 0)])
+  x = x.reshape(n, hp // s, s, wp // s, s, c_in).transpose(0, 1, 3, 2, 4, 5)
+  x = x.reshape(n, hp // s, wp // s, s * s * c_in)
+  kern = jnp.pad(w, ((0, t * s - k), (0, t * s - k), (0, 0), (0, 0)))
+  kern = kern.reshape(t, s, t, s, c_in, c_out).transpose(0, 2, 1, 3, 4, 5)
+  kern = kern.reshape(t, t, s * s * c_in, c_out)
+  return conv_valid(x, kern)
 
 
 def _transposed_conv_dilated(x: Array, w: Array, up: int) -> Array:
@@ -282,8 +383,7 @@ def _transposed_conv_polyphase(x: Array, w: Array, up: int) -> Array:
   kern = jnp.transpose(kern, (0, 2, 4, 1, 3, 5)).reshape(
       t, t, c_in, up * up * c_out)
   xp = jnp.pad(x, ((0, 0), (t - 1, t - 1), (t - 1, t - 1), (0, 0)))
-  y = lax.conv_general_dilated(xp, kern, window_strides=(1, 1),
-                               padding="VALID", dimension_numbers=_DN)
+  y = conv_valid(xp, kern)
   qh, qw = h + t - 1, wd + t - 1
   y = y.reshape(n, qh, qw, up, up, c_out).transpose(0, 1, 3, 2, 4, 5)
   y = y.reshape(n, qh * up, qw * up, c_out)

@@ -29,6 +29,7 @@ iteration with nimg >= total_kimg * 1000, as in stylegan2-ada-pytorch.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any, Dict, Optional, Sequence
 
@@ -49,6 +50,28 @@ from gandl_jax.train import convae as convae_lib
 from gandl_jax.train import monitor
 from gandl_jax.train import probe as probe_lib
 from gandl_jax.train.steps import Trainer
+
+
+# JAX's persistent compilation cache (gandl-train --compilation_cache_dir):
+# a second run of the same configuration on the same machine loads the
+# compiled phases instead of compiling them again.
+DEFAULT_COMPILATION_CACHE_DIR = os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+    "gandl_jax", "jax")
+
+
+def use_compilation_cache(cache_dir: Optional[str]) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in `cache_dir` and returns
+  the directory in use; '' or None leaves it off (returns None). A directory
+  already set (JAX_COMPILATION_CACHE_DIR, jax.config) is kept."""
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  if not cache_dir:
+    return None
+  cache_dir = os.path.expanduser(cache_dir)
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  return cache_dir
 
 
 # On several hosts, the SIGTERM flags are all-reduced every this many
@@ -213,15 +236,21 @@ def _parts(config, workdir: str, mesh: Mesh, every_kimg_steps, info):
 def train(config: ml_collections.ConfigDict, workdir: str,
           mesh: Optional[Mesh] = None,
           max_steps: Optional[int] = None,
-          allow_config_change: Sequence[str] = ()) -> Dict[str, Any]:
+          allow_config_change: Sequence[str] = (),
+          compilation_cache_dir: Optional[str] = None) -> Dict[str, Any]:
   """Trains until `config.total_kimg` (or `max_steps` more iterations).
 
   `allow_config_change`: config keys (or sections, e.g. 'optim') allowed to
   differ from the resumed checkpoint's config (see the module docstring).
+  `compilation_cache_dir`: JAX's persistent compilation cache (None: off;
+  gandl-train defaults to `DEFAULT_COMPILATION_CACHE_DIR`).
   Returns a summary dict (final step, kimg, last metrics, stop reason:
   'finished' or 'preempted').
   """
   sharding.maybe_initialize_distributed()
+  cache = use_compilation_cache(compilation_cache_dir)
+  if cache:
+    monitor.log_info(f"JAX compilation cache: {cache}")
   mesh = mesh or sharding.make_mesh()
   config_lib.validate(config, mesh.devices.size, jax.process_count())
   if not config.data.path:
@@ -301,6 +330,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   try:
     while step < end_step:
       real = next(data)["image"]
+      if not trainer.precompiled:
+        ready = trainer.precompile(state, real)
+        monitor.log_info("compiled the training phases in "
+                         f"{max(ready.values()):.1f} s (" + ", ".join(
+                             f"{k} {v:.1f} s" for k, v in ready.items()) + ")")
       state, metrics = trainer.train_step(state, real, step, nimg)
       history.append((step, metrics))
       step, nimg, data_position = step + 1, nimg + batch, data_position + 1
