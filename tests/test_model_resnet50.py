@@ -184,6 +184,11 @@ def test_perceptual_loss_values(files, backbone):
   want = np.mean([np.mean((kx[l].astype(np.float64) - ky[l]) ** 2)
                   for l in resnet50.PERCEPTUAL_LAYERS])
   np.testing.assert_allclose(got, want, rtol=1e-4)
+  # In bfloat16 (the TPU configs' compute dtype): close, still a float32.
+  low = jax.jit(lambda p, a, b: resnet50.perceptual_loss(
+      p, a, b, dtype=jnp.bfloat16))(backbone.params, x, y)
+  assert low.dtype == jnp.float32
+  np.testing.assert_allclose(float(low), got, rtol=0.05)
   with pytest.raises(ValueError, match="at least 32x32"):
     resnet50.perceptual_loss(backbone.params, x[:, :16, :16], y[:, :16, :16])
   with pytest.raises(ValueError, match="shapes differ"):

@@ -35,7 +35,7 @@ features, not a perceptual loss; `Backbone.is_random` says which.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -166,27 +166,31 @@ def check_size(height: int, width: int) -> None:
 
 
 def perceptual_features(params: Params, images,
-                        layers: Sequence[str] = PERCEPTUAL_LAYERS
-                        ) -> Dict[str, jax.Array]:
+                        layers: Sequence[str] = PERCEPTUAL_LAYERS,
+                        dtype: Optional[Any] = None) -> Dict[str, jax.Array]:
   """(N, H, W, C) pixels in [-1, 1] -> {layer: (N * C, h, w, d)}: every
-  channel through ResNet-50 as a grey ImageNet image."""
+  channel through ResNet-50 as a grey ImageNet image, computed in `dtype`
+  (default: float32, or float64 for float64 images)."""
   check_size(images.shape[1], images.shape[2])
-  return stages(params, channel_inputs(images), layers)
+  x = channel_inputs(images)
+  return stages(params, x if dtype is None else x.astype(dtype), layers)
 
 
 def perceptual_loss(params: Params, x, y,
-                    layers: Sequence[str] = PERCEPTUAL_LAYERS):
+                    layers: Sequence[str] = PERCEPTUAL_LAYERS,
+                    dtype: Optional[Any] = None):
   """Feature reconstruction loss (Johnson et al. 2016, eq. 2) between two
   batches of (N, H, W, C) images in [-1, 1]: the mean over `layers` of the
   mean squared difference of their activations (over images, channels,
-  positions and features). A float32 scalar; pure, so it jits and
-  differentiates (in x and y)."""
+  positions and features). The network runs in `dtype` (e.g. bfloat16 on a
+  TPU; default float32), the differences and the mean in float32 (at
+  least). A scalar; pure, so it jits and differentiates (in x and y)."""
   if x.shape != y.shape:
     raise ValueError(f"perceptual_loss: shapes differ, {x.shape} vs {y.shape}")
   # Two calls, not one on [x; y]: the gradient in x then runs backward
   # through x's passes only (XLA's count: 1.5x the loss' FLOPs, not 2x).
-  fx = perceptual_features(params, x, layers)
-  fy = perceptual_features(params, y, layers)
+  fx = perceptual_features(params, x, layers, dtype)
+  fy = perceptual_features(params, y, layers, dtype)
   per_layer = []
   for layer in layers:
     dtype = jnp.promote_types(fx[layer].dtype, jnp.float32)
