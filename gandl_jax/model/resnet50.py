@@ -193,7 +193,7 @@ def perceptual_loss(params: Params, x, y,
   fy = perceptual_features(params, y, layers, dtype)
   per_layer = []
   for layer in layers:
-    dtype = jnp.promote_types(fx[layer].dtype, jnp.float32)
-    per_layer.append(jnp.mean(jnp.square(fx[layer].astype(dtype) -
-                                         fy[layer].astype(dtype))))
+    acc = jnp.promote_types(fx[layer].dtype, jnp.float32)
+    per_layer.append(jnp.mean(jnp.square(fx[layer].astype(acc) -
+                                         fy[layer].astype(acc))))
   return jnp.mean(jnp.stack(per_layer))
