@@ -25,8 +25,9 @@ demo shards in minutes on a CPU:
 
 Add `,runlocal` for a few CPU steps of the full-size model (debugging).
 Loss: pixel L2; `--config.loss.perceptual_weight` > 0 with
-`--config.loss.perceptual_weights` adds the perceptual term
-(gandl_jax/model/convae.py `perceptual_loss`; not available yet).
+`--config.loss.perceptual_weights` (imagenet, a Keras weights file, or random
+for tests) adds the ImageNet ResNet-50 perceptual term
+(gandl_jax/model/convae.py `perceptual_loss`, model/resnet50.py).
 """
 import ml_collections
 

@@ -143,7 +143,8 @@ def convae_base_config() -> ml_collections.ConfigDict:
       lr=0.002, beta1=0.9, beta2=0.99, eps=1e-8))
   config.loss = ml_collections.ConfigDict(dict(
       perceptual_weight=0.0,           # 0: pixel L2 only
-      perceptual_weights="none",       # model/convae.py `perceptual_loss`
+      perceptual_weights="none",       # imagenet / file / random / none:
+                                       # model/convae.py `perceptual_loss`
   ))
   return config
 

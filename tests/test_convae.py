@@ -271,11 +271,11 @@ def test_cli_export_and_errors(shards, reference, tmp_path, capsys):
 
 def test_config_errors(shards, tmp_path):
   mesh = _mesh()
-  # The perceptual term is refused (clearly) until a network exists.
+  # The perceptual term needs ResNet-50's 32x32 (more in
+  # tests/test_convae_perceptual.py); refused before anything is written.
   config = tiny.tiny_convae_config(shards, **{
-      "loss.perceptual_weight": 0.1, "loss.perceptual_weights": "imagenet"})
-  with pytest.raises(ValueError, match="perceptual_weights='imagenet': no "
-                     "perceptual network"):
+      "loss.perceptual_weight": 0.1, "loss.perceptual_weights": "random"})
+  with pytest.raises(ValueError, match="at least 32x32"):
     train_loop.train(config, str(tmp_path / "p"), mesh=mesh)
   assert not os.path.exists(tmp_path / "p" / "checkpoints")
   config = tiny.tiny_convae_config(shards, **{"loss.perceptual_weight": 0.1})

@@ -8,7 +8,8 @@ by layer name; the tests check the features against Keras' own
 runs data-parallel on the same TPUs/GPUs as `gandl-export`, and on a CPU it is
 about as fast as Keras (docs/baselines.md, `tools/bench_baselines.py`).
 
-Weights (`load_backbone`):
+Weights (`load_backbone`; the machinery is `gandl_jax.model.keras_weights`,
+shared with the ResNet-50 port):
 
 * `imagenet`: Keras' ImageNet weights (`densenet121_weights_tf_dim_ordering_
   tf_kernels_notop.h5`, 29 MB); Keras downloads them into ~/.keras/models on
@@ -33,11 +34,7 @@ for RxRx19a's five channels).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
-import tempfile
-import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -47,6 +44,7 @@ from absl import logging
 from jax import lax
 
 from gandl_jax import io as gio
+from gandl_jax.model import keras_weights
 
 BLOCKS: Tuple[int, ...] = (6, 12, 24, 16)   # DenseNet-121's dense blocks
 FEATURE_DIM = 1024                           # channels of the last block
@@ -56,10 +54,10 @@ MIN_SIZE = 32                                # smallest input Keras accepts
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-WEIGHTS_IMAGENET = "imagenet"
-WEIGHTS_RANDOM = "random"
-RANDOM_ALIASES = ("none", "random")
-WEIGHT_SUFFIXES = (".weights.h5", ".keras", ".h5", ".hdf5")
+WEIGHTS_IMAGENET = keras_weights.WEIGHTS_IMAGENET
+WEIGHTS_RANDOM = keras_weights.WEIGHTS_RANDOM
+RANDOM_ALIASES = keras_weights.RANDOM_ALIASES
+WEIGHT_SUFFIXES = keras_weights.WEIGHT_SUFFIXES
 IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/"
                 "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_"
                 "notop.h5")
@@ -74,7 +72,7 @@ DEFAULT_BATCH = 32
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
-Params = Dict[str, Dict[str, Any]]
+Params = keras_weights.Params
 
 
 # ---------------------------------------------------------------------------
@@ -172,112 +170,19 @@ def concat_features(params: Params, images, image_size: Optional[int] = None,
 # Weights.
 
 
-@dataclasses.dataclass(frozen=True)
-class Backbone:
-  """Converted DenseNet-121 weights and where they came from.
-
-  weights: `imagenet`, `random` or the weights file's path (as recorded in
-  exported files' `gandl.weights`); seed: the initialisation seed (random
-  weights only).
-  """
-  params: Params
-  weights: str
-  seed: Optional[int] = None
-
-  @property
-  def is_random(self) -> bool:
-    return self.weights == WEIGHTS_RANDOM
-
-  @property
-  def label(self) -> str:
-    if self.is_random:
-      return f"random initialisation (seed {self.seed}), not ImageNet"
-    if self.weights == WEIGHTS_IMAGENET:
-      return "ImageNet (Keras DenseNet121)"
-    return f"weights file {self.weights}"
-
-
-def _keras():
-  """Keras with TensorFlow kept off accelerators (JAX owns them)."""
-  from gandl_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  pipeline._tf()  # pylint: disable=protected-access
-  import keras  # pylint: disable=import-outside-toplevel
-  return keras
+ARCH = keras_weights.Architecture("DenseNet-121", "DenseNet121", IMAGENET_URL)
+# The weights machinery is shared with the ResNet-50 port
+# (gandl_jax/model/keras_weights.py); these names are its DenseNet-121 face.
+Backbone = keras_weights.Backbone
+params_from_keras = keras_weights.params_from_keras
+_keras = keras_weights.keras
 
 
 def keras_model(weights: Optional[str] = None, seed: int = 0,
                 include_top: bool = False):
   """`keras.applications.DenseNet121` without pooling (any input size >= 32);
   `weights`: None (random, seeded) or 'imagenet' (may download)."""
-  keras = _keras()
-  import random  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  # keras.utils.set_random_seed seeds the process-wide Python, NumPy and TF
-  # generators; a library must not leave them set (a global TF seed breaks
-  # tf.data pipelines whose op seeds are tensors), so they are restored.
-  py_state, np_state = random.getstate(), np.random.get_state()
-  keras.utils.set_random_seed(seed)
-  try:
-    if include_top:
-      return keras.applications.DenseNet121(include_top=True, weights=weights)
-    return keras.applications.DenseNet121(
-        include_top=False, weights=weights, input_shape=(None, None, 3))
-  finally:
-    tf.random.set_seed(None)
-    random.setstate(py_state)
-    np.random.set_state(np_state)
-
-
-@functools.lru_cache(maxsize=1)
-def _file_target():
-  """One Keras DenseNet-121 (no top) per process that weights files load
-  into (`_load_file_into` overwrites every variable or fails)."""
-  return keras_model(None, 0)
-
-
-def params_from_keras(model) -> Params:
-  """{layer name: arrays} of every Conv2D and BatchNormalization layer, BN
-  folded to scale = gamma / sqrt(var + eps), shift = beta - mean * scale."""
-  out: Params = {}
-  for layer in model.layers:
-    kind = type(layer).__name__
-    if kind == "Conv2D":
-      out[layer.name] = {"kernel": np.asarray(layer.kernel.numpy(), np.float32)}
-    elif kind == "BatchNormalization":
-      gamma, beta, mean, var = (np.asarray(w.numpy(), np.float64) for w in (
-          layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance))
-      scale = gamma / np.sqrt(var + layer.epsilon)
-      out[layer.name] = {"scale": scale.astype(np.float32),
-                         "shift": (beta - mean * scale).astype(np.float32)}
-  return out
-
-
-def _check_exists(path: str) -> None:
-  if not gio.exists(path) or (not gio.is_remote(path) and
-                              not os.path.isfile(path)):
-    raise FileNotFoundError(
-        f"{path}: DenseNet-121 weights file not found (give 'imagenet', "
-        f"'none' or a {'/'.join(WEIGHT_SUFFIXES)} file)")
-
-
-def _load_file_into(model, path: str, shown: str) -> None:
-  """model.load_weights(path), refusing partial loads: every variable starts
-  as NaN and must be overwritten by the file."""
-  for v in model.weights:
-    v.assign(np.full(v.shape, np.nan, np.float32))
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # Keras warns per skipped layer
-    try:
-      model.load_weights(path)
-    except Exception as e:  # pylint: disable=broad-except
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise ValueError(f"{shown}: not DenseNet-121 weights ({first[:200]})"
-                       ) from None
-  missing = [v.path for v in model.weights if np.isnan(v.numpy()).any()]
-  if missing:
-    raise ValueError(f"{shown}: not DenseNet-121 weights ({len(missing)} of "
-                     f"{len(model.weights)} tensors missing, e.g. "
-                     f"{missing[0]})")
+  return keras_weights.keras_model(ARCH, weights, seed, include_top)
 
 
 def load_backbone(weights: str = WEIGHTS_IMAGENET, seed: int = 0) -> Backbone:
@@ -288,39 +193,7 @@ def load_backbone(weights: str = WEIGHTS_IMAGENET, seed: int = 0) -> Backbone:
   Raises FileNotFoundError for a missing file and ValueError for a file that
   does not hold DenseNet-121 weights, each naming the file in one line.
   """
-  spec = str(weights or "").strip()
-  if not spec:
-    raise ValueError("no DenseNet-121 weights given (use 'imagenet', 'none' "
-                     "or a weights file)")
-  if spec.lower() in RANDOM_ALIASES:
-    return Backbone(params_from_keras(keras_model(None, seed)), WEIGHTS_RANDOM,
-                    seed)
-  if spec.lower() == WEIGHTS_IMAGENET:
-    logging.info("DenseNet-121: ImageNet weights (Keras downloads %s into "
-                 "~/.keras/models unless already there)", IMAGENET_URL)
-    return Backbone(params_from_keras(keras_model(WEIGHTS_IMAGENET)),
-                    WEIGHTS_IMAGENET)
-  _check_exists(spec)
-  shown = spec if "://" in spec else os.path.abspath(spec)
-  with tempfile.TemporaryDirectory() as tmp:
-    local = spec
-    if "://" in spec:   # Keras reads local files only
-      local = os.path.join(tmp, os.path.basename(spec))
-      with open(local, "wb") as f:
-        f.write(gio.read_bytes(spec))
-    model = _file_target()
-    try:
-      _load_file_into(model, local, shown)
-    except ValueError as first:
-      if not local.endswith((".h5", ".hdf5")) or local.endswith(".weights.h5"):
-        raise
-      # A legacy .h5 of the full classifier loads only into a model with top.
-      model = keras_model(None, seed, include_top=True)
-      try:
-        _load_file_into(model, local, shown)
-      except ValueError:
-        raise first from None
-  return Backbone(params_from_keras(model), shown)
+  return keras_weights.load(ARCH, weights, seed)
 
 
 # ---------------------------------------------------------------------------

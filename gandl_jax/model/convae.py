@@ -24,8 +24,9 @@ optional perceptual term, `perceptual_loss`) is trained by
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 
 from gandl_jax import checkpoint
 from gandl_jax import config as config_lib
-from gandl_jax.model import layers, networks
+from gandl_jax.model import layers, networks, resnet50
 
 Array = jax.Array
 Dtype = Any
@@ -200,24 +201,62 @@ PerceptualFn = Callable[[Any, Array, Array], Array]
 PERCEPTUAL_OFF = ("", "none")
 
 
-def perceptual_loss(weights: str, img_channels: int
-                    ) -> Optional[Tuple[PerceptualFn, Any]]:
-  """The optional perceptual term of the loss: `(perceptual, params)`, or
-  None for `weights` 'none' (config.loss.perceptual_weights).
+class Perceptual(NamedTuple):
+  """The perceptual term: its function, the frozen network's parameters
+  and what they are (`record`: the weights as `gandl.weights` records them,
+  `imagenet` / the file / `random`, a human label, the network, layers and
+  input handling; kept in metrics.jsonl and checkpoint meta)."""
+  fn: PerceptualFn
+  params: Any
+  record: Dict[str, Any]
 
-  THE hook for the perceptual network: this is the one place that maps
-  `config.loss.perceptual_weights` ('imagenet', a weights file) to a loss
-  function and its frozen parameters; the trainer adds
-  `config.loss.perceptual_weight * perceptual(params, recon, real)` to the
-  pixel L2. No perceptual network exists in this version (the ImageNet
-  ResNet-50 of the paper is issue 14's next step), so any other value is
-  refused here, before anything is compiled or written.
+
+def perceptual_off_record(weight: float, weights: str) -> Dict[str, Any]:
+  """The record of a run without the perceptual term."""
+  return {"weights": "off", "label": (
+      f"off (loss.perceptual_weight={weight:g}, loss.perceptual_weights="
+      f"{weights!r}): pixel L2 only")}
+
+
+def perceptual_loss(weights: str, img_channels: int, *, resolution: int,
+                    seed: int = 0, compute_dtype: str = "float32"
+                    ) -> Optional[Perceptual]:
+  """The optional perceptual term of the loss, or None for `weights` 'none'
+  (config.loss.perceptual_weights).
+
+  THE hook for the perceptual network: the one place that maps
+  `config.loss.perceptual_weights` to a loss function and its frozen
+  parameters; the trainer adds `config.loss.perceptual_weight *
+  perceptual(params, recon, real)` to the pixel L2. The network is the
+  ImageNet ResNet-50 of `gandl_jax.model.resnet50` (feature reconstruction
+  loss on the conv2..conv4 stage outputs, each channel as a grey image):
+  `imagenet` (Keras downloads the weights once), a Keras weights file, or
+  `random` (seeded by `seed`; a distance between random features, not a
+  perceptual loss; for tests). The weights are loaded here, once, before
+  anything is compiled or written; a missing or wrong file is one line
+  naming it. `compute_dtype`: the network's (bfloat16 on TPUs).
   """
-  del img_channels
-  if str(weights).strip().lower() in PERCEPTUAL_OFF:
+  spec = str(weights).strip()
+  if spec.lower() in PERCEPTUAL_OFF:
     return None
-  raise ValueError(
-      f"config.loss.perceptual_weights={weights!r}: no perceptual network is "
-      f"available in this version (the ImageNet ResNet-50 perceptual loss is "
-      f"not implemented yet); train with config.loss.perceptual_weight=0.0 "
-      f"(pixel L2 only)")
+  if resolution < resnet50.MIN_SIZE:
+    raise ValueError(
+        f"config.loss.perceptual_weights={weights!r}: the ResNet-50 "
+        f"perceptual loss needs images of at least {resnet50.MIN_SIZE}x"
+        f"{resnet50.MIN_SIZE}, config.model.resolution is {resolution}")
+  backbone = resnet50.load(spec, seed)
+  dtype = jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32
+  fn = functools.partial(resnet50.perceptual_loss,
+                         layers=resnet50.PERCEPTUAL_LAYERS, dtype=dtype)
+  record = {
+      "weights": backbone.weights, "label": backbone.label,
+      "network": "ResNet-50 (keras.applications.ResNet50, JAX port)",
+      "layers": list(resnet50.PERCEPTUAL_LAYERS),
+      "input": (f"each of the {img_channels} channels as a grey image: "
+                f"(x + 1) * 127.5 replicated to 3 planes, minus the ImageNet "
+                f"BGR mean {list(resnet50.CAFFE_MEAN_BGR)} (keras resnet50."
+                f"preprocess_input, caffe mode), at {resolution}x{resolution}"),
+  }
+  if backbone.is_random:
+    record["seed"] = backbone.seed
+  return Perceptual(fn, backbone.params, record)

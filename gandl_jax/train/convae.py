@@ -13,8 +13,11 @@ step with explicit shardings (state replicated, batch split on the mesh's
 with x the real batch in [-1, 1] (augmented as for the GAN), then Adam
 (`config.optim`). Non-finite gradient entries are replaced as in the GAN's
 phases (`steps.sanitize_grads`). The perceptual term comes from
-`model.convae.perceptual_loss` (its frozen parameters are a replicated
-argument of the step, not part of the state).
+`model.convae.perceptual_loss` (the ImageNet ResNet-50 of
+`model/resnet50.py`): its frozen parameters are loaded once and are a
+replicated argument of the step, not part of the state, the optimizer or
+the checkpoints; `perceptual_record` (which weights) goes to every
+metrics.jsonl line and to the checkpoint meta.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh
 
 from gandl_jax import sharding
@@ -73,15 +77,24 @@ class ConvAETrainer:
     self.perceptual_weight = float(config.loss.perceptual_weight)
     self.perceptual: Optional[convae.PerceptualFn] = None
     perceptual_params: Any = {}
+    # What the perceptual term uses (metrics.jsonl, checkpoint meta).
+    self.perceptual_record = convae.perceptual_off_record(
+        self.perceptual_weight, str(config.loss.perceptual_weights))
     if self.perceptual_weight > 0:
-      term = convae.perceptual_loss(str(config.loss.perceptual_weights),
-                                    int(config.model.img_channels))
+      term = convae.perceptual_loss(
+          str(config.loss.perceptual_weights), int(config.model.img_channels),
+          resolution=int(config.model.resolution), seed=int(config.seed),
+          compute_dtype=str(config.compute_dtype))
       if term is None:
         raise ValueError(
             f"config.loss.perceptual_weight={self.perceptual_weight} needs a "
             f"perceptual network: set config.loss.perceptual_weights "
             f"(got {config.loss.perceptual_weights!r})")
-      self.perceptual, perceptual_params = term
+      self.perceptual, perceptual_params = term.fn, term.params
+      self.perceptual_record = term.record
+      logging.info("ConvAE perceptual term: %s x %s, %s",
+                   self.perceptual_weight, term.record["label"],
+                   term.record["network"])
     self._repl = sharding.replicated(mesh)
     self._data = sharding.data_sharded(mesh)
     self._perceptual_params = sharding.replicate(perceptual_params, mesh)

@@ -293,7 +293,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                      f"(kimg {nimg / 1000:.3f}).")
   else:
     monitor.log_info(f"Starting a new run in {workdir}.")
-  writer = monitor.MetricWriter(workdir)
+  # The ConvAE's perceptual term: which weights (every metrics line, meta).
+  perceptual = getattr(trainer, "perceptual_record", None)
+  writer = monitor.MetricWriter(workdir, labels=(
+      {"AE/perceptual_weights": perceptual["weights"]} if perceptual else None))
   tracker.best = ckpt.best_score()
   if jax.process_index() == 0:
     gio.write_json(gio.join(workdir, "config.json"), config.to_dict())
@@ -315,6 +318,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
            "config": config.to_dict()}
     if family != config_lib.FAMILY_GAN:
       out["family"] = family
+    if perceptual:
+      out["perceptual"] = perceptual
     return out
 
   total_steps = step + steps_to_reach(total_img - nimg, batch)

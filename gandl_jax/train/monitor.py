@@ -80,11 +80,15 @@ def progress_line(step: int, nimg: int, total_kimg: float,
 class MetricWriter:
   """Appends JSON lines to WORKDIR/metrics.jsonl and TensorBoard scalars to
   WORKDIR/tb/ (process 0 only). Values are plain floats; non-finite ones are
-  written as null in JSON (and skipped in TensorBoard)."""
+  written as null in JSON (and skipped in TensorBoard). `labels`: string
+  fields of the run added to every JSON line (e.g. the weights of the
+  ConvAE's perceptual term), not to TensorBoard."""
 
-  def __init__(self, workdir: str, enabled: Optional[bool] = None):
+  def __init__(self, workdir: str, enabled: Optional[bool] = None,
+               labels: Optional[Mapping[str, str]] = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = workdir
+    self.labels = {k: str(v) for k, v in (labels or {}).items()}
     self._tb = None
     if self.enabled:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -101,6 +105,7 @@ class MetricWriter:
     record = {"step": int(step)}
     record.update({k: (v if math.isfinite(v) else None)
                    for k, v in sorted(values.items())})
+    record.update(self.labels)
     gio.append_line(self._path, json.dumps(record))
     with self._tb.as_default(step=int(step)):
       for k, v in values.items():
