@@ -21,6 +21,7 @@ metrics.jsonl line and to the checkpoint meta.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import flax
@@ -63,8 +64,8 @@ class ConvAEState:
 
 class ConvAETrainer:
   """The ConvAE, its optimizer and the compiled step for one config/mesh
-  (the interface `train.loop` uses: `batch`, `init_state`, `train_step`,
-  `flops_per_iteration`, `reconstruct`)."""
+  (the interface `train.loop` uses: `batch`, `init_state`, `precompile`,
+  `precompiled`, `train_step`, `flops_per_iteration`, `reconstruct`)."""
 
   def __init__(self, config, mesh: Mesh):
     self.config = config
@@ -99,6 +100,7 @@ class ConvAETrainer:
     self._data = sharding.data_sharded(mesh)
     self._perceptual_params = sharding.replicate(perceptual_params, mesh)
     self._compiled = None
+    self._executable = None   # precompile's AOT executable
     self._recon = None
 
   # ------------------------------------------------------------ state
@@ -148,11 +150,24 @@ class ConvAETrainer:
           out_shardings=(st, self._repl), donate_argnums=(0,))
     return self._compiled
 
+  def precompile(self, state: ConvAEState, real: Array) -> Dict[str, float]:
+    """Compiles the one training step now (as `Trainer.precompile` does the
+    GAN's phases); returns {'AE': seconds until it was ready}."""
+    t0 = time.time()
+    self._executable = self.compiled(state).lower(
+        state, real, self._perceptual_params).compile()
+    return {"AE": time.time() - t0}
+
+  @property
+  def precompiled(self) -> bool:
+    return self._executable is not None
+
   def train_step(self, state: ConvAEState, real: Array, step: int,
                  nimg: float) -> Tuple[ConvAEState, Metrics]:
     """One iteration on a global batch `real` (float, data-sharded)."""
     del step, nimg
-    return self.compiled(state)(state, real, self._perceptual_params)
+    fn = self._executable or self.compiled(state)
+    return fn(state, real, self._perceptual_params)
 
   def flops_per_iteration(self, state: ConvAEState, real: Array
                           ) -> Optional[float]:
