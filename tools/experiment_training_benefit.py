@@ -138,7 +138,7 @@ def plot(summary: List[Dict[str, Any]], out_dir: str,
   for label, _ in METRICS:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     sets = sorted({s["set"] for s in summary})
-    for name in sets:
+    for i, name in enumerate(sets):
       pts = [(s["kimg"],) + s[label] for s in summary
              if s["set"] == name and label in s]
       if not pts:
@@ -148,10 +148,11 @@ def plot(summary: List[Dict[str, Any]], out_dir: str,
       ys = [p[1] for p in pts]
       es = [p[2] for p in pts]
       if len(pts) == 1:   # a set without training: a horizontal line
-        ax.axhline(ys[0], linestyle="--", label=name,
-                   color="grey" if "classical" in name else None)
+        # axhline does not advance the colour cycle: one colour per set.
+        ax.axhline(ys[0], linestyle="--", label=name, color=f"C{i % 10}")
       else:
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name,
+                    color=f"C{i % 10}")
     ax.set_xlabel("training kimg")
     ax.set_ylabel(label)
     ax.legend(fontsize=7)
