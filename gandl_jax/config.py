@@ -170,6 +170,21 @@ def r1_enabled(config: Any) -> bool:
   return float(config.loss.r1_gamma) > 0
 
 
+def demo_schedule(config):
+  """The demo's CPU-sized schedule, in place, for every model family (the
+  GAN demo and the ConvAE trained beside it see the same images): batch 16,
+  2 kimg, checkpoints every 0.5 kimg (every 1 kimg kept), log every 0.128,
+  grids every 0.5, shuffle buffer 512. Returns `config`."""
+  config.batch_size = 16
+  config.total_kimg = 2.0
+  config.checkpoint_every_kimg = 0.5
+  config.keep_checkpoint_every_kimg = 1.0
+  config.log_every_kimg = 0.128
+  config.image_grid_every_kimg = 0.5
+  config.data.shuffle_buffer = 512
+  return config
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every training key with a sensible default."""
   config = ml_collections.ConfigDict()

@@ -69,13 +69,7 @@ def demo_config() -> ml_collections.ConfigDict:
       channel_base=1024,   # 4..16: 64 feature maps, 32: 32
       channel_max=64, mbstd_group_size=4)
   config.compute_dtype = "float32"
-  config.batch_size = 16
-  config.total_kimg = 2.0
-  config.checkpoint_every_kimg = 0.5
-  config.keep_checkpoint_every_kimg = 1.0
-  config.log_every_kimg = 0.128
-  config.image_grid_every_kimg = 0.5
-  config.data.shuffle_buffer = 512
+  config_lib.demo_schedule(config)
   config.loss.r1_gamma = 0.1
   config.ema.half_life_kimg = 0.5
   return config

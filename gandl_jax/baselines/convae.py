@@ -37,14 +37,8 @@ def demo_config(data_path: str = "", resolution: int = 32
   # shards L2 0.0635 vs 0.0676 (lr 0.01: 0.0603; 0.0005: 0.086),
   # docs/baselines.md.
   config.optim.lr = 0.005
-  config.batch_size = 16
-  config.total_kimg = 2.0
-  config.checkpoint_every_kimg = 0.5
-  config.keep_checkpoint_every_kimg = 1.0
-  config.log_every_kimg = 0.128
-  config.image_grid_every_kimg = 0.5
+  config_lib.demo_schedule(config)
   config.image_grid_size = 4
-  config.data.shuffle_buffer = 512
   return config
 
 
