@@ -10,10 +10,25 @@ import pytest
 from tiny import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location(
-    "plan_tpu", os.path.join(REPO, "tools", "plan_tpu.py"))
-plan_tpu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plan_tpu)
+
+
+def _load_tool(name: str):
+  """tools/NAME.py as a module, without leaving its absl flags defined: the
+  CLIs' own tests import gandl_jax.cli modules in the same process, whose
+  flags share names with the tool's (--batch), and absl refuses a second
+  definition (DuplicateFlagError, depending on which tests share a worker)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  before = set(flags.FLAGS)
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(REPO, "tools", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  for flag in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, flag)
+  return mod
+
+
+plan_tpu = _load_tool("plan_tpu")
 
 
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
