@@ -19,9 +19,21 @@ import tempfile
 from typing import Any, Callable, Iterator
 
 
-def _gfile():
+def tensorflow():
+  """TensorFlow, imported with its GPUs and TPUs hidden: the project uses it
+  only for tf.data, gfile, TensorBoard and Keras weights, and JAX owns the
+  accelerators. The one place that imports it."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  return tf.io.gfile
+  try:
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except (RuntimeError, ValueError):  # already initialised, or no such type
+    pass
+  return tf
+
+
+def _gfile():
+  return tensorflow().io.gfile
 
 
 def is_remote(path: Any) -> bool:
@@ -65,7 +77,7 @@ def remove(path: str) -> None:
 def read_bytes(path: str) -> bytes:
   """A whole file; FileNotFoundError when it does not exist."""
   if is_remote(path):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf = tensorflow()
     try:
       with tf.io.gfile.GFile(path, "rb") as f:
         return f.read()

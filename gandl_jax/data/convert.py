@@ -144,12 +144,7 @@ def unlock_output(output_dir: str, record: Dict[str, object]) -> None:
 
 
 def _tf():
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except (RuntimeError, ValueError):
-    pass
-  return tf
+  return gio.tensorflow()
 
 
 def shard_name(dataset: str, index: int, num_shards: int) -> str:

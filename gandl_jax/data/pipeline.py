@@ -50,6 +50,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from gandl_jax import io as gio
 from gandl_jax import config as config_lib
 from gandl_jax import images as image_lib
 from gandl_jax import schema
@@ -59,13 +60,7 @@ FilterSpec = Union[None, str, Mapping[str, Any]]
 
 
 def _tf():
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  try:  # TF serves only tf.data: keep it off accelerators.
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
-  except (RuntimeError, ValueError):
-    pass
-  return tf
+  return gio.tensorflow()   # TF serves only tf.data, off the accelerators
 
 
 # --------------------------------------------------------------------------

@@ -83,12 +83,7 @@ class Backbone:
 
 def keras():
   """Keras with TensorFlow kept off accelerators (JAX owns them)."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  try:
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
-  except (RuntimeError, ValueError):  # already initialised
-    pass
+  gio.tensorflow()
   import keras as k  # pylint: disable=import-outside-toplevel
   return k
 

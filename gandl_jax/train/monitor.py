@@ -91,8 +91,7 @@ class MetricWriter:
     self.labels = {k: str(v) for k, v in (labels or {}).items()}
     self._tb = None
     if self.enabled:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      tf.config.set_visible_devices([], "GPU")  # TF stays off accelerators
+      tf = gio.tensorflow()
       self._tf = tf
       tf.io.gfile.makedirs(workdir)
       self._tb = tf.summary.create_file_writer(gio.join(workdir, "tb"))
