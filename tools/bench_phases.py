@@ -12,10 +12,13 @@ Before/after a change to gandl_jax/model/layers.py (A/B in one run):
 
 The amortized iteration is g_main + d_main + g_reg / pl_interval +
 d_reg / r1_interval (what tools/bench_train.py measures end to end).
-Prints one line per version and one JSON line.
+Prints one line per version and one JSON line. On a machine shared with
+other jobs compare the CPU milliseconds (all of the process's threads; wall
+time there measures the contention as much as the code).
 """
 import importlib.util
 import json
+import os
 import sys
 import time
 
@@ -74,7 +77,8 @@ def _setup(config, mesh, layers_module):
     networks.layers = layers
   return {"fns": fns, "args": args, "state": state, "compile_s": compile_s,
           "lower_s": lower_s,
-          "ms": {ph: [] for ph in PHASES}}
+          "ms": {ph: [] for ph in PHASES},
+          "cpu_ms": {ph: [] for ph in PHASES}}
 
 
 def main(argv):
@@ -89,25 +93,33 @@ def main(argv):
     for v in versions.values():
       for ph in PHASES:
         for _ in range(2):
-          t0 = time.time()
+          t0, cpu0 = time.time(), time.process_time()
           v["state"], _ = v["fns"][ph](v["state"], *v["args"][ph])
           jax.block_until_ready(v["state"])
           v["ms"][ph].append((time.time() - t0) * 1e3)
+          v["cpu_ms"][ph].append((time.process_time() - cpu0) * 1e3)
   l = config.loss
   result = {"device": jax.devices()[0].device_kind,
             "resolution": config.model.resolution,
-            "batch": int(config.batch_size)}
+            "batch": int(config.batch_size),
+            "load_average": os.getloadavg()}
+  amortized = lambda m: (m["g_main"] + m["d_main"] + m["g_reg"] /
+                         l.pl_interval + m["d_reg"] / l.r1_interval)
   for name, v in versions.items():
     med = {ph: float(np.median(v["ms"][ph])) for ph in PHASES}
-    it = (med["g_main"] + med["d_main"] + med["g_reg"] / l.pl_interval +
-          med["d_reg"] / l.r1_interval)
+    cpu = {ph: float(np.median(v["cpu_ms"][ph])) for ph in PHASES}
+    it = amortized(med)
     img_s = config.batch_size * 1e3 / it
     print(f"{name}: " + ", ".join(
         f"{ph} {med[ph]:.0f} ms (compile {v['compile_s'][ph]:.1f} s)"
         for ph in PHASES) + f"; amortized iteration {it:.0f} ms = "
           f"{img_s:.1f} img/s; compile {sum(v['compile_s'].values()):.1f} s "
-          f"(of which lowering {sum(v['lower_s'].values()):.1f} s)")
-    result[name] = {"median_ms": med, "compile_s": v["compile_s"],
+          f"(of which lowering {sum(v['lower_s'].values()):.1f} s); CPU "
+          f"(all threads) per amortized iteration {amortized(cpu):.0f} ms: "
+          + ", ".join(f"{ph} {cpu[ph]:.0f}" for ph in PHASES))
+    result[name] = {"median_ms": med, "median_cpu_ms": cpu,
+                    "iteration_cpu_ms": amortized(cpu),
+                    "compile_s": v["compile_s"],
                     "lower_s": v["lower_s"],
                     "iteration_ms": it, "img_per_sec": img_s}
   print(json.dumps(result))
