@@ -291,11 +291,23 @@ def _conv_valid_bwd(res, dy):
   # Full correlation with the flipped kernel, input and output swapped.
   dx = lax.conv_general_dilated(dy_pad, jnp.swapaxes(w[::-1, ::-1], 2, 3),
                                 (1, 1), "VALID", dimension_numbers=_DN)
-  _, pull_w = jax.vjp(
-      lambda w: lax.conv_general_dilated(x, w, (1, 1), "VALID",
-                                         dimension_numbers=_DN), w)
-  (dw,) = pull_w(dy)
-  return dx.astype(x.dtype), dw
+  return dx.astype(x.dtype), _weight_grad_taps(x, dy, kh, kw).astype(w.dtype)
+
+
+def _weight_grad_taps(x: Array, dy: Array, kh: int, kw: int) -> Array:
+  """The weight gradient of a stride-1 VALID convolution as one matrix
+  product per tap: dw[i, j] = sum_{n,h,w} x[n, i+h, j+w, :]^T dy[n, h, w, :].
+
+  XLA:CPU runs the small-kernel weight gradients `conv_valid` serves (the
+  2x2 polyphase and space-to-depth kernels, with many output channels)
+  10-30% faster this way than as a convolution (docs/performance.md);
+  the sums are the same.
+  """
+  oh, ow = dy.shape[1], dy.shape[2]
+  return jnp.stack([jnp.stack([
+      jnp.einsum("nhwi,nhwo->io", x[:, i:i + oh, j:j + ow, :], dy,
+                 preferred_element_type=jnp.float32)
+      for j in range(kw)]) for i in range(kh)])
 
 
 conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
