@@ -121,9 +121,13 @@ def postprocess(emb: Embeddings, opts: Options, owned: bool
     try:
       plates = normalize.plate_keys(meta)
       ctrl = normalize.control_mask(meta)
-      fn = (normalize.plate_normalize if method == "plate"
-            else normalize.robust_plate_normalize)
-      X, pinfo = fn(X, plates, ctrl, opts.min_controls, inplace=owned)
+      if method == "plate":
+        X, pinfo = normalize.plate_normalize(
+            X, plates, ctrl, opts.min_controls, inplace=owned,
+            threads=opts.threads)
+      else:
+        X, pinfo = normalize.robust_plate_normalize(
+            X, plates, ctrl, opts.min_controls, inplace=owned)
       info["plate_normalization"] = {
           "method": ("mean / standard deviation" if method == "plate" else
                      "median / MAD (x 1.4826, + 1e-18; pycytominer "
