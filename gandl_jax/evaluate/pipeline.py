@@ -203,12 +203,15 @@ def postprocess(emb: Embeddings, opts: Options, owned: bool
 
 def _run_task(results: Dict, name: str, fn: Callable, log, timing: Dict):
   t = time.time()
+  cpu = time.thread_time()
   try:
     out = fn()
     val = out[0] if isinstance(out, tuple) else out
     results[name] = {"status": "ok", **(val.summary if hasattr(val, "summary")
                                          else val)}
-    log(f"  {name}: ok ({time.time() - t:.1f}s)")
+    # CPU of this thread (not of BLAS's or of other tasks' threads).
+    log(f"  {name}: ok ({time.time() - t:.1f}s, "
+        f"{time.thread_time() - cpu:.1f} CPU s)")
     return out
   except (classify.TaskError, ValueError, KeyError) as e:
     results[name] = {"status": "failed", "reason": str(e)}
