@@ -16,7 +16,11 @@ then one JSON line with all of these (`BENCH_JSON {...}`).
   python tools/bench_evaluate.py --sites 20000 --dim 256   # quick look
   python tools/bench_evaluate.py --tasks activity,replicates  # retrieval
   python tools/bench_evaluate.py --workdir W --keep --reuse --code OTHER
+      --out out_other
       # evaluate with the gandl_jax of another checkout (A/B on the same data)
+  python tools/bench_evaluate.py --workdir W --keep --reuse --out out_new
+      --compare W/out_other
+      # ... and check that this version's results equal it (COMPARE_OK)
 
 The retrieval tasks (issue 15) compute the well-level phenotypic-activity mAP
 (copairs) of every compound-dose, percent replicating and the energy
