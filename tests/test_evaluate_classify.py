@@ -78,3 +78,26 @@ def test_multiclass_metrics():
   for i, c in enumerate(m["classes"]):
     assert m["per_class_accuracy"][c] == pytest.approx(cm[i, i] / cm[i].sum())
   assert 0.5 < m["roc_auc"] <= 1.0
+
+
+def test_dual_fits_on_threads_equal_one_after_another():
+  """liblinear's dual solver draws from one process-wide generator: fits on
+  several threads take turns and give the coefficients of fits one after
+  another (here every fit is dual: rows < 2 x features)."""
+  import concurrent.futures  # pylint: disable=import-outside-toplevel
+  cfg = classify.ProtocolConfig(seed=1, c_grid=(0.1, 1.0), max_iter=200)
+  data = [_planted(n=160, dim=120, seed=s, strength=0.6) for s in range(4)]
+  assert classify.use_dual(160, 120)
+
+  def run(k):
+    X, y = data[k]
+    f = classify.run_protocol(X, y, ["Mock", "Active SARS-CoV-2"], cfg)
+    return f.model.named_steps["svm"].coef_.copy(), f.metrics["C"]
+
+  alone = [run(k) for k in range(4)]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    for _ in range(3):
+      side = list(pool.map(run, range(4)))
+      for (a, ca), (b, cb) in zip(alone, side):
+        assert ca == cb
+        np.testing.assert_array_equal(a, b)

@@ -154,3 +154,71 @@ def test_csv_reader_in_ranges_equals_pandas(tmp_path, monkeypatch, header, gz):
     assert emb.features.dtype == np.float32 and emb.features.flags.c_contiguous
     np.testing.assert_array_equal(emb.features, ref_X)
     assert emb.meta["site_id"].tolist() == sids
+
+
+# Values as Recursion's CSV may spell them, and text the reader must refuse.
+_GOOD_VALUES = ["1.5", "-2", "1e5", "1E-5", "+1.5", ".5", "5.", "-0", "inf",
+                "-inf", "Infinity", "1e400", "1e-42", "3.4028235e38",
+                "0.100000001", '"2.25"', "nan", "NaN", ""]
+_BAD_LINES = ["x_1_A01_1,1.5 ,2\n", "x_1_A01_1,abc,2\n", "x_1_A01_1,NA,2\n",
+              "x_1_A01_1,1,2,3\n", "x_1_A01_1,1\n", "\n", "x_1_A01_1,0x10,2\n",
+              ",1,2\n", "x_1_A01_1,1_0,2\n"]
+
+
+def _read_both(monkeypatch, p):
+  """(outcome with polars, outcome with Arrow only): (site ids, features)
+  or the error message."""
+  out = []
+  for use_polars in (True, False):
+    with monkeypatch.context() as m:
+      if not use_polars:
+        m.setattr(eio, "_polars_range", lambda *a, **k: None)
+      try:
+        emb = eio.read_embeddings_file(p)
+        out.append((emb.meta["site_id"].tolist(), emb.features))
+      except ValueError as e:
+        out.append(str(e))
+  return out
+
+
+@pytest.mark.parametrize("range_bytes", [64, 1 << 20])
+def test_csv_polars_path_equals_arrow(tmp_path, monkeypatch, range_bytes):
+  """Recursion's layout is parsed by polars where installed: the same
+  float32 values (bit for bit, NaN where Arrow reads a null), the same site
+  ids, and bad text gets Arrow's one-line error, whether the bad line sits
+  in a range of its own or among good ones."""
+  pl = pytest.importorskip("polars")
+  monkeypatch.setattr(eio, "CSV_RANGE_BYTES", range_bytes)
+  rng = np.random.default_rng(3)
+  X = (rng.standard_normal((300, 4)) * 10.0 ** rng.integers(
+      -8, 8, (300, 4))).astype(np.float32)
+  lines = [f"HRCE-1_1_A{i:03d}_1," + ",".join(f"{v:.9g}" for v in row) + "\n"
+           for i, row in enumerate(X)]
+  header = "site_id,0,1\n"
+  good = [f"HRCE-2_1_B{i:03d}_1,{v},{_GOOD_VALUES[-1 - i]}\n"
+          for i, v in enumerate(_GOOD_VALUES)]
+  p = tmp_path / "clean.csv"
+  p.write_text("site_id,0,1,2,3\n" + "".join(lines))
+  calls = []
+  real = eio._polars_range
+  monkeypatch.setattr(eio, "_polars_range",
+                      lambda *a: calls.append(real(*a)) or calls[-1])
+  emb = eio.read_embeddings_file(str(p))
+  assert calls and all(c is not None for c in calls)     # polars parsed it
+  np.testing.assert_array_equal(emb.features, X)
+  monkeypatch.setattr(eio, "_polars_range", real)
+  p = tmp_path / "good.csv"
+  p.write_text(header + "".join(good))
+  a, b = _read_both(monkeypatch, str(p))
+  assert a[0] == b[0]
+  np.testing.assert_array_equal(a[1].view(np.int32), b[1].view(np.int32))
+  for k, bad in enumerate(_BAD_LINES):
+    p = tmp_path / f"bad{k}.csv"
+    p.write_text(header + "".join(good[:5]) + bad + "".join(good[5:]))
+    a, b = _read_both(monkeypatch, str(p))
+    if isinstance(b, str):
+      assert a == b and str(p) in a and "\n" not in a, bad
+    else:
+      assert a[0] == b[0], bad
+      np.testing.assert_array_equal(a[1].view(np.int32), b[1].view(np.int32))
+  del pl

@@ -78,3 +78,26 @@ def test_aggregate_wells_matches_groupby():
   assert dict(zip(mw["well_id"], mw["n_sites"])) == {"E_1_A01": 4,
                                                     "E_1_A02": 3, "E_1_B01": 2}
   assert "site" not in mw
+
+
+def test_plate_normalize_bit_for_bit_in_blocks_and_threads(monkeypatch):
+  """Row blocks, contiguous or scattered plates, any number of threads:
+  every value is float32((float64(x) - mean_ref) / std_ref), bit for bit."""
+  monkeypatch.setattr(normalize, "_NORM_BLOCK", 7)
+  X, plates, controls, _ = _plates(n_plates=4, per_plate=50, dim=5)
+  controls = controls.copy()
+  controls[plates == "HRCE-1_3"] = False          # falls back to all rows
+  perm = np.random.default_rng(2).permutation(len(X))
+  for order in (np.arange(len(X)), perm):         # contiguous, scattered
+    x, p, c = X[order], plates[order], controls[order]
+    expect = np.empty_like(x)
+    for name in np.unique(p):
+      m = p == name
+      ref = x[m & c] if (m & c).sum() >= 8 else x[m]
+      ref = ref.astype(np.float64)
+      std = np.where(ref.std(0) > 1e-6, ref.std(0), 1.0)
+      expect[m] = ((x[m] - ref.mean(0)) / std).astype(np.float32)
+    for threads in (1, 3):
+      Y, info = normalize.plate_normalize(x, p, c, threads=threads)
+      assert info.fallback_plates == ["HRCE-1_3"]
+      np.testing.assert_array_equal(Y.view(np.int32), expect.view(np.int32))

@@ -1,4 +1,5 @@
 """End to end: report files, baseline side by side, bad input, planted truth."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -243,3 +244,60 @@ def test_bench_evaluate_removes_only_its_own_files(tmp_path):
   assert "control random: accuracy" in r.stdout
   assert sorted(os.listdir(wd)) == ["mine", "notes.txt"]
   assert (wd / "mine" / "results.txt").read_text() == "keep"
+
+
+def _results(m):
+  """metrics.json without what measures the run (timings)."""
+  if isinstance(m, dict):
+    return {k: _results(v) for k, v in m.items()
+            if k not in ("timing_s", "elapsed_s")}
+  if isinstance(m, list):
+    return [_results(v) for v in m]
+  return m
+
+
+def test_tasks_side_by_side_give_the_same_results(data, tmp_path):
+  """All tasks on 4 threads (the two SVM tasks at once, next to the
+  retrieval metrics) give metrics.json and CSV tables identical to one
+  thread, keys in the same order."""
+  d, md, X, truth = data
+  outs = {}
+  for threads in (1, 4):
+    out = tmp_path / f"t{threads}"
+    evaluate(str(d / "emb.parquet"), str(out),
+             metadata=str(d / "metadata.csv"),
+             compounds=["GS-441524"], log=lambda s: None,
+             tasks=["control", "cell_model", "dose_response", "truth",
+                    "activity", "replicates"],
+             options=dataclasses.replace(FAST, threads=threads))
+    outs[threads] = out
+  m1 = _results(_strict_json(outs[1] / "metrics.json"))
+  m4 = _results(_strict_json(outs[4] / "metrics.json"))
+  assert json.dumps(m1) == json.dumps(m4)          # values and key order
+  e = m1["embeddings"]["embeddings"]
+  for task in ("control", "cell_model", "dose_response", "truth", "activity",
+               "replicates"):
+    assert e[task]["status"] == "ok", (task, e[task])
+  csvs = sorted(f for f in os.listdir(outs[1]) if f.endswith(".csv"))
+  assert len(csvs) == 4
+  for f in csvs:
+    assert (outs[1] / f).read_bytes() == (outs[4] / f).read_bytes(), f
+
+
+def test_run_side_by_side_waits_then_raises_in_order():
+  from gandl_jax.evaluate.pipeline import run_side_by_side
+  done = []
+
+  def fail(msg):
+    def fn():
+      raise RuntimeError(msg)
+    return fn
+
+  with pytest.raises(RuntimeError, match="first"):
+    run_side_by_side([fail("first"), lambda: done.append(1), fail("second"),
+                      lambda: done.append(2)], threads=2)
+  assert sorted(done) == [1, 2]          # the others still ran to the end
+  order = []
+  run_side_by_side([lambda: order.append("a"), lambda: order.append("b")],
+                   threads=1)
+  assert order == ["a", "b"]

@@ -96,6 +96,10 @@ flags.DEFINE_enum("aggregate", "site", ["site", "well"], "Evaluate sites or "
 flags.DEFINE_enum("cell_type_features", "raw", ["raw", "normalized"],
                   "Features for the cell-type tasks (see docs).")
 flags.DEFINE_integer("seed", 0, "Seed of splits and subsets.")
+flags.DEFINE_integer("task_threads", None, "Threads running independent "
+                     "tasks side by side (default: one per CPU core, at most "
+                     "4; 1: one after another). The results do not depend "
+                     "on it; memory grows with it.", lower_bound=1)
 flags.DEFINE_list("c_grid", ["0.001", "0.01", "0.1", "1"], "SVM C values.")
 flags.DEFINE_integer("cv_folds", 3, "Folds of the C search.")
 flags.DEFINE_integer("cv_max_rows", 4000, "Max training rows in the C search.")
@@ -194,7 +198,8 @@ def main(argv):
           cv_max_rows=FLAGS.cv_max_rows, max_train_rows=FLAGS.max_train_rows,
           tol=FLAGS.svm_tol),
       fit=dose_response.FitConfig(), hit_threshold=FLAGS.hit_threshold,
-      top_compounds=FLAGS.top_compounds, per_task=per_task)
+      top_compounds=FLAGS.top_compounds, per_task=per_task,
+      threads=FLAGS.task_threads)
   extra = parse_extra_sets(FLAGS.extra_set)
   spec = None
   if FLAGS.table_columns or FLAGS.feature_regex or FLAGS.negative_control:

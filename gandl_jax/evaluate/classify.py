@@ -16,7 +16,9 @@ scikit-learn pipeline.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -52,6 +54,17 @@ def use_dual(n_rows: int, n_features: int) -> bool:
   1,800 x 1,024 at C=1: dual 0.1 s, primal 4.6 s; 14,000 x 1,024: primal
   0.9 s, dual 23 s). Both minimize the same objective."""
   return n_rows < 2 * n_features
+
+
+# liblinear's dual solvers draw from one process-wide random generator
+# (seeded per fit): dual fits on several threads take turns so that each
+# fit sees its own seeded sequence. The primal solver draws nothing and
+# runs side by side (liblinear releases the GIL while it trains).
+_DUAL_LOCK = threading.Lock()
+
+
+def _fit_guard(dual: bool):
+  return _DUAL_LOCK if dual else contextlib.nullcontext()
 
 
 def make_svm(C: float, cfg: ProtocolConfig, dual: bool = False) -> Pipeline:
@@ -144,7 +157,7 @@ def select_c(X: np.ndarray, y: np.ndarray, cfg: ProtocolConfig,
   search = GridSearchCV(make_svm(1.0, cfg, dual), {"svm__C": list(cfg.c_grid)},
                         scoring="balanced_accuracy", cv=cv, refit=False,
                         n_jobs=1, error_score="raise")
-  with warnings.catch_warnings():
+  with warnings.catch_warnings(), _fit_guard(dual):
     warnings.simplefilter("ignore", ConvergenceWarning)
     warnings.simplefilter("ignore", UserWarning)
     search.fit(Xs, ys, **fit_params)
@@ -238,8 +251,9 @@ def run_protocol(X: np.ndarray, y: np.ndarray, classes: Sequence[str],
   cv_groups = None if split == "random" else groups[tr]
   C, cv_scores, cv_desc = select_c(X[tr], y[tr], cfg, cv_groups)
   used = tr[_stratified_cap(y[tr], cfg.max_train_rows, cfg.seed)]
-  model = make_svm(C, cfg, use_dual(len(used), X.shape[1]))
-  with warnings.catch_warnings():
+  dual = use_dual(len(used), X.shape[1])
+  model = make_svm(C, cfg, dual)
+  with warnings.catch_warnings(), _fit_guard(dual):
     warnings.simplefilter("ignore", ConvergenceWarning)
     model.fit(X[used], y[used])
   pred = model.predict(X[te])

@@ -7,7 +7,7 @@ records while the other tasks go on.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -47,24 +47,6 @@ def control_rows(meta: pd.DataFrame, task: str = CONTROL) -> np.ndarray:
         f"task {task}: no untreated `{schema.MOCK}` or `{schema.ACTIVE}` site "
         f"among {len(meta)} rows")
   return sel
-
-
-def _two_splits(X: np.ndarray, y: np.ndarray, classes: Sequence[str],
-                groups: np.ndarray, cfg: classify.ProtocolConfig, task: str,
-                positive: Optional[str]) -> Tuple[Dict, Optional[classify.Fitted]]:
-  out: Dict = {"n_rows": int(len(y)),
-               "class_counts": {c: int((y == c).sum()) for c in classes}}
-  fitted = None
-  for split in SPLITS:
-    try:
-      f = classify.run_protocol(X, y, classes, cfg, split=split, groups=groups,
-                                task=task, positive=positive)
-      out[split] = {"status": "ok", **f.metrics}
-      if split == "random":
-        fitted = f
-    except classify.TaskError as e:
-      out[split] = {"status": "failed", "reason": str(e)}
-  return out, fitted
 
 
 @dataclasses.dataclass
@@ -114,26 +96,66 @@ def classification_rows(meta: pd.DataFrame, task: str,
   return TaskRows(sel, y, classes, groups, positive, rows)
 
 
-def _classify(emb: Embeddings, task: str, cfg: classify.ProtocolConfig
-              ) -> Tuple[Dict, Optional[classify.Fitted]]:
+# One split of a classification task, computed elsewhere (e.g. on another
+# thread): () -> (the split's entry of the task's metrics, fitted or None).
+SplitResult = Callable[[], Tuple[Dict, Optional[classify.Fitted]]]
+
+
+def _one_split(X: np.ndarray, t: TaskRows, cfg: classify.ProtocolConfig,
+               task: str, split: str
+               ) -> Tuple[Dict, Optional[classify.Fitted]]:
+  try:
+    f = classify.run_protocol(X, t.y, t.classes, cfg, split=split,
+                              groups=t.groups, task=task, positive=t.positive)
+    return {"status": "ok", **f.metrics}, f
+  except classify.TaskError as e:
+    return {"status": "failed", "reason": str(e)}, None
+
+
+def classification_split(emb: Embeddings, task: str,
+                         cfg: classify.ProtocolConfig, split: str
+                         ) -> Tuple[Dict, Optional[classify.Fitted]]:
+  """One split ('random' or 'plate') of a classification task: its entry of
+  the task's metrics and the fitted model (None where it failed)."""
   t = classification_rows(emb.meta, task, cfg)
-  out, fitted = _two_splits(emb.features[t.mask], t.y, t.classes, t.groups,
-                            cfg, task, positive=t.positive)
+  return _one_split(emb.features[t.mask], t, cfg, task, split)
+
+
+def _classify(emb: Embeddings, task: str, cfg: classify.ProtocolConfig,
+              splits: Optional[Mapping[str, SplitResult]] = None
+              ) -> Tuple[Dict, Optional[classify.Fitted]]:
+  """Both splits of `task`; those in `splits` come from there (the same
+  `classification_split`, run elsewhere), the others are computed here."""
+  t = classification_rows(emb.meta, task, cfg)
+  out: Dict = {"n_rows": int(len(t.y)),
+               "class_counts": {c: int((t.y == c).sum()) for c in t.classes}}
+  fitted, X = None, None
+  for split in SPLITS:
+    if splits is not None and split in splits:
+      out[split], f = splits[split]()
+    else:
+      if X is None:
+        X = emb.features[t.mask]
+      out[split], f = _one_split(X, t, cfg, task, split)
+    if split == "random":
+      fitted = f
   out["rows"] = t.rows
   return out, fitted
 
 
-def control_classification(emb: Embeddings, cfg: classify.ProtocolConfig
+def control_classification(emb: Embeddings, cfg: classify.ProtocolConfig,
+                           splits: Optional[Mapping[str, SplitResult]] = None
                            ) -> Tuple[Dict, classify.Fitted]:
-  out, fitted = _classify(emb, CONTROL, cfg)
+  out, fitted = _classify(emb, CONTROL, cfg, splits)
   if fitted is None:
     raise classify.TaskError(f"task {CONTROL}: {out['random']['reason']}")
   return out, fitted
 
 
-def cell_model_classification(emb: Embeddings, cfg: classify.ProtocolConfig
+def cell_model_classification(emb: Embeddings, cfg: classify.ProtocolConfig,
+                              splits: Optional[Mapping[str, SplitResult]] = None
                               ) -> Dict:
-  return _classify(emb, CELL_MODEL, cfg)[0]
+  return _classify(emb, CELL_MODEL, cfg, splits)[0]
 
 
 def rxrx1_cell_type(emb: Embeddings, cfg: classify.ProtocolConfig) -> Dict:
