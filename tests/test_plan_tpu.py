@@ -1,34 +1,12 @@
 """tools/plan_tpu.py in its CPU mode: memory breakdown, FLOPs per image and
 the sec/kimg arithmetic, checked against closed forms."""
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import pytest
 
-from tiny import tiny_config
+from tiny import load_tool, tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_tool(name: str):
-  """tools/NAME.py as a module, without leaving its absl flags defined: the
-  CLIs' own tests import gandl_jax.cli modules in the same process, whose
-  flags share names with the tool's (--batch), and absl refuses a second
-  definition (DuplicateFlagError, depending on which tests share a worker)."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  before = set(flags.FLAGS)
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(REPO, "tools", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  for flag in set(flags.FLAGS) - before:
-    delattr(flags.FLAGS, flag)
-  return mod
-
-
-plan_tpu = _load_tool("plan_tpu")
+plan_tpu = load_tool("plan_tpu")
 
 
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])

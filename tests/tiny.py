@@ -1,6 +1,27 @@
-"""The tiny GAN-DL (and ConvAE) configs the tests share: 8x8 images, 16
-feature maps."""
+"""What the tests share: the tiny GAN-DL (and ConvAE) configs (8x8 images,
+16 feature maps) and `load_tool` for the scripts in tools/."""
+import importlib.util
+import os
+
 from gandl_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name: str):
+  """tools/NAME.py as a module, without leaving its absl flags defined: the
+  CLIs' own tests import gandl_jax.cli modules in the same process, whose
+  flags share names with a tool's (--batch), and absl refuses a second
+  definition (DuplicateFlagError, depending on which tests share a worker)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  before = set(flags.FLAGS)
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(REPO, "tools", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  for flag in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, flag)
+  return mod
 
 
 def override(config, overrides):

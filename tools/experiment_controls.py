@@ -13,9 +13,17 @@ the same protocol (docs/experiments.md, "Why the random DenseNet wins"):
   channel_mean  the random DenseNet on the mean of the five channels (one
                 1024-d vector) next to the per-channel set: how much does
                 processing each stain separately add?
+  per_stain     the discriminator the same way as the DenseNet: each stain
+                through D alone (the other four channels black), the five
+                feature vectors concatenated; untrained and trained (the
+                saved step nearest --per_stain_kimg) D, seeds --seeds,
+                layers fc and b16, next to the same checkpoints' ordinary
+                (all-stains) embeddings: does per-stain processing close the
+                gap to the DenseNet, and does training help there?
 
   python tools/experiment_controls.py --workdir /work/exp/hard --control dim
   python tools/experiment_controls.py --workdir /work/exp/hard --control wide
+  python tools/experiment_controls.py --workdir /work/exp/hard --control per_stain
 
 Writes WORKDIR/controls/<control>/{eval/, headline.txt}; stages resumable.
 """
@@ -31,9 +39,16 @@ from absl import app, flags, logging
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished workdir of "
                                "tools/experiment_training_benefit.py.",
                                required=True)
-_CONTROL = flags.DEFINE_enum("control", None, ["dim", "wide", "channel_mean"],
+_CONTROL = flags.DEFINE_enum("control", None,
+                             ["dim", "wide", "channel_mean", "per_stain"],
                              "Which control to run.", required=True)
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "D seeds (wide).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"],
+                           "D seeds (wide, per_stain).")
+_PER_STAIN_KIMG = flags.DEFINE_float(
+    "per_stain_kimg", 2.0, "per_stain: the training budget whose checkpoint "
+    "(the saved step nearest it) is the trained D.")
+_PER_STAIN_LAYERS = flags.DEFINE_list("per_stain_layers", ["fc", "b16"],
+                                      "per_stain: D layers.")
 DATASETS = ("rxrx19a", "rxrx1")
 NAMED_COMPOUNDS = ("Remdesivir (GS-5734)", "GS-441524")
 
@@ -153,8 +168,80 @@ def control_channel_mean(workdir: str, out: str) -> List:
                                        "densenet_rxrx1.parquet"))]
 
 
+def per_stain_features(embed, images: np.ndarray) -> np.ndarray:
+  """(N, H, W, C) uint8 -> (N, C * F): `embed` of each channel alone (the
+  others 0, i.e. black: no stain), concatenated in channel order."""
+  feats = []
+  for c in range(images.shape[-1]):
+    alone = np.zeros_like(images)
+    alone[..., c] = images[..., c]
+    feats.append(np.asarray(embed(alone), np.float32))
+  return np.concatenate(feats, axis=1)
+
+
+def control_per_stain(workdir: str, out: str) -> List:
+  # pylint: disable=import-outside-toplevel
+  import pandas as pd
+  from gandl_jax import checkpoint, demo
+  from gandl_jax.data import pipeline
+  from gandl_jax.evaluate import pipeline as ev
+  from gandl_jax.inference import api
+  stages = demo.Stages(out, logging.info)
+  emb = os.path.join(workdir, "embeddings")
+  batch = int(demo.demo_config().batch_size)
+  sets = []
+  for seed in [int(s) for s in _SEEDS.value]:
+    train_dir = os.path.join(workdir, f"train-seed{seed}")
+    saved = checkpoint.list_steps(train_dir)
+    step = min(saved, key=lambda s: abs(s * batch -
+                                        _PER_STAIN_KIMG.value * 1000))
+    kimg = step * batch / 1000
+    for label, ckpt, at, tag_kimg in (
+        ("untrained D", os.path.join(workdir, f"init-seed{seed}"), None, 0),
+        (f"trained D {kimg:g} kimg", train_dir, step, kimg)):
+      for layer in _PER_STAIN_LAYERS.value:
+        tag = f"seed{seed}-kimg{tag_kimg:g}-{layer}"
+
+        def one(ckpt=ckpt, at=at, tag=tag, layer=layer):
+          model = api.load(ckpt, at)
+          for d in DATASETS:
+            batches, _ = pipeline.eval_host_batches(
+                os.path.join(workdir, "shards", d, "*.tfrecord"),
+                host_batch=64)
+            metas, feats = [], []
+            for b in batches:
+              valid = np.asarray(b["valid"], bool)
+              images = np.asarray(b["image"])[valid]
+              feats.append(per_stain_features(
+                  lambda x, l=layer: model.embed(x, l), images))
+              metas.append(pd.DataFrame(
+                  {k: np.asarray(v)[valid] for k, v in b.items()
+                   if k not in pipeline.NON_METADATA_KEYS}))
+            meta = pd.concat(metas, ignore_index=True)
+            meta["site_id"] = meta["site_id"].astype(str)
+            _write_set(meta, np.concatenate(feats),
+                       os.path.join(out, f"{tag}_{d}.parquet"))
+          return {"step": model.step}
+        stages.run(f"export-{tag}", one)
+        sets.append(ev.EmbeddingSet(
+            f"{label} per stain [{layer}] seed{seed}",
+            os.path.join(out, f"{tag}_rxrx19a.parquet"),
+            os.path.join(out, f"{tag}_rxrx1.parquet")))
+        # The same checkpoint's ordinary embedding (all stains at once), as
+        # tools/experiment_training_benefit.py exported it.
+        base = f"seed{seed}-kimg{tag_kimg:g}" + ("" if layer == "fc" else
+                                                 f"-{layer}")
+        if os.path.exists(os.path.join(emb, f"{base}_rxrx19a.parquet")):
+          sets.append(ev.EmbeddingSet(
+              f"{label} all stains [{layer}] seed{seed}",
+              os.path.join(emb, f"{base}_rxrx19a.parquet"),
+              os.path.join(emb, f"{base}_rxrx1.parquet")))
+  return sets
+
+
 CONTROLS = {"dim": control_dim, "wide": control_wide,
-            "channel_mean": control_channel_mean}
+            "channel_mean": control_channel_mean,
+            "per_stain": control_per_stain}
 
 
 def main(argv):
