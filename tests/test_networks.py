@@ -222,3 +222,20 @@ def test_bfloat16_close_to_float32():
   gv16, _ = networks.init(jax.random.PRNGKey(0), G16, D16)
   assert all(x.dtype == jnp.float32
              for x in jax.tree_util.tree_leaves(gv16["params"]))
+
+
+def test_init_cpu_compiler_options_give_the_default_values_bitwise():
+  """networks.init compiles with CPU_INIT_COMPILER_OPTIONS on CPU (half the
+  compile time); the initial variables must be XLA's default compilation's,
+  bit for bit, and differ with the seed."""
+  assert jax.default_backend() == "cpu"
+  G, D = networks.build(_cfg(16, channel_base=256, channel_max=32, z=16))
+  key = jax.random.PRNGKey(7)
+  fast = jax.tree_util.tree_leaves(networks.init(key, G, D))
+  plain = jax.tree_util.tree_leaves(networks.init(key, G, D,
+                                                  compiler_options={}))
+  assert len(fast) == len(plain) > 40
+  for a, b in zip(fast, plain):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  other = jax.tree_util.tree_leaves(networks.init(jax.random.PRNGKey(8), G, D))
+  assert any(not np.array_equal(a, b) for a, b in zip(fast, other))

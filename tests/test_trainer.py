@@ -281,3 +281,39 @@ def test_style_mixing_cutoff_drawn_per_slice():
                                         8, 0.25)).reshape(1000, 4)
   assert np.all(cut == cut[:, :1])
   assert abs(np.mean(cut[:, 0] < 8) - 0.25) < 5 * math.sqrt(.25 * .75 / 1000)
+
+
+def test_precompile_then_no_tracing_or_compilation_in_training():
+  """After `precompile`, iterations (every phase, several times, changing
+  EMA betas) and `flops_per_iteration` neither trace nor compile again: no
+  second compilation at step 1, no re-lowering for the FLOPs."""
+  from jax._src import dispatch, monitoring   # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{"loss.r1_interval": 2, "loss.pl_interval": 2})
+  tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
+  assert tr.compiler_options == steps.CPU_COMPILER_OPTIONS
+  state = tr.init_state(0)
+  real = sharding.host_to_global(real_batch(), tr.mesh)
+  events = []
+
+  def listen(event, duration, **kwargs):
+    del duration
+    if event in (dispatch.JAXPR_TRACE_EVENT, dispatch.BACKEND_COMPILE_EVENT):
+      events.append((event, kwargs.get("fun_name")))
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    ready = tr.precompile(state, real)
+    compiled = [f for e, f in events if e == dispatch.BACKEND_COMPILE_EVENT]
+    assert sorted(compiled) == ["jit(d_main)", "jit(d_reg)", "jit(g_main)",
+                                "jit(g_reg)"]
+    assert sorted(ready) == sorted(tr.compile_stats) == [
+        "d_main", "d_reg", "g_main", "g_reg"]
+    events.clear()
+    for step in range(5):
+      state, metrics = tr.train_step(state, real, step, step * 8)
+    jax.block_until_ready(state)
+    flops = tr.flops_per_iteration(state, real)
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+  assert events == []
+  assert flops is None or flops > 0
+  assert int(state.step) == 5 and np.isfinite(float(metrics["D/loss"]))

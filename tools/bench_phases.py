@@ -1,8 +1,18 @@
 r"""Per-phase profile of training: compile time and run time of each jitted
 phase (G main, G reg, D main, D reg), optionally against another version of
-the layers in the same process, in alternating rounds.
+the layers or other XLA compiler options in the same process, in alternating
+rounds.
 
   python tools/bench_phases.py --config configs/demo.py
+
+Compilation is split into Python tracing (`jit(f).trace`), lowering to
+StableHLO (`.lower()`) and XLA compilation (`.compile()`: HLO passes and
+code generation), each in wall and in CPU seconds of this process (the
+phases compile one after another here). Against XLA's default options on
+CPU (A/B of `steps.CPU_COMPILER_OPTIONS`, in one run):
+
+  python tools/bench_phases.py --config configs/demo.py \
+      --baseline_compiler_options '{}'
 
 Before/after a change to gandl_jax/model/layers.py (A/B in one run):
 
@@ -38,6 +48,9 @@ _BASELINE = flags.DEFINE_string(
     "time against the installed one.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds (each runs every phase "
                                "twice per version).")
+_BASELINE_OPTIONS = flags.DEFINE_string(
+    "baseline_compiler_options", None, "JSON dict of XLA compiler options "
+    "('{}': XLA's defaults) to time against the Trainer's default ones.")
 flags.mark_flags_as_required(["config"])
 PHASES = ("g_main", "g_reg", "d_main", "d_reg")
 
@@ -51,11 +64,11 @@ def _load_module(path):
   return module
 
 
-def _setup(config, mesh, layers_module):
+def _setup(config, mesh, layers_module, compiler_options=None):
   """Compiles the four phases with `layers_module` behind the networks."""
   networks.layers = layers_module
   try:
-    tr = Trainer(config, mesh)
+    tr = Trainer(config, mesh, compiler_options=compiler_options)
     state = tr.init_state(config.seed)
     b, r, c = tr.batch, config.model.resolution, config.model.img_channels
     real = jax.device_put(
@@ -65,18 +78,26 @@ def _setup(config, mesh, layers_module):
     args = {"g_main": (), "g_reg": (), "d_main": (real, beta),
             "d_reg": (real,)}
     fns, compile_s, lower_s = {}, {}, {}
+    stages = {}   # phase -> {trace, lower, xla} -> (wall s, CPU s)
     for ph in PHASES:
-      t0 = time.time()
-      lowered = tr.compiled(ph, state).lower(state, *args[ph])
-      lower_s[ph] = time.time() - t0     # tracing in Python, then StableHLO
+      t0, c0 = time.time(), time.process_time()
+      traced = tr.compiled(ph, state).trace(state, *args[ph])
+      t1, c1 = time.time(), time.process_time()
+      lowered = traced.lower()
+      t2, c2 = time.time(), time.process_time()
       fns[ph] = lowered.compile()
-      compile_s[ph] = time.time() - t0   # lowering + XLA compilation
+      t3, c3 = time.time(), time.process_time()
+      lower_s[ph] = t2 - t0     # tracing in Python, then StableHLO
+      compile_s[ph] = t3 - t0   # lowering + XLA compilation
+      stages[ph] = {"trace": (t1 - t0, c1 - c0), "lower": (t2 - t1, c2 - c1),
+                    "xla": (t3 - t2, c3 - c2)}
       state, _ = fns[ph](state, *args[ph])
       jax.block_until_ready(state)
   finally:
     networks.layers = layers
   return {"fns": fns, "args": args, "state": state, "compile_s": compile_s,
-          "lower_s": lower_s,
+          "lower_s": lower_s, "stages": stages,
+          "compiler_options": tr.compiler_options,
           "ms": {ph: [] for ph in PHASES},
           "cpu_ms": {ph: [] for ph in PHASES}}
 
@@ -88,6 +109,9 @@ def main(argv):
   versions = {}
   if _BASELINE.value:
     versions["baseline"] = _setup(config, mesh, _load_module(_BASELINE.value))
+  if _BASELINE_OPTIONS.value is not None:
+    versions["baseline_options"] = _setup(
+        config, mesh, layers, json.loads(_BASELINE_OPTIONS.value))
   versions["current"] = _setup(config, mesh, layers)
   for _ in range(_ROUNDS.value):
     for v in versions.values():
@@ -117,10 +141,16 @@ def main(argv):
           f"(of which lowering {sum(v['lower_s'].values()):.1f} s); CPU "
           f"(all threads) per amortized iteration {amortized(cpu):.0f} ms: "
           + ", ".join(f"{ph} {cpu[ph]:.0f}" for ph in PHASES))
+    total = {k: [sum(st[k][i] for st in v["stages"].values())
+                 for i in (0, 1)] for k in ("trace", "lower", "xla")}
+    print(f"  {name} compiler options {v['compiler_options']}: " + "; ".join(
+        f"{k} {w:.1f} s wall / {c:.1f} s CPU" for k, (w, c) in total.items()))
     result[name] = {"median_ms": med, "median_cpu_ms": cpu,
                     "iteration_cpu_ms": amortized(cpu),
                     "compile_s": v["compile_s"],
-                    "lower_s": v["lower_s"],
+                    "lower_s": v["lower_s"], "stages": v["stages"],
+                    "compile_stages_total": total,
+                    "compiler_options": v["compiler_options"],
                     "iteration_ms": it, "img_per_sec": img_s}
   print(json.dumps(result))
   sys.stdout.flush()

@@ -55,7 +55,16 @@ _CACHE = flags.DEFINE_string(
     "here (as gandl-train does by default); off by default, so that "
     "compile_sec is a cold compilation. Run twice with the same directory "
     "for the first- and second-run compile times.")
+_OPTIONS = flags.DEFINE_string(
+    "compiler_options", None, "JSON dict of XLA compiler options for the "
+    "phases ('{}': XLA's defaults); default: the Trainer's "
+    "(steps.default_compiler_options).")
 flags.mark_flags_as_required(["config"])
+
+
+def _cpu_seconds() -> float:
+  t = os.times()
+  return t.user + t.system
 
 
 def main(argv):
@@ -65,18 +74,24 @@ def main(argv):
   mesh = sharding.make_mesh()
   n_dev = mesh.devices.size
   config_lib.validate(config, n_dev, jax.process_count())
-  tr = Trainer(config, mesh)
+  tr = Trainer(config, mesh, compiler_options=(
+      None if _OPTIONS.value is None else json.loads(_OPTIONS.value)))
   b, r, c = tr.batch, config.model.resolution, config.model.img_channels
-  state = tr.init_state(config.seed)
+  t0 = time.time()
+  state = jax.block_until_ready(tr.init_state(config.seed))
+  init_s = time.time() - t0   # G and D init (jitted: compiled too)
   real = jax.device_put(
       jax.random.uniform(jax.random.PRNGKey(1), (b, r, r, c), jnp.float32,
                          -1, 1), sharding.data_sharded(mesh))
 
-  t0 = time.time()
-  tr.precompile(state, real)       # all phases, concurrently, as gandl-train
+  # compile_sec: precompile (all phases, concurrently, as gandl-train) and
+  # the first iteration; compile_cpu_sec: the CPU seconds this process spent
+  # on them (the steadier figure on a shared machine).
+  t0, c0 = time.time(), _cpu_seconds()
+  tr.precompile(state, real)
   state, _ = tr.train_step(state, real, 0, 0)
   jax.block_until_ready(state)
-  compile_s = time.time() - t0
+  compile_s, compile_cpu_s = time.time() - t0, _cpu_seconds() - c0
   step = 1
   for _ in range(_WARMUP.value):
     state, _ = tr.train_step(state, real, step, step * b)
@@ -131,7 +146,10 @@ def main(argv):
       "img_per_sec": img_s, "sec_per_kimg": 1000.0 / img_s,
       "tflops_per_device": (flops * (img_s / b) / n_dev / 1e12
                             if flops else None),
-      "compile_sec": compile_s, "compilation_cache": cache_dir,
+      "compile_sec": compile_s, "compile_cpu_sec": compile_cpu_s,
+      "init_sec": init_s,
+      "compile_phases": tr.compile_stats,
+      "compiler_options": tr.compiler_options, "compilation_cache": cache_dir,
       "load_average": os.getloadavg(), "iterations": _ITERS.value,
       "cpu_sec_per_kimg": cpu_per_kimg(ours_cpu),
   }
@@ -155,7 +173,11 @@ def main(argv):
            if result["tflops_per_device"] else "")
         + (f", peak {result['mem/peak_gib']:.2f} GiB"
            if "mem/peak_gib" in result else "")
-        + f" (compile {compile_s:.0f} s)")
+        + f" (compile {compile_s:.1f} s, {compile_cpu_s:.1f} CPU s; "
+        + ", ".join(f"{k}: lower {v['lower_s']:.1f} s, XLA {v['xla_s']:.1f} s"
+                    for k, v in tr.compile_stats.items())
+        + f"; before it, init_state {init_s:.1f} s"
+        + f"; load average {os.getloadavg()[0]:.1f})")
   if ref:
     fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)
     print(f"stylegan2-ada-pytorch (torch {ref.info['torch']}, "

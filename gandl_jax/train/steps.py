@@ -101,6 +101,24 @@ def sanitize_grads(grads):
   return clean, bad
 
 
+# XLA:CPU options for the training phases (docs/performance.md, "Compile
+# time"): each phase is a few hundred small fused loops, and LLVM's
+# optimization and code generation of them is most of a cold start. LLVM -O1
+# instead of XLA's default -O3 compiles the demo's phases in about a third
+# less CPU time, with the iteration about as fast (+1% CPU per iteration,
+# within the noise in wall time; A/B: tools/bench_phases.py
+# --baseline_compiler_options '{}'). Results differ from -O3's in the last
+# bits (FMA contraction), within every parity bound. Other platforms get none.
+CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def default_compiler_options(mesh: Mesh) -> Dict[str, Any]:
+  """`CPU_COMPILER_OPTIONS` on a mesh of CPU devices, else none."""
+  if {d.platform for d in mesh.devices.flat} == {"cpu"}:
+    return dict(CPU_COMPILER_OPTIONS)
+  return {}
+
+
 def mixing_cutoffs(key: Array, batch: int, slices: int, num_ws: int,
                    prob: float) -> Array:
   """Per-sample style-mixing cutoffs, shape (batch,): the batch is cut into
@@ -128,9 +146,14 @@ class Trainer:
   never cross devices. Fixing it makes results independent of device count.
   """
 
-  def __init__(self, config, mesh: Mesh, mbstd_shards: int = None):
+  def __init__(self, config, mesh: Mesh, mbstd_shards: int = None,
+               compiler_options: Dict[str, Any] = None):
     self.config = config
     self.mesh = mesh
+    # XLA options of every phase (None: `default_compiler_options`).
+    self.compiler_options = (default_compiler_options(mesh)
+                             if compiler_options is None
+                             else dict(compiler_options))
     self.G, self.D = networks.build(config.model, config.compute_dtype,
                                     config.get("remat", "none"))
     self.batch = int(config.batch_size)
@@ -163,6 +186,10 @@ class Trainer:
     )
     self._compiled = {}
     self._executables = {}   # precompile's AOT executables
+    self._lowered = {}       # precompile's lowerings (for their FLOPs)
+    # precompile's seconds per phase: lowering (tracing + StableHLO) and
+    # XLA compilation (in its thread, beside the others).
+    self.compile_stats: Dict[str, Dict[str, float]] = {}
 
   # ------------------------------------------------------------ state
 
@@ -351,27 +378,41 @@ class Trainer:
                ((self._repl,) if phase.takes_beta else ()))
       self._compiled[name] = jax.jit(
           phase.fn, in_shardings=(st,) + extra,
-          out_shardings=(st, self._repl), donate_argnums=(0,))
+          out_shardings=(st, self._repl), donate_argnums=(0,),
+          compiler_options=self.compiler_options or None)
     return self._compiled[name]
 
   def precompile(self, state: TrainState, real: Array) -> Dict[str, float]:
-    """Compiles every scheduled phase now, concurrently (XLA compiles in
-    C++ without the GIL, so the phases' compilations overlap on several
-    cores); `train_step` then runs these executables. Returns the seconds
-    from the start until each phase was ready."""
+    """Compiles every scheduled phase now, concurrently: each phase is handed
+    to a thread pool as soon as it is lowered, so XLA (which compiles in C++
+    without the GIL) works on the first phases while Python traces the next
+    ones; `train_step` then runs these executables. Returns the seconds from
+    the start until each phase was ready; `compile_stats` keeps each
+    phase's lowering and XLA seconds."""
     beta = jax.device_put(jnp.float32(0.5), self._repl)
     t0 = time.time()
-    lowered = {p.name: self.compiled(p.name, state).lower(
-        *self._args(p, state, real, beta)) for p in self.phases if p.every}
 
-    def compile_one(name):
-      exe = lowered[name].compile()
-      return name, exe, time.time() - t0
-    with futures.ThreadPoolExecutor(len(lowered) or 1) as pool:
-      done = list(pool.map(compile_one, lowered))
-    for name, exe, _ in done:
-      self._executables[name] = exe
-    return {name: secs for name, _, secs in done}
+    def compile_one(name, lowered):
+      t = time.time()
+      exe = lowered.compile()
+      return exe, time.time() - t, time.time() - t0
+
+    scheduled = [p for p in self.phases if p.every]
+    pending = {}
+    with futures.ThreadPoolExecutor(len(scheduled) or 1) as pool:
+      for p in scheduled:
+        t = time.time()
+        lowered = self.compiled(p.name, state).lower(
+            *self._args(p, state, real, beta))
+        self._lowered[p.name] = lowered
+        self.compile_stats[p.name] = {"lower_s": time.time() - t}
+        pending[p.name] = pool.submit(compile_one, p.name, lowered)
+      ready = {}
+      for name, future in pending.items():
+        exe, xla_s, ready[name] = future.result()
+        self._executables[name] = exe
+        self.compile_stats[name]["xla_s"] = xla_s
+    return ready
 
   @property
   def precompiled(self) -> bool:
@@ -385,15 +426,18 @@ class Trainer:
   def flops_per_iteration(self, state: TrainState, real: Array):
     """Amortized FLOPs of one iteration from XLA's cost analysis of each
     phase (regularizers weighted by 1/interval), or None where the backend
-    does not report them. Lowers the phases; compiles nothing new."""
+    does not report them. Compiles nothing; lowers only the phases that
+    `precompile` did not (it keeps its lowerings, so no phase is traced
+    twice)."""
     beta = jax.device_put(jnp.float32(0.5), self._repl)
     total = 0.0
     for phase in self.phases:
       if not phase.every:
         continue
       try:
-        flops = monitor.compiled_flops(self.compiled(phase.name, state).lower(
-            *self._args(phase, state, real, beta)))
+        lowered = self._lowered.get(phase.name) or self.compiled(
+            phase.name, state).lower(*self._args(phase, state, real, beta))
+        flops = monitor.compiled_flops(lowered)
       except Exception:  # pylint: disable=broad-except
         flops = None
       if flops is None:
