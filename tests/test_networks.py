@@ -239,3 +239,8 @@ def test_init_cpu_compiler_options_give_the_default_values_bitwise():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   other = jax.tree_util.tree_leaves(networks.init(jax.random.PRNGKey(8), G, D))
   assert any(not np.array_equal(a, b) for a, b in zip(fast, other))
+  # Inside a trace (Trainer.abstract_state, interop) JAX refuses options on
+  # a nested jit: init goes without them there.
+  shapes = jax.tree_util.tree_leaves(jax.eval_shape(
+      lambda k: networks.init(k, G, D), key))
+  assert [s.shape for s in shapes] == [a.shape for a in fast]

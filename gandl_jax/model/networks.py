@@ -481,8 +481,11 @@ def init(rng: Array, G: Generator, D: Discriminator, batch: int = 1,
   """Initial variables: G -> {'params', 'buffers'}, D -> {'params'}.
 
   `compiler_options`: XLA's for the two jitted inits (None:
-  `CPU_INIT_COMPILER_OPTIONS` on the CPU backend, else none)."""
-  if compiler_options is None:
+  `CPU_INIT_COMPILER_OPTIONS` on the CPU backend, else none; none inside a
+  trace, e.g. `jax.eval_shape`, where JAX takes them only at the top)."""
+  if isinstance(rng, jax.core.Tracer):
+    compiler_options = {}
+  elif compiler_options is None:
     compiler_options = (CPU_INIT_COMPILER_OPTIONS
                         if jax.default_backend() == "cpu" else {})
   g_key, d_key = jax.random.split(rng)

@@ -103,13 +103,13 @@ def sanitize_grads(grads):
 
 # XLA:CPU options for the training phases (docs/performance.md, "Compile
 # time"): each phase is a few hundred small fused loops, and LLVM's
-# optimization and code generation of them is most of a cold start. LLVM -O1
-# instead of XLA's default -O3 compiles the demo's phases in about a third
-# less CPU time, with the iteration about as fast (+1% CPU per iteration,
-# within the noise in wall time; A/B: tools/bench_phases.py
-# --baseline_compiler_options '{}'). Results differ from -O3's in the last
-# bits (FMA contraction), within every parity bound. Other platforms get none.
-CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+# optimization and code generation of them is most of a cold start. LLVM -O2
+# instead of XLA's default -O3 compiles the demo's phases in about a quarter
+# less CPU time (-O1 saves no more) and runs the iteration as fast (A/B:
+# tools/bench_phases.py --baseline_compiler_options '{}'). Results differ
+# from -O3's in the last bits, within every parity bound. Other platforms
+# get none.
+CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
 
 
 def default_compiler_options(mesh: Mesh) -> Dict[str, Any]:
