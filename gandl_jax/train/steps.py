@@ -101,8 +101,8 @@ def sanitize_grads(grads):
   return clean, bad
 
 
-# XLA:CPU options for the training phases (docs/performance.md, "Compile
-# time"): each phase is a few hundred small fused loops, and LLVM's
+# XLA:CPU options for the training phases (docs/performance.md,
+# "Compilation time"): each phase is a few hundred small fused loops, and LLVM's
 # optimization and code generation of them is most of a cold start. LLVM -O2
 # instead of XLA's default -O3 compiles the demo's phases in about a quarter
 # less CPU time (-O1 saves no more) and runs the iteration as fast (A/B:
@@ -392,7 +392,7 @@ class Trainer:
     beta = jax.device_put(jnp.float32(0.5), self._repl)
     t0 = time.time()
 
-    def compile_one(name, lowered):
+    def compile_one(lowered):
       t = time.time()
       exe = lowered.compile()
       return exe, time.time() - t, time.time() - t0
@@ -406,7 +406,7 @@ class Trainer:
             *self._args(p, state, real, beta))
         self._lowered[p.name] = lowered
         self.compile_stats[p.name] = {"lower_s": time.time() - t}
-        pending[p.name] = pool.submit(compile_one, p.name, lowered)
+        pending[p.name] = pool.submit(compile_one, lowered)
       ready = {}
       for name, future in pending.items():
         exe, xla_s, ready[name] = future.result()
