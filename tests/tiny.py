@@ -35,12 +35,9 @@ def override(config, overrides):
   return config
 
 
-def tiny_config(path: str = "", **overrides):
-  """Batch 8; 4 iterations (0.032 kimg), checkpoints every 2, logs every 1."""
-  config = config_lib.base_config()
-  config.model = config_lib.model_config(
-      resolution=8, z_dim=16, w_dim=16, channel_base=64, channel_max=16,
-      mbstd_group_size=2)
+def _tiny_run(config, path: str) -> None:
+  """The run both tiny configs share: data at `path`, batch 8, 4 iterations
+  (0.032 kimg), checkpoints every 2, logs every 1, 2x2 image grids."""
   config.data.path = path
   config.data.shuffle_buffer = 16
   config.batch_size = 8
@@ -49,6 +46,15 @@ def tiny_config(path: str = "", **overrides):
   config.log_every_kimg = 0.008
   config.image_grid_every_kimg = 0.016
   config.image_grid_size = 2
+
+
+def tiny_config(path: str = "", **overrides):
+  """Batch 8; 4 iterations (0.032 kimg), checkpoints every 2, logs every 1."""
+  config = config_lib.base_config()
+  config.model = config_lib.model_config(
+      resolution=8, z_dim=16, w_dim=16, channel_base=64, channel_max=16,
+      mbstd_group_size=2)
+  _tiny_run(config, path)
   config.loss.r1_gamma = 1.0
   config.ema.half_life_kimg = 0.01
   return override(config, overrides)
@@ -60,12 +66,5 @@ def tiny_convae_config(path: str = "", **overrides):
   config = config_lib.convae_base_config()
   config.model = config_lib.convae_model_config(
       resolution=8, channel_base=64, channel_max=16, bottleneck_dim=16)
-  config.data.path = path
-  config.data.shuffle_buffer = 16
-  config.batch_size = 8
-  config.total_kimg = 0.032
-  config.checkpoint_every_kimg = 0.016
-  config.log_every_kimg = 0.008
-  config.image_grid_every_kimg = 0.016
-  config.image_grid_size = 2
+  _tiny_run(config, path)
   return override(config, overrides)
