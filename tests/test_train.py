@@ -91,6 +91,19 @@ def test_non_finite_loss_stops_with_clear_error(shards, tmp_path):
     assert all(np.all(np.isfinite(x)) for x in leaves)
 
 
+def test_state_is_finite_checks_float_leaves_with_one_cached_program():
+  state = {"a": np.ones((3, 2), np.float32), "n": np.arange(4),
+           "b": [np.zeros(5, np.float32)]}
+  assert train_loop._state_is_finite(state)
+  before = train_loop._all_finite._cache_size()
+  for bad in (np.nan, np.inf, -np.inf):
+    broken = dict(state, b=[np.array([0, 0, bad, 0, 0], np.float32)])
+    assert not train_loop._state_is_finite(broken), bad
+  assert train_loop._state_is_finite(state)
+  # Same structure, same program: nothing rebuilt per call.
+  assert train_loop._all_finite._cache_size() == before
+
+
 def _train_cmd(config_path, workdir, *flags):
   return [sys.executable, "-m", "gandl_jax.cli.train",
           f"--config={config_path}", f"--workdir={workdir}", *flags]

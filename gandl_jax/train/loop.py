@@ -130,12 +130,16 @@ def _check_resume(config, allow: Sequence[str], directory):
   return check
 
 
+@jax.jit
+def _all_finite(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _state_is_finite(state) -> bool:
+  """One jitted program (cached per state structure, not rebuilt per call)."""
   leaves = [x for x in jax.tree_util.tree_leaves(state)
             if jnp.issubdtype(x.dtype, jnp.floating)]
-  return bool(jax.device_get(jax.jit(
-      lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(
-          leaves)))
+  return bool(jax.device_get(_all_finite(leaves)))
 
 
 def _check_finite(history, state) -> None:
