@@ -1,4 +1,4 @@
-"""gandl_jax/allocator.py: freed large blocks are reused, not faulted in again."""
+"""gandl_jax/allocator.py: freed large blocks are reused, not faulted again."""
 import os
 import subprocess
 import sys

@@ -353,8 +353,9 @@ def _bench(wd: str) -> None:
              "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_gb": round(peak_gb, 2),
              "loadavg": load, "stages_s": stages,
              "cpu_steps_s": [[float(a), b] for a, b in cpu_steps],
-             "user_system_faults_steps": [[float(a), float(b), int(c), d]
-                                          for a, b, c, d in ru_steps], "pass": ok}
+             "user_system_faults_steps": [
+                 [float(a), float(b), int(c), d] for a, b, c, d in ru_steps],
+             "pass": ok}
   print("BENCH_JSON " + json.dumps(summary), flush=True)
   if FLAGS.compare:
     diffs = compare_outputs(FLAGS.compare, out_dir, FLAGS.rtol)
