@@ -222,3 +222,44 @@ def test_csv_polars_path_equals_arrow(tmp_path, monkeypatch, range_bytes):
       assert a[0] == b[0], bad
       np.testing.assert_array_equal(a[1].view(np.int32), b[1].view(np.int32))
   del pl
+
+
+def test_polars_columns_into_the_matrix(tmp_path, monkeypatch):
+  """polars' columns go into the row-major matrix a block of columns at a
+  time: more columns than a block (and a part block), several ranges, a
+  matrix that must grow; the same float32 matrix as Arrow's path and as
+  numpy's transpose."""
+  pytest.importorskip("polars")
+  rng = np.random.default_rng(11)
+  n, dim = 203, 2 * eio._COLUMN_BLOCK + 13
+  X = rng.standard_normal((n, dim)).astype(np.float32)
+  lines = [f"HRCE-1_1_A{i:03d}_1," + ",".join(f"{v:.9g}" for v in row) + "\n"
+           for i, row in enumerate(X)]
+  p = tmp_path / "wide.csv"
+  p.write_text("site_id," + ",".join(map(str, range(dim))) + "\n" +
+               "".join(lines))
+  monkeypatch.setattr(eio, "CSV_POLARS_RANGE_BYTES", 20_000)   # ~8 ranges
+  calls = []
+  real = eio._polars_range
+  monkeypatch.setattr(eio, "_polars_range",
+                      lambda *a: calls.append(real(*a)) or calls[-1])
+  emb = eio.read_embeddings_file(str(p))
+  assert len(calls) > 2 and all(c is not None for c in calls)
+  assert emb.features.dtype == np.float32 and emb.features.flags.c_contiguous
+  np.testing.assert_array_equal(emb.features, X)
+  monkeypatch.setattr(eio, "_polars_range", lambda *a, **k: None)
+  arrow = eio.read_embeddings_file(str(p))
+  np.testing.assert_array_equal(emb.features.view(np.int32),
+                                arrow.features.view(np.int32))
+  assert emb.meta["site_id"].tolist() == arrow.meta["site_id"].tolist()
+  # The pieces on their own: blocks against numpy's transpose; a matrix
+  # that grows keeps its rows.
+  cols = [rng.standard_normal(37).astype(np.float32) for _ in range(dim)]
+  out = eio._matrix(37, dim)
+  assert out.flags.c_contiguous and out.flags.writeable
+  eio._put_columns(out, cols)
+  np.testing.assert_array_equal(out, np.stack(cols).T)
+  grown = eio._grow(out, 30, 50)
+  assert grown.shape == (55, dim)
+  np.testing.assert_array_equal(grown[:30], out[:30])
+  assert eio._matrix(0, dim).shape == (0, dim)

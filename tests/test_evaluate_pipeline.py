@@ -301,3 +301,25 @@ def test_run_side_by_side_waits_then_raises_in_order():
   run_side_by_side([lambda: order.append("a"), lambda: order.append("b")],
                    threads=1)
   assert order == ["a", "b"]
+
+
+def test_run_side_by_side_runs_blas_on_one_thread():
+  """Tasks side by side run BLAS on one thread (its own threads would spin
+  between calls on cores the tasks fill); the setting is restored after,
+  and tasks one after another keep BLAS's threads."""
+  threadpoolctl = pytest.importorskip("threadpoolctl")
+  from gandl_jax.evaluate.pipeline import run_side_by_side
+
+  def blas_threads():
+    return [p["num_threads"] for p in threadpoolctl.threadpool_info()
+            if p["user_api"] == "blas"]
+
+  before = blas_threads()
+  if not before or max(before) < 2:
+    pytest.skip("BLAS runs on one thread here anyway")
+  seen = []
+  run_side_by_side([lambda: seen.append(blas_threads())] * 3, threads=2)
+  assert seen and all(max(s) == 1 for s in seen), seen
+  assert blas_threads() == before
+  run_side_by_side([lambda: seen.append(blas_threads())], threads=1)
+  assert seen[-1] == before

@@ -175,6 +175,11 @@ _CHILD = """
 import json, resource, sys, time
 t = time.time()
 import gandl_jax
+try:                      # as gandl-evaluate does, before numpy is imported
+  from gandl_jax import allocator
+  print("CHILD_ALLOCATOR", allocator.keep_freed_memory())
+except ImportError:       # a --code version without it
+  print("CHILD_ALLOCATOR", None)
 from gandl_jax.evaluate import Options, evaluate, retrieval
 print("CHILD_IMPORT_S", time.time() - t)
 w, emb, tasks, norm, null, out, threads = (sys.argv[1], sys.argv[2],
@@ -185,12 +190,21 @@ kw = {"threads": int(threads)} if threads else {}
 opts = Options(normalization=norm,
                retrieval=retrieval.RetrievalConfig(null_size=int(null)), **kw)
 cpu = [time.process_time()]
+def _ru():
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return (r.ru_utime, r.ru_stime, r.ru_minflt)
+ru0 = [_ru()]
 def log(msg):
   # CPU seconds (all threads) since the previous message: on a shared
   # machine the wall time of a stage mostly measures the other jobs.
   now = time.process_time()
   print("CHILD_LOG_CPU", round(now - cpu[0], 2), msg.strip()[:60], flush=True)
   cpu[0] = now
+  # ... split into user and system seconds, with the minor page faults.
+  r = _ru()
+  print("CHILD_LOG_RU", round(r[0] - ru0[0][0], 2), round(r[1] - ru0[0][1], 2),
+        r[2] - ru0[0][2], msg.strip()[:60], flush=True)
+  ru0[0] = r
 m = evaluate(w + "/" + emb, out, metadata=w + "/metadata.csv",
              tasks=tasks, compounds=["Remdesivir (GS-5734)", "GS-441524"],
              options=opts, log=log)
@@ -263,6 +277,8 @@ def _bench(wd: str) -> None:
                if line.startswith("CHILD_"))
   cpu_steps = [line.split(" ", 2)[1:] for line in r.stdout.splitlines()
                if line.startswith("CHILD_LOG_CPU ")]
+  ru_steps = [line.split(" ", 4)[1:] for line in r.stdout.splitlines()
+              if line.startswith("CHILD_LOG_RU ")]
   peak_gb = int(child["CHILD_MAXRSS_KB"]) / 2**20
   with open(os.path.join(out_dir, "metrics.json")) as f:
     m = json.load(f)
@@ -289,6 +305,11 @@ def _bench(wd: str) -> None:
   print("  CPU seconds up to each log message (process, all threads):")
   for sec, msg in cpu_steps:
     print(f"    {float(sec):8.2f}  {msg}")
+  if ru_steps:
+    print("  user s, system s, minor page faults up to each log message:")
+    for user, system, faults, msg in ru_steps:
+      print(f"    {float(user):7.2f} {float(system):7.2f} {int(faults):9d}  "
+            f"{msg}")
   for task in ("control", "cell_model"):
     if e.get(task, {}).get("status") == "ok":
       for split in ("random", "plate"):
@@ -331,7 +352,10 @@ def _bench(wd: str) -> None:
              "task_threads": FLAGS.task_threads,
              "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_gb": round(peak_gb, 2),
              "loadavg": load, "stages_s": stages,
-             "cpu_steps_s": [[float(a), b] for a, b in cpu_steps], "pass": ok}
+             "cpu_steps_s": [[float(a), b] for a, b in cpu_steps],
+             "user_system_faults_steps": [
+                 [float(a), float(b), int(c), d] for a, b, c, d in ru_steps],
+             "pass": ok}
   print("BENCH_JSON " + json.dumps(summary), flush=True)
   if FLAGS.compare:
     diffs = compare_outputs(FLAGS.compare, out_dir, FLAGS.rtol)

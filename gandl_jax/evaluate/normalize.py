@@ -17,12 +17,14 @@ import numpy as np
 import pandas as pd
 
 
-def _single_thread_lapack():
-  """Context running BLAS/LAPACK on one thread.
+def single_thread_blas():
+  """Context running BLAS/LAPACK on one thread (process-wide: enter it
+  from one thread, around whatever runs on others).
 
   For the 1,024 x 1,024 eigendecompositions of whitening and TVN, OpenBLAS's
   threads gain little and, when the cores are shared, spin: on the shared
   2-core machine `np.linalg.eigh` took 21.6 s on 2 threads and 2.2 s on one.
+  The tasks that `pipeline.run_side_by_side` runs on threads use it too.
   threadpoolctl comes with scikit-learn.
   """
   global _THREADPOOLS
@@ -237,7 +239,7 @@ def _coral_map(R: np.ndarray, G: Optional[np.ndarray], a: float,
   never formed.
   """
   n, k = R.shape
-  with _single_thread_lapack():
+  with single_thread_blas():
     if n < k and a > 0:
       g, U = np.linalg.eigh(G)
       keep = g > 1e-10 * max(g.max(), 1e-300)
@@ -353,7 +355,7 @@ def fit_whitening(X: np.ndarray, n_components: Optional[int] = None,
   mean = Xd.mean(axis=0)
   Xd -= mean
   cov = (Xd.T @ Xd) / (len(Xd) - 1)
-  with _single_thread_lapack():
+  with single_thread_blas():
     evals, evecs = np.linalg.eigh(cov)
   order = np.argsort(evals)[::-1]
   evals, evecs = evals[order], evecs[:, order]

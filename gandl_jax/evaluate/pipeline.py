@@ -274,8 +274,14 @@ def run_side_by_side(fns: Sequence[Callable[[], None]],
     return
   # `warnings.catch_warnings` (used by the tasks and scikit-learn) is not
   # thread-safe: whatever the threads leave in the filters is undone here.
-  with warnings.catch_warnings(), concurrent.futures.ThreadPoolExecutor(
-      threads, thread_name_prefix="gandl-evaluate") as pool:
+  # BLAS on one thread: the task threads fill the cores already, and
+  # OpenBLAS's own threads, waiting for work between calls, spin (4 of 55
+  # CPU s at RxRx19a size on 2 cores). The tasks' BLAS work is matrix
+  # products, whose threads split the rows and columns, not the sums: the
+  # same numbers (all six tasks at RxRx19a size compared equal).
+  with warnings.catch_warnings(), normalize.single_thread_blas(), \
+      concurrent.futures.ThreadPoolExecutor(
+          threads, thread_name_prefix="gandl-evaluate") as pool:
     futures = [pool.submit(fn) for fn in fns]
     concurrent.futures.wait(futures)
   for f in futures:
