@@ -269,11 +269,12 @@ def pointwise_conv(x: Array, w: Array) -> Array:
   """A 1x1 convolution (NHWC `x`, HWIO `w` of shape (1, 1, I, O)) as one
   matrix product over the flattened N * H * W positions.
 
-  Same sums as the convolution. XLA:CPU runs the product and its gradients
-  (the weight gradient contracts the leading N * H * W axis of both operands,
-  with no layout transposes) 1.5-4x faster than the 1x1 convolution's, whose
-  few input or output channels (toRGB / fromRGB: 5) it handles poorly
-  (docs/performance.md); accelerators lower both to the same matrix product.
+  Same sums as the convolution. XLA:CPU runs the product's gradients (the
+  weight gradient contracts the leading N * H * W axis of both operands, with
+  no layout transposes) 1.6-4x faster than the 1x1 convolution's, most of
+  all with the 5 channels of toRGB / fromRGB (docs/performance.md, session
+  5). On GPU/TPU a 1x1 convolution is itself a matrix multiplication on the
+  same units (cuBLAS / the MXU); not measured there.
   """
   n, h, wd, c_in = x.shape
   y = jnp.dot(x.reshape(n * h * wd, c_in), w.reshape(c_in, w.shape[-1]))
