@@ -1,7 +1,8 @@
-"""The slice-based FIR resampling, the polyphase transposed convolution and
-the space-to-depth strided convolution (gandl_jax/model/layers.py) against
-the formulations they replaced: depthwise `conv_general_dilated` for
-upfirdn2d, input dilation for the transposed conv and a strided
+"""The slice-based FIR resampling, the polyphase transposed convolution, the
+space-to-depth strided convolution and the 1x1 convolution as a matrix
+product (gandl_jax/model/layers.py) against the formulations they replaced:
+depthwise `conv_general_dilated` for upfirdn2d, input dilation for the
+transposed conv, a strided `conv_general_dilated` and a 1x1
 `conv_general_dilated`, written out here as the reference. Values and
 gradients (first and second order, as R1 and the path-length penalty need)
 on random inputs."""
@@ -144,6 +145,29 @@ def test_space_to_depth_conv_equals_strided_conv(k, stride, size):
     gx = lambda w: jax.grad(lambda x: jnp.sum(fn(x, w) * c))(x)
     return lambda w: jnp.sum(jnp.square(gx(w)))
   np.testing.assert_allclose(jax.jit(jax.grad(penalty(new)))(w),
+                             jax.jit(jax.grad(penalty(ref)))(w), rtol=1e-4,
+                             atol=1e-3)
+
+
+# (c_in, c_out): D's fromRGB (5 image channels in), G's toRGB (5 out), and a
+# skip connection's shape.
+@pytest.mark.parametrize("c_in,c_out", [(5, 4), (4, 5), (3, 6)])
+def test_pointwise_conv_equals_1x1_convolution(c_in, c_out):
+  x, w = _rand(13, (2, 6, 7, c_in)), _rand(14, (1, 1, c_in, c_out))
+  ref = lambda x, w: lax.conv_general_dilated(
+      x, w, (1, 1), "VALID", dimension_numbers=DN,
+      precision=lax.Precision.HIGHEST)
+  _check_value_and_vjp(layers.pointwise_conv, ref, (x, w), atol=1e-4)
+  # conv2d_resample routes unresampled 1x1 kernels through it.
+  _check_value_and_vjp(lambda x, w: layers.conv2d_resample(x, w), ref,
+                       (x, w), atol=1e-4)
+  # Second order (R1's structure): d/dw of ||d<out, c>/dx||^2.
+  c = _rand(15, (2, 6, 7, c_out))
+  def penalty(fn):
+    gx = lambda w: jax.grad(lambda x: jnp.sum(fn(x, w) * c))(x)
+    return lambda w: jnp.sum(jnp.square(gx(w)))
+  new = penalty(layers.pointwise_conv)
+  np.testing.assert_allclose(jax.jit(jax.grad(new))(w),
                              jax.jit(jax.grad(penalty(ref)))(w), rtol=1e-4,
                              atol=1e-3)
 
