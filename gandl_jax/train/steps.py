@@ -239,9 +239,12 @@ class Trainer:
 
   # ------------------------------------------------------------ pieces
 
-  def _generate(self, g_params, g_buffers, batch: int, key: Array
-                ) -> Tuple[Array, Array, Any]:
-    """Fakes with style mixing and w_avg tracking: (images, ws, buffers)."""
+  def _generate(self, g_params, g_buffers, batch: int, key: Array,
+                synthesize: bool = True) -> Tuple[Array, Array, Any]:
+    """Fakes with style mixing and w_avg tracking: (images, ws, buffers);
+    images None without `synthesize` (the path-length phase, which
+    synthesizes from the ws itself: not tracing an unused pass saves
+    compile time, and the other draws are the same)."""
     G = self.G
     k_z, k_mix, k_cut, k_noise = jax.random.split(key, 4)
     z = jax.lax.with_sharding_constraint(
@@ -258,7 +261,8 @@ class Trainer:
                               G.num_ws, prob)
       mix = jnp.arange(G.num_ws)[None, :, None] >= cutoff[:, None, None]
       ws = jnp.where(mix, ws2, ws)
-    img = self._synthesize(g_params, buffers, ws, k_noise)
+    img = (self._synthesize(g_params, buffers, ws, k_noise) if synthesize
+           else None)
     return img, ws, buffers
 
   def mixing_slices(self, batch: int) -> int:
@@ -303,7 +307,7 @@ class Trainer:
 
     def loss_fn(g_params):
       _, ws, buffers = self._generate(g_params, state.g_buffers,
-                                      self.pl_batch, key)
+                                      self.pl_batch, key, synthesize=False)
       k_noise, k_dir = jax.random.split(k_pl)
       synth = lambda w: self._synthesize(g_params, buffers, w, k_noise)
       lengths, _ = losses.path_lengths(synth, ws, k_dir)
