@@ -98,10 +98,10 @@ def sanitize_grads(grads):
 
   The two sums run over all leaves raveled into one vector: on CPU that is a
   handful of kernels, where a sum per leaf was about four per leaf (58 leaves
-  in the demo's G), a fifth of each phase's kernels and of its compilation
-  (docs/performance.md, "Compilation time"). The cleaned gradients, and so the
-  optimizer step, are per leaf as before; the norm equals
-  `optax.global_norm(clean)` up to the order of the float32 sum.
+  in the demo's G): a fifth of each phase's kernels, about a tenth of its
+  compilation (docs/performance.md, "Compilation time"). The cleaned
+  gradients, and so the optimizer step, are per leaf as before; the norm
+  equals `optax.global_norm(clean)` up to the order of the float32 sum.
   """
   leaves = jax.tree_util.tree_leaves(grads)
   if not leaves:
@@ -148,8 +148,8 @@ def precompile_workers(mesh: Mesh, num_phases: int, cores: int = None) -> int:
 
   XLA:CPU already compiles one program on several threads (its LLVM code
   generation is split over a pool), so on a small CPU host compiling the
-  four phases at once only adds contention: on 2 cores it cost about a third
-  more CPU seconds than one phase at a time, for no gain in wall time
+  four phases at once only adds contention: on 2 cores it cost about a sixth
+  more CPU seconds than one phase at a time, and no less wall time
   (docs/performance.md, "Compilation time"). There `precompile` compiles
   one phase at a time (while Python traces the next); elsewhere (larger
   hosts, accelerators) all at once, as before.
