@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gandl_jax.model import losses
@@ -219,9 +220,35 @@ def test_non_finite_gradients_are_sanitized_in_every_phase(one_device):
 
 def test_sanitize_grads_matches_reference_values():
   g = {"a": jnp.asarray([np.nan, np.inf, -np.inf, 2.0])}
-  clean, bad = steps.sanitize_grads(g)
+  clean, bad, norm = steps.sanitize_grads(g)
   np.testing.assert_array_equal(clean["a"], [0.0, 1e5, -1e5, 2.0])
   assert float(bad) == 3
+  np.testing.assert_allclose(float(norm), np.sqrt(2e10 + 4.0), rtol=1e-6)
+
+
+def test_sanitize_grads_on_a_random_pytree_equals_numpy_per_leaf():
+  """The count and the norm come from all leaves raveled into one vector
+  (fewer kernels to compile); each against numpy leaf by leaf, and the
+  cleaned leaves bitwise numpy's nan_to_num."""
+  rng = np.random.default_rng(0)
+  shapes = {"w": (3, 3, 4, 5), "b": (5,), "s": (), "m": {"x": (7, 2)}}
+  grads = jax.tree_util.tree_map(
+      lambda s: rng.normal(size=s).astype(np.float32), shapes,
+      is_leaf=lambda s: isinstance(s, tuple))
+  grads["w"].flat[[0, 17, 42]] = [np.nan, np.inf, -np.inf]
+  grads["m"]["x"][1, 1] = np.nan
+  clean, bad, norm = jax.jit(steps.sanitize_grads)(grads)
+  ref = jax.tree_util.tree_map(
+      lambda g: np.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
+  for got, want in zip(jax.tree_util.tree_leaves(clean),
+                       jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  assert float(bad) == 4
+  want_norm = np.sqrt(sum(np.sum(np.square(r, dtype=np.float64))
+                          for r in jax.tree_util.tree_leaves(ref)))
+  np.testing.assert_allclose(float(norm), want_norm, rtol=1e-6)
+  np.testing.assert_allclose(float(norm), float(optax.global_norm(clean)),
+                             rtol=1e-6)
 
 
 def test_lazy_correction_kept_when_a_regularizer_is_off():
@@ -281,6 +308,16 @@ def test_style_mixing_cutoff_drawn_per_slice():
                                         8, 0.25)).reshape(1000, 4)
   assert np.all(cut == cut[:, :1])
   assert abs(np.mean(cut[:, 0] < 8) - 0.25) < 5 * math.sqrt(.25 * .75 / 1000)
+
+
+def test_precompile_workers_one_at_a_time_on_a_small_cpu_host():
+  """On a small CPU host XLA's own threads already fill the cores, so the
+  phases compile one at a time; larger hosts compile them all at once."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  assert steps.precompile_workers(mesh, 4, cores=2) == 1
+  assert steps.precompile_workers(mesh, 4, cores=steps.SMALL_HOST_CORES) == 1
+  assert steps.precompile_workers(mesh, 4, cores=16) == 4
+  assert steps.precompile_workers(mesh, 0, cores=16) == 1
 
 
 def test_precompile_then_no_tracing_or_compilation_in_training():

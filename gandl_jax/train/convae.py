@@ -132,11 +132,11 @@ class ConvAETrainer:
               ) -> Tuple[ConvAEState, Metrics]:
     (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
         state.params, real, perceptual_params)
-    grads, bad = sanitize_grads(grads)
+    grads, bad, norm = sanitize_grads(grads)
     updates, opt = self.tx.update(grads, state.opt, state.params)
     state = state.replace(params=optax.apply_updates(state.params, updates),
                           opt=opt, step=state.step + 1)
-    metrics["AE/grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
+    metrics["AE/grad_norm"] = norm
     metrics["AE/grad_nonfinite"] = bad
     return state, metrics
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from concurrent import futures
 from typing import Any, Callable, Dict, Tuple
@@ -81,24 +82,36 @@ def make_optimizer(lr: float, beta1: float, beta2: float, eps: float,
   return optax.adam(lr, b1=b1, b2=b2, eps=eps)
 
 
-def _global_norm(tree) -> Array:
-  return optax.global_norm(tree).astype(jnp.float32)
-
-
 # stylegan2-ada-pytorch's training_loop: nan_to_num(grad, nan=0, posinf=1e5,
 # neginf=-1e5) on every parameter's gradient before each optimizer step.
 GRAD_POSINF, GRAD_NEGINF = 1e5, -1e5
 
 
+def _nan_to_num(x):
+  return jnp.nan_to_num(x, nan=0.0, posinf=GRAD_POSINF, neginf=GRAD_NEGINF)
+
+
 def sanitize_grads(grads):
   """Gradients with NaN -> 0, +inf -> 1e5, -inf -> -1e5 (the reference's
-  clean-up before every optimizer step), and the number of entries replaced."""
-  clean = jax.tree_util.tree_map(
-      lambda g: jnp.nan_to_num(g, nan=0.0, posinf=GRAD_POSINF,
-                               neginf=GRAD_NEGINF), grads)
-  bad = sum(jnp.sum(~jnp.isfinite(g)).astype(jnp.float32)
-            for g in jax.tree_util.tree_leaves(grads))
-  return clean, bad
+  clean-up before every optimizer step), the number of entries replaced, and
+  the global L2 norm of the cleaned gradients (float32 scalars).
+
+  The two sums run over all leaves raveled into one vector: on CPU that is a
+  handful of kernels, where a sum per leaf was about four per leaf (58 leaves
+  in the demo's G): a fifth of each phase's kernels, about a tenth of its
+  compilation (docs/performance.md, "Compilation time"). The cleaned
+  gradients, and so the optimizer step, are per leaf as before; the norm
+  equals `optax.global_norm(clean)` up to the order of the float32 sum.
+  """
+  leaves = jax.tree_util.tree_leaves(grads)
+  if not leaves:
+    zero = jnp.zeros((), jnp.float32)
+    return grads, zero, zero
+  clean = jax.tree_util.tree_map(_nan_to_num, grads)
+  flat = jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in leaves])
+  bad = jnp.sum(jnp.where(jnp.isfinite(flat), 0.0, 1.0))
+  flat = _nan_to_num(flat)
+  return clean, bad, jnp.sqrt(jnp.sum(flat * flat))
 
 
 # XLA:CPU options for the training phases (docs/performance.md,
@@ -117,6 +130,35 @@ def default_compiler_options(mesh: Mesh) -> Dict[str, Any]:
   if {d.platform for d in mesh.devices.flat} == {"cpu"}:
     return dict(CPU_COMPILER_OPTIONS)
   return {}
+
+
+# Hosts with at most this many cores compile the phases one at a time.
+SMALL_HOST_CORES = 4
+
+
+def _host_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
+def precompile_workers(mesh: Mesh, num_phases: int, cores: int = None) -> int:
+  """How many phases `Trainer.precompile` hands to XLA at once.
+
+  XLA:CPU already compiles one program on several threads (its LLVM code
+  generation is split over a pool), so on a small CPU host compiling the
+  four phases at once only adds contention: on 2 cores it cost about a sixth
+  more CPU seconds than one phase at a time, and no less wall time
+  (docs/performance.md, "Compilation time"). There `precompile` compiles
+  one phase at a time (while Python traces the next); elsewhere (larger
+  hosts, accelerators) all at once, as before.
+  """
+  cores = _host_cores() if cores is None else cores
+  on_cpu = {d.platform for d in mesh.devices.flat} == {"cpu"}
+  if on_cpu and cores <= SMALL_HOST_CORES:
+    return 1
+  return max(num_phases, 1)
 
 
 def mixing_cutoffs(key: Array, batch: int, slices: int, num_ws: int,
@@ -227,9 +269,12 @@ class Trainer:
 
   # ------------------------------------------------------------ pieces
 
-  def _generate(self, g_params, g_buffers, batch: int, key: Array
-                ) -> Tuple[Array, Array, Any]:
-    """Fakes with style mixing and w_avg tracking: (images, ws, buffers)."""
+  def _generate(self, g_params, g_buffers, batch: int, key: Array,
+                synthesize: bool = True) -> Tuple[Array, Array, Any]:
+    """Fakes with style mixing and w_avg tracking: (images, ws, buffers);
+    images None without `synthesize` (the path-length phase, which
+    synthesizes from the ws itself: not tracing an unused pass saves
+    compile time, and the other draws are the same)."""
     G = self.G
     k_z, k_mix, k_cut, k_noise = jax.random.split(key, 4)
     z = jax.lax.with_sharding_constraint(
@@ -246,7 +291,8 @@ class Trainer:
                               G.num_ws, prob)
       mix = jnp.arange(G.num_ws)[None, :, None] >= cutoff[:, None, None]
       ws = jnp.where(mix, ws2, ws)
-    img = self._synthesize(g_params, buffers, ws, k_noise)
+    img = (self._synthesize(g_params, buffers, ws, k_noise) if synthesize
+           else None)
     return img, ws, buffers
 
   def mixing_slices(self, batch: int) -> int:
@@ -277,11 +323,11 @@ class Trainer:
 
     (loss, (buffers, logits)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.g_params)
-    grads, bad = sanitize_grads(grads)
+    grads, bad, norm = sanitize_grads(grads)
     updates, g_opt = self.g_tx.update(grads, state.g_opt, state.g_params)
     state = state.replace(g_params=optax.apply_updates(state.g_params, updates),
                           g_buffers=buffers, g_opt=g_opt, rng=rng)
-    return state, {"G/loss": loss, "G/grad_norm": _global_norm(grads),
+    return state, {"G/loss": loss, "G/grad_norm": norm,
                    "G/grad_nonfinite": bad,
                    "scores/fake": jnp.mean(logits.astype(jnp.float32))}
 
@@ -291,7 +337,7 @@ class Trainer:
 
     def loss_fn(g_params):
       _, ws, buffers = self._generate(g_params, state.g_buffers,
-                                      self.pl_batch, key)
+                                      self.pl_batch, key, synthesize=False)
       k_noise, k_dir = jax.random.split(k_pl)
       synth = lambda w: self._synthesize(g_params, buffers, w, k_noise)
       lengths, _ = losses.path_lengths(synth, ws, k_dir)
@@ -302,14 +348,14 @@ class Trainer:
 
     (loss, (buffers, new_mean, lengths, penalty)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.g_params)
-    grads, bad = sanitize_grads(grads)
+    grads, bad, norm = sanitize_grads(grads)
     updates, g_opt = self.g_tx.update(grads, state.g_opt, state.g_params)
     state = state.replace(g_params=optax.apply_updates(state.g_params, updates),
                           g_buffers=buffers, g_opt=g_opt,
                           pl_mean=jax.lax.stop_gradient(new_mean), rng=rng)
     return state, {"G/pl_penalty": jnp.mean(penalty),
                    "G/pl_length": jnp.mean(lengths), "G/pl_mean": new_mean,
-                   "G/reg_grad_norm": _global_norm(grads),
+                   "G/reg_grad_norm": norm,
                    "G/reg_grad_nonfinite": bad}
 
   def d_main(self, state: TrainState, real: Array, ema_beta: Array
@@ -327,7 +373,7 @@ class Trainer:
 
     (loss, (fake_logits, real_logits)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.d_params)
-    grads, bad = sanitize_grads(grads)
+    grads, bad, norm = sanitize_grads(grads)
     updates, d_opt = self.d_tx.update(grads, state.d_opt, state.d_params)
     # G EMA (G does not change in the D phases, so this equals updating at the
     # end of the iteration): p_ema <- p + beta * (p_ema - p); buffers copied.
@@ -337,7 +383,7 @@ class Trainer:
         d_params=optax.apply_updates(state.d_params, updates), d_opt=d_opt,
         g_buffers=g_buffers, ema_params=ema, ema_buffers=g_buffers,
         step=state.step + 1, rng=rng)
-    return state, {"D/loss": loss, "D/grad_norm": _global_norm(grads),
+    return state, {"D/loss": loss, "D/grad_norm": norm,
                    "D/grad_nonfinite": bad,
                    "scores/real": jnp.mean(real_logits.astype(jnp.float32)),
                    "scores/fake_d": jnp.mean(fake_logits.astype(jnp.float32))}
@@ -352,12 +398,12 @@ class Trainer:
 
     (loss, penalty), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.d_params)
-    grads, bad = sanitize_grads(grads)
+    grads, bad, norm = sanitize_grads(grads)
     updates, d_opt = self.d_tx.update(grads, state.d_opt, state.d_params)
     state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
                           d_opt=d_opt)
     return state, {"D/r1_penalty": jnp.mean(penalty),
-                   "D/reg_grad_norm": _global_norm(grads),
+                   "D/reg_grad_norm": norm,
                    "D/reg_grad_nonfinite": bad}
 
   # ------------------------------------------------------------ compiled
@@ -383,10 +429,11 @@ class Trainer:
     return self._compiled[name]
 
   def precompile(self, state: TrainState, real: Array) -> Dict[str, float]:
-    """Compiles every scheduled phase now, concurrently: each phase is handed
-    to a thread pool as soon as it is lowered, so XLA (which compiles in C++
-    without the GIL) works on the first phases while Python traces the next
-    ones; `train_step` then runs these executables. Returns the seconds from
+    """Compiles every scheduled phase now: each phase is handed to a thread
+    pool as soon as it is lowered, so XLA (which compiles in C++ without the
+    GIL) works on the first phases while Python traces the next ones
+    (`precompile_workers` phases at once: one on a small CPU host);
+    `train_step` then runs these executables. Returns the seconds from
     the start until each phase was ready; `compile_stats` keeps each
     phase's lowering and XLA seconds."""
     beta = jax.device_put(jnp.float32(0.5), self._repl)
@@ -399,7 +446,8 @@ class Trainer:
 
     scheduled = [p for p in self.phases if p.every]
     pending = {}
-    with futures.ThreadPoolExecutor(len(scheduled) or 1) as pool:
+    with futures.ThreadPoolExecutor(
+        precompile_workers(self.mesh, len(scheduled))) as pool:
       for p in scheduled:
         t = time.time()
         lowered = self.compiled(p.name, state).lower(
