@@ -189,18 +189,14 @@ w, emb, tasks, norm, null, out, threads = (sys.argv[1], sys.argv[2],
 kw = {"threads": int(threads)} if threads else {}
 opts = Options(normalization=norm,
                retrieval=retrieval.RetrievalConfig(null_size=int(null)), **kw)
-cpu = [time.process_time()]
 def _ru():
   r = resource.getrusage(resource.RUSAGE_SELF)
   return (r.ru_utime, r.ru_stime, r.ru_minflt)
 ru0 = [_ru()]
 def log(msg):
-  # CPU seconds (all threads) since the previous message: on a shared
-  # machine the wall time of a stage mostly measures the other jobs.
-  now = time.process_time()
-  print("CHILD_LOG_CPU", round(now - cpu[0], 2), msg.strip()[:60], flush=True)
-  cpu[0] = now
-  # ... split into user and system seconds, with the minor page faults.
+  # User and system CPU seconds (all threads) and minor page faults since
+  # the previous message: on a shared machine the wall time of a stage
+  # mostly measures the other jobs.
   r = _ru()
   print("CHILD_LOG_RU", round(r[0] - ru0[0][0], 2), round(r[1] - ru0[0][1], 2),
         r[2] - ru0[0][2], msg.strip()[:60], flush=True)
@@ -275,10 +271,10 @@ def _bench(wd: str) -> None:
     raise SystemExit(f"evaluation failed with exit code {r.returncode}")
   child = dict(line.split(" ", 1) for line in r.stdout.splitlines()
                if line.startswith("CHILD_"))
-  cpu_steps = [line.split(" ", 2)[1:] for line in r.stdout.splitlines()
-               if line.startswith("CHILD_LOG_CPU ")]
   ru_steps = [line.split(" ", 4)[1:] for line in r.stdout.splitlines()
               if line.startswith("CHILD_LOG_RU ")]
+  cpu_steps = [(round(float(user) + float(system), 2), msg)
+               for user, system, _, msg in ru_steps]
   peak_gb = int(child["CHILD_MAXRSS_KB"]) / 2**20
   with open(os.path.join(out_dir, "metrics.json")) as f:
     m = json.load(f)
