@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -451,3 +452,43 @@ def test_metadata_paths_and_numbers_refused(tree, tmp_path):
   assert m["plate"] == 7 and m["treatment_conc"] == 0.25
   assert np.isnan(reader.parse_row(dict(r0, treatment_conc=""),
                                    "rxrx19a")["treatment_conc"])
+
+
+def _race_for_lock(out, barrier, results, hold):
+  barrier.wait()
+  try:
+    record = convert.lock_output(out)
+  except convert.OutputLockedError:
+    results.put("refused")
+    return
+  results.put("owner")
+  time.sleep(hold)          # hold it while the others try
+  convert.unlock_output(out, record)
+
+
+def test_stale_lock_has_exactly_one_new_owner(tmp_path):
+  """Three restarts at once on a lock left by a dead pid: one owner, always;
+  the lock is gone once the owner releases it."""
+  import json
+  import multiprocessing
+  import socket
+  ctx = multiprocessing.get_context("fork")
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  out = str(tmp_path / "s")
+  os.makedirs(out)
+  lock = os.path.join(out, convert.LOCK_FILE)
+  for trial in range(12):
+    with open(lock, "w") as f:
+      json.dump(dict(pid=dead.pid, host=socket.gethostname(),
+                     started="2026-01-01T00:00:00+00:00"), f)
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_race_for_lock,
+                         args=(out, barrier, results, 0.3)) for _ in range(3)]
+    for p in procs:
+      p.start()
+    for p in procs:
+      p.join(60)
+    got = sorted(results.get(timeout=5) for _ in procs)
+    assert got == ["owner", "refused", "refused"], (trial, got)
+    assert not os.path.exists(lock)

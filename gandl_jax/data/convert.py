@@ -30,6 +30,7 @@ record and the rename can never leave an old shard next to a new record.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import json
 import math
@@ -71,19 +72,45 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _refusal(output_dir: str, path: str, other: Dict) -> OutputLockedError:
+  who = (f"pid {other.get('pid')} on host {other.get('host')} since "
+         f"{other.get('started')}" if other else "another process")
+  return OutputLockedError(
+      f"{output_dir} is being written by another conversion ({who}; lock "
+      f"file {path}). Wait for it to finish, or use another --output. If "
+      f"that conversion is no longer running (killed, machine gone), "
+      f"delete {path} and rerun.")
+
+
+def _read_record(path: str) -> Dict:
+  try:
+    other = json.loads(gio.read_text(path) or "{}")
+  except (FileNotFoundError, ValueError):
+    return {}
+  return other if isinstance(other, dict) else {}
+
+
+# Open descriptors of the locks this process holds, by lock path.
+_HELD: Dict[str, int] = {}
+
+
 def lock_output(output_dir: str) -> Dict[str, object]:
   """Takes the exclusive lock of `output_dir`; returns the lock record.
 
-  The lock is the file OUTPUT/.gandl-convert.lock, created with O_EXCL and
-  holding the pid, host and start time of its owner; `unlock_output` removes
-  it when the conversion ends (also on errors and Ctrl-C). Two conversions
-  into one directory would delete each other's temporary files: the second
-  one is refused with an error naming the first.
+  The lock is the file OUTPUT/.gandl-convert.lock holding the pid, host and
+  start time of its owner; `unlock_output` removes it when the conversion ends
+  (also on errors and Ctrl-C). Two conversions into one directory would
+  delete each other's temporary files: the second one is refused with an
+  error naming the first.
 
-  Stale locks (the owner was killed with SIGKILL or its machine died): a lock
-  of this host whose pid no longer runs is taken over with a warning. A lock
-  of another host cannot be checked from here: the error says how to remove
-  it once that conversion is known to be gone (delete the file).
+  Local output: the owner also holds an exclusive `flock` on the file, which
+  the kernel releases when the owner dies, however it dies. Whoever takes the
+  flock decides alone, so of any number of processes started at once exactly
+  one owns the lock. Under the flock, a record of this host whose pid no
+  longer runs (a conversion killed with SIGKILL) is taken over with a warning;
+  a record of another host (a shared file system) cannot be checked from here
+  and is refused: the error says how to remove it once that conversion is
+  known to be gone (delete the file).
 
   gs:// output: GCS has no exclusive create through tf.io.gfile, so the lock
   is written after checking that none exists and read back; this catches any
@@ -96,51 +123,55 @@ def lock_output(output_dir: str) -> Dict[str, object]:
                 .isoformat(timespec="seconds"),
                 command=" ".join(sys.argv))
   text = json.dumps(record) + "\n"
-  for _ in range(2):
-    if gio.is_remote(output_dir):
-      if not gio.exists(path):
-        gio.write_text(path, text)
-        if json.loads(gio.read_text(path)) == record:
-          return record
-    else:
-      try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-      except FileExistsError:
-        pass
-      else:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-          f.write(text)
+  if gio.is_remote(output_dir):
+    if not gio.exists(path):
+      gio.write_text(path, text)
+      if json.loads(gio.read_text(path)) == record:
         return record
+    raise _refusal(output_dir, path, _read_record(path))
+  for _ in range(100):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-      other = json.loads(gio.read_text(path))
-    except (FileNotFoundError, ValueError):
-      other = {}
-    if (not gio.is_remote(output_dir) and other.get("host") == record["host"]
-        and isinstance(other.get("pid"), int)
-        and not _pid_alive(other["pid"])):
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise _refusal(output_dir, path, _read_record(path)) from None
+    try:   # its owner may have removed the file between our open and flock
+      current = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      current = False
+    if not current:
+      os.close(fd)
+      continue
+    other = _read_record(path)
+    if other:
+      if (other.get("host") != record["host"]
+          or not isinstance(other.get("pid"), int)
+          or _pid_alive(other["pid"])):
+        os.close(fd)
+        raise _refusal(output_dir, path, other)
       logging.warning("%s: taking over the stale lock of pid %d (no longer "
                       "running) started %s", path, other["pid"],
                       other.get("started"))
-      gio.remove(path)
-      continue
-    who = (f"pid {other.get('pid')} on host {other.get('host')} since "
-           f"{other.get('started')}" if other else "another process")
-    raise OutputLockedError(
-        f"{output_dir} is being written by another conversion ({who}; lock "
-        f"file {path}). Wait for it to finish, or use another --output. If "
-        f"that conversion is no longer running (killed, machine gone), "
-        f"delete {path} and rerun.")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, text.encode("utf-8"), 0)
+    _HELD[path] = fd
+    return record
   raise OutputLockedError(f"{path}: could not take the lock")
 
 
 def unlock_output(output_dir: str, record: Dict[str, object]) -> None:
   """Removes the lock if it is still `record`'s."""
   path = gio.join(output_dir, LOCK_FILE)
+  fd = _HELD.pop(path, None)
   try:
-    if json.loads(gio.read_text(path)) == record:
+    if _read_record(path) == record:
       gio.remove(path)
-  except (FileNotFoundError, ValueError):
+  except FileNotFoundError:
     pass
+  finally:
+    if fd is not None:   # after the removal: see the inode check above
+      os.close(fd)
 
 
 def _tf():
