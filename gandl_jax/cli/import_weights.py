@@ -6,7 +6,7 @@ r"""gandl-import: stylegan2-ada-pytorch networks -> a gandl-jax checkpoint.
   PYTHONPATH=/path/to/stylegan2-ada-pytorch gandl-import \
       --pkl network-snapshot-005000.pkl --trust_pickle --workdir /tmp/imported
 
-See gandl_jax/interop/stylegan2_ada.py and docs/import.md.
+See gandl_jax/interop/stylegan2_ada.py and docs/models.md.
 """
 import json
 import os

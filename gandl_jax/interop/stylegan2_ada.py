@@ -155,7 +155,7 @@ def load_pickle(path: str, trust: bool = False
         f"fully trust its source, pass --trust_pickle (load_pickle(path, "
         f"trust=True)); otherwise import state dicts with --state_dicts "
         f"(.npz, or torch.save'd state_dicts read with "
-        f"torch.load(weights_only=True)); docs/import.md")
+        f"torch.load(weights_only=True)); docs/models.md")
   logging.warning("%s: %s; unpickling it because --trust_pickle was given",
                   path, PICKLE_WARNING)
   _torch()

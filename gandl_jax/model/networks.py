@@ -35,7 +35,7 @@ check_resolution = config_lib.check_resolution
 #   blocks      keep only each block's inputs; about one more forward pass
 #               of the blocks per gradient (compiled for TPU v3 at 512x512
 #               it saved under 1%: the peak is inside the top block;
-#               docs/performance.md, "Rematerialization")
+#               docs/training.md, "Compilation")
 #   blocks_dots keep the convolution outputs inside each block, recompute the
 #               elementwise work (bias, noise, activation, FIR resampling)
 REMAT_POLICIES = {
