@@ -13,6 +13,7 @@ Every `gandl-*` command follows one convention (README, "Exit status"):
 from __future__ import annotations
 
 import logging as _std_logging
+import os as _os
 import sys as _sys
 from typing import Callable, List, Optional
 
@@ -73,6 +74,25 @@ def run(program: str, body: Callable[[], Optional[int]]) -> None:
   except USER_ERRORS as e:
     fail(program, e)
   raise SystemExit(EXIT_OK if status is None else int(status))
+
+
+def start(main: Callable[[List[str]], None]) -> None:
+  """`absl.app.run(main)` with a bad command line (an unknown flag, a missing
+  required one, a value of the wrong type or outside an enum) as one line and
+  exit status 2, instead of absl's FATAL message and status 1."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  program = _os.path.basename(_sys.argv[0]) or "gandl"
+
+  def parse(argv: List[str]) -> List[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      print(f"{program}: usage error: {e}\n"
+            f"Pass --helpshort or --helpfull to see help on flags.",
+            file=_sys.stderr)
+      raise SystemExit(EXIT_USAGE) from None
+
+  app.run(main, flags_parser=parse)
 
 
 def no_arguments(argv) -> None:
