@@ -492,3 +492,25 @@ def test_stale_lock_has_exactly_one_new_owner(tmp_path):
     got = sorted(results.get(timeout=5) for _ in procs)
     assert got == ["owner", "refused", "refused"], (trial, got)
     assert not os.path.exists(lock)
+
+
+def test_record_bytes_do_not_depend_on_the_process(tmp_path):
+  """The same site encodes to the same bytes in processes with different
+  string hashing (a shard's SHA-256 is the same for two clean runs)."""
+  script = tmp_path / "enc.py"
+  script.write_text(
+      "import hashlib, numpy as np\n"
+      "from gandl_jax.data import convert\n"
+      "img = np.arange(8 * 8 * 5, dtype=np.uint8).reshape(8, 8, 5)\n"
+      "cols = convert.dataset_columns('rxrx19a')\n"
+      "meta = {c: 1 if t == 'int64' else 0.5 if t == 'float' else c\n"
+      "        for c, t in cols.items()}\n"
+      "print(hashlib.sha256(convert.encode_example(img, meta, 'rxrx19a'))"
+      ".hexdigest())\n")
+  digests = set()
+  for seed in ("1", "2", "3"):
+    env = dict(os.environ, PYTHONHASHSEED=seed)
+    out = subprocess.run([sys.executable, str(script)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    digests.add(out.strip().splitlines()[-1])
+  assert len(digests) == 1, digests

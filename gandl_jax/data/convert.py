@@ -213,7 +213,10 @@ def encode_example(image: np.ndarray, meta: Dict[str, object], dataset: str,
       f[col] = feat(float_list=tf.train.FloatList(value=[float(v)]))
     else:
       f[col] = feat(bytes_list=tf.train.BytesList(value=[str(v).encode("utf-8")]))
-  return tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString()
+  # deterministic: the feature map in key order. Without it the order (and so
+  # the shard bytes and their SHA-256) follows the process's string hashing.
+  return tf.train.Example(features=tf.train.Features(feature=f)
+                          ).SerializeToString(deterministic=True)
 
 
 def _csv(columns: Sequence[str], rows: Sequence[Dict[str, object]]) -> str:
