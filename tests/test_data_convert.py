@@ -275,7 +275,7 @@ def _channel_reference(root, r, resolution, channels):
 
 
 def test_resume_never_keeps_a_stale_shard(tree, tmp_path, monkeypatch):
-  """Issue 11, item 11: a kill between the progress record and the rename,
+  """A kill between the progress record and the rename,
   with an older conversion's shard under the same name."""
   out = str(tmp_path / "s")
   convert.convert("rxrx19a", tree, out, 16, num_shards=2, channels=[1, 2, 3])
@@ -324,7 +324,7 @@ def test_resume_never_keeps_a_stale_shard(tree, tmp_path, monkeypatch):
 
 
 def test_second_conversion_into_one_output_refused(tree, tmp_path):
-  """Issue 11, item 12: a lock file; the other run's temp files survive."""
+  """A lock file; the other run's temp files survive."""
   import json
   import socket
   out = str(tmp_path / "s")
@@ -364,7 +364,7 @@ def test_second_conversion_into_one_output_refused(tree, tmp_path):
 
 
 def test_non_regular_files_and_huge_ints_are_per_site_errors(tree, tmp_path):
-  """Issue 11, item 13: a directory, a symlink loop and a FIFO at PNG paths
+  """A directory, a symlink loop and a FIFO at PNG paths
   and an int64 overflow become errors.csv rows; nothing hangs."""
   import signal
   root = str(tmp_path / "RxRx19a")
@@ -408,7 +408,7 @@ def test_non_regular_files_and_huge_ints_are_per_site_errors(tree, tmp_path):
 
 
 def test_metadata_paths_and_numbers_refused(tree, tmp_path):
-  """Issue 11, item 14: `../` and absolute paths, `1_0`, infinities."""
+  """`../` and absolute paths, `1_0`, infinities."""
   root = str(tmp_path / "RxRx19a")
   shutil.copytree(tree, root)
   df = pd.read_csv(os.path.join(root, "metadata.csv"), dtype=str,
