@@ -26,6 +26,11 @@ resolution, channels, source size) is unchanged and whose size matches the
 progress record, and redoes the rest. Before a shard is redone, the file under
 its name (an older conversion's) is deleted, so a kill between the progress
 record and the rename can never leave an old shard next to a new record.
+
+The sites are read by `rxrx.py` and `loaddata.py`. This module is longer
+than most (~590 lines) because planning, the resumable shard writer, its
+progress records and the output lock are one job, a conversion that
+survives kills and reruns, whose rules read best in one place.
 """
 from __future__ import annotations
 
@@ -250,77 +255,6 @@ def read_plan(dataset: str, input_dir: str, subset: str = "all",
   return metas, errors, tuple(int(s) for s in source_size)
 
 
-DEFAULT_CLIP = (0.1, 99.9)
-DEFAULT_INTENSITY_SAMPLE = 64
-
-
-def intensity_windows(metas: Sequence[Dict[str, object]], channels: Sequence[str],
-                      clip_percentiles: Optional[Sequence[float]],
-                      sample: int, seed: int, workers: int = 1
-                      ) -> Dict[str, object]:
-  """Each channel's (low, high) -> (0, 255) window of a LoadData set.
-
-  The `clip_percentiles` of the channel's pixel values (the centred square
-  that is converted, at source resolution) pooled over `sample` sites drawn
-  with `seed` (`np.random.default_rng(seed).choice`, without replacement,
-  sorted); unreadable sampled sites are skipped (they fail conversion
-  later anyway). None: the full range of the channel's bit depth.
-  Returns the dataset_info.json `intensity` record.
-  """
-  if clip_percentiles is not None:
-    lo_q, hi_q = (float(q) for q in clip_percentiles)
-    if not 0.0 <= lo_q < hi_q <= 100.0:
-      raise ValueError(f"clip percentiles must be 0 <= low < high <= 100, got "
-                       f"{list(clip_percentiles)}")
-  if sample < 1:
-    raise ValueError(f"intensity sample must be >= 1 site, got {sample}")
-  k = min(sample, len(metas))
-  idx = np.sort(np.random.default_rng(seed).choice(len(metas), k, replace=False))
-  tasks = [(metas[i], tuple(channels)) for i in idx]
-  hist, good, bad = None, [], []
-  pool = (multiprocessing.get_context("spawn").Pool(min(workers, k))
-          if workers > 1 and k > 1 else None)
-  try:
-    # Summed as they come: one (C, 65536) histogram held, not one per site.
-    for r in (pool.imap(loaddata.histogram_task, tasks) if pool
-              else map(loaddata.histogram_task, tasks)):
-      if r.hists is None:
-        bad.append(r)
-        continue
-      hist = r.hists if hist is None else hist + r.hists
-      good.append(r)
-      r.hists = None
-  finally:
-    if pool is not None:
-      pool.close()
-      pool.join()
-  if not good:
-    raise MetadataError(
-        f"none of the {k} sites sampled for the intensity percentiles could "
-        f"be read (first: {bad[0].site_id}: {bad[0].error})")
-  out = []
-  for c, name in enumerate(channels):
-    bits = max(r.bits[c] for r in good)
-    if clip_percentiles is None:
-      low, high = 0.0, float(2**bits - 1)
-    else:
-      low = loaddata.histogram_percentile(hist[c], lo_q)
-      high = loaddata.histogram_percentile(hist[c], hi_q)
-    out.append(dict(name=name, bit_depth=bits, low=low, high=high))
-  logging.info("Intensity windows from %d sites: %s", len(good), ", ".join(
-      f"{c['name']} {c['low']:g}..{c['high']:g}" for c in out))
-  return dict(
-      method=("percentile clip" if clip_percentiles is not None
-              else "full bit-depth range"),
-      percentiles=None if clip_percentiles is None else [lo_q, hi_q],
-      formula="round(255 * clip((x - low) / (high - low), 0, 1)), after "
-              "area-averaging the rescaled values to the resolution",
-      sample_seed=int(seed), sample_sites=len(good),
-      sampled_site_ids=[r.site_id for r in good],
-      skipped_site_ids=[r.site_id for r in bad],
-      channels=out)
-
-
 def site_order(num_sites: int) -> np.ndarray:
   """The fixed (seed 42) order of the valid rows in the output: shard i holds
   the i-th `np.array_split` part of it, in order."""
@@ -405,8 +339,8 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
             source_size: Optional[Tuple[int, int]] = None,
             command: Optional[str] = None,
             path_map: Sequence[Tuple[str, str]] = (),
-            clip_percentiles: Optional[Sequence[float]] = DEFAULT_CLIP,
-            intensity_sample: int = DEFAULT_INTENSITY_SAMPLE,
+            clip_percentiles: Optional[Sequence[float]] = loaddata.DEFAULT_CLIP,
+            intensity_sample: int = loaddata.DEFAULT_INTENSITY_SAMPLE,
             intensity_seed: int = 0) -> Dict[str, object]:
   """Converts a dataset tree to TFRecord shards; returns a summary dict.
 
@@ -479,8 +413,9 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
     if source_size is None:
       source_size = loaddata.probe_loaddata_size(metas, channels)
     source_size = tuple(int(v) for v in source_size)
-    intensity = intensity_windows(metas, channels, clip_percentiles,
-                                  intensity_sample, intensity_seed, workers)
+    intensity = loaddata.intensity_windows(metas, channels, clip_percentiles,
+                                           intensity_sample, intensity_seed,
+                                           workers)
     windows = [(c["low"], c["high"]) for c in intensity["channels"]]
   else:
     metas, errors, source_size = read_plan(dataset, input_dir, subset, channels,

@@ -1,8 +1,8 @@
 """Reading any Cell Painting set described by CellProfiler LoadData CSVs: one
 row per site, one FileName_<channel> / PathName_<channel> pair per channel,
 8- or 16-bit PNG or TIFF planes (multi-page files with Frame_<channel>),
-rescaled per channel to 8 bits by an intensity window (percentile clipping,
-see `convert.intensity_windows`).
+rescaled per channel to 8 bits by an intensity window (`intensity_windows`:
+percentile clipping over a sample of sites).
 
 Nothing here imports TensorFlow unless a path is remote (`gs://...`).
 """
@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import multiprocessing
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from gandl_jax import io as gio
@@ -328,6 +330,77 @@ def histogram_percentile(hist: np.ndarray, q: float) -> float:
   hi = int(np.searchsorted(cum, min(k + 1, n - 1), side="right"))
   t = pos - k
   return float(lo + (hi - lo) * t) if t < 0.5 else float(hi - (hi - lo) * (1 - t))
+
+
+DEFAULT_CLIP = (0.1, 99.9)
+DEFAULT_INTENSITY_SAMPLE = 64
+
+
+def intensity_windows(metas: Sequence[Dict[str, object]], channels: Sequence[str],
+                      clip_percentiles: Optional[Sequence[float]],
+                      sample: int, seed: int, workers: int = 1
+                      ) -> Dict[str, object]:
+  """Each channel's (low, high) -> (0, 255) window of a LoadData set.
+
+  The `clip_percentiles` of the channel's pixel values (the centred square
+  that is converted, at source resolution) pooled over `sample` sites drawn
+  with `seed` (`np.random.default_rng(seed).choice`, without replacement,
+  sorted); unreadable sampled sites are skipped (they fail conversion
+  later anyway). None: the full range of the channel's bit depth.
+  Returns the dataset_info.json `intensity` record.
+  """
+  if clip_percentiles is not None:
+    lo_q, hi_q = (float(q) for q in clip_percentiles)
+    if not 0.0 <= lo_q < hi_q <= 100.0:
+      raise ValueError(f"clip percentiles must be 0 <= low < high <= 100, got "
+                       f"{list(clip_percentiles)}")
+  if sample < 1:
+    raise ValueError(f"intensity sample must be >= 1 site, got {sample}")
+  k = min(sample, len(metas))
+  idx = np.sort(np.random.default_rng(seed).choice(len(metas), k, replace=False))
+  tasks = [(metas[i], tuple(channels)) for i in idx]
+  hist, good, bad = None, [], []
+  pool = (multiprocessing.get_context("spawn").Pool(min(workers, k))
+          if workers > 1 and k > 1 else None)
+  try:
+    # Summed as they come: one (C, 65536) histogram held, not one per site.
+    for r in (pool.imap(histogram_task, tasks) if pool
+              else map(histogram_task, tasks)):
+      if r.hists is None:
+        bad.append(r)
+        continue
+      hist = r.hists if hist is None else hist + r.hists
+      good.append(r)
+      r.hists = None
+  finally:
+    if pool is not None:
+      pool.close()
+      pool.join()
+  if not good:
+    raise MetadataError(
+        f"none of the {k} sites sampled for the intensity percentiles could "
+        f"be read (first: {bad[0].site_id}: {bad[0].error})")
+  out = []
+  for c, name in enumerate(channels):
+    bits = max(r.bits[c] for r in good)
+    if clip_percentiles is None:
+      low, high = 0.0, float(2**bits - 1)
+    else:
+      low = histogram_percentile(hist[c], lo_q)
+      high = histogram_percentile(hist[c], hi_q)
+    out.append(dict(name=name, bit_depth=bits, low=low, high=high))
+  logging.info("Intensity windows from %d sites: %s", len(good), ", ".join(
+      f"{c['name']} {c['low']:g}..{c['high']:g}" for c in out))
+  return dict(
+      method=("percentile clip" if clip_percentiles is not None
+              else "full bit-depth range"),
+      percentiles=None if clip_percentiles is None else [lo_q, hi_q],
+      formula="round(255 * clip((x - low) / (high - low), 0, 1)), after "
+              "area-averaging the rescaled values to the resolution",
+      sample_seed=int(seed), sample_sites=len(good),
+      sampled_site_ids=[r.site_id for r in good],
+      skipped_site_ids=[r.site_id for r in bad],
+      channels=out)
 
 
 def probe_loaddata_size(metas: Sequence[Dict[str, object]],

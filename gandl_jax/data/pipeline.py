@@ -45,6 +45,11 @@ as dataset_info.json in TFDS's metadata.json, and sites.csv). Everything
 below (per-host files, shuffling, resume, eval order) is the same for both.
 
 Paths are local or `gs://` (tf.io.gfile everywhere).
+
+The module is longer than most (~600 lines) because the shard locator, the
+filter and both streams share one contract, which records a host reads and
+in which order (sites.csv order, files split per host); splitting them would
+put that contract in several places.
 """
 from __future__ import annotations
 
