@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from gandl_jax.data import convert
+from gandl_jax.data import imagefile
 from gandl_jax.data import pipeline
-from gandl_jax.data import reader
+from gandl_jax.data import rxrx
 from gandl_jax.data import synthetic
 from gandl_jax import schema
 
@@ -159,11 +160,11 @@ def test_malformed_metadata_refused_up_front(tree, tmp_path):
   df.drop(columns=["well", "SMILES"]).to_csv(os.path.join(root, "metadata.csv"),
                                              index=False)
   out = str(tmp_path / "shards")
-  with pytest.raises(reader.MetadataError, match=r"\['well', 'SMILES'\]"):
+  with pytest.raises(imagefile.MetadataError, match=r"\['well', 'SMILES'\]"):
     convert.convert("rxrx19a", root, out, 32)
   assert not os.path.exists(out) or not [f for f in os.listdir(out)
                                          if f.endswith(".tfrecord")]
-  with pytest.raises(reader.MetadataError, match="not found"):
+  with pytest.raises(imagefile.MetadataError, match="not found"):
     convert.convert("rxrx19a", str(tmp_path / "nowhere"), out, 32)
   # The CLI: exit status 1 (README, "Exit status") and one line naming it.
   r = subprocess.run([sys.executable, "-m", "gandl_jax.cli.convert",
@@ -220,16 +221,16 @@ def test_resize_area_matches_overlap_reference():
 
   w = weights(50, 32)
   ref = np.floor(w @ img.astype(np.float64) @ w.T + 0.5)
-  got = reader.resize_area(img, 32).astype(np.float64)
+  got = imagefile.resize_area(img, 32).astype(np.float64)
   np.testing.assert_array_equal(got, ref)
   # A constant image stays constant; the mean is preserved.
-  np.testing.assert_array_equal(reader.resize_area(np.full((50, 50), 77, np.uint8), 32), 77)
+  np.testing.assert_array_equal(imagefile.resize_area(np.full((50, 50), 77, np.uint8), 32), 77)
   big = rng.integers(0, 256, (96, 96)).astype(np.uint8)
   np.testing.assert_array_equal(
-      reader.resize_area(big, 32),
+      imagefile.resize_area(big, 32),
       np.floor(big.reshape(32, 3, 32, 3).mean((1, 3)) + 0.5).astype(np.uint8))
   w = weights(50, 25)
-  np.testing.assert_array_equal(reader.resize_area(img, 25),
+  np.testing.assert_array_equal(imagefile.resize_area(img, 25),
                                 np.floor(w @ img @ w.T + 0.5).astype(np.uint8))
 
 
@@ -275,7 +276,7 @@ def _channel_reference(root, r, resolution, channels):
 
 
 def test_resume_never_keeps_a_stale_shard(tree, tmp_path, monkeypatch):
-  """Issue 11, item 11: a kill between the progress record and the rename,
+  """A kill between the progress record and the rename,
   with an older conversion's shard under the same name."""
   out = str(tmp_path / "s")
   convert.convert("rxrx19a", tree, out, 16, num_shards=2, channels=[1, 2, 3])
@@ -324,7 +325,7 @@ def test_resume_never_keeps_a_stale_shard(tree, tmp_path, monkeypatch):
 
 
 def test_second_conversion_into_one_output_refused(tree, tmp_path):
-  """Issue 11, item 12: a lock file; the other run's temp files survive."""
+  """A lock file; the other run's temp files survive."""
   import json
   import socket
   out = str(tmp_path / "s")
@@ -364,7 +365,7 @@ def test_second_conversion_into_one_output_refused(tree, tmp_path):
 
 
 def test_non_regular_files_and_huge_ints_are_per_site_errors(tree, tmp_path):
-  """Issue 11, item 13: a directory, a symlink loop and a FIFO at PNG paths
+  """A directory, a symlink loop and a FIFO at PNG paths
   and an int64 overflow become errors.csv rows; nothing hangs."""
   import signal
   root = str(tmp_path / "RxRx19a")
@@ -408,7 +409,7 @@ def test_non_regular_files_and_huge_ints_are_per_site_errors(tree, tmp_path):
 
 
 def test_metadata_paths_and_numbers_refused(tree, tmp_path):
-  """Issue 11, item 14: `../` and absolute paths, `1_0`, infinities."""
+  """`../` and absolute paths, `1_0`, infinities."""
   root = str(tmp_path / "RxRx19a")
   shutil.copytree(tree, root)
   df = pd.read_csv(os.path.join(root, "metadata.csv"), dtype=str,
@@ -448,9 +449,9 @@ def test_metadata_paths_and_numbers_refused(tree, tmp_path):
   for sid in ("inf", "overflow", "nan"):
     assert "column treatment_conc" in errs[sid] and "finite" in errs[sid]
   # Well-formed values still parse.
-  m = reader.parse_row(dict(r0, plate="+7", treatment_conc="2.5e-1"), "rxrx19a")
+  m = rxrx.parse_row(dict(r0, plate="+7", treatment_conc="2.5e-1"), "rxrx19a")
   assert m["plate"] == 7 and m["treatment_conc"] == 0.25
-  assert np.isnan(reader.parse_row(dict(r0, treatment_conc=""),
+  assert np.isnan(rxrx.parse_row(dict(r0, treatment_conc=""),
                                    "rxrx19a")["treatment_conc"])
 
 

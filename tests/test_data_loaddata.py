@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from gandl_jax.data import convert
+from gandl_jax.data import imagefile
+from gandl_jax.data import loaddata
 from gandl_jax.data import pipeline
-from gandl_jax.data import reader
 from gandl_jax import schema
 
 SIZE = 16
@@ -190,9 +191,9 @@ def test_percentile_from_histogram_equals_numpy():
   rng = np.random.default_rng(1)
   for values in (rng.integers(0, 65536, 1001), rng.integers(0, 4, 7),
                  np.array([5]), rng.poisson(3.0, 10000)):
-    hist = np.bincount(values, minlength=reader.HIST_BINS)
+    hist = np.bincount(values, minlength=loaddata.HIST_BINS)
     for q in (0.0, 0.1, 1.0, 37.3, 50.0, 99.9, 100.0):
-      assert reader.histogram_percentile(hist, q) == pytest.approx(
+      assert loaddata.histogram_percentile(hist, q) == pytest.approx(
           np.percentile(values, q), rel=1e-12, abs=1e-9)
 
 
@@ -293,7 +294,7 @@ def test_csv_without_channel_or_key_columns_is_refused(tiff_set, tmp_path,
   bad = str(tmp_path / "bad.csv")
   df.to_csv(bad, index=False)
   out = tmp_path / "out"
-  with pytest.raises(reader.MetadataError) as e:
+  with pytest.raises(imagefile.MetadataError) as e:
     convert.convert("loaddata", bad, str(out), 8)
   msg = str(e.value)
   assert msg.startswith(f"{bad}: not a LoadData CSV, missing column(s): ")
@@ -317,7 +318,7 @@ def test_cli_refusal_is_one_line_with_exit_status_1(tiff_set, tmp_path):
   assert line.startswith(f"gandl-convert: error: {bad}: not a LoadData CSV, "
                          "missing column(s): FileName_<channel>")
   assert not out.exists()
-  with pytest.raises(reader.MetadataError, match="none.csv: LoadData CSV not "
+  with pytest.raises(imagefile.MetadataError, match="none.csv: LoadData CSV not "
                      "found"):
     convert.convert("loaddata", str(tmp_path / "none.csv"), str(out), 8)
 
@@ -371,8 +372,29 @@ def test_jump_like_set_trains_exports_and_evaluates(tiff_set, tmp_path):
   # the negative control).
   assert (a["n_compound_doses"], a["n_perturbation_profiles"],
           a["n_reference_profiles"]) == (4, 16, 8), a
-  assert 0.0 <= a["mean_map"] <= 1.0
+  assert np.isfinite(a["mean_map"])
   assert e["replicates"]["status"] == "ok", e["replicates"]
+  # Known value: features that are a one-hot code of the compound (DMSO its
+  # own code) put every replicate above every control, so the activity mAP
+  # on the carried metadata is exactly 1.
+  feats = [c for c in df.columns if c.startswith("f") and c[1:].isdigit()]
+  codes = {c: i for i, c in enumerate(sorted(set(df.Metadata_JCP2022)))}
+  onehot = np.eye(len(codes), dtype=np.float32)[df.Metadata_JCP2022.map(codes)]
+  known = df.drop(columns=feats).assign(
+      **{f"f{i:04d}": onehot[:, i] for i in range(len(codes))})
+  known_path = str(tmp_path / "onehot.parquet")
+  known.to_parquet(known_path)
+  out2 = tmp_path / "eval_onehot"
+  r = subprocess.run([sys.executable, "-m", "gandl_jax.cli.evaluate",
+                      f"--embeddings={known_path}", f"--output={out2}",
+                      "--tasks=activity", "--normalization=none"],
+                     capture_output=True, text=True, env=env, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  a2 = json.loads((out2 / "metrics.json").read_text())[
+      "embeddings"]["embeddings"]["activity"]
+  assert a2["status"] == "ok", a2
+  assert a2["n_perturbation_profiles"] == 16
+  assert a2["mean_map"] == pytest.approx(1.0)
 
   # The paper's configs take the set as it is (channel count and stains).
   import importlib.util
@@ -427,10 +449,10 @@ def test_decode_16bit_png_and_tiff_variants(fmt, kw, mode):
         else Image.fromarray(a))
   buf = io.BytesIO()
   im.save(buf, format=fmt, **kw)
-  x, bits = reader.decode_plane(buf.getvalue(), "f")
+  x, bits = loaddata.decode_plane(buf.getvalue(), "f")
   assert bits == 16 and x.dtype == np.uint16
   np.testing.assert_array_equal(x, a)
   buf = io.BytesIO()
   Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, format=fmt)
-  with pytest.raises(reader.SiteError, match="8- or 16-bit grayscale.*RGB"):
-    reader.decode_plane(buf.getvalue(), "f")
+  with pytest.raises(imagefile.SiteError, match="8- or 16-bit grayscale.*RGB"):
+    loaddata.decode_plane(buf.getvalue(), "f")

@@ -89,32 +89,56 @@ def test_filters_expression_dict_and_errors(shards):
       "disease_condition": [schema.MOCK, schema.ACTIVE], "cell_type": "HRCE"})
   assert sorted(s for _, s in rows) == sorted(want.site_id)
 
-  # numpy and tf evaluation agree on a richer expression.
+  # The pandas mask and the records tf.data selects agree on a richer
+  # expression, checked against an independent pandas computation.
   expr = ("(treatment_conc >= 1.0 or treatment == '') and not plate != 1 "
           "and site not in [2, 3]")
-  flt = pipeline.MetadataFilter(expr, info["columns"])
-  mask = flt.pandas(table)
+  mask = pipeline.select_sites(table, expr)
   t = table
   ref = (((t.treatment_conc >= 1.0) | (t.treatment == "")) & (t.plate == 1)
          & ~t.site.isin([2, 3])).to_numpy()
   np.testing.assert_array_equal(mask, ref)
+  assert 0 < mask.sum() < len(table)
   (rows,), _ = _eval_ids(shards, host_batch=16, filter=expr)
   assert sorted(s for _, s in rows) == sorted(table.site_id[mask])
-  empty = pipeline.MetadataFilter("disease_condition == ''", info["columns"])
-  assert 0 < empty.pandas(table).sum() < len(table)
+  empty = pipeline.select_sites(table, "disease_condition == ''")
+  np.testing.assert_array_equal(empty, (table.disease_condition == "").to_numpy())
+  assert 0 < empty.sum() < len(table)
+  # pandas query syntax beyond the comparisons: chains, .str methods.
+  np.testing.assert_array_equal(
+      pipeline.select_sites(table, "1 <= site < 3 and well.str.startswith('B')"),
+      ((t.site >= 1) & (t.site < 3) & t.well.str.startswith("B")).to_numpy())
+  # A value of another type matches nothing (pandas semantics).
+  assert not pipeline.select_sites(table, "plate == 'one'").any()
 
-  for bad, msg in [("cell_typ == 'HRCE'", "unknown column 'cell_typ'"),
+  for bad, msg in [("cell_typ == 'HRCE'", r"'cell_typ'.*columns \['site_id'"),
                    ({"wells": "A01"}, "unknown column 'wells'"),
-                   ("plate == 'one'", "holds an integer"),
-                   ("cell_type == 3", "holds a string"),
-                   ("cell_type in 'HRCE'", "needs a list"),
-                   ("cell_type = 'HRCE'", "not a valid expression"),
-                   ("1 < plate < 3", "chained"),
-                   ("cell_type == other_column", "literal")]:
+                   ("plate < 'a'", "filter \"plate < 'a'\": Invalid comparison"),
+                   ("cell_type = 'HRCE'", "not a condition.*not ="),
+                   ("plate", "not a condition"),
+                   ("cell_type ==", "filter 'cell_type ==': .*syntax"),
+                   ("@x > 1", "'x' is not defined")]:
     with pytest.raises(ValueError, match=msg):
-      pipeline.MetadataFilter(bad, info["columns"])
-  with pytest.raises(ValueError, match="no sites"):
+      pipeline.select_sites(table, bad)
+  with pytest.raises(ValueError, match=r"no sites match .*columns: .*plate \(int64\)"):
     pipeline.eval_host_batches(shards, host_batch=4, filter="plate == 99")
+
+
+def test_train_stream_holds_exactly_the_filtered_sites(shards):
+  table = _site_table(shards)
+  images = {}
+  for b in pipeline.eval_host_batches(shards, host_batch=64)[0]:
+    for i in np.nonzero(b["valid"])[0]:
+      images[b["image"][i].tobytes()] = b["site_id"][i]
+  want = set(table.site_id[table.cell_type == "VERO"])
+  assert 0 < len(want) < len(table)
+  for flt in ("cell_type == 'VERO'", {"cell_type": "VERO"}):
+    ds, n_host = pipeline.train_dataset(shards, host_batch=1, seed=0,
+                                        filter=flt, x_flip=False, rot90=False,
+                                        normalize=False)
+    got = [images[x[0].tobytes()] for x in ds.take(n_host).as_numpy_iterator()]
+    assert n_host == len(want) and len(got) == len(set(got)) == n_host
+    assert set(got) == want
 
 
 def test_train_batches_global_arrays_and_exact_resume(shards):

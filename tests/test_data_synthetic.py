@@ -358,11 +358,10 @@ def test_hard_truth_files(hard):
 
 
 def test_match_histogram_takes_the_target_at_each_rank():
-  from gandl_jax.data import synthetic_hard
   rng = np.random.default_rng(0)
   img = rng.random((2, 8, 8))
   q = np.stack([np.linspace(0, 100, 5), np.linspace(10, 20, 5) ** 2])
-  out = synthetic_hard.match_histogram(img, q)
+  out = synthetic.match_histogram(img, q)
   p = (np.arange(64) + 0.5) / 64
   for c in range(2):
     expect = np.interp(p, np.linspace(0, 1, 5), q[c])
@@ -380,5 +379,5 @@ def test_hard_deterministic_and_independent_of_workers(tmp_path):
   assert _tree_digest(a) == _tree_digest(b)
   with pytest.raises(ValueError, match="difficulty"):
     synthetic.generate(str(tmp_path / "c"), difficulty="medium")
-  from gandl_jax.data import synthetic_hard
-  assert set(synthetic.DIFFICULTIES) == {"easy"} | set(synthetic_hard.DESIGNS)
+  assert set(synthetic.DIFFICULTIES) == set(synthetic.DESIGNS) == {
+      "easy", "hard", "hard2"}

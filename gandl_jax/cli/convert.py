@@ -93,9 +93,9 @@ def main(argv):
     raise cli.usage(f"--channels must be channel numbers like 1,2,3: {e}")
   extra = {}
   if loaddata:
-    from gandl_jax.data import reader  # pylint: disable=import-outside-toplevel
+    from gandl_jax.data.loaddata import parse_path_map  # pylint: disable=import-outside-toplevel
     try:
-      path_map = reader.parse_path_map(_PATH_MAP.value)
+      path_map = parse_path_map(_PATH_MAP.value)
     except ValueError as e:
       raise cli.usage(f"--path_map: {e}")
     extra = dict(path_map=path_map, clip_percentiles=_clip(_CLIP.value),

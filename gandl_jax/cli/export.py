@@ -44,7 +44,8 @@ flags.DEFINE_integer("batch", 64, "Global batch over all devices and hosts; "
                      "fixes the minibatch-stddev groups (recorded in the file).")
 flags.DEFINE_enum("format", None, ["parquet", "csv"], "Output format (default "
                   "from the file name: .csv -> csv, else parquet).")
-flags.DEFINE_string("filter", None, "Metadata filter, e.g. \"treatment == ''\" "
+flags.DEFINE_string("filter", None, "Metadata filter: a pandas DataFrame.query "
+                    "condition over the sites.csv columns, e.g. \"treatment == ''\" "
                     "(see gandl_jax/data/pipeline.py).")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "Compute dtype of D.")

@@ -57,8 +57,9 @@ flags.DEFINE_enum("method", "classical", sorted(METHODS) + sorted(JAX_METHODS),
 flags.DEFINE_string("data", None, "Shards written by gandl-convert (directory "
                     "or glob; local or gs://).")
 flags.DEFINE_string("output", None, "Embeddings file (.parquet or .csv).")
-flags.DEFINE_string("filter", None, "Metadata filter, e.g. \"treatment == ''\" "
-                    "(see docs/data.md).")
+flags.DEFINE_string("filter", None, "Metadata filter: a pandas DataFrame.query "
+                    "condition over the sites.csv columns, e.g. \"treatment == ''\" "
+                    "(see gandl_jax/data/pipeline.py).")
 flags.DEFINE_enum("format", None, ["parquet", "csv"], "Output format (default "
                   "from the file name: .csv -> csv, else parquet).")
 flags.DEFINE_integer("batch", None, "Sites per batch handed to a worker "

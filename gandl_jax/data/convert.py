@@ -26,6 +26,11 @@ resolution, channels, source size) is unchanged and whose size matches the
 progress record, and redoes the rest. Before a shard is redone, the file under
 its name (an older conversion's) is deleted, so a kill between the progress
 record and the rename can never leave an old shard next to a new record.
+
+The sites are read by `rxrx.py` and `loaddata.py`. This module is longer
+than most (~590 lines) because planning, the resumable shard writer, its
+progress records and the output lock are one job, a conversion that
+survives kills and reruns, whose rules read best in one place.
 """
 from __future__ import annotations
 
@@ -44,7 +49,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from absl import logging
 
-from gandl_jax.data import reader
+from gandl_jax.data import loaddata
+from gandl_jax.data import rxrx
+from gandl_jax.data.imagefile import MetadataError, SiteError
 from gandl_jax import io as gio
 from gandl_jax import progress as progress_lib
 from gandl_jax import schema
@@ -256,14 +263,14 @@ def read_plan(dataset: str, input_dir: str, subset: str = "all",
   that do not parse and repeated site ids become error rows (site_id, path,
   reason); the source size is probed from a few sites unless given.
   """
-  df = reader.select_subset(reader.read_metadata(dataset, input_dir), dataset, subset)
+  df = rxrx.select_subset(rxrx.read_metadata(dataset, input_dir), dataset, subset)
   errors: List[Dict[str, object]] = []
   metas: List[Dict[str, object]] = []
   seen = set()
   for row in df.to_dict("records"):
     try:
-      m = reader.parse_row(row, dataset)
-    except reader.SiteError as e:
+      m = rxrx.parse_row(row, dataset)
+    except SiteError as e:
       errors.append(dict(site_id=row.get("site_id", ""),
                          path=gio.join(input_dir, "metadata.csv"),
                          reason=e.reason))
@@ -275,82 +282,11 @@ def read_plan(dataset: str, input_dir: str, subset: str = "all",
     seen.add(m["site_id"])
     metas.append(m)
   if not metas:
-    raise reader.MetadataError(f"{gio.join(input_dir, 'metadata.csv')}: no "
-                               f"usable rows for subset {subset!r}")
+    raise MetadataError(f"{gio.join(input_dir, 'metadata.csv')}: no "
+                        f"usable rows for subset {subset!r}")
   if source_size is None:
-    source_size = reader.probe_source_size(input_dir, metas, channels)
+    source_size = rxrx.probe_source_size(input_dir, metas, channels)
   return metas, errors, tuple(int(s) for s in source_size)
-
-
-DEFAULT_CLIP = (0.1, 99.9)
-DEFAULT_INTENSITY_SAMPLE = 64
-
-
-def intensity_windows(metas: Sequence[Dict[str, object]], channels: Sequence[str],
-                      clip_percentiles: Optional[Sequence[float]],
-                      sample: int, seed: int, workers: int = 1
-                      ) -> Dict[str, object]:
-  """Each channel's (low, high) -> (0, 255) window of a LoadData set.
-
-  The `clip_percentiles` of the channel's pixel values (the centred square
-  that is converted, at source resolution) pooled over `sample` sites drawn
-  with `seed` (`np.random.default_rng(seed).choice`, without replacement,
-  sorted); unreadable sampled sites are skipped (they fail conversion
-  later anyway). None: the full range of the channel's bit depth.
-  Returns the dataset_info.json `intensity` record.
-  """
-  if clip_percentiles is not None:
-    lo_q, hi_q = (float(q) for q in clip_percentiles)
-    if not 0.0 <= lo_q < hi_q <= 100.0:
-      raise ValueError(f"clip percentiles must be 0 <= low < high <= 100, got "
-                       f"{list(clip_percentiles)}")
-  if sample < 1:
-    raise ValueError(f"intensity sample must be >= 1 site, got {sample}")
-  k = min(sample, len(metas))
-  idx = np.sort(np.random.default_rng(seed).choice(len(metas), k, replace=False))
-  tasks = [(metas[i], tuple(channels)) for i in idx]
-  hist, good, bad = None, [], []
-  pool = (multiprocessing.get_context("spawn").Pool(min(workers, k))
-          if workers > 1 and k > 1 else None)
-  try:
-    # Summed as they come: one (C, 65536) histogram held, not one per site.
-    for r in (pool.imap(reader.histogram_task, tasks) if pool
-              else map(reader.histogram_task, tasks)):
-      if r.hists is None:
-        bad.append(r)
-        continue
-      hist = r.hists if hist is None else hist + r.hists
-      good.append(r)
-      r.hists = None
-  finally:
-    if pool is not None:
-      pool.close()
-      pool.join()
-  if not good:
-    raise reader.MetadataError(
-        f"none of the {k} sites sampled for the intensity percentiles could "
-        f"be read (first: {bad[0].site_id}: {bad[0].error})")
-  out = []
-  for c, name in enumerate(channels):
-    bits = max(r.bits[c] for r in good)
-    if clip_percentiles is None:
-      low, high = 0.0, float(2**bits - 1)
-    else:
-      low = reader.histogram_percentile(hist[c], lo_q)
-      high = reader.histogram_percentile(hist[c], hi_q)
-    out.append(dict(name=name, bit_depth=bits, low=low, high=high))
-  logging.info("Intensity windows from %d sites: %s", len(good), ", ".join(
-      f"{c['name']} {c['low']:g}..{c['high']:g}" for c in out))
-  return dict(
-      method=("percentile clip" if clip_percentiles is not None
-              else "full bit-depth range"),
-      percentiles=None if clip_percentiles is None else [lo_q, hi_q],
-      formula="round(255 * clip((x - low) / (high - low), 0, 1)), after "
-              "area-averaging the rescaled values to the resolution",
-      sample_seed=int(seed), sample_sites=len(good),
-      sampled_site_ids=[r.site_id for r in good],
-      skipped_site_ids=[r.site_id for r in bad],
-      channels=out)
 
 
 def site_order(num_sites: int) -> np.ndarray:
@@ -437,8 +373,8 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
             source_size: Optional[Tuple[int, int]] = None,
             command: Optional[str] = None,
             path_map: Sequence[Tuple[str, str]] = (),
-            clip_percentiles: Optional[Sequence[float]] = DEFAULT_CLIP,
-            intensity_sample: int = DEFAULT_INTENSITY_SAMPLE,
+            clip_percentiles: Optional[Sequence[float]] = loaddata.DEFAULT_CLIP,
+            intensity_sample: int = loaddata.DEFAULT_INTENSITY_SAMPLE,
             intensity_seed: int = 0) -> Dict[str, object]:
   """Converts a dataset tree to TFRecord shards; returns a summary dict.
 
@@ -475,15 +411,15 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
      "dataset_info", "skipped_shards"}.
 
   Raises:
-    reader.MetadataError: metadata.csv missing or without the published
+    MetadataError: metadata.csv missing or without the published
       columns (nothing is written).
     ValueError: bad arguments, or shards of another plan in output_dir.
   """
   tf = _tf()
   dataset = dataset.lower()
-  loaddata = dataset == schema.LOADDATA
+  is_loaddata = dataset == schema.LOADDATA
   columns = windows = intensity = None
-  if loaddata:
+  if is_loaddata:
     inputs = ([p.strip() for p in input_dir.split(",") if p.strip()]
               if isinstance(input_dir, str) else list(input_dir))
     inputs = [p if gio.is_remote(p) else os.path.abspath(p) for p in inputs]
@@ -492,7 +428,7 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
       raise ValueError(f"subset {subset!r}: a LoadData set converts every "
                        "row (select rows in the CSV instead)")
   else:
-    channels = reader.check_channels(dataset, channels)
+    channels = rxrx.check_channels(dataset, channels)
     if not gio.is_remote(input_dir):
       input_dir = os.path.abspath(input_dir)
   if resolution < 4:
@@ -501,18 +437,19 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   if compression not in ("", "GZIP"):
     raise ValueError(f"compression must be '' or 'GZIP', got {compression!r}")
 
-  if loaddata:
-    channels, col_names, metas, errors = reader.read_loaddata(
+  if is_loaddata:
+    channels, col_names, metas, errors = loaddata.read_loaddata(
         inputs, tuple(str(c) for c in channels or ()), path_map)
     if not metas:
-      raise reader.MetadataError(f"{input_dir}: no usable rows ({len(errors)} "
-                                 f"refused, first: {errors[0]['reason'] if errors else '-'})")
+      raise MetadataError(f"{input_dir}: no usable rows ({len(errors)} "
+                          f"refused, first: {errors[0]['reason'] if errors else '-'})")
     columns = {c: schema.column_type(c, dataset) for c in col_names}
     if source_size is None:
-      source_size = reader.probe_loaddata_size(metas, channels)
+      source_size = loaddata.probe_loaddata_size(metas, channels)
     source_size = tuple(int(v) for v in source_size)
-    intensity = intensity_windows(metas, channels, clip_percentiles,
-                                  intensity_sample, intensity_seed, workers)
+    intensity = loaddata.intensity_windows(metas, channels, clip_percentiles,
+                                           intensity_sample, intensity_seed,
+                                           workers)
     windows = [(c["low"], c["high"]) for c in intensity["channels"]]
   else:
     metas, errors, source_size = read_plan(dataset, input_dir, subset, channels,
@@ -572,7 +509,7 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
                     source_size, compression,
                     None if windows is None else dict(
                         windows=windows,
-                        files=[m[reader.LOADDATA_FILES] for m in part]))
+                        files=[m[loaddata.LOADDATA_FILES] for m in part]))
           for part in plan]
   stats: List[Optional[dict]] = [None] * n
   for i in range(n):
@@ -595,7 +532,7 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
 
   pool = None
   if workers > 1 and skipped < n:
-    # spawn: workers import only numpy/PIL (reader.py), not TF or JAX.
+    # spawn: workers import only numpy/PIL (rxrx.py, loaddata.py), not TF or JAX.
     pool = multiprocessing.get_context("spawn").Pool(workers)
   try:
     options = tf.io.TFRecordOptions(compression_type=compression or None)
@@ -604,10 +541,16 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
         continue
       name = shard_name(dataset, i, n)
       path = gio.join(output_dir, name)
-      tasks = [(input_dir, m, channels, resolution, source_size, windows)
-               for m in plan[i]]
-      results = (pool.imap(reader.load_task, tasks, chunksize=4) if pool
-                 else map(reader.load_task, tasks))
+      if windows is None:
+        load = rxrx.load_task
+        tasks = [(input_dir, m, channels, resolution, source_size)
+                 for m in plan[i]]
+      else:
+        load = loaddata.load_task
+        tasks = [(m, channels, resolution, source_size, windows)
+                 for m in plan[i]]
+      results = (pool.imap(load, tasks, chunksize=4) if pool
+                 else map(load, tasks))
       s_sum = np.zeros(len(channels))
       s_sq = np.zeros(len(channels))
       written, shard_errors = [], []
@@ -650,7 +593,7 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
     for pos, sid in enumerate(s["site_ids"]):
       index_rows.append(dict(shard=s["shard"], position=pos,
                              **{k: v for k, v in by_id[sid].items()
-                                if k != reader.LOADDATA_FILES}))
+                                if k != loaddata.LOADDATA_FILES}))
     errors += s["errors"]
   pixels = sum(s["pixels"] for s in stats)
   mean, std = channel_stats(np.sum([s["sum"] for s in stats], 0),

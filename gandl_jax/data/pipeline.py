@@ -18,18 +18,24 @@ Two entry points, both delivering global `jax.Array`s sharded on the mesh's
   0 merges per-host outputs by sorting on `index` (padding has index -1); the
   result does not depend on the number of hosts.
 
-Metadata filters (`config.data.filter`, `eval_batches(filter=...)`) are either
-a dict `{column: value or [values]}` (all must hold) or an expression::
+Metadata filters (`config.data.filter`, `eval_batches(filter=...)`,
+`--filter` of gandl-export and gandl-features) are either a dict
+`{column: value or [values]}` (all must hold) or a pandas `DataFrame.query`
+condition over the metadata columns of sites.csv::
 
   disease_condition in ['Mock', 'Active SARS-CoV-2'] and cell_type == 'HRCE'
   treatment == '' and not (plate > 2)
   treatment_conc >= 1.0 or disease_condition != 'Active SARS-CoV-2'
+  1 < plate <= 3 and well.str.startswith('B')
 
-with `==, !=, <, <=, >, >=, in, not in`, `and`, `or`, `not` and parentheses;
-the left side is a metadata column, the right side a literal or a list of
-literals. Unknown columns and type mismatches are errors. The same filter is
-evaluated on `sites.csv` (to count sites without reading images) and inside
-tf.data (to select records).
+`==, !=, <, <=, >, >=, in, not in`, `and`, `or`, `not` (or `&`, `|`, `~`)
+and parentheses; either side may be a column, a literal or a list of
+literals, comparisons may be chained, and string columns have pandas' `.str`
+methods. A value of the wrong type matches nothing (`plate == 'one'` selects
+no site) rather than being refused; an unknown column or an expression that
+is not a condition is an error naming the columns. The filter is evaluated
+once on sites.csv (`select_sites`; counting sites reads no image); tf.data
+keeps the records whose site_id it selected.
 
 Two on-disk layouts are read, with the same records (schema.TFRECORD_*):
 gandl-convert's directory (`*.tfrecord`, dataset_info.json, sites.csv) and a
@@ -39,10 +45,14 @@ as dataset_info.json in TFDS's metadata.json, and sites.csv). Everything
 below (per-host files, shuffling, resume, eval order) is the same for both.
 
 Paths are local or `gs://` (tf.io.gfile everywhere).
+
+The module is longer than most (~600 lines) because the shard locator, the
+filter and both streams share one contract, which records a host reads and
+in which order (sites.csv order, files split per host); splitting them would
+put that contract in several places.
 """
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
@@ -167,158 +177,67 @@ def read_sites_index(path: str):
 
 
 # --------------------------------------------------------------------------
-# Metadata filters.
+# Metadata filters: evaluated once on sites.csv; tf.data keeps the records
+# whose site_id was selected.
 
-_CMP = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=",
-        ast.Gt: ">", ast.GtE: ">=", ast.In: "in", ast.NotIn: "not in"}
+def select_sites(table, filter: FilterSpec,  # pylint: disable=redefined-builtin
+                 source: str = "") -> np.ndarray:
+  """Boolean mask over the rows of a sites.csv frame (`read_sites_index`).
+
+  `filter`: None or "" (every row); a dict `{column: value or [values]}`
+  (all must hold); or a condition in the syntax of pandas
+  `DataFrame.query`, evaluated with `DataFrame.eval` (python engine, no
+  `@` variables). ValueError, one line naming the filter and the columns,
+  for an unknown column or an expression that is not a condition over the
+  rows; `source` (a path) prefixes the message.
+  """
+  where = f"{source}: " if source else ""
+  columns = [c for c in table.columns if c not in ("shard", "position")]
+  if filter is None or (isinstance(filter, str) and not filter.strip()) or (
+      isinstance(filter, Mapping) and not filter):
+    return np.ones(len(table), bool)
+  if isinstance(filter, Mapping):
+    mask = np.ones(len(table), bool)
+    for col, value in filter.items():
+      if col not in columns:
+        raise ValueError(f"{where}filter {dict(filter)!r}: unknown column "
+                         f"{col!r}; columns are {columns}")
+      values = (list(value) if isinstance(value, (list, tuple, set, frozenset))
+                else [value])
+      mask &= table[col].isin(values).to_numpy()
+    return mask
+  if not isinstance(filter, str):
+    raise TypeError(f"filter must be a string, a dict or None, got "
+                    f"{type(filter).__name__}")
+  try:
+    out = table[columns].eval(filter, engine="python", local_dict={},
+                              global_dict={})
+  except Exception as e:  # pandas raises many types for a bad expression
+    msg = " ".join(str(e).split()) or type(e).__name__
+    raise ValueError(f"{where}filter {filter!r}: {msg} (a pandas "
+                     f"DataFrame.query condition over the columns "
+                     f"{columns})") from None
+  if not (hasattr(out, "dtype") and getattr(out, "shape", None) == (len(table),)
+          and out.dtype == bool):
+    raise ValueError(f"{where}filter {filter!r}: not a condition (it must give "
+                     f"True or False per site, e.g. \"cell_type == 'HRCE'\"; "
+                     f"compare with ==, not =); columns are {columns}")
+  return np.asarray(out, bool)
 
 
-class MetadataFilter:
-  """A parsed filter; evaluate with `.tf(features)` or `.pandas(df)`."""
+def _site_id_filter(site_ids: Sequence[str]):
+  """tf.data predicate: a parsed example's site_id is one of `site_ids`."""
+  tf = _tf()
+  keys = tf.constant(list(site_ids) or [""], tf.string)
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(
+          keys, tf.constant([bool(site_ids)] * max(len(site_ids), 1))),
+      default_value=False)
+  return lambda features: table.lookup(features["site_id"])
 
-  def __init__(self, spec: FilterSpec, columns: Mapping[str, str]):
-    self.columns = dict(columns)
-    self.spec = spec
-    if spec is None or (isinstance(spec, str) and not spec.strip()) or (
-        isinstance(spec, Mapping) and not spec):
-      self.tree = None
-    elif isinstance(spec, str):
-      try:
-        node = ast.parse(spec.strip(), mode="eval").body
-      except SyntaxError as e:
-        raise ValueError(f"filter {spec!r}: not a valid expression ({e.msg})") from None
-      self.tree = self._compile(node)
-    elif isinstance(spec, Mapping):
-      parts = []
-      for col, val in spec.items():
-        if isinstance(val, (list, tuple, set, frozenset)):
-          parts.append(self._leaf(col, "in", list(val)))
-        else:
-          parts.append(self._leaf(col, "==", val))
-      self.tree = ("and", parts)
-    else:
-      raise TypeError(f"filter must be a string, a dict or None, got {type(spec).__name__}")
 
-  @property
-  def used_columns(self) -> List[str]:
-    out: List[str] = []
-
-    def walk(t):
-      if t[0] == "cmp":
-        if t[1] not in out:
-          out.append(t[1])
-      elif t[0] == "not":
-        walk(t[1])
-      else:
-        for c in t[1]:
-          walk(c)
-    if self.tree is not None:
-      walk(self.tree)
-    return out
-
-  def _leaf(self, col: str, op: str, value: Any):
-    if col not in self.columns:
-      raise ValueError(f"filter {self.spec!r}: unknown column {col!r}; columns "
-                       f"are {sorted(self.columns)}")
-    kind = self.columns[col]
-    values = value if op in ("in", "not in") else [value]
-    if op in ("in", "not in") and not isinstance(value, list):
-      raise ValueError(f"filter {self.spec!r}: '{op}' needs a list, e.g. "
-                       f"{col} in ['a', 'b']")
-    for v in values:
-      ok = (isinstance(v, str) if kind == "bytes" else
-            isinstance(v, int) and not isinstance(v, bool) if kind == "int64" else
-            isinstance(v, (int, float)) and not isinstance(v, bool))
-      if not ok:
-        want = {"bytes": "a string", "int64": "an integer", "float": "a number"}[kind]
-        raise ValueError(f"filter {self.spec!r}: column {col!r} holds {want}, "
-                         f"got {v!r}")
-    if kind == "bytes" and op in ("<", "<=", ">", ">="):
-      raise ValueError(f"filter {self.spec!r}: '{op}' is not supported on the "
-                       f"text column {col!r}")
-    return ("cmp", col, op, value)
-
-  def _compile(self, node):
-    if isinstance(node, ast.BoolOp):
-      kind = "and" if isinstance(node.op, ast.And) else "or"
-      return (kind, [self._compile(v) for v in node.values])
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-      return ("not", self._compile(node.operand))
-    if isinstance(node, ast.Compare):
-      if len(node.ops) != 1:
-        raise ValueError(f"filter {self.spec!r}: chained comparisons are not "
-                         "supported; combine with 'and'")
-      if not isinstance(node.left, ast.Name):
-        raise ValueError(f"filter {self.spec!r}: the left side of a comparison "
-                         "must be a column name")
-      op = _CMP.get(type(node.ops[0]))
-      if op is None:
-        raise ValueError(f"filter {self.spec!r}: unsupported operator")
-      try:
-        value = ast.literal_eval(node.comparators[0])
-      except ValueError:
-        raise ValueError(f"filter {self.spec!r}: the right side of a comparison "
-                         "must be a literal or a list of literals") from None
-      if isinstance(value, tuple):
-        value = list(value)
-      return self._leaf(node.left.id, op, value)
-    raise ValueError(f"filter {self.spec!r}: expected comparisons joined by "
-                     "and/or/not, e.g. \"cell_type == 'HRCE' and "
-                     "disease_condition in ['Mock']\"")
-
-  def tf(self, features: Mapping[str, Any]):
-    """Boolean scalar tensor for one parsed example."""
-    tf = _tf()
-
-    def ev(t):
-      if t[0] == "and":
-        out = ev(t[1][0])
-        for c in t[1][1:]:
-          out = tf.logical_and(out, ev(c))
-        return out
-      if t[0] == "or":
-        out = ev(t[1][0])
-        for c in t[1][1:]:
-          out = tf.logical_or(out, ev(c))
-        return out
-      if t[0] == "not":
-        return tf.logical_not(ev(t[1]))
-      _, col, op, value = t
-      x = features[col]
-      if op in ("in", "not in"):
-        if not value:
-          hit = tf.constant(False)
-        else:
-          hit = tf.reduce_any(tf.equal(x, tf.constant(value, dtype=x.dtype)))
-        return hit if op == "in" else tf.logical_not(hit)
-      v = tf.constant(value, dtype=x.dtype)
-      return {"==": tf.equal, "!=": tf.not_equal, "<": tf.less,
-              "<=": tf.less_equal, ">": tf.greater, ">=": tf.greater_equal}[op](x, v)
-
-    return tf.constant(True) if self.tree is None else ev(self.tree)
-
-  def pandas(self, df) -> np.ndarray:
-    """Boolean mask over the rows of a sites.csv DataFrame."""
-
-    def ev(t):
-      if t[0] == "and":
-        return np.logical_and.reduce([ev(c) for c in t[1]])
-      if t[0] == "or":
-        return np.logical_or.reduce([ev(c) for c in t[1]])
-      if t[0] == "not":
-        return ~ev(t[1])
-      _, col, op, value = t
-      x = df[col].to_numpy()
-      if op in ("in", "not in"):
-        hit = np.isin(x, np.asarray(value, dtype=x.dtype)) if value else \
-            np.zeros(len(x), bool)
-        return hit if op == "in" else ~hit
-      return {"==": np.equal, "!=": np.not_equal, "<": np.less,
-              "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}[op](x, value)
-
-    if self.tree is None:
-      return np.ones(len(df), bool)
-    return np.asarray(ev(self.tree), bool)
+def _describe_columns(info: Mapping[str, Any]) -> str:
+  return ", ".join(f"{c} ({k})" for c, k in info["columns"].items())
 
 
 # --------------------------------------------------------------------------
@@ -402,10 +321,9 @@ def host_sites(path: str, filter: FilterSpec = None,  # pylint: disable=redefine
   info = _info or read_dataset_info(path)
   files = _files or list_shards(path)
   df = read_sites_index(path) if _table is None else _table
-  flt = MetadataFilter(filter, info["columns"])
   names = [os.path.basename(f) for f in _host_files(files, process_index, process_count)]
   order = {n: i for i, n in enumerate(names)}
-  sel = df[df["shard"].isin(names).to_numpy() & flt.pandas(df)]
+  sel = df[df["shard"].isin(names).to_numpy() & select_sites(df, filter, path)]
   key = sel["shard"].map(order).to_numpy() * (1 << 32) + sel["position"].to_numpy()
   return sel.iloc[np.argsort(key, kind="stable")]
 
@@ -445,15 +363,17 @@ def train_dataset(path: str, *, host_batch: int, seed: int,
     raise ValueError(f"{path}: {len(files)} shard files for {process_count} hosts; "
                      "convert with --num_shards >= the number of hosts")
   host = _host_files(files, process_index, process_count)
-  flt = MetadataFilter(filter, info["columns"])
-  n_host = len(host_sites(path, filter, process_index, process_count,
-                          _files=files, _info=info))
+  rows = host_sites(path, filter, process_index, process_count,
+                    _files=files, _info=info)
+  n_host = len(rows)
   if n_host == 0:
     raise ValueError(f"{path}: no sites on host {process_index} of {process_count}"
-                     f" match the filter {filter!r}")
+                     f" match the filter {filter!r} (columns: "
+                     f"{_describe_columns(info)})")
+  keep = None if not filter else _site_id_filter(rows["site_id"].tolist())
   start = int(start_batch) * int(host_batch)
   epoch0, skip = divmod(start, n_host)
-  spec = _feature_spec(info, flt.used_columns)
+  spec = _feature_spec(info, [] if keep is None else ["site_id"])
   autotune = tf.data.AUTOTUNE
   npc = autotune if num_parallel_calls in (None, -1) else int(num_parallel_calls)
   nf = len(host)
@@ -468,8 +388,8 @@ def train_dataset(path: str, *, host_batch: int, seed: int,
                          info, cycle_length=min(nf, 8))
     ds = ds.map(lambda r: tf.io.parse_single_example(r, spec), num_parallel_calls=npc,
                 deterministic=True)
-    if flt.tree is not None:
-      ds = ds.filter(flt.tf)
+    if keep is not None:
+      ds = ds.filter(keep)
     ds = ds.map(lambda f: f[schema.TFRECORD_IMAGE])
     if shuffle_buffer and shuffle_buffer > 1:
       ds = ds.shuffle(int(shuffle_buffer), seed=base * 31 + epoch * 1_000_033 + 17,
@@ -563,17 +483,18 @@ def eval_host_batches(path: str, *, host_batch: int,
   tf = _tf()
   info = read_dataset_info(path)
   files = list_shards(path)
-  flt = MetadataFilter(filter, info["columns"])
   table = read_sites_index(path)
   kw = dict(_table=table, _files=files, _info=info)
   counts = [len(host_sites(path, filter, h, process_count, **kw))
             for h in range(process_count)]
   if sum(counts) == 0:
-    raise ValueError(f"{path}: no sites match the filter {filter!r}")
+    raise ValueError(f"{path}: no sites match the filter {filter!r} (columns: "
+                     f"{_describe_columns(info)})")
   num_batches = max(math.ceil(c / host_batch) for c in counts)
   rows = host_sites(path, filter, process_index, process_count, **kw)
   want_ids = rows["site_id"].to_numpy()
   want_index = rows.index.to_numpy().astype(np.int64)
+  keep = None if not filter else _site_id_filter(want_ids.tolist())
   columns = list(info["columns"])
   spec = _feature_spec(info, columns)
   host = _host_files(files, process_index, process_count)
@@ -589,8 +510,8 @@ def eval_host_batches(path: str, *, host_batch: int,
     if host:
       ds = _record_dataset(host, info).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                                            deterministic=True)
-      if flt.tree is not None:
-        ds = ds.filter(flt.tf)
+      if keep is not None:
+        ds = ds.filter(keep)
       ds = ds.batch(host_batch).prefetch(2)
       for b in ds.as_numpy_iterator():
         n = len(b[schema.TFRECORD_IMAGE])

@@ -10,7 +10,7 @@ what they share:
   sites), computed once on the launching machine and written to a plan file
   in the (still incomplete) dataset directory;
 * the Beam pipeline (`_sites_transform`): plan lines -> Reshuffle -> one
-  `reader.load_task` per site (read, check, area-resize) -> examples, plus
+  `rxrx.load_task` per site (read, check, area-resize) -> examples, plus
   two small side outputs collected from the workers: the failed sites and the
   per-channel pixel sums. With Beam missing (no `[beam]` extra), the same
   functions run in this process as a Python generator;
@@ -47,7 +47,7 @@ from absl import logging
 from etils import epath
 
 from gandl_jax.data import convert
-from gandl_jax.data import reader
+from gandl_jax.data import rxrx
 from gandl_jax.data import synthetic
 from gandl_jax import io as gio
 from gandl_jax import schema
@@ -69,7 +69,7 @@ class RxrxConfig(tfds.core.BuilderConfig):
 
 def resolution_configs(dataset: str, resolutions: Sequence[int]) -> List[RxrxConfig]:
   """One builder config per output resolution, named by it ("256")."""
-  ch = reader.default_channels(dataset)
+  ch = rxrx.default_channels(dataset)
   return [RxrxConfig(name=str(r), resolution=r,
                      description=f"{r}x{r} pixels, {len(ch)} channels ("
                      + ", ".join(f"w{c}" for c in ch) + "), area-resized")
@@ -89,12 +89,12 @@ class SiteJob:
 def read_site(task: Sequence[Any], job: SiteJob) -> Dict[str, Any]:
   """[rank, metadata] -> {"rank", and "example" + "sums" or "error"}.
 
-  The site is read, checked and resized by `reader.load_task`, the function
+  The site is read, checked and resized by `rxrx.load_task`, the function
   gandl-convert's workers run.
   """
   rank, meta = int(task[0]), dict(task[1])
-  r = reader.load_task((job.root, meta, job.channels, job.resolution,
-                        job.source_size))
+  r = rxrx.load_task((job.root, meta, job.channels, job.resolution,
+                      job.source_size))
   if r.image is None:
     return dict(rank=rank, error=dict(site_id=meta["site_id"], path=r.path,
                                       reason=r.error))
@@ -253,7 +253,7 @@ class RxrxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   @property
   def channels(self) -> Tuple[int, ...]:
-    return reader.default_channels(self.DATASET)
+    return rxrx.default_channels(self.DATASET)
 
   def _info(self) -> tfds.core.DatasetInfo:
     r = self.builder_config.resolution

@@ -1,359 +1,29 @@
-"""Reading the public RxRx19a / RxRx1 tree (metadata.csv and per-channel PNGs)
-and LoadData CSVs of any Cell Painting set (8/16-bit PNG and TIFF planes).
+"""Reading any Cell Painting set described by CellProfiler LoadData CSVs: one
+row per site, one FileName_<channel> / PathName_<channel> pair per channel,
+8- or 16-bit PNG or TIFF planes (multi-page files with Frame_<channel>),
+rescaled per channel to 8 bits by an intensity window (`intensity_windows`:
+percentile clipping over a sample of sites).
 
-Shared by the converter (`convert.py`), the TFDS builder (`tfds_rxrx19a.py`)
-and the tests. Nothing here imports TensorFlow unless a path is remote
-(`gs://...`), so conversion worker processes start quickly.
+Nothing here imports TensorFlow unless a path is remote (`gs://...`).
 """
 from __future__ import annotations
 
 import dataclasses
-import errno
 import io
 import math
+import multiprocessing
 import os
-import re
-import stat
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from gandl_jax import io as gio
 from gandl_jax import schema
-
-SUBSETS = ("all", "controls")
-
-
-class MetadataError(ValueError):
-  """metadata.csv cannot be used at all (missing file or columns)."""
-
-
-class SiteError(Exception):
-  """One site cannot be converted; `path` names the offending file."""
-
-  def __init__(self, reason: str, path: str = ""):
-    super().__init__(reason)
-    self.reason = reason
-    self.path = path
-
-
-def default_channels(dataset: str) -> Tuple[int, ...]:
-  if dataset == "rxrx1":
-    return tuple(schema.RXRX1_DEFAULT_CHANNELS)
-  return tuple(c.index for c in schema.CHANNELS[dataset])
-
-
-def check_channels(dataset: str, channels: Optional[Sequence[int]]) -> Tuple[int, ...]:
-  if dataset not in schema.COLUMNS:
-    raise ValueError(f"dataset must be one of {sorted(schema.COLUMNS)}, got {dataset!r}")
-  if channels is None or len(channels) == 0:
-    return default_channels(dataset)
-  valid = [c.index for c in schema.CHANNELS[dataset]]
-  out = tuple(int(c) for c in channels)
-  bad = [c for c in out if c not in valid]
-  if bad or len(set(out)) != len(out):
-    raise ValueError(f"channels {list(out)} invalid for {dataset}: each must be "
-                     f"one of {valid}, without repeats")
-  return out
-
-
-def read_metadata(dataset: str, input_dir: str):
-  """metadata.csv as a DataFrame of strings (empty cells stay "").
-
-  Raises MetadataError naming the file and the missing columns when the file
-  does not have every published column.
-  """
-  import pandas as pd  # pylint: disable=import-outside-toplevel
-  path = gio.join(input_dir, "metadata.csv")
-  try:
-    raw = gio.read_bytes(path)
-  except FileNotFoundError as e:
-    raise MetadataError(f"{path}: not found; expected the {dataset} metadata.csv "
-                        "at the root of the download") from e
-  try:
-    df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
-  except Exception as e:  # pandas raises several parser error types
-    raise MetadataError(f"{path}: not a readable CSV file ({e})") from e
-  expected = schema.COLUMNS[dataset]
-  missing = [c for c in expected if c not in df.columns]
-  if missing:
-    raise MetadataError(
-        f"{path}: missing column(s) {missing}; a {dataset} metadata.csv must "
-        f"have the columns {list(expected)} (found {list(df.columns)})")
-  return df[list(expected)]
-
-
-def select_subset(df, dataset: str, subset: str):
-  """`all`, or `controls` (RxRx19a: untreated wells; RxRx1: control wells)."""
-  if subset not in SUBSETS:
-    raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
-  if subset == "all":
-    return df
-  if dataset == "rxrx19a":
-    return df[df["treatment"].str.strip() == ""]
-  return df[df["well_type"] != "treatment"]
-
-
-INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
-_INT_RE = re.compile(r"^[+-]?[0-9]+$")
-_FLOAT_RE = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
-# Columns that name a directory or a file below images/ (schema.image_relpath).
-PATH_COLUMNS = ("experiment", "well")
-
-
-def parse_int(text: str, col: str) -> int:
-  """A plain decimal int64 (no underscores, spaces or fractions); SiteError
-  naming the column otherwise."""
-  if not _INT_RE.match(text):
-    raise SiteError(f"column {col}: expected an integer, got {text!r}")
-  v = int(text)
-  if not INT64_MIN <= v <= INT64_MAX:
-    raise SiteError(f"column {col}: {text!r} is outside the int64 range")
-  return v
-
-
-def parse_float(text: str, col: str) -> float:
-  """A finite decimal number, or NaN for an empty cell (missing)."""
-  if text == "":
-    return math.nan
-  v = float(text) if _FLOAT_RE.match(text) else None
-  if v is None or not math.isfinite(v):
-    raise SiteError(f"column {col}: expected a finite number or empty, got "
-                    f"{text!r}")
-  return v
-
-
-def check_path_component(text: str, col: str) -> str:
-  """`text` must be one plain file-name component (it becomes part of an
-  image path): no '/', '\\', NUL, '.' or '..', not empty."""
-  if (not text.strip() or text in (".", "..")
-      or any(c in text for c in ("/", "\\", "\0"))):
-    raise SiteError(f"column {col}: {text!r} is not a plain name (image "
-                    f"paths are built from it; '/', '\\', '.' and '..' "
-                    f"would leave images/)")
-  return text
-
-
-def parse_row(row: Dict[str, str], dataset: str) -> Dict[str, object]:
-  """Typed metadata of one row; SiteError naming the bad column otherwise.
-
-  Integers must be plain decimal int64 values (`1_0` or ` 1` are refused,
-  not read as 10 or 1); floats finite or empty (NaN); the columns image
-  paths are built from (`PATH_COLUMNS`) plain names.
-  """
-  out: Dict[str, object] = {}
-  for col in schema.COLUMNS[dataset]:
-    v = row[col]
-    kind = schema.column_type(col)
-    if kind == "int64":
-      out[col] = parse_int(v, col)
-    elif kind == "float":
-      out[col] = parse_float(v, col)
-    else:
-      out[col] = v
-  for col in ("experiment", "well", "site_id"):
-    if not str(out[col]).strip():
-      raise SiteError(f"column {col}: empty")
-  for col in PATH_COLUMNS:
-    check_path_component(str(out[col]), col)
-  return out
-
-
-def site_paths(input_dir: str, meta: Dict[str, object],
-               channels: Sequence[int]) -> List[str]:
-  """The channel PNGs of one site; SiteError if a path would leave images/."""
-  paths = []
-  for ch in channels:
-    rel = schema.image_relpath(str(meta["experiment"]), int(meta["plate"]),
-                               str(meta["well"]), int(meta["site"]), ch)
-    norm = os.path.normpath(rel)
-    if os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
-      raise SiteError(f"image path {rel!r} leaves images/",
-                      gio.join(input_dir, "images"))
-    paths.append(gio.join(input_dir, "images", rel))
-  return paths
-
-
-def read_image_file(path: str) -> bytes:
-  """The bytes of one image file.
-
-  FileNotFoundError when nothing is there; SiteError when something other
-  than a regular file is (a directory, a FIFO, a device, a symlink loop) or
-  it cannot be read. Local files are opened non-blocking and checked with
-  fstat before reading, so a FIFO never blocks.
-  """
-  if gio.is_remote(path):
-    return gio.read_bytes(path)
-  try:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-  except FileNotFoundError:
-    raise
-  except OSError as e:
-    reason = ("symlink loop" if e.errno == errno.ELOOP
-              else e.strerror or type(e).__name__)
-    raise SiteError(f"cannot open the image file ({reason})", path) from None
-  try:
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-      kind = ("a directory" if stat.S_ISDIR(mode) else
-              "a FIFO" if stat.S_ISFIFO(mode) else
-              "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
-              "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-      raise SiteError(f"expected a PNG file, found {kind}", path)
-    with os.fdopen(fd, "rb", closefd=False) as f:
-      try:
-        return f.read()
-      except OSError as e:
-        raise SiteError(f"cannot read the image file ({e.strerror or e})",
-                        path) from None
-  finally:
-    os.close(fd)
-
-
-def decode_png(data: bytes, path: str) -> np.ndarray:
-  """8-bit grayscale PNG -> uint8 (H, W); SiteError when corrupt or not 8-bit."""
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      im.load()
-      if im.mode != "L":
-        raise SiteError(f"expected an 8-bit grayscale PNG, got mode {im.mode}", path)
-      return np.asarray(im, dtype=np.uint8)
-  except SiteError:
-    raise
-  except Exception as e:  # PIL raises many types for corrupt data
-    msg = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", " (in memory)", str(e))
-    raise SiteError(f"corrupt or unreadable PNG ({type(e).__name__}: {msg})",
-                    path) from None
-
-
-def area_weights(src: int, dst: int) -> np.ndarray:
-  """(dst, src) matrix: row i averages the source pixels output pixel i covers,
-  each weighted by the length of its overlap with [i*src/dst, (i+1)*src/dst)."""
-  edges = np.arange(dst + 1, dtype=np.float64) * (src / dst)
-  lo, hi = edges[:-1, None], edges[1:, None]
-  j = np.arange(src, dtype=np.float64)[None, :]
-  w = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None)
-  return w / w.sum(axis=1, keepdims=True)
-
-
-def resize_area(img: np.ndarray, resolution: int) -> np.ndarray:
-  """Area-averaging resize of a uint8 (H, W) image to (R, R) uint8.
-
-  Each output pixel is the area-weighted mean of the input pixels it covers
-  (exact k x k block means for integer factors), rounded half up.
-  """
-  h, w = img.shape
-  if (h, w) == (resolution, resolution):
-    return img
-  if h % resolution == 0 and w % resolution == 0:
-    kh, kw = h // resolution, w // resolution
-    x = img.reshape(resolution, kh, resolution, kw).astype(np.float32).mean(axis=(1, 3))
-  else:
-    x = area_weights(h, resolution) @ img.astype(np.float64) @ area_weights(w, resolution).T
-  return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
-
-
-def resize_area_float(img: np.ndarray, resolution: int) -> np.ndarray:
-  """`resize_area` of a float (H, W) image in float64, without rounding."""
-  h, w = img.shape
-  x = img.astype(np.float64)
-  if (h, w) == (resolution, resolution):
-    return x
-  if h % resolution == 0 and w % resolution == 0:
-    kh, kw = h // resolution, w // resolution
-    return x.reshape(resolution, kh, resolution, kw).mean(axis=(1, 3))
-  return area_weights(h, resolution) @ x @ area_weights(w, resolution).T
-
-
-def load_site(input_dir: str, meta: Dict[str, object], channels: Sequence[int],
-              resolution: int, source_size: Optional[Tuple[int, int]]) -> np.ndarray:
-  """Reads, checks and resizes one site: uint8 (R, R, C).
-
-  Raises SiteError with the reason and the offending file: no image at all
-  for the site, a missing channel, a corrupt PNG, or a size that differs from
-  `source_size` (or is not square, or smaller than `resolution`).
-  """
-  paths = site_paths(input_dir, meta, channels)
-  blobs: List[Optional[bytes]] = []
-  for p in paths:
-    try:
-      blobs.append(read_image_file(p))
-    except FileNotFoundError:
-      blobs.append(None)
-  if all(b is None for b in blobs):
-    raise SiteError("no image files for this site (metadata row without images)",
-                    paths[0])
-  planes = []
-  for ch, p, b in zip(channels, paths, blobs):
-    if b is None:
-      raise SiteError(f"missing channel file w{ch}", p)
-    a = decode_png(b, p)
-    if source_size is not None and a.shape != tuple(source_size):
-      raise SiteError(f"w{ch} is {a.shape[1]}x{a.shape[0]} pixels, expected "
-                      f"{source_size[1]}x{source_size[0]} like the rest of the "
-                      "dataset", p)
-    if a.shape[0] != a.shape[1] or a.shape[0] < resolution:
-      raise SiteError(f"w{ch} is {a.shape[1]}x{a.shape[0]} pixels; need a square "
-                      f"image of at least {resolution}x{resolution}", p)
-    planes.append(resize_area(a, resolution))
-  return np.stack(planes, axis=-1)
-
-
-def probe_source_size(input_dir: str, metas: Sequence[Dict[str, object]],
-                      channels: Sequence[int], probes: int = 16) -> Tuple[int, int]:
-  """The most common image size among up to `probes` evenly spread sites."""
-  if not metas:
-    raise MetadataError(f"{input_dir}: no metadata rows to convert")
-  idx = np.unique(np.linspace(0, len(metas) - 1, min(probes, len(metas))).astype(int))
-  counts: Dict[Tuple[int, int], int] = {}
-  for i in idx:
-    for p in site_paths(input_dir, metas[i], channels[:1]):
-      try:
-        a = decode_png(read_image_file(p), p)
-      except (FileNotFoundError, SiteError):
-        continue
-      counts[a.shape] = counts.get(a.shape, 0) + 1
-  if not counts:
-    # Fall back to a scan until one readable image is found.
-    for m in metas:
-      for p in site_paths(input_dir, m, channels):
-        try:
-          return decode_png(read_image_file(p), p).shape
-        except (FileNotFoundError, SiteError):
-          continue
-    raise MetadataError(f"{input_dir}/images: no readable PNG for any metadata row")
-  return max(sorted(counts), key=lambda s: counts[s])
-
-
-@dataclasses.dataclass
-class SiteResult:
-  """What a conversion worker returns for one site."""
-  meta: Dict[str, object]
-  image: Optional[np.ndarray] = None
-  error: str = ""
-  path: str = ""
-
-
-def load_task(args) -> SiteResult:
-  """Picklable worker entry: (input_dir, meta, channels, resolution, size),
-  plus the per-channel (low, high) intensity window for LoadData sites."""
-  input_dir, meta, channels, resolution, source_size = args[:5]
-  try:
-    if LOADDATA_FILES in meta:
-      image = load_loaddata_site(meta, channels, resolution, source_size,
-                                 args[5])
-    else:
-      image = load_site(input_dir, meta, channels, resolution, source_size)
-    return SiteResult(meta, image)
-  except SiteError as e:
-    return SiteResult(meta, None, e.reason, e.path)
-
-
-# ----------------------------------------------------------------------------
-# Any Cell Painting set: a CellProfiler LoadData CSV (one row per site, one
-# FileName_<channel> / PathName_<channel> pair per channel), 8- or 16-bit
-# PNG or TIFF planes, rescaled per channel to 8 bits by percentile clipping.
+from gandl_jax.data.imagefile import (MetadataError, SiteError, SiteResult,
+                                      decode_error, parse_int, read_image_file,
+                                      resize_area_float)
 
 LOADDATA_FILES = "_files"     # meta key: {channel: (path, page)}, not a column
 HIST_BINS = 2**16             # 8- and 16-bit values share one histogram
@@ -518,8 +188,6 @@ def read_loaddata(csv_paths: Sequence[str], channels: Sequence[str] = (),
       meta[LOADDATA_FILES] = files
       metas.append(meta)
   return list(chosen), columns, metas, errors
-
-
 def decode_plane(data: bytes, path: str, page: Optional[int] = None,
                  channel: str = "<channel>") -> Tuple[np.ndarray, int]:
   """One 8- or 16-bit grayscale plane of a PNG or TIFF -> (array, bits).
@@ -553,9 +221,7 @@ def decode_plane(data: bytes, path: str, page: Optional[int] = None,
   except SiteError:
     raise
   except Exception as e:  # PIL raises many types for corrupt data
-    msg = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", " (in memory)", str(e))
-    raise SiteError(f"corrupt or unreadable image ({type(e).__name__}: {msg})",
-                    path) from None
+    raise decode_error(e, "image", path) from None
 
 
 def center_square(a: np.ndarray) -> np.ndarray:
@@ -666,6 +332,77 @@ def histogram_percentile(hist: np.ndarray, q: float) -> float:
   return float(lo + (hi - lo) * t) if t < 0.5 else float(hi - (hi - lo) * (1 - t))
 
 
+DEFAULT_CLIP = (0.1, 99.9)
+DEFAULT_INTENSITY_SAMPLE = 64
+
+
+def intensity_windows(metas: Sequence[Dict[str, object]], channels: Sequence[str],
+                      clip_percentiles: Optional[Sequence[float]],
+                      sample: int, seed: int, workers: int = 1
+                      ) -> Dict[str, object]:
+  """Each channel's (low, high) -> (0, 255) window of a LoadData set.
+
+  The `clip_percentiles` of the channel's pixel values (the centred square
+  that is converted, at source resolution) pooled over `sample` sites drawn
+  with `seed` (`np.random.default_rng(seed).choice`, without replacement,
+  sorted); unreadable sampled sites are skipped (they fail conversion
+  later anyway). None: the full range of the channel's bit depth.
+  Returns the dataset_info.json `intensity` record.
+  """
+  if clip_percentiles is not None:
+    lo_q, hi_q = (float(q) for q in clip_percentiles)
+    if not 0.0 <= lo_q < hi_q <= 100.0:
+      raise ValueError(f"clip percentiles must be 0 <= low < high <= 100, got "
+                       f"{list(clip_percentiles)}")
+  if sample < 1:
+    raise ValueError(f"intensity sample must be >= 1 site, got {sample}")
+  k = min(sample, len(metas))
+  idx = np.sort(np.random.default_rng(seed).choice(len(metas), k, replace=False))
+  tasks = [(metas[i], tuple(channels)) for i in idx]
+  hist, good, bad = None, [], []
+  pool = (multiprocessing.get_context("spawn").Pool(min(workers, k))
+          if workers > 1 and k > 1 else None)
+  try:
+    # Summed as they come: one (C, 65536) histogram held, not one per site.
+    for r in (pool.imap(histogram_task, tasks) if pool
+              else map(histogram_task, tasks)):
+      if r.hists is None:
+        bad.append(r)
+        continue
+      hist = r.hists if hist is None else hist + r.hists
+      good.append(r)
+      r.hists = None
+  finally:
+    if pool is not None:
+      pool.close()
+      pool.join()
+  if not good:
+    raise MetadataError(
+        f"none of the {k} sites sampled for the intensity percentiles could "
+        f"be read (first: {bad[0].site_id}: {bad[0].error})")
+  out = []
+  for c, name in enumerate(channels):
+    bits = max(r.bits[c] for r in good)
+    if clip_percentiles is None:
+      low, high = 0.0, float(2**bits - 1)
+    else:
+      low = histogram_percentile(hist[c], lo_q)
+      high = histogram_percentile(hist[c], hi_q)
+    out.append(dict(name=name, bit_depth=bits, low=low, high=high))
+  logging.info("Intensity windows from %d sites: %s", len(good), ", ".join(
+      f"{c['name']} {c['low']:g}..{c['high']:g}" for c in out))
+  return dict(
+      method=("percentile clip" if clip_percentiles is not None
+              else "full bit-depth range"),
+      percentiles=None if clip_percentiles is None else [lo_q, hi_q],
+      formula="round(255 * clip((x - low) / (high - low), 0, 1)), after "
+              "area-averaging the rescaled values to the resolution",
+      sample_seed=int(seed), sample_sites=len(good),
+      sampled_site_ids=[r.site_id for r in good],
+      skipped_site_ids=[r.site_id for r in bad],
+      channels=out)
+
+
 def probe_loaddata_size(metas: Sequence[Dict[str, object]],
                         channels: Sequence[str], probes: int = 16
                         ) -> Tuple[int, int]:
@@ -694,3 +431,15 @@ def probe_loaddata_size(metas: Sequence[Dict[str, object]],
     raise MetadataError(f"no readable {channels[0]} image for any row of the "
                         "LoadData CSV")
   return max(sorted(counts), key=lambda s: counts[s])
+
+
+def load_task(args) -> SiteResult:
+  """Picklable worker entry: (meta, channels, resolution, source_size,
+  windows) -> the site's image, or its error; `windows` holds each
+  channel's (low, high) intensity window."""
+  meta, channels, resolution, source_size, windows = args
+  try:
+    return SiteResult(meta, load_loaddata_site(meta, channels, resolution,
+                                               source_size, windows))
+  except SiteError as e:
+    return SiteResult(meta, None, e.reason, e.path)
