@@ -1,45 +1,38 @@
-r"""Benchmark of discriminator embedding throughput (the export path).
+r"""Discriminator embedding throughput (the export path).
 
-Times `gandl_jax.inference.export.sharded_embed_fn` (what `gandl-export`
-runs per batch: uint8 images -> float -> D -> the embedding layer) on
+Times `gandl_jax.inference.export.sharded_embed_fn` (what `gandl-export` runs
+per batch: uint8 images -> float -> D -> the embedding layer) on
 device-resident random uint8 images with freshly initialized weights (speed
 does not depend on their values).
 
-  python tools/bench_embed.py --config configs/demo.py --batch 64
+  python -m tools.bench.embed --config configs/demo.py --batch 64
 
 With --reference (a checkout of stylegan2-ada-pytorch; torch from the
 [import] extra) the reference's own Discriminator runs the same batch in a
-subprocess (tools/sg2ada_reference.py: uint8 -> float, `D(img, c)` under
-no_grad), in timed rounds alternating with ours (--rounds each):
+subprocess (uint8 -> float, `D(img, c)` under no_grad), in rounds
+alternating with ours:
 
-  python tools/bench_embed.py --config configs/demo.py --batch 64 \
+  python -m tools.bench.embed --config configs/demo.py --batch 64 \
       --reference /path/to/stylegan2-ada-pytorch
-
-Prints one human-readable summary and one JSON line.
 """
-import json
-import sys
-import time
-
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from gandl_jax import sharding
 from gandl_jax.inference import api, export
 from gandl_jax.model import networks
+from tools.bench import harness, sg2ada_reference
 
-import sg2ada_reference  # tools/, next to this script
-
+harness.define_flags(rounds=2, warmup=1)
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Images per batch.")
-_BATCHES = flags.DEFINE_integer("batches", 16, "Batches per timed round.")
+_BATCHES = flags.DEFINE_integer("batches", 16, "Batches per round.")
 _LAYER = flags.DEFINE_string("layer", "fc", "Embedding layer.")
 _REFERENCE = flags.DEFINE_string(
     "reference", None, "Checkout of stylegan2-ada-pytorch: also time its D "
     "forward on the same batch, in alternating rounds.")
-_ROUNDS = flags.DEFINE_integer("rounds", 2, "Timed rounds per side.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -57,62 +50,48 @@ def main(argv):
   b, r, c = _BATCH.value, model.resolution, model.img_channels
   host = np.random.default_rng(1).integers(0, 256, (b, r, r, c), np.uint8)
   images = jax.device_put(host, sharding.data_sharded(mesh))
+  compile_t = harness.time_rounds(
+      lambda: jax.block_until_ready(fn(images)), 1)
 
-  t0 = time.time()
-  jax.block_until_ready(fn(images))
-  compile_s = time.time() - t0
-  jax.block_until_ready(fn(images))
-
-  def our_round():
-    t0 = time.time()
+  def ours():
     for _ in range(_BATCHES.value):
       out = fn(images)
     jax.block_until_ready(out)
-    return time.time() - t0
 
-  ref, ours_s, ref_s = None, [], []
+  sides = {"ours": ours}
+  ref = None
   if _REFERENCE.value:
     ref = sg2ada_reference.Worker(
         _REFERENCE.value, sg2ada_reference.spec_from_config(config, "embed", b))
+    sides["reference"] = harness.worker_side(ref, "embed", _BATCHES.value)
   try:
-    for _ in range(_ROUNDS.value):
-      ours_s.append(our_round())
-      if ref:
-        ref_s.append(ref.run("embed", _BATCHES.value)[0])
+    times = harness.alternate(sides, flags.FLAGS.rounds, flags.FLAGS.warmup)
   finally:
     if ref:
       ref.close()
 
-  per_round = b * _BATCHES.value
-  img_s = per_round * len(ours_s) / sum(ours_s)
-  result = {
-      "device": jax.devices()[0].device_kind,
-      "num_devices": int(mesh.devices.size), "resolution": r, "batch": b,
-      "layer": _LAYER.value, "compute_dtype": config.compute_dtype,
-      "channel_base": config.model.channel_base,
-      "img_per_sec": img_s,
-      "img_per_sec_rounds": [per_round / t for t in ours_s],
-      "compile_sec": compile_s,
-  }
-  print(f"{result['device']} x{result['num_devices']}: {r}x{r}x{c}, batch {b}, "
-        f"{config.compute_dtype}, layer {_LAYER.value}: {img_s:.0f} img/s "
-        f"(compile {compile_s:.1f} s)")
+  images_per_round = b * _BATCHES.value
+  cfg = {"config": harness.config_source(), "resolution": r,
+         "channels": c, "batch": b, "batches": _BATCHES.value,
+         "layer": _LAYER.value, "compute_dtype": config.compute_dtype,
+         "channel_base": config.model.channel_base,
+         "num_devices": int(mesh.devices.size)}
+  img_s = images_per_round / times["ours"].median
+  harness.emit("img_per_sec", img_s, "images/s", cfg, timing=times["ours"])
+  harness.emit("compile_sec", compile_t.median, "s", cfg)
+  harness.say(f"{r}x{r}x{c}, batch {b}, layer {_LAYER.value}: "
+              f"{img_s:.0f} img/s (compile {compile_t.median:.1f} s)")
   if ref:
-    ref_img_s = per_round * len(ref_s) / sum(ref_s)
-    result.update({
-        "reference_img_per_sec": ref_img_s,
-        "reference_img_per_sec_rounds": [per_round / t for t in ref_s],
-        "speedup_vs_reference": img_s / ref_img_s, "reference": ref.info})
-    fmt = lambda xs: ", ".join(f"{x:.0f}" for x in xs)
-    print(f"stylegan2-ada-pytorch D forward (torch {ref.info['torch']}, "
-          f"{ref.info['device']}, {ref.info['threads']} threads, custom ops "
-          f"{ref.info['custom_ops']}): {ref_img_s:.0f} img/s; rounds "
-          f"alternating ours [{fmt(result['img_per_sec_rounds'])}] / reference "
-          f"[{fmt(result['reference_img_per_sec_rounds'])}] img/s; "
-          f"ours / reference = {result['speedup_vs_reference']:.2f}x")
-  print(json.dumps(result))
-  sys.stdout.flush()
+    rt = times["reference"]
+    ref_img_s = images_per_round / rt.median
+    rcfg = dict(cfg, reference=ref.info)
+    harness.emit("reference_img_per_sec", ref_img_s, "images/s", rcfg,
+                 timing=rt)
+    harness.emit("speedup_vs_reference", img_s / ref_img_s, "x", rcfg,
+                 timing=times["ours"])
+    harness.say(f"stylegan2-ada-pytorch D forward: {ref_img_s:.0f} img/s; "
+                f"ours / reference = {img_s / ref_img_s:.2f}x")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  harness.run(main, "embed")

@@ -1,53 +1,48 @@
-r"""Per-phase profile of training: compile time and run time of each jitted
-phase (G main, G reg, D main, D reg), optionally against another version of
-the layers or other XLA compiler options in the same process, in alternating
+r"""Per-phase profile of training: compile and run time of each jitted phase
+(G main, G reg, D main, D reg), optionally against another version of the
+layers or other XLA compiler options in the same process, in alternating
 rounds.
 
-  python tools/bench_phases.py --config configs/demo.py
+  python -m tools.bench.phases --config configs/demo.py
 
 Compilation is split into Python tracing (`jit(f).trace`), lowering to
-StableHLO (`.lower()`) and XLA compilation (`.compile()`: HLO passes and
-code generation), each in wall and in CPU seconds of this process (the
-phases compile one after another here). Against XLA's default options on
-CPU (A/B of `steps.CPU_COMPILER_OPTIONS`, in one run):
+StableHLO (`.lower()`) and XLA compilation (`.compile()`), each in wall and
+CPU seconds (the phases compile one after another here). Against XLA's
+default options on CPU (`steps.CPU_COMPILER_OPTIONS` A/B, in one run):
 
-  python tools/bench_phases.py --config configs/demo.py \
+  python -m tools.bench.phases --config configs/demo.py \
       --baseline_compiler_options '{}'
 
 Before/after a change to gandl_jax/model/layers.py (A/B in one run):
 
   git show <commit>:gandl_jax/model/layers.py > /tmp/layers_before.py
-  python tools/bench_phases.py --config configs/demo.py \
+  python -m tools.bench.phases --config configs/demo.py \
       --baseline_layers /tmp/layers_before.py
 
 The amortized iteration is g_main + d_main + g_reg / pl_interval +
-d_reg / r1_interval (what tools/bench_train.py measures end to end).
-Prints one line per version and one JSON line. On a machine shared with
-other jobs compare the CPU milliseconds (all of the process's threads; wall
-time there measures the contention as much as the code).
+d_reg / r1_interval (what tools.bench.train measures end to end). On a
+machine shared with other jobs compare the CPU milliseconds.
 """
 import importlib.util
 import json
-import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from gandl_jax import sharding
 from gandl_jax.model import layers, networks
 from gandl_jax.train.steps import Trainer
+from tools.bench import harness
 
+harness.define_flags(rounds=6, warmup=0)
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BASELINE = flags.DEFINE_string(
     "baseline_layers", None, "A layers.py (e.g. from an earlier commit) to "
     "time against the installed one.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds (each runs every phase "
-                               "twice per version).")
 _BASELINE_OPTIONS = flags.DEFINE_string(
     "baseline_compiler_options", None, "JSON dict of XLA compiler options "
     "('{}': XLA's defaults) to time against the Trainer's default ones.")
@@ -65,11 +60,14 @@ def _load_module(path):
 
 
 def _setup(config, mesh, layers_module, compiler_options=None):
-  """Compiles the four phases with `layers_module` behind the networks."""
+  """The four phases compiled with `layers_module` behind the networks:
+  {"run": {phase: callable running it once}, "stages": {phase: {trace,
+  lower, xla: (wall s, CPU s)}}, "compiler_options": ...}."""
   networks.layers = layers_module
   try:
     tr = Trainer(config, mesh, compiler_options=compiler_options)
-    state = tr.init_state(config.seed)
+    v = {"state": tr.init_state(config.seed), "stages": {}, "run": {},
+         "compiler_options": tr.compiler_options}
     b, r, c = tr.batch, config.model.resolution, config.model.img_channels
     real = jax.device_put(
         jax.random.uniform(jax.random.PRNGKey(1), (b, r, r, c), jnp.float32,
@@ -77,29 +75,28 @@ def _setup(config, mesh, layers_module, compiler_options=None):
     beta = jax.device_put(jnp.float32(0.5), sharding.replicated(mesh))
     args = {"g_main": (), "g_reg": (), "d_main": (real, beta),
             "d_reg": (real,)}
-    fns, compile_s, lower_s = {}, {}, {}
-    stages = {}   # phase -> {trace, lower, xla} -> (wall s, CPU s)
     for ph in PHASES:
-      t0, c0 = time.time(), time.process_time()
-      traced = tr.compiled(ph, state).trace(state, *args[ph])
-      t1, c1 = time.time(), time.process_time()
+      clock = lambda: (time.perf_counter(), time.process_time())
+      t0 = clock()
+      traced = tr.compiled(ph, v["state"]).trace(v["state"], *args[ph])
+      t1 = clock()
       lowered = traced.lower()
-      t2, c2 = time.time(), time.process_time()
-      fns[ph] = lowered.compile()
-      t3, c3 = time.time(), time.process_time()
-      lower_s[ph] = t2 - t0     # tracing in Python, then StableHLO
-      compile_s[ph] = t3 - t0   # lowering + XLA compilation
-      stages[ph] = {"trace": (t1 - t0, c1 - c0), "lower": (t2 - t1, c2 - c1),
-                    "xla": (t3 - t2, c3 - c2)}
-      state, _ = fns[ph](state, *args[ph])
-      jax.block_until_ready(state)
+      t2 = clock()
+      fn = lowered.compile()
+      t3 = clock()
+      v["stages"][ph] = {k: (end[0] - start[0], end[1] - start[1])
+                         for k, start, end in (("trace", t0, t1),
+                                               ("lower", t1, t2),
+                                               ("xla", t2, t3))}
+
+      def once(fn=fn, a=args[ph]):
+        v["state"], _ = fn(v["state"], *a)
+        jax.block_until_ready(v["state"])
+      once()
+      v["run"][ph] = once
   finally:
     networks.layers = layers
-  return {"fns": fns, "args": args, "state": state, "compile_s": compile_s,
-          "lower_s": lower_s, "stages": stages,
-          "compiler_options": tr.compiler_options,
-          "ms": {ph: [] for ph in PHASES},
-          "cpu_ms": {ph: [] for ph in PHASES}}
+  return v
 
 
 def main(argv):
@@ -113,48 +110,37 @@ def main(argv):
     versions["baseline_options"] = _setup(
         config, mesh, layers, json.loads(_BASELINE_OPTIONS.value))
   versions["current"] = _setup(config, mesh, layers)
-  for _ in range(_ROUNDS.value):
-    for v in versions.values():
-      for ph in PHASES:
-        for _ in range(2):
-          t0, cpu0 = time.time(), time.process_time()
-          v["state"], _ = v["fns"][ph](v["state"], *v["args"][ph])
-          jax.block_until_ready(v["state"])
-          v["ms"][ph].append((time.time() - t0) * 1e3)
-          v["cpu_ms"][ph].append((time.process_time() - cpu0) * 1e3)
+  times = harness.alternate(
+      {(name, ph): v["run"][ph] for name, v in versions.items()
+       for ph in PHASES}, flags.FLAGS.rounds, flags.FLAGS.warmup)
   l = config.loss
-  result = {"device": jax.devices()[0].device_kind,
-            "resolution": config.model.resolution,
-            "batch": int(config.batch_size),
-            "load_average": os.getloadavg()}
   amortized = lambda m: (m["g_main"] + m["d_main"] + m["g_reg"] /
                          l.pl_interval + m["d_reg"] / l.r1_interval)
   for name, v in versions.items():
-    med = {ph: float(np.median(v["ms"][ph])) for ph in PHASES}
-    cpu = {ph: float(np.median(v["cpu_ms"][ph])) for ph in PHASES}
-    it = amortized(med)
-    img_s = config.batch_size * 1e3 / it
-    print(f"{name}: " + ", ".join(
-        f"{ph} {med[ph]:.0f} ms (compile {v['compile_s'][ph]:.1f} s)"
-        for ph in PHASES) + f"; amortized iteration {it:.0f} ms = "
-          f"{img_s:.1f} img/s; compile {sum(v['compile_s'].values()):.1f} s "
-          f"(of which lowering {sum(v['lower_s'].values()):.1f} s); CPU "
-          f"(all threads) per amortized iteration {amortized(cpu):.0f} ms: "
-          + ", ".join(f"{ph} {cpu[ph]:.0f}" for ph in PHASES))
-    total = {k: [sum(st[k][i] for st in v["stages"].values())
-                 for i in (0, 1)] for k in ("trace", "lower", "xla")}
-    print(f"  {name} compiler options {v['compiler_options']}: " + "; ".join(
-        f"{k} {w:.1f} s wall / {c:.1f} s CPU" for k, (w, c) in total.items()))
-    result[name] = {"median_ms": med, "median_cpu_ms": cpu,
-                    "iteration_cpu_ms": amortized(cpu),
-                    "compile_s": v["compile_s"],
-                    "lower_s": v["lower_s"], "stages": v["stages"],
-                    "compile_stages_total": total,
-                    "compiler_options": v["compiler_options"],
-                    "iteration_ms": it, "img_per_sec": img_s}
-  print(json.dumps(result))
-  sys.stdout.flush()
+    cfg = {"config": harness.config_source(), "version": name,
+           "resolution": config.model.resolution,
+           "batch": int(config.batch_size),
+           "compiler_options": v["compiler_options"],
+           "baseline_layers": _BASELINE.value if name == "baseline" else None}
+    ms = {ph: 1e3 * times[(name, ph)].median for ph in PHASES}
+    cpu_ms = {ph: 1e3 * times[(name, ph)].cpu_median for ph in PHASES}
+    for ph in PHASES:
+      harness.emit(f"{ph}/ms", ms[ph], "ms", cfg, timing=times[(name, ph)])
+      harness.emit(f"{ph}/cpu_ms", cpu_ms[ph], "CPU ms", cfg,
+                   timing=times[(name, ph)])
+      for stage, (wall, cpu) in v["stages"][ph].items():
+        harness.emit(f"{ph}/compile/{stage}", wall, "s", cfg)
+        harness.emit(f"{ph}/compile/{stage}_cpu", cpu, "CPU s", cfg)
+    it = amortized(ms)
+    harness.emit("iteration_ms", it, "ms", cfg)
+    harness.emit("iteration_cpu_ms", amortized(cpu_ms), "CPU ms", cfg)
+    harness.emit("img_per_sec", config.batch_size * 1e3 / it, "images/s", cfg)
+    harness.say(f"{name}: " + ", ".join(f"{ph} {ms[ph]:.0f} ms"
+                                        for ph in PHASES)
+                + f"; amortized iteration {it:.0f} ms, CPU "
+                f"{amortized(cpu_ms):.0f} ms; compile "
+                f"{sum(s['xla'][0] for s in v['stages'].values()):.1f} s XLA")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  harness.run(main, "phases")
