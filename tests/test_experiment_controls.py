@@ -1,9 +1,9 @@
-"""tools/experiment_controls.py's arithmetic, against numpy closed forms."""
+"""tools/experiments/controls.py's arithmetic, against numpy closed forms."""
 import numpy as np
 
 from tiny import load_tool
 
-controls = load_tool("experiment_controls")
+controls = load_tool("experiments/controls")
 
 
 def test_per_stain_features_embed_each_channel_alone_in_order():

@@ -1,4 +1,4 @@
-"""Importer (tools/import_stylegan2_ada.py), model checkpoints, the public
+"""Importer (gandl-import), model checkpoints, the public
 API (gandl_jax.load / Model), composites and gandl-generate.
 
 Uses the reference fixture tests/fixtures/parity_32.npz (weights and outputs of
@@ -377,7 +377,7 @@ def test_import_cli_end_to_end(tmp_path):
   _, meta = checkpoint.restore_model(wd)
   assert meta["source"] == "import_stylegan2_ada" and meta["step"] == 0
   r = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tools", "import_stylegan2_ada.py"),
+      [sys.executable, "-m", "gandl_jax.cli.import_weights",
        "--state_dicts", str(tmp_path / "missing.pt"), "--workdir", str(wd)],
       capture_output=True, text=True, env=env, timeout=300, check=False)
   assert r.returncode != 0 and "does not exist" in r.stderr

@@ -1,6 +1,8 @@
-"""The slice-based FIR resampling, the polyphase transposed convolution, the
-space-to-depth strided convolution and the 1x1 convolution as a matrix
-product (gandl_jax/model/layers.py) against the formulations they replaced:
+"""The slice-based FIR resampling (gandl_jax/model/layers.py) and the CPU
+convolution forms (gandl_jax/model/cpu_ops.py: polyphase transposed
+convolution, space-to-depth strided convolution, 1x1 convolution as a matrix
+product, VALID convolution with its own gradients) against the formulations
+they replaced:
 depthwise `conv_general_dilated` for upfirdn2d, input dilation for the
 transposed conv, a strided `conv_general_dilated` and a 1x1
 `conv_general_dilated`, written out here as the reference. Values and
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from gandl_jax.model import layers
+from gandl_jax.model import cpu_ops, layers
 
 DN = ("NHWC", "HWIO", "NHWC")
 FIR = layers.fir_filter()
@@ -117,7 +119,7 @@ def test_separable_factors_are_exact_for_the_binomial_filter():
 @pytest.mark.parametrize("k,up", [(3, 2), (1, 2), (4, 2), (3, 3)])
 def test_polyphase_transposed_conv_equals_input_dilation(k, up):
   x, w = _rand(2, (2, 5, 5, 3)), _rand(3, (k, k, 3, 4))
-  new = lambda x, w: layers._transposed_conv_polyphase(x, w, up)
+  new = lambda x, w: cpu_ops.transposed_conv_polyphase(x, w, up)
   _check_value_and_vjp(new, lambda x, w: ref_transposed_conv(x, w, up),
                        (x, w), atol=1e-4)
 
@@ -135,7 +137,7 @@ def ref_strided_conv(x, w, stride):
                                            (4, 2, 9), (3, 3, 10)])
 def test_space_to_depth_conv_equals_strided_conv(k, stride, size):
   x, w = _rand(10, (2, size, size, 3)), _rand(11, (k, k, 3, 4))
-  new = lambda x, w: layers._strided_conv_space_to_depth(x, w, stride)
+  new = lambda x, w: cpu_ops.strided_conv_space_to_depth(x, w, stride)
   ref = lambda x, w: ref_strided_conv(x, w, stride)
   _check_value_and_vjp(new, ref, (x, w), atol=1e-4)
 
@@ -149,6 +151,37 @@ def test_space_to_depth_conv_equals_strided_conv(k, stride, size):
                              atol=1e-3)
 
 
+def _penalty_grad(fn, x, w, c):
+  """d/dw of ||d<fn(x, w), c>/dx||^2 (R1's structure), jitted."""
+  gx = lambda w: jax.grad(lambda x: jnp.sum(fn(x, w) * c))(x)
+  return jax.jit(jax.grad(lambda w: jnp.sum(jnp.square(gx(w)))))(w)
+
+
+@pytest.mark.parametrize("k,stride,size", [(3, 2, 9), (3, 2, 8)])
+def test_strided_conv_s2d_grads_equals_strided_conv(k, stride, size):
+  x, w = _rand(16, (2, size, size, 3)), _rand(17, (k, k, 3, 4))
+  new = lambda x, w: cpu_ops.strided_conv_s2d_grads(x, w, stride)
+  ref = lambda x, w: ref_strided_conv(x, w, stride)
+  _check_value_and_vjp(new, ref, (x, w), atol=1e-4)
+  c = _rand(18, jax.eval_shape(ref, x, w).shape)
+  np.testing.assert_allclose(_penalty_grad(new, x, w, c),
+                             _penalty_grad(ref, x, w, c), rtol=1e-4,
+                             atol=1e-3)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_conv_valid_equals_valid_convolution(k):
+  x, w = _rand(19, (2, 7, 6, 3)), _rand(20, (k, k, 3, 4))
+  ref = lambda x, w: lax.conv_general_dilated(
+      x, w, (1, 1), "VALID", dimension_numbers=DN,
+      precision=lax.Precision.HIGHEST)
+  _check_value_and_vjp(cpu_ops.conv_valid, ref, (x, w), atol=1e-4)
+  c = _rand(21, jax.eval_shape(ref, x, w).shape)
+  np.testing.assert_allclose(_penalty_grad(cpu_ops.conv_valid, x, w, c),
+                             _penalty_grad(ref, x, w, c), rtol=1e-4,
+                             atol=1e-3)
+
+
 # (c_in, c_out): D's fromRGB (5 image channels in), G's toRGB (5 out), and a
 # skip connection's shape.
 @pytest.mark.parametrize("c_in,c_out", [(5, 4), (4, 5), (3, 6)])
@@ -157,7 +190,7 @@ def test_pointwise_conv_equals_1x1_convolution(c_in, c_out):
   ref = lambda x, w: lax.conv_general_dilated(
       x, w, (1, 1), "VALID", dimension_numbers=DN,
       precision=lax.Precision.HIGHEST)
-  _check_value_and_vjp(layers.pointwise_conv, ref, (x, w), atol=1e-4)
+  _check_value_and_vjp(cpu_ops.pointwise_conv, ref, (x, w), atol=1e-4)
   # conv2d_resample routes unresampled 1x1 kernels through it.
   _check_value_and_vjp(lambda x, w: layers.conv2d_resample(x, w), ref,
                        (x, w), atol=1e-4)
@@ -166,7 +199,7 @@ def test_pointwise_conv_equals_1x1_convolution(c_in, c_out):
   def penalty(fn):
     gx = lambda w: jax.grad(lambda x: jnp.sum(fn(x, w) * c))(x)
     return lambda w: jnp.sum(jnp.square(gx(w)))
-  new = penalty(layers.pointwise_conv)
+  new = penalty(cpu_ops.pointwise_conv)
   np.testing.assert_allclose(jax.jit(jax.grad(new))(w),
                              jax.jit(jax.grad(penalty(ref)))(w), rtol=1e-4,
                              atol=1e-3)

@@ -310,16 +310,6 @@ def test_style_mixing_cutoff_drawn_per_slice():
   assert abs(np.mean(cut[:, 0] < 8) - 0.25) < 5 * math.sqrt(.25 * .75 / 1000)
 
 
-def test_precompile_workers_one_at_a_time_on_a_small_cpu_host():
-  """On a small CPU host XLA's own threads already fill the cores, so the
-  phases compile one at a time; larger hosts compile them all at once."""
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  assert steps.precompile_workers(mesh, 4, cores=2) == 1
-  assert steps.precompile_workers(mesh, 4, cores=steps.SMALL_HOST_CORES) == 1
-  assert steps.precompile_workers(mesh, 4, cores=16) == 4
-  assert steps.precompile_workers(mesh, 0, cores=16) == 1
-
-
 def test_precompile_then_no_tracing_or_compilation_in_training():
   """After `precompile`, iterations (every phase, several times, changing
   EMA betas) and `flops_per_iteration` neither trace nor compile again: no

@@ -1,6 +1,6 @@
 r"""Is the planted biology of a synthetic tree visible in intensities alone?
 
-  python tools/check_synth.py --root /tmp/synth-hard/RxRx19a
+  python -m tools.check_synth --root /tmp/synth-hard/RxRx19a
 
 On the untreated Mock and Active SARS-CoV-2 sites of a gandl-synth RxRx19a
 tree, prints the balanced accuracy of
@@ -12,12 +12,12 @@ tree, prints the balanced accuracy of
        (synthetic_sites.csv), i.e. whether the signal is there at all.
 Easy mode: (i) is near 1. Hard modes: (i) should be near chance (0.5).
 """
-import argparse
 import json
 import os
 
 import numpy as np
 import pandas as pd
+from absl import app, flags
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import GroupKFold, StratifiedKFold, cross_val_predict
@@ -28,6 +28,9 @@ from sklearn.svm import LinearSVC
 from gandl_jax import schema
 from gandl_jax.baselines import classical
 from gandl_jax.data import synthetic
+
+_ROOT = flags.DEFINE_string("root", None, "gandl-synth RxRx19a root.")
+flags.mark_flags_as_required(["root"])
 
 
 def control_sites(root: str) -> pd.DataFrame:
@@ -62,14 +65,13 @@ def balanced_accuracy(x: np.ndarray, y: np.ndarray, groups=None) -> float:
   return float(balanced_accuracy_score(y, pred))
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--root", required=True, help="gandl-synth RxRx19a root")
-  args = ap.parse_args()
-  df = control_sites(args.root)
+def main(argv):
+  del argv
+  root = _ROOT.value
+  df = control_sites(root)
   y = (df.disease_condition == schema.ACTIVE).to_numpy()
   groups = (df.experiment + "/" + df.plate).to_numpy()
-  x = intensity_table(args.root, df)
+  x = intensity_table(root, df)
   sev = df[["severity"]].to_numpy(float)
   out = {
       "sites": int(len(df)), "active": int(y.sum()), "plates": int(len(set(groups))),
@@ -81,4 +83,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

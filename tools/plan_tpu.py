@@ -1,9 +1,9 @@
 r"""Per-device memory and FLOPs of the four training phases, compiled ahead of
 time for a TPU this machine does not have, and the predicted sec/kimg.
 
-  python tools/plan_tpu.py --config configs/gandl_rxrx19a.py:256 --batch 64 \
+  python -m tools.plan_tpu --config configs/gandl_rxrx19a.py:256 --batch 64 \
       --devices 8
-  python tools/plan_tpu.py --config configs/gandl_rxrx19a.py:512 --batch 64 \
+  python -m tools.plan_tpu --config configs/gandl_rxrx19a.py:512 --batch 64 \
       --devices 8 --remat blocks
 
 Each phase (G main, G reg, D main, D reg: `Trainer.phases`) is lowered with
@@ -39,6 +39,8 @@ import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from tools.bench.harness import cost  # XLA's cost analysis, one place
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0: the config's).")
@@ -120,20 +122,6 @@ def memory_breakdown(compiled) -> dict:
          "code": int(m.generated_code_size_in_bytes)}
   out["total"] = (out["arguments"] + out["outputs"] - out["aliased"] +
                   out["temporaries"] + out["code"])
-  return out
-
-
-def cost(compiled) -> dict:
-  """FLOPs (and, where the backend reports them, bytes accessed and XLA's
-  own 'optimal_seconds' estimate) of one call, per device."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  analysis = analysis or {}
-  out = {"flops": float(analysis.get("flops", 0.0)),
-         "bytes_accessed": float(analysis.get("bytes accessed", 0.0))}
-  if "optimal_seconds" in analysis:
-    out["xla_optimal_s"] = float(analysis["optimal_seconds"])
   return out
 
 

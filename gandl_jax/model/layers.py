@@ -11,6 +11,10 @@ so that weights import one-to-one (see `gandl_jax/interop/stylegan2_ada.py`):
   formulation, which is mathematically identical to the grouped-conv one and
   is the fast path on TPU/GPU.
 
+The convolution forms that only exist to make XLA:CPU fast (a 1x1 conv as a
+matrix product, space-to-depth strided and polyphase transposed convolutions)
+live in `cpu_ops`; `conv2d_resample` says where it uses them.
+
 Layouts: dense weights are (in, out); conv weights HWIO (kh, kw, in, out).
 Parameters are float32; `dtype` sets the compute dtype of convolutions
 (float32 or bfloat16). Dense layers, style/demodulation coefficients and
@@ -27,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from gandl_jax.model import cpu_ops
 
 Array = jax.Array
 Dtype = Any
@@ -229,7 +235,7 @@ def conv2d_resample(x: Array, w: Array, f: Optional[np.ndarray] = None,
     raise ValueError("resampling needs a FIR filter `f`")
   def conv(y, k, stride=1, pad=0):
     if kh == 1 and stride == 1 and pad == 0:
-      return pointwise_conv(y, k)
+      return cpu_ops.pointwise_conv(y, k)   # a matrix product, all backends
     return lax.conv_general_dilated(
         y, k, window_strides=(stride, stride), padding=[(pad, pad)] * 2,
         dimension_numbers=_DN)
@@ -241,185 +247,36 @@ def conv2d_resample(x: Array, w: Array, f: Optional[np.ndarray] = None,
     p1 = padding + (fw - down) // 2
     if kw == 1:
       return conv(upfirdn2d(x, f, down=down, pad=(p0, p1)), w)
-    # Strided conv. XLA:CPU runs the derivative of its input gradient (an
-    # input-dilated conv) with respect to the weights, which R1 takes, as a
-    # window-dilated conv far outside its fast path; on CPU the input
-    # gradient therefore comes from the space-to-depth form (stride-1
-    # convolutions on pre-padded inputs), while the forward pass and weight
-    # gradient stay strided (the space-to-depth kernel has
-    # (ceil(k/s) * s / k)^2 = 16/9 the MACs). Accelerators keep the plain
-    # strided conv.
+    # Strided conv; on CPU its input gradient comes from the space-to-depth
+    # form (see cpu_ops), accelerators keep the plain strided conv.
     return lax.platform_dependent(
         upfirdn2d(x, f, pad=(p0, p1)), w,
-        cpu=functools.partial(_strided_conv_s2d_grads, stride=down),
-        default=functools.partial(_strided_conv, stride=down))
-  # Upsampling: transposed strided conv, then filter. XLA:CPU runs the
-  # input-dilated form 5-10x slower than the polyphase one (and its weight
-  # gradient far slower still); accelerators run input dilation natively, and
-  # the polyphase form would cost them (ceil(k/up) * up / k)^2 = 16/9 the MACs.
+        cpu=functools.partial(cpu_ops.strided_conv_s2d_grads, stride=down),
+        default=functools.partial(strided_conv, stride=down))
+  # Upsampling: transposed strided conv, then filter. On CPU in polyphase
+  # form (see cpu_ops); accelerators run input dilation natively, and the
+  # polyphase form would cost them (ceil(k/up) * up / k)^2 = 16/9 the MACs.
   p0 = padding + (fw + up - 1) // 2 - (kw - 1)
   p1 = padding + (fw - up) // 2 - (kw - up)
   y = lax.platform_dependent(
-      x, w, cpu=functools.partial(_transposed_conv_polyphase, up=up),
-      default=functools.partial(_transposed_conv_dilated, up=up))
+      x, w, cpu=functools.partial(cpu_ops.transposed_conv_polyphase, up=up),
+      default=functools.partial(transposed_conv, up=up))
   return upfirdn2d(y, f, pad=(p0, p1), gain=up * up)
 
 
-def pointwise_conv(x: Array, w: Array) -> Array:
-  """A 1x1 convolution (NHWC `x`, HWIO `w` of shape (1, 1, I, O)) as one
-  matrix product over the flattened N * H * W positions.
-
-  Same sums as the convolution. XLA:CPU runs the product's gradients (the
-  weight gradient contracts the leading N * H * W axis of both operands, with
-  no layout transposes) 1.6-4x faster than the 1x1 convolution's, most of
-  all with the 5 channels of toRGB / fromRGB (docs/performance.md, session
-  5). On GPU/TPU a 1x1 convolution is itself a matrix multiplication on the
-  same units (cuBLAS / the MXU); not measured there.
-  """
-  n, h, wd, c_in = x.shape
-  y = jnp.dot(x.reshape(n * h * wd, c_in), w.reshape(c_in, w.shape[-1]))
-  return y.reshape(n, h, wd, w.shape[-1])
-
-
-@jax.custom_vjp
-def conv_valid(x: Array, w: Array) -> Array:
-  """Stride-1 VALID cross-correlation (NHWC, HWIO) whose input gradient is a
-  VALID convolution of the explicitly zero-padded output gradient.
-
-  Same values and gradients as `lax.conv_general_dilated(x, w, (1, 1),
-  'VALID')`. The difference is in the derivatives of the gradient that R1
-  and the path-length penalty take: autodiff's input gradient is a
-  convolution whose padding makes its output larger than its input, and
-  XLA:CPU runs the weight gradient of such a convolution 10-30x slower than
-  the same convolution on a pre-padded input (docs/performance.md).
-  """
-  return lax.conv_general_dilated(x, w, (1, 1), "VALID",
-                                  dimension_numbers=_DN)
-
-
-def _conv_valid_fwd(x, w):
-  return conv_valid(x, w), (x, w)
-
-
-def _conv_valid_bwd(res, dy):
-  x, w = res
-  kh, kw = w.shape[0], w.shape[1]
-  dy_pad = lax.pad(dy, jnp.zeros((), dy.dtype),
-                   [(0, 0, 0), (kh - 1, kh - 1, 0), (kw - 1, kw - 1, 0),
-                    (0, 0, 0)])
-  # Full correlation with the flipped kernel, input and output swapped.
-  dx = lax.conv_general_dilated(dy_pad, jnp.swapaxes(w[::-1, ::-1], 2, 3),
-                                (1, 1), "VALID", dimension_numbers=_DN)
-  return dx.astype(x.dtype), _weight_grad_taps(x, dy, kh, kw).astype(w.dtype)
-
-
-def _weight_grad_taps(x: Array, dy: Array, kh: int, kw: int) -> Array:
-  """The weight gradient of a stride-1 VALID convolution as one matrix
-  product per tap: dw[i, j] = sum_{n,h,w} x[n, i+h, j+w, :]^T dy[n, h, w, :].
-
-  XLA:CPU runs the small-kernel weight gradients `conv_valid` serves (the
-  2x2 polyphase and space-to-depth kernels, with many output channels)
-  10-30% faster this way than as a convolution (docs/performance.md);
-  the sums are the same.
-  """
-  oh, ow = dy.shape[1], dy.shape[2]
-  return jnp.stack([jnp.stack([
-      jnp.einsum("nhwi,nhwo->io", x[:, i:i + oh, j:j + ow, :], dy,
-                 preferred_element_type=jnp.float32)
-      for j in range(kw)]) for i in range(kh)])
-
-
-conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
-
-
-def _strided_conv(x: Array, w: Array, stride: int) -> Array:
+def strided_conv(x: Array, w: Array, stride: int) -> Array:
   """VALID cross-correlation of NHWC `x` with HWIO `w`, stride `stride`."""
   return lax.conv_general_dilated(x, w, window_strides=(stride, stride),
                                   padding="VALID", dimension_numbers=_DN)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _strided_conv_s2d_grads(x: Array, w: Array, stride: int) -> Array:
-  """`_strided_conv` whose input gradient is that of
-  `_strided_conv_space_to_depth` (same values)."""
-  return _strided_conv(x, w, stride)
-
-
-def _strided_conv_s2d_grads_fwd(x, w, stride):
-  return _strided_conv(x, w, stride), (x, w)
-
-
-def _strided_conv_s2d_grads_bwd(stride, res, dy):
-  x, w = res
-  _, pull_x = jax.vjp(lambda x: _strided_conv_space_to_depth(x, w, stride), x)
-  _, pull_w = jax.vjp(lambda w: _strided_conv(x, w, stride), w)
-  return pull_x(dy)[0], pull_w(dy)[0]
-
-
-_strided_conv_s2d_grads.defvjp(_strided_conv_s2d_grads_fwd,
-                               _strided_conv_s2d_grads_bwd)
-
-
-def _strided_conv_space_to_depth(x: Array, w: Array, stride: int) -> Array:
-  """`_strided_conv` as space-to-depth and one stride-1 VALID convolution.
-
-  With T = ceil(k / s): out[q] = sum_{t < T, r < s} w[s*t + r] x[s*(q+t) + r],
-  i.e. the input's s x s blocks become channels (index (r_h, r_w, c)) and the
-  kernel, zero-padded to T*s taps, is regrouped the same way into a T x T
-  kernel over s*s*C_in channels. Padded input samples only meet zero taps.
-  """
-  n, h, wd, c_in = x.shape
-  k, c_out = w.shape[0], w.shape[3]
-  s, t = stride, -(-k // stride)
-  oh, ow = (h - k) // s + 1, (wd - k) // s + 1
-  hp, wp = (oh + t - 1) * s, (ow + t - 1) * s
-  x = lax.pad(x, jnp.zeros((), x.dtype),
-              [(0, 0, 0), (0, hp - h, 0), (0, wp - wd, 0), (0, 0, 0)])
-  x = x.reshape(n, hp // s, s, wp // s, s, c_in).transpose(0, 1, 3, 2, 4, 5)
-  x = x.reshape(n, hp // s, wp // s, s * s * c_in)
-  kern = jnp.pad(w, ((0, t * s - k), (0, t * s - k), (0, 0), (0, 0)))
-  kern = kern.reshape(t, s, t, s, c_in, c_out).transpose(0, 2, 1, 3, 4, 5)
-  kern = kern.reshape(t, t, s * s * c_in, c_out)
-  return conv_valid(x, kern)
-
-
-def _transposed_conv_dilated(x: Array, w: Array, up: int) -> Array:
+def transposed_conv(x: Array, w: Array, up: int) -> Array:
   """torch's conv_transpose2d (stride `up`, HWIO `w`): a true convolution of
   the zero-stuffed input, i.e. correlation with the flipped kernel."""
   k = w.shape[0]
   return lax.conv_general_dilated(
       x, w[::-1, ::-1], window_strides=(1, 1), padding=[(k - 1, k - 1)] * 2,
       lhs_dilation=(up, up), dimension_numbers=_DN)
-
-
-def _transposed_conv_polyphase(x: Array, w: Array, up: int) -> Array:
-  """`_transposed_conv_dilated` as one stride-1 convolution producing all
-  `up * up` output phases as channels, then interleaved (depth-to-space).
-
-  out[up*q + r] = sum_t w[r + up*t] * x[q - t]: phase r correlates the
-  `T = ceil(k / up)` inputs x[q-T+1 .. q] with the taps w[r + up*(T-1-i)]
-  (zero past the kernel's end).
-  """
-  n, h, wd, c_in = x.shape
-  k, c_out = w.shape[0], w.shape[3]
-  t = -(-k // up)
-  # idx[i, r]: the kernel tap at window position i for phase r (k: zero).
-  idx = np.full((t, up), k)
-  for i in range(t):
-    for r in range(up):
-      if r + up * (t - 1 - i) < k:
-        idx[i, r] = r + up * (t - 1 - i)
-  w0 = jnp.pad(w, ((0, 1), (0, 1), (0, 0), (0, 0)))
-  kern = w0[idx[:, :, None, None], idx[None, None, :, :]]   # (t, up, t, up, I, O)
-  kern = jnp.transpose(kern, (0, 2, 4, 1, 3, 5)).reshape(
-      t, t, c_in, up * up * c_out)
-  xp = jnp.pad(x, ((0, 0), (t - 1, t - 1), (t - 1, t - 1), (0, 0)))
-  y = conv_valid(xp, kern)
-  qh, qw = h + t - 1, wd + t - 1
-  y = y.reshape(n, qh, qw, up, up, c_out).transpose(0, 1, 3, 2, 4, 5)
-  y = y.reshape(n, qh * up, qw * up, c_out)
-  size_h, size_w = (h - 1) * up + k, (wd - 1) * up + k
-  return y[:, :size_h, :size_w]
 
 
 def demodulation_coefficients(weight: Array, styles: Array) -> Array:

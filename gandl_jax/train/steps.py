@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from concurrent import futures
 from typing import Any, Callable, Dict, Tuple
@@ -119,7 +118,7 @@ def sanitize_grads(grads):
 # optimization and code generation of them is most of a cold start. LLVM -O2
 # instead of XLA's default -O3 compiles the demo's phases in about a quarter
 # less CPU time (-O1 saves no more) and runs the iteration as fast (A/B:
-# tools/bench_phases.py --baseline_compiler_options '{}'). Results differ
+# python -m tools.bench.phases --baseline_compiler_options '{}'). Results differ
 # from -O3's in the last bits, within every parity bound. Other platforms
 # get none.
 CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
@@ -130,35 +129,6 @@ def default_compiler_options(mesh: Mesh) -> Dict[str, Any]:
   if {d.platform for d in mesh.devices.flat} == {"cpu"}:
     return dict(CPU_COMPILER_OPTIONS)
   return {}
-
-
-# Hosts with at most this many cores compile the phases one at a time.
-SMALL_HOST_CORES = 4
-
-
-def _host_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except (AttributeError, OSError):
-    return os.cpu_count() or 1
-
-
-def precompile_workers(mesh: Mesh, num_phases: int, cores: int = None) -> int:
-  """How many phases `Trainer.precompile` hands to XLA at once.
-
-  XLA:CPU already compiles one program on several threads (its LLVM code
-  generation is split over a pool), so on a small CPU host compiling the
-  four phases at once only adds contention: on 2 cores it cost about a sixth
-  more CPU seconds than one phase at a time, and no less wall time
-  (docs/performance.md, "Compilation time"). There `precompile` compiles
-  one phase at a time (while Python traces the next); elsewhere (larger
-  hosts, accelerators) all at once, as before.
-  """
-  cores = _host_cores() if cores is None else cores
-  on_cpu = {d.platform for d in mesh.devices.flat} == {"cpu"}
-  if on_cpu and cores <= SMALL_HOST_CORES:
-    return 1
-  return max(num_phases, 1)
 
 
 def mixing_cutoffs(key: Array, batch: int, slices: int, num_ws: int,
@@ -430,12 +400,11 @@ class Trainer:
 
   def precompile(self, state: TrainState, real: Array) -> Dict[str, float]:
     """Compiles every scheduled phase now: each phase is handed to a thread
-    pool as soon as it is lowered, so XLA (which compiles in C++ without the
-    GIL) works on the first phases while Python traces the next ones
-    (`precompile_workers` phases at once: one on a small CPU host);
-    `train_step` then runs these executables. Returns the seconds from
-    the start until each phase was ready; `compile_stats` keeps each
-    phase's lowering and XLA seconds."""
+    pool (one thread per phase) as soon as it is lowered, so XLA (which
+    compiles in C++ without the GIL) works on the first phases while Python
+    traces the next ones; `train_step` then runs these executables. Returns
+    the seconds from the start until each phase was ready; `compile_stats`
+    keeps each phase's lowering and XLA seconds."""
     beta = jax.device_put(jnp.float32(0.5), self._repl)
     t0 = time.time()
 
@@ -446,8 +415,7 @@ class Trainer:
 
     scheduled = [p for p in self.phases if p.every]
     pending = {}
-    with futures.ThreadPoolExecutor(
-        precompile_workers(self.mesh, len(scheduled))) as pool:
+    with futures.ThreadPoolExecutor(max(len(scheduled), 1)) as pool:
       for p in scheduled:
         t = time.time()
         lowered = self.compiled(p.name, state).lower(

@@ -1,41 +1,38 @@
-r"""Micro-benchmark of the convolutions training spends its time in, per
+r"""The convolutions training spends its time in, per
 formulation, and (with torch installed) the same op in PyTorch (oneDNN on
 CPU), which is what stylegan2-ada-pytorch runs.
 
 For each case: forward, forward + VJP (input and weight gradients), and the
 second-order gradient R1 / the path-length penalty take (the gradient of
-||d<conv(x, w), c>/dx||^2 with respect to x, w and c). Timed rounds alternate between the
-formulations (and torch), median reported.
+||d<conv(x, w), c>/dx||^2 with respect to x, w and c). Rounds alternate
+between the formulations (and torch).
 
-  python tools/bench_ops.py                       # configs/demo.py's shapes
-  python tools/bench_ops.py --batch 16 --res 64 --channels 64,128
-
-Prints one line per case and one JSON line.
+  python -m tools.bench.ops                       # configs/demo.py's shapes
+  python -m tools.bench.ops --batch 16 --res 64 --channels 64,128
 """
 import functools
-import json
 import os
-import sys
-import time
 
-# As tools/sg2ada_reference.py: PyTorch's OpenMP threads otherwise spin-wait
+# As sg2ada_reference.py: PyTorch's OpenMP threads otherwise spin-wait
 # and, on a loaded machine, stall (set before torch is imported).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax import lax
 
-from gandl_jax.model import layers
+from gandl_jax.model import cpu_ops, layers
+from tools.bench import harness
+
+harness.define_flags(rounds=5, warmup=0)
 
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
 _RES = flags.DEFINE_integer("res", 32, "Input resolution of the first case.")
 _CHANNELS = flags.DEFINE_list(
     "channels", ["32", "64"], "C_in,C_out of the first downsampling conv "
     "(configs/demo.py's D at 32x32: 32 -> 64).")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (median).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch if installed.")
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -67,18 +64,18 @@ def _jax_cases(n, r, c_in, c_out):
                                                 dimension_numbers=DN)
   return {
       f"3x3 stride-2 conv {n}x{r + 1}x{r + 1}x{c_in}->{c_out}": {
-          "strided": (functools.partial(layers._strided_conv, stride=2),
+          "strided": (functools.partial(layers.strided_conv, stride=2),
                       xp, w3),
           "space-to-depth": (functools.partial(
-              layers._strided_conv_space_to_depth, stride=2), xp, w3),
+              cpu_ops.strided_conv_space_to_depth, stride=2), xp, w3),
           "strided, s2d grads": (functools.partial(
-              layers._strided_conv_s2d_grads, stride=2), xp, w3),
+              cpu_ops.strided_conv_s2d_grads, stride=2), xp, w3),
       },
       f"2x2 VALID conv (polyphase up) {n}x{r // 2 + 2}x{r // 2 + 2}x{c_out}"
       f"->{4 * c_in}": {
           "lax conv": (lambda x, w: lax.conv_general_dilated(
               x, w, (1, 1), "VALID", dimension_numbers=DN), xu, w2),
-          "conv_valid": (layers.conv_valid, xu, w2)},
+          "conv_valid": (cpu_ops.conv_valid, xu, w2)},
       f"3x3 conv {n}x{r}x{r}x{c_in}->{c_out}": {
           "plain": (plain, x, w3),
           "im2col matmul": (lambda x, w: _conv_im2col(
@@ -170,21 +167,12 @@ def main(argv):
           timers[(case, "torch", mode)] = f
     except ImportError:
       pass
-  ms = {k: [] for k in timers}
-  for _ in range(_ROUNDS.value):
-    for k, f in timers.items():
-      t0 = time.perf_counter()
-      f()
-      ms[k].append((time.perf_counter() - t0) * 1e3)
-  result = {"device": jax.devices()[0].device_kind, "batch": n,
-            "load_average": os.getloadavg(), "torch": torch_info, "ms": {}}
-  for (case, form, mode), v in ms.items():
-    med = float(np.median(v))
-    result["ms"][f"{case} | {form} | {mode}"] = med
-    print(f"{case:40s} {form:22s} {mode:10s} {med:8.2f} ms")
-  print(json.dumps(result))
-  sys.stdout.flush()
+  times = harness.alternate(timers, flags.FLAGS.rounds, flags.FLAGS.warmup)
+  for (case, form, mode), t in times.items():
+    harness.emit(f"{form} | {mode}", 1e3 * t.median, "ms",
+                 {"case": case, "batch": n, "torch": torch_info}, timing=t)
+    harness.say(f"{case:40s} {form:22s} {mode:10s} {1e3 * t.median:8.2f} ms")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  harness.run(main, "ops")

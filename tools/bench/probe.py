@@ -1,8 +1,8 @@
-r"""Benchmark of the representation probe's cost relative to training.
+r"""The representation probe's cost relative to training.
 
 Measures, for one config on this machine:
   * training: sec/kimg of the real jitted iteration (device-resident random
-    images, regularizers at their intervals; as tools/bench_train.py);
+    images, regularizers at their intervals; as tools.bench.train);
   * the probe (gandl_jax/train/probe.py) on real shards: the seconds of one
     probe (embedding the probe set with the current D + the two linear SVMs),
     the first call (reading the images, compiling) reported apart;
@@ -11,36 +11,34 @@ Measures, for one config on this machine:
   * the overhead at `config.probe_every_kimg`: probe seconds /
     (probe_every_kimg x sec/kimg).
 
-  python tools/bench_probe.py --config configs/demo.py \
+  python -m tools.bench.probe --config configs/demo.py \
       --config.data.path '/tmp/gandl-demo/shards/rxrx19a/*.tfrecord'
-  python tools/bench_probe.py --config configs/gandl_rxrx19a.py:256 \
+  python -m tools.bench.probe --config configs/gandl_rxrx19a.py:256 \
       --flops_only --svm_rows 2000 --svm_dim 512
 
 `--flops_only` skips the timings (no data needed) and reports the FLOP
 ratio and the SVM fit time on synthetic features of the given size (the fit
-runs on the host CPU whatever the accelerator). Prints a summary and one
-JSON line.
+runs on the host CPU whatever the accelerator).
 """
-import json
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from gandl_jax import config as config_lib
 from gandl_jax import sharding
 from gandl_jax.model import embed as embed_lib
-from gandl_jax.train import monitor, probe
+from gandl_jax.train import probe
 from gandl_jax.train.steps import Trainer
+from tools.bench import harness
+
+harness.define_flags(rounds=2, warmup=0)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _ITERS = flags.DEFINE_integer("iterations", 16, "Timed training iterations.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed probes (after the first).")
 _FLOPS_ONLY = flags.DEFINE_bool("flops_only", False, "Only the FLOP ratio "
                                 "and the SVM fit on synthetic features.")
 _SVM_ROWS = flags.DEFINE_integer("svm_rows", 0, "Synthetic SVM fit: rows "
@@ -54,19 +52,21 @@ flags.mark_flags_as_required(["config"])
 
 def _train_sec_per_kimg(tr, state, real, iters):
   b = tr.batch
-  state, _ = tr.train_step(state, real, 0, 0)        # compiles every phase
-  step = 1
+  run = {"state": state, "step": 0}
+
+  def steps(n):
+    if n <= 0:
+      return
+    for _ in range(n):
+      run["state"], metrics = tr.train_step(run["state"], real, run["step"],
+                                            run["step"] * b)
+      run["step"] += 1
+    jax.block_until_ready((run["state"], metrics))
+  steps(1)                                       # compiles every phase
   interval = int(np.lcm(tr.config.loss.r1_interval, tr.config.loss.pl_interval))
-  while step % interval:
-    state, _ = tr.train_step(state, real, step, step * b)
-    step += 1
-  jax.block_until_ready(state)
-  t0 = time.time()
-  for _ in range(iters):
-    state, metrics = tr.train_step(state, real, step, step * b)
-    step += 1
-  jax.block_until_ready((state, metrics))
-  return (time.time() - t0) / (iters * b) * 1000.0, state
+  steps(-run["step"] % interval)
+  t = harness.time_rounds(lambda: steps(iters), 1)
+  return t.median / (iters * b) * 1000.0, run["state"]
 
 
 def _embed_flops(tr, mesh, layer, batch, r, c, d_params):
@@ -76,7 +76,7 @@ def _embed_flops(tr, mesh, layer, batch, r, c, d_params):
   params = jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
       {"params": d_params})
-  return monitor.compiled_flops(fn.lower(params, x).compile())
+  return harness.flops(fn.lower(params, x).compile())
 
 
 def _synthetic_svm_seconds(rows, dim, seed=0):
@@ -92,9 +92,9 @@ def _synthetic_svm_seconds(rows, dim, seed=0):
   X = rng.normal(size=(rows, dim)).astype(np.float32)
   X[:, 0] += 0.8 * (meta["disease_condition"] == "Mock").to_numpy()
   X[:, 1] += 0.8 * (meta["cell_type"] == "VERO").to_numpy()
-  t0 = time.time()
-  s = probe.scores(X, meta)
-  return time.time() - t0, s
+  out = {}
+  t = harness.time_rounds(lambda: out.update(s=probe.scores(X, meta)), 1)
+  return t.median, out["s"]
 
 
 def main(argv):
@@ -113,12 +113,12 @@ def main(argv):
   train_flops = tr.flops_per_iteration(state, real)
   ratio = (emb_flops / b) / (train_flops / b) if emb_flops and train_flops \
       else None
-  result = {"device": jax.devices()[0].device_kind,
-            "num_devices": int(mesh.devices.size), "resolution": r,
-            "batch": b, "layer": layer,
-            "probe_every_kimg": float(config.probe_every_kimg),
-            "probe_sites": int(config.probe_sites),
-            "flops_embed_per_site_over_train_per_image": ratio}
+  cfg = {"config": harness.config_source(),
+         "num_devices": int(mesh.devices.size), "resolution": r,
+         "batch": b, "layer": layer,
+         "probe_every_kimg": float(config.probe_every_kimg),
+         "probe_sites": int(config.probe_sites)}
+  result = {"flops_embed_per_site_over_train_per_image": ratio}
   if ratio:
     # Embedding overhead at the interval, FLOPs only (probe_sites sites).
     result["embed_overhead_flops_pct"] = 100.0 * ratio * int(
@@ -138,10 +138,13 @@ def main(argv):
     tracker = probe.Tracker(config, _WORKDIR.value, mesh, tr.D, every=1)
     if not tracker.enabled:
       raise SystemExit("the probe is off for this data (see the warning)")
-    t0 = time.time()
-    first = tracker.run(state.d_params, 0)
-    first_s = time.time() - t0
-    runs = [tracker.run(state.d_params, 0) for _ in range(_REPEATS.value)]
+    out = {}
+    first_s = harness.time_rounds(
+        lambda: out.update(first=tracker.run(state.d_params, 0)), 1).median
+    first = out["first"]
+    runs = []
+    harness.time_rounds(lambda: runs.append(tracker.run(state.d_params, 0)),
+                        flags.FLAGS.rounds)
     probe_s = float(np.median([m[probe.SECONDS] for m in runs]))
     embed_s = float(np.median([m[probe.EMBED_SECONDS] for m in runs]))
     interval_s = config.probe_every_kimg * spk
@@ -155,9 +158,17 @@ def main(argv):
                                      / (config.probe_every_kimg * 1000.0)
                                      if ratio else None),
         "scores": {k: first[k] for k in (probe.CONTROL, probe.CELL_TYPE)}})
-  print(json.dumps(result))
-  sys.stdout.flush()
+  for k, v in result.items():
+    harness.emit(k, v, _UNITS.get(k, ""), cfg)
+
+
+_UNITS = {"flops_embed_per_site_over_train_per_image": "ratio",
+          "embed_overhead_flops_pct": "%", "svm_seconds": "s",
+          "sec_per_kimg": "s/kimg", "probe_first_seconds": "s",
+          "probe_seconds": "s", "probe_embed_seconds": "s",
+          "probe_fit_seconds": "s", "overhead_pct": "%",
+          "break_even_kimg_at_5pct": "kimg"}
 
 
 if __name__ == "__main__":
-  app.run(main)
+  harness.run(main, "probe")

@@ -1,6 +1,6 @@
 r"""Controls for "why does a random DenseNet beat the discriminator?".
 
-Runs on a finished workdir of tools/experiment_training_benefit.py (its
+Runs on a finished workdir of tools/experiments/training_benefit.py (its
 shards, raw metadata and DenseNet embeddings) and evaluates extra sets with
 the same protocol (docs/experiments.md, "Why the random DenseNet wins"):
 
@@ -21,9 +21,9 @@ the same protocol (docs/experiments.md, "Why the random DenseNet wins"):
                 (all-stains) embeddings: does per-stain processing close the
                 gap to the DenseNet, and does training help there?
 
-  python tools/experiment_controls.py --workdir /work/exp/hard --control dim
-  python tools/experiment_controls.py --workdir /work/exp/hard --control wide
-  python tools/experiment_controls.py --workdir /work/exp/hard --control per_stain
+  python -m tools.experiments.controls --workdir /work/exp/hard --control dim
+  python -m tools.experiments.controls --workdir /work/exp/hard --control wide
+  python -m tools.experiments.controls --workdir /work/exp/hard --control per_stain
 
 Writes WORKDIR/controls/<control>/{eval/, headline.txt}; stages resumable.
 """
@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished workdir of "
-                               "tools/experiment_training_benefit.py.",
+                               "tools/experiments/training_benefit.py.",
                                required=True)
 _CONTROL = flags.DEFINE_enum("control", None,
                              ["dim", "wide", "channel_mean", "per_stain"],
@@ -228,7 +228,7 @@ def control_per_stain(workdir: str, out: str) -> List:
             os.path.join(out, f"{tag}_rxrx19a.parquet"),
             os.path.join(out, f"{tag}_rxrx1.parquet")))
         # The same checkpoint's ordinary embedding (all stains at once), as
-        # tools/experiment_training_benefit.py exported it.
+        # tools/experiments/training_benefit.py exported it.
         base = f"seed{seed}-kimg{tag_kimg:g}" + ("" if layer == "fc" else
                                                  f"-{layer}")
         if os.path.exists(os.path.join(emb, f"{base}_rxrx19a.parquet")):
@@ -264,14 +264,12 @@ def main(argv):
       rxrx1_metadata=os.path.join(raw, "RxRx1", "metadata.csv"),
       truth=os.path.join(raw, "RxRx19a", "synthetic_truth.csv"),
       compounds=NAMED_COMPOUNDS, extra_sets=sets[1:], log=logging.info)
-  text = "\n".join(["Command: `python " + " ".join(
-      [os.path.relpath(sys.argv[0])] + sys.argv[1:]) + "`", ""]
+  text = "\n".join(["Command: `python -m tools.experiments.controls " + " ".join(
+      sys.argv[1:]) + "`", ""]
                    + demo.headline(metrics)) + "\n"
   gio.write_text(os.path.join(out, "headline.txt"), text)
   print(text)
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
   app.run(main)

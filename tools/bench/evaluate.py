@@ -1,32 +1,24 @@
-"""Benchmark gandl-evaluate at RxRx19a size: wall time, CPU time, peak memory.
+"""gandl-evaluate at RxRx19a size: wall time, CPU time, peak memory.
 
 Generates RxRx19a-shaped embeddings with planted signal (HRCE/VERO, Mock /
 UV / Active controls, 1,670 compounds x 6 half-log doses with known EC50s,
 plate shifts), writes them in Recursion's CSV layout (`embeddings.csv`:
 `site_id` then columns `0 ... 1023`; `--format parquet`: our Parquet layout)
 plus metadata.csv and synthetic_truth.csv, then runs the evaluation (all six
-RxRx19a tasks by default) in a fresh child process and reports its wall time,
-its CPU time (all threads; on a shared machine the figure to compare), the
-wall seconds of each stage, the CPU seconds between the evaluation's log
-messages, the load average and the child's peak resident memory (its
-ru_maxrss, what `/usr/bin/time -v` reports as "Maximum resident set size"),
-then one JSON line with all of these (`BENCH_JSON {...}`).
+RxRx19a tasks by default) in a fresh child process per round. Records its
+wall time, CPU time (all threads), peak resident memory (the child's
+ru_maxrss, as `/usr/bin/time -v` reports it), the seconds of each stage and
+the CPU seconds between the evaluation's log messages.
 
-  python tools/bench_evaluate.py                       # full: 305,520 x 1024
-  python tools/bench_evaluate.py --sites 20000 --dim 256   # quick look
-  python tools/bench_evaluate.py --tasks activity,replicates  # retrieval
-  python tools/bench_evaluate.py --workdir W --keep --reuse --code OTHER
-      --out out_other
-      # evaluate with the gandl_jax of another checkout (A/B on the same data)
-  python tools/bench_evaluate.py --workdir W --keep --reuse --out out_new
-      --compare W/out_other
-      # ... and check that this version's results equal it (COMPARE_OK)
+  python -m tools.bench.evaluate                          # full: 305,520 x 1024
+  python -m tools.bench.evaluate --sites 20000 --dim 256  # quick look
+  python -m tools.bench.evaluate --tasks activity,replicates
 
-The retrieval tasks (issue 15) compute the well-level phenotypic-activity mAP
-(copairs) of every compound-dose, percent replicating and the energy
-distances of the named compounds.
+Old against new, side by side on the same data (rounds alternate between
+the two checkouts), and a check that both give the same results:
 
-Targets (issue 12): full size, all tasks, within 45 s and 4 GB.
+  python -m tools.bench.evaluate --baseline_code /path/to/old/checkout \
+      --rounds 2 --compare_sides
 
 Files: without --workdir, everything goes to a fresh private temporary
 directory that is removed at the end (unless --keep). With --workdir, the
@@ -38,15 +30,17 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
+from tools.bench import harness
+
+harness.define_flags(rounds=1, warmup=0)
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("sites", 305_520, "Total sites (RxRx19a: 305,520).")
 flags.DEFINE_integer("dim", 1024, "Feature dimension.")
@@ -59,16 +53,20 @@ flags.DEFINE_list("tasks", ["control", "cell_model", "dose_response", "truth",
 flags.DEFINE_enum("format", "csv", ["csv", "parquet"], "Embeddings file: "
                   "Recursion's embeddings.csv layout or our Parquet layout.")
 flags.DEFINE_string("code", None, "Root of the gandl-jax checkout whose "
-                    "gandl_jax evaluates (default: this one), e.g. an older "
-                    "version for a before/after comparison on the same data.")
+                    "gandl_jax evaluates (default: this one).")
+flags.DEFINE_string("baseline_code", None, "Root of a second gandl-jax "
+                    "checkout (e.g. an older commit) evaluated on the same "
+                    "data, in rounds alternating with --code.")
+flags.DEFINE_bool("compare_sides", False, "With --baseline_code: compare "
+                  "the two outputs as --compare does.")
 flags.DEFINE_float("target_s", 45.0, "Wall-time target (seconds).")
 flags.DEFINE_float("target_gb", 4.0, "Peak-memory target (GB).")
 flags.DEFINE_integer("seed", 0, "Generator seed.")
 flags.DEFINE_string("normalization", "plate", "Normalization of the run.")
 flags.DEFINE_integer("null_size", 10000, "mAP permutation null size.")
 flags.DEFINE_string("out", "out", "Output directory of the evaluation, "
-                    "relative to --workdir or absolute (e.g. one per code "
-                    "version for --compare).")
+                    "relative to --workdir or absolute (with "
+                    "--baseline_code the baseline writes to OUT_baseline).")
 flags.DEFINE_string("compare", None, "After the run, compare its output with "
                     "this earlier output directory: every number of "
                     "metrics.json (timings aside) at --rtol, every CSV table "
@@ -76,7 +74,7 @@ flags.DEFINE_string("compare", None, "After the run, compare its output with "
                     "COMPARE_DIFF.")
 flags.DEFINE_integer("task_threads", None, "Options.threads of the run "
                      "(default: the evaluation's own default; 1: tasks one "
-                     "after another). Not for --code versions without it.")
+                     "after another). Only for code versions that have it.")
 flags.DEFINE_float("rtol", 1e-6, "Relative tolerance of --compare.")
 flags.DEFINE_bool("reuse", False, "Reuse files generated by an earlier --keep "
                   "run in --workdir (same --sites/--dim) instead of "
@@ -175,10 +173,10 @@ _CHILD = """
 import json, resource, sys, time
 t = time.time()
 import gandl_jax
-try:                      # as gandl-evaluate does, before numpy is imported
+try:                      # versions that tune the allocator, as their CLI does
   from gandl_jax import allocator
   print("CHILD_ALLOCATOR", allocator.keep_freed_memory())
-except ImportError:       # a --code version without it
+except ImportError:
   print("CHILD_ALLOCATOR", None)
 from gandl_jax.evaluate import Options, evaluate, retrieval
 print("CHILD_IMPORT_S", time.time() - t)
@@ -227,14 +225,14 @@ def main(argv):
     _bench(wd)
   finally:
     if FLAGS.keep:
-      print(f"kept the generated files in {wd}")
+      harness.say(f"kept the generated files in {wd}")
     else:
       _cleanup(wd, created)
 
 
-def _bench(wd: str) -> None:
-  print(f"generating {FLAGS.sites} x {FLAGS.dim} embeddings in {wd} ...",
-        flush=True)
+def _data(wd: str) -> dict:
+  """Generates the data set into `wd` (or, with --reuse, checks it)."""
+  harness.say(f"generating {FLAGS.sites} x {FLAGS.dim} embeddings in {wd} ...")
   info_path = os.path.join(wd, "bench_info.json")
   if FLAGS.reuse and os.path.exists(info_path):
     with open(info_path) as f:
@@ -244,122 +242,163 @@ def _bench(wd: str) -> None:
       raise SystemExit(f"{wd} holds {info['sites']} x {info['dim']} "
                        f"({info.get('format', 'parquet')}); drop --reuse to "
                        f"generate {FLAGS.sites} x {FLAGS.dim} ({FLAGS.format})")
-    print("reusing the generated files", flush=True)
+    harness.say("reusing the generated files")
   else:
     info = _generate(wd)
     with open(info_path, "w") as f:
       json.dump(info, f)
-  print(json.dumps(info), flush=True)
-  repo = os.path.abspath(FLAGS.code) if FLAGS.code else os.path.dirname(
-      os.path.dirname(os.path.abspath(__file__)))
+  harness.say(json.dumps(info))
+  return info
+
+
+def _checkout(path) -> str:
+  repo = os.path.abspath(path) if path else harness.REPO
   if not os.path.isfile(os.path.join(repo, "gandl_jax", "__init__.py")):
     raise SystemExit(f"--code {repo}: no gandl_jax package there")
+  return repo
+
+
+def _evaluate_side(wd: str, repo: str, out_dir: str, results: list):
+  """One round: the evaluation in a fresh child process with `repo`'s
+  gandl_jax; appends the child's report to `results` and returns its wall
+  and CPU seconds as a harness.Sample."""
+  def run() -> harness.Sample:
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep +
+               os.environ.get("PYTHONPATH", ""))
+    t = time.time()
+    r = subprocess.run([sys.executable, "-c", _CHILD, wd, _embeddings_name(),
+                        ",".join(FLAGS.tasks), FLAGS.normalization,
+                        str(FLAGS.null_size), out_dir,
+                        str(FLAGS.task_threads or "")],
+                       env=env, capture_output=True, text=True, cwd=wd)
+    wall = time.time() - t
+    if r.returncode != 0:
+      harness.say(r.stdout[-3000:] + r.stderr[-3000:])
+      raise SystemExit(f"evaluation failed with exit code {r.returncode}")
+    child = dict(line.split(" ", 1) for line in r.stdout.splitlines()
+                 if line.startswith("CHILD_"))
+    ru_steps = [line.split(" ", 4)[1:] for line in r.stdout.splitlines()
+                if line.startswith("CHILD_LOG_RU ")]
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+      m = json.load(f)
+    e = m["embeddings"]["embeddings"]
+    results.append({
+        "wall": wall, "cpu": float(child["CHILD_CPU_S"]),
+        "peak_gb": int(child["CHILD_MAXRSS_KB"]) / 2**20,
+        "code": child["CHILD_CODE"].strip(), "metrics": e,
+        "stages": {"imports": round(float(child["CHILD_IMPORT_S"]), 2),
+                   **e["timing_s"],
+                   "figures_report": round(
+                       m["elapsed_s"] - e["timing_s"]["total"], 2)},
+        "cpu_steps": [[round(float(u) + float(s), 2), msg]
+                      for u, s, _, msg in ru_steps],
+        "log": [line for line in r.stdout.splitlines()
+                if line.startswith("  ")]})
+    return harness.Sample(wall, float(child["CHILD_CPU_S"]))
+  return run
+
+
+def _bench(wd: str) -> None:
+  info = _data(wd)
   out_dir = os.path.join(wd, FLAGS.out)      # FLAGS.out if absolute
-  env = dict(os.environ, PYTHONPATH=repo + os.pathsep +
-             os.environ.get("PYTHONPATH", ""))
-  load = os.getloadavg()
-  t = time.time()
-  r = subprocess.run([sys.executable, "-c", _CHILD, wd, _embeddings_name(),
-                      ",".join(FLAGS.tasks), FLAGS.normalization,
-                      str(FLAGS.null_size), out_dir,
-                      str(FLAGS.task_threads or "")],
-                     env=env, capture_output=True, text=True, cwd=wd)
-  wall = time.time() - t
-  load = [round(max(a, b), 1) for a, b in zip(load, os.getloadavg())]
-  if r.returncode != 0:
-    print(r.stdout[-3000:], r.stderr[-3000:])
-    raise SystemExit(f"evaluation failed with exit code {r.returncode}")
-  child = dict(line.split(" ", 1) for line in r.stdout.splitlines()
-               if line.startswith("CHILD_"))
-  ru_steps = [line.split(" ", 4)[1:] for line in r.stdout.splitlines()
-              if line.startswith("CHILD_LOG_RU ")]
-  cpu_steps = [(round(float(user) + float(system), 2), msg)
-               for user, system, _, msg in ru_steps]
-  peak_gb = int(child["CHILD_MAXRSS_KB"]) / 2**20
-  with open(os.path.join(out_dir, "metrics.json")) as f:
-    m = json.load(f)
-  e = m["embeddings"]["embeddings"]
-  print("\n".join(line for line in r.stdout.splitlines()
-                  if line.startswith("  ")))
-  print(f"\nevaluate: {info['sites']} sites x {info['dim']} features "
-        f"({info.get('format', 'parquet')}), tasks {','.join(FLAGS.tasks)}, "
-        f"code {child['CHILD_CODE'].strip()}")
-  print(f"  wall time (process start to report written): {wall:.1f} s "
-        f"(target < {FLAGS.target_s:g} s)")
-  cpu = float(child["CHILD_CPU_S"])
-  print(f"  CPU time (user + system, all threads): {cpu:.1f} s")
-  print(f"  peak resident memory: {peak_gb:.2f} GB (target < "
-        f"{FLAGS.target_gb:g} GB)")
-  print(f"  load average (1 min, highest seen at start/end): {load[0]}")
-  stages = {"imports": round(float(child["CHILD_IMPORT_S"]), 2),
-            **e["timing_s"],
-            "figures_report": round(m["elapsed_s"] - e["timing_s"]["total"],
-                                    2)}
-  print("  stage seconds:")
-  for k, v in stages.items():
-    print(f"    {k:<20s} {v:8.2f}")
-  print("  CPU seconds up to each log message (process, all threads):")
-  for sec, msg in cpu_steps:
-    print(f"    {float(sec):8.2f}  {msg}")
-  if ru_steps:
-    print("  user s, system s, minor page faults up to each log message:")
-    for user, system, faults, msg in ru_steps:
-      print(f"    {float(user):7.2f} {float(system):7.2f} {int(faults):9d}  "
-            f"{msg}")
+  sides = {"ours": (_checkout(FLAGS.code), out_dir)}
+  if FLAGS.baseline_code:
+    sides["baseline"] = (_checkout(FLAGS.baseline_code), out_dir + "_baseline")
+  results = {name: [] for name in sides}
+  times = harness.alternate(
+      {name: _evaluate_side(wd, repo, out, results[name])
+       for name, (repo, out) in sides.items()},
+      FLAGS.rounds, FLAGS.warmup)
+  ok = True
+  for name, (repo, out) in sides.items():
+    t, res = times[name], results[name]
+    last = res[-1]
+    cfg = {"sites": info["sites"], "dim": info["dim"],
+           "format": info.get("format", "parquet"), "tasks": FLAGS.tasks,
+           "normalization": FLAGS.normalization,
+           "null_size": FLAGS.null_size, "task_threads": FLAGS.task_threads,
+           "side": name, "code": repo}
+    peak = max(x["peak_gb"] for x in res)
+    harness.emit("wall_s", t.median, "s", cfg, timing=t)
+    harness.emit("cpu_s", t.cpu_median, "CPU s", cfg, timing=t)
+    harness.emit("peak_gb", peak, "GB", cfg, timing=t)
+    for stage, sec in last["stages"].items():
+      harness.emit(f"stage/{stage}", sec, "s", cfg, timing=t)
+    harness.emit("cpu_steps", last["cpu_steps"], "CPU s per log message",
+                 cfg, timing=t)
+    _summary(name, info, last, t, peak)
+    ok = ok and t.median < FLAGS.target_s and peak < FLAGS.target_gb
+  if FLAGS.baseline_code:
+    ratio = times["ours"].median / times["baseline"].median
+    harness.emit("wall_ratio_vs_baseline", ratio, "x",
+                 {"sites": info["sites"], "dim": info["dim"],
+                  "tasks": FLAGS.tasks, "baseline_code": sides["baseline"][0]},
+                 timing=times["ours"])
+    harness.say(f"ours / baseline wall time: {ratio:.2f}x")
+  harness.say(f"  {'PASS' if ok else 'FAIL'} (wall < {FLAGS.target_s:g} s "
+              f"and peak < {FLAGS.target_gb:g} GB)")
+  pairs = []
+  if FLAGS.compare:
+    pairs.append((FLAGS.compare, out_dir))
+  if FLAGS.compare_sides and FLAGS.baseline_code:
+    pairs.append((sides["baseline"][1], out_dir))
+  for a, b in pairs:
+    diffs = compare_outputs(a, b, FLAGS.rtol)
+    for d in diffs[:50]:
+      harness.say(f"  differs: {d}")
+    harness.say(f"COMPARE_{'DIFF' if diffs else 'OK'} {b} vs {a}: "
+                f"{len(diffs)} difference(s) (metrics.json at rtol "
+                f"{FLAGS.rtol:g}, CSV tables byte for byte)")
+
+
+def _summary(name: str, info: dict, res: dict, t, peak: float) -> None:
+  """The human-readable report of one side (stderr)."""
+  say, e = harness.say, res["metrics"]
+  say("\n".join(res["log"]))
+  say(f"\n{name}: {info['sites']} sites x {info['dim']} features "
+      f"({info.get('format', 'parquet')}), tasks {','.join(FLAGS.tasks)}, "
+      f"code {res['code']}")
+  say(f"  wall time (process start to report written), median of "
+      f"{len(t.samples)}: {t.median:.1f} s (target < {FLAGS.target_s:g} s)")
+  say(f"  CPU time (user + system, all threads): {t.cpu_median:.1f} s")
+  say(f"  peak resident memory: {peak:.2f} GB (target < "
+      f"{FLAGS.target_gb:g} GB)")
+  say("  stage seconds:")
+  for k, v in res["stages"].items():
+    say(f"    {k:<20s} {v:8.2f}")
+  say("  CPU seconds up to each log message (process, all threads):")
+  for sec, msg in res["cpu_steps"]:
+    say(f"    {float(sec):8.2f}  {msg}")
   for task in ("control", "cell_model"):
     if e.get(task, {}).get("status") == "ok":
       for split in ("random", "plate"):
         s = e[task].get(split, {})
         if s.get("status") == "ok":
-          print(f"  {task} {split}: accuracy {s['accuracy']:.3f}, balanced "
-                f"{s['balanced_accuracy']:.3f}, n_train {s['n_train']} "
-                f"(used {s['n_train_used']}), n_test {s['n_test']}, C {s['C']}")
+          say(f"  {task} {split}: accuracy {s['accuracy']:.3f}, balanced "
+              f"{s['balanced_accuracy']:.3f}, n_train {s['n_train']} "
+              f"(used {s['n_train_used']}), n_test {s['n_test']}, C {s['C']}")
   if e.get("dose_response", {}).get("status") == "ok":
     d = e["dose_response"]
-    print(f"  dose_response: {d['n_treated_sites']} treated sites, "
-          f"{d['n_fits']} fits, flags {d['flags']}, hits {d['n_hits']}")
+    say(f"  dose_response: {d['n_treated_sites']} treated sites, "
+        f"{d['n_fits']} fits, flags {d['flags']}, hits {d['n_hits']}")
   if e.get("truth", {}).get("status") == "ok":
-    t = e["truth"]
-    print(f"  truth: hits found {t['hits_found']}/{t['true_hits']}, "
-          f"called {t['predicted_hits']}, EC50 Spearman {t['ec50_spearman']}")
+    tr = e["truth"]
+    say(f"  truth: hits found {tr['hits_found']}/{tr['true_hits']}, "
+        f"called {tr['predicted_hits']}, EC50 Spearman {tr['ec50_spearman']}")
   if e.get("activity", {}).get("status") == "ok":
     a = e["activity"]
-    print(f"  activity mAP: {a['n_scored']} of {a['n_compound_doses']} "
-          f"compound-doses scored ({a['n_perturbation_profiles']} wells vs "
-          f"{a['n_reference_profiles']} reference wells), mean mAP "
-          f"{a['mean_map']:.3f}, retrieved {a['fraction_retrieved']:.3f}, "
-          f"{e['timing_s'].get('activity')} s")
+    say(f"  activity mAP: {a['n_scored']} of {a['n_compound_doses']} "
+        f"compound-doses scored ({a['n_perturbation_profiles']} wells vs "
+        f"{a['n_reference_profiles']} reference wells), mean mAP "
+        f"{a['mean_map']:.3f}, retrieved {a['fraction_retrieved']:.3f}")
   elif "activity" in e:
-    print(f"  activity: {e['activity']}")
+    say(f"  activity: {e['activity']}")
   if e.get("replicates", {}).get("status") == "ok":
     r = e["replicates"]
-    print(f"  replicates: percent replicating {r['percent_replicating']:.1f}, "
-          f"median replicate cosine {r['median_replicate_cosine']:.3f}, "
-          f"{e['timing_s'].get('replicates')} s")
+    say(f"  replicates: percent replicating {r['percent_replicating']:.1f}, "
+        f"median replicate cosine {r['median_replicate_cosine']:.3f}")
   elif "replicates" in e:
-    print(f"  replicates: {e['replicates']}")
-  ok = wall < FLAGS.target_s and peak_gb < FLAGS.target_gb
-  print(f"  {'PASS' if ok else 'FAIL'} (wall < {FLAGS.target_s:g} s and peak "
-        f"< {FLAGS.target_gb:g} GB)")
-  summary = {"sites": info["sites"], "dim": info["dim"],
-             "format": info.get("format", "parquet"), "tasks": FLAGS.tasks,
-             "normalization": FLAGS.normalization,
-             "null_size": FLAGS.null_size, "code": repo,
-             "task_threads": FLAGS.task_threads,
-             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_gb": round(peak_gb, 2),
-             "loadavg": load, "stages_s": stages,
-             "cpu_steps_s": [[float(a), b] for a, b in cpu_steps],
-             "user_system_faults_steps": [
-                 [float(a), float(b), int(c), d] for a, b, c, d in ru_steps],
-             "pass": ok}
-  print("BENCH_JSON " + json.dumps(summary), flush=True)
-  if FLAGS.compare:
-    diffs = compare_outputs(FLAGS.compare, out_dir, FLAGS.rtol)
-    for d in diffs[:50]:
-      print("  differs:", d)
-    print(f"COMPARE_{'DIFF' if diffs else 'OK'} {out_dir} vs {FLAGS.compare}: "
-          f"{len(diffs)} difference(s) (metrics.json at rtol {FLAGS.rtol:g}, "
-          f"CSV tables byte for byte)", flush=True)
+    say(f"  replicates: {e['replicates']}")
 
 
 # Keys of metrics.json that measure the run, not its results.
@@ -411,4 +450,4 @@ def compare_outputs(a: str, b: str, rtol: float = 1e-6) -> list:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  harness.run(main, "evaluate")

@@ -1,5 +1,6 @@
 r"""stylegan2-ada-pytorch as a benchmark subprocess (the reference side of
-`tools/bench_train.py --reference` and `tools/bench_embed.py --reference`).
+`python -m tools.bench.train --reference` and `tools.bench.embed`; the
+harness alternates its rounds with ours through `harness.worker_side`).
 
 Imports the reference's own code from a checkout (never part of this
 repository): `training.networks` (Generator, "skip"; Discriminator, "resnet"),
@@ -12,7 +13,7 @@ G_ema update. Without CUDA the reference's custom ops (upfirdn2d, bias_act)
 take their `impl='ref'` fallbacks (plain PyTorch), as its own code does on CPU.
 
 Protocol (one JSON object per line): started with `--spec JSON` (the
-configuration, see `spec_from_config` in bench_train.py / bench_embed.py), it
+configuration, see `spec_from_config` below), it
 builds everything, warms up, prints {"ready": ...}; then answers each stdin
 line `train N` (N iterations) or `embed N` (N discriminator forwards on one
 batch) with {"seconds": s, "images": n}; `quit` ends it.

@@ -1,15 +1,15 @@
 r"""Sites/s of gandl-convert against the TFDS builder on Beam's local runner,
 on the same synthetic tree.
 
-  python tools/bench_convert.py --size 256 --resolution 64 --workers 2
+  python -m tools.bench.convert --size 256 --resolution 64 --workers 2
 
 Writes a synthetic RxRx19a (gandl-synth; 768 sites per plate) into --scratch
 (reused on later runs), then converts it with gandl-convert (`--workers`
 processes) and builds it with `tfds_rxrx19a.py` on Beam's FnApiRunner: one
 worker in this process, and `--workers` processes
 (direct_running_mode=multi_processing). Every run writes to a fresh
-directory. Prints one line per run: wall seconds and sites/s (wall time of
-the whole job: planning, reading, resizing, writing, index).
+directory. Records sites/s per run (wall time of the whole job: planning,
+reading, resizing, writing, index).
 
 `--runs convert,loaddata` compares gandl-convert on the PNG tree with
 `--dataset loaddata` on the same sites as 16-bit TIFFs (each PNG value x 257)
@@ -18,13 +18,13 @@ the percentile sample (64 sites) and the rescaling.
 """
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+
+from tools.bench import harness
+
+harness.define_flags(rounds=1, warmup=0)
 
 _SIZE = flags.DEFINE_integer("size", 256, "Edge of the synthetic source PNGs.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 64, "Output edge (a TFDS "
@@ -48,7 +48,7 @@ def _tree() -> str:
   if not os.path.exists(os.path.join(root, "metadata.csv")):
     t = time.time()
     synthetic.generate(base, size=_SIZE.value, plates=_PLATES.value, seed=0)
-    print(f"synthetic tree: {time.time() - t:.1f} s", flush=True)
+    harness.say(f"synthetic tree: {time.time() - t:.1f} s")
   return root
 
 
@@ -94,7 +94,7 @@ def _loaddata_csv(root: str) -> str:
     rows.append(row)
   pd.DataFrame(rows).to_csv(csv_path + ".tmp", index=False)
   os.replace(csv_path + ".tmp", csv_path)
-  print(f"16-bit TIFF LoadData set: {time.time() - t:.1f} s", flush=True)
+  harness.say(f"16-bit TIFF LoadData set: {time.time() - t:.1f} s")
   return csv_path
 
 
@@ -126,18 +126,24 @@ def main(argv):
   runs = {"convert": lambda: _convert(root), "beam1": lambda: _beam(root, 1),
           "beamN": lambda: _beam(root, _WORKERS.value),
           "loaddata": lambda: _convert_loaddata(root)}
-  for name in _RUNS.value:
-    t = time.time()
-    n = runs[name]()
-    dt = time.time() - t
-    label = {"convert": f"gandl-convert --workers {_WORKERS.value}",
-             "beam1": "tfds builder, FnApiRunner, 1 worker",
-             "beamN": f"tfds builder, FnApiRunner, {_WORKERS.value} processes",
-             "loaddata": f"gandl-convert --dataset loaddata (16-bit TIFF) "
-                         f"--workers {_WORKERS.value}"}[name]
-    print(f"{label}: {n} sites {_SIZE.value}->{_RESOLUTION.value} in {dt:.1f} s "
-          f"= {n / dt:.1f} sites/s", flush=True)
+  labels = {"convert": f"gandl-convert --workers {_WORKERS.value}",
+            "beam1": "tfds builder, FnApiRunner, 1 worker",
+            "beamN": f"tfds builder, FnApiRunner, {_WORKERS.value} processes",
+            "loaddata": f"gandl-convert --dataset loaddata (16-bit TIFF) "
+                        f"--workers {_WORKERS.value}"}
+  counts = {}
+  times = harness.alternate(
+      {name: (lambda name=name: counts.__setitem__(name, runs[name]()))
+       for name in _RUNS.value}, flags.FLAGS.rounds, flags.FLAGS.warmup)
+  for name, t in times.items():
+    n = counts[name]
+    harness.emit("sites_per_s", n / t.median, "sites/s",
+                 {"run": labels[name], "sites": n, "size": _SIZE.value,
+                  "resolution": _RESOLUTION.value, "workers": _WORKERS.value},
+                 timing=t)
+    harness.say(f"{labels[name]}: {n} sites {_SIZE.value}->{_RESOLUTION.value}"
+                f" in {t.median:.1f} s = {n / t.median:.1f} sites/s")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  harness.run(main, "convert")

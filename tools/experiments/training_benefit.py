@@ -1,6 +1,6 @@
 r"""Does training the GAN give better embeddings than not training it?
 
-Runs the "what training buys" experiment (issue 13) on the synthetic data:
+Runs the "what training buys" experiment on the synthetic data:
 for every training seed, one run of the demo-sized GAN with a checkpoint at
 each budget; every checkpoint's discriminator, the same discriminator at
 initialization, the classical (CellProfiler-style) features and the
@@ -15,7 +15,7 @@ EC50s, hits recovered, RxRx1 zero-shot). Writes
 
 Every stage is resumable (WORKDIR/stages/*.done); rerun the same command.
 
-  python tools/experiment_training_benefit.py --workdir runs/exp-hard \
+  python -m tools.experiments.training_benefit --workdir runs/exp-hard \
       --difficulty hard --budgets 1,2,4,8 --seeds 0,1,2
 """
 from __future__ import annotations
@@ -279,8 +279,8 @@ def main(argv):
   text = "\n".join([
       f"# Training benefit: {_DIFFICULTY.value} synthetic data",
       "",
-      "Command: `python " + " ".join([os.path.relpath(sys.argv[0])] +
-                                     sys.argv[1:]) + "`",
+      "Command: `python -m tools.experiments.training_benefit "
+      + " ".join(sys.argv[1:]) + "`",
       f"Seeds: training {seeds}, data {_DATA_SEED.value}; layer "
       f"{_LAYER.value}; budgets {budgets} kimg; compute {elapsed / 60:.1f} "
       f"min summed over the stages (stages/*.done; this call "
@@ -297,6 +297,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
   app.run(main)

@@ -1,0 +1,1 @@
+"""Development tools: benchmarks, experiments, planning and fixtures."""

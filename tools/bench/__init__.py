@@ -1,0 +1,1 @@
+"""Benchmarks on one harness (tools/bench/harness.py); see README.md."""

@@ -1,0 +1,1 @@
+"""Experiment scripts; see README.md."""
