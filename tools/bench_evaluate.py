@@ -175,11 +175,11 @@ _CHILD = """
 import json, resource, sys, time
 t = time.time()
 import gandl_jax
-try:                      # as gandl-evaluate does, before numpy is imported
+try:                      # an older --code version tuned glibc's allocator
   from gandl_jax import allocator
-  print("CHILD_ALLOCATOR", allocator.keep_freed_memory())
-except ImportError:       # a --code version without it
-  print("CHILD_ALLOCATOR", None)
+  allocator.keep_freed_memory()
+except ImportError:
+  pass
 from gandl_jax.evaluate import Options, evaluate, retrieval
 print("CHILD_IMPORT_S", time.time() - t)
 w, emb, tasks, norm, null, out, threads = (sys.argv[1], sys.argv[2],

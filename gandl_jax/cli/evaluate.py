@@ -18,17 +18,9 @@ from __future__ import annotations
 import csv
 import io
 
-from gandl_jax import allocator
+from absl import app, flags
 
-# Before numpy's BLAS and polars start their threads (gandl_jax/allocator.py):
-# liblinear's working copies and the float64 copies of the SVM fits then reuse
-# freed memory instead of faulting in fresh pages every fit.
-allocator.keep_freed_memory()
-
-# pylint: disable=wrong-import-position
-from absl import app, flags  # noqa: E402
-
-from gandl_jax import cli  # noqa: E402
+from gandl_jax import cli
 
 from gandl_jax.evaluate import classify, dose_response, retrieval
 from gandl_jax.evaluate.io import TableSpec
