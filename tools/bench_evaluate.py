@@ -201,9 +201,16 @@ def log(msg):
   print("CHILD_LOG_RU", round(r[0] - ru0[0][0], 2), round(r[1] - ru0[0][1], 2),
         r[2] - ru0[0][2], msg.strip()[:60], flush=True)
   ru0[0] = r
-m = evaluate(w + "/" + emb, out, metadata=w + "/metadata.csv",
-             tasks=tasks, compounds=["Remdesivir (GS-5734)", "GS-441524"],
-             options=opts, log=log)
+import inspect
+compounds = ["Remdesivir (GS-5734)", "GS-441524"]
+if "sets" in inspect.signature(evaluate).parameters:
+  from gandl_jax.evaluate import EmbeddingSet
+  m = evaluate([EmbeddingSet("embeddings", w + "/" + emb,
+                             metadata=w + "/metadata.csv")], out, tasks=tasks,
+               compounds=compounds, options=opts, log=log)
+else:                     # a --code version before evaluate(sets, ...)
+  m = evaluate(w + "/" + emb, out, metadata=w + "/metadata.csv",
+               tasks=tasks, compounds=compounds, options=opts, log=log)
 print("CHILD_CODE", gandl_jax.__file__)
 print("CHILD_WALL", time.time() - t)
 ru = resource.getrusage(resource.RUSAGE_SELF)
