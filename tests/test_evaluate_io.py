@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import simulate
+
 from gandl_jax import embeddings
 from gandl_jax.evaluate import io as eio
-from gandl_jax.evaluate import simulate
 from gandl_jax import schema
 
 

@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import simulate
+
 from gandl_jax.embeddings import write as write_embeddings
 from gandl_jax.evaluate import classify
-from gandl_jax.evaluate import Options, evaluate, simulate
+from gandl_jax.evaluate import Options, evaluate
 from gandl_jax.evaluate.pipeline import EmbeddingSet
 
 CFG = simulate.SimConfig(sites_per_cell_type=(("HRCE", 1600), ("VERO", 640)),

@@ -22,11 +22,21 @@ then one JSON line with all of these (`BENCH_JSON {...}`).
       --compare W/out_other
       # ... and check that this version's results equal it (COMPARE_OK)
 
-The retrieval tasks (issue 15) compute the well-level phenotypic-activity mAP
+The retrieval tasks compute the well-level phenotypic-activity mAP
 (copairs) of every compound-dose, percent replicating and the energy
 distances of the named compounds.
 
-Targets (issue 12): full size, all tasks, within 45 s and 4 GB.
+Targets: full size, all tasks, within 45 s and 4 GB.
+
+Old against new code on the same data, alternately (the data generated
+once; --code points at a checkout of the older version, e.g.
+`git worktree add /tmp/eval-old <commit>`):
+
+  python tools/bench_evaluate.py --workdir W --keep          # generate once
+  python tools/bench_evaluate.py --workdir W --keep --reuse --code /tmp/eval-old
+      --out out_old
+  python tools/bench_evaluate.py --workdir W --keep --reuse --out out_new
+      --compare W/out_old
 
 Files: without --workdir, everything goes to a fresh private temporary
 directory that is removed at the end (unless --keep). With --workdir, the
@@ -96,6 +106,19 @@ def _embeddings_name() -> str:
   return "embeddings.csv" if FLAGS.format == "csv" else "embeddings.parquet"
 
 
+def _load_simulate():
+  """tests/simulate.py (the simulator of the tests; not in the package),
+  loaded by file path."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))), "tests", "simulate.py")
+  spec = importlib.util.spec_from_file_location("simulate", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["simulate"] = module      # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
 def _write_recursion_csv(path: str, site_ids, X) -> None:
   """Recursion's embeddings.csv: `site_id`, then columns `0 ... dim-1`,
   written in row blocks (bounded memory), atomically."""
@@ -133,7 +156,7 @@ def _cleanup(wd: str, created: bool) -> None:
 def _generate(workdir: str) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from gandl_jax import embeddings  # pylint: disable=g-import-not-at-top
-  from gandl_jax.evaluate import simulate  # pylint: disable=g-import-not-at-top
+  simulate = _load_simulate()
 
   scale = FLAGS.sites / _FULL
   hrce = int(round(_HRCE * scale))
