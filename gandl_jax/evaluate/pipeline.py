@@ -14,9 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Union
-
-import pandas as pd
+from typing import Callable, Dict, Optional, Sequence
 
 from absl import logging
 
