@@ -38,9 +38,6 @@ setup(
         "absl-py>=2.0",
         "pandas>=2.1",
         "pyarrow>=14",
-        # Parses Recursion's embeddings.csv (site_id + 1,024 floats) with
-        # 1.3-1.7x less CPU than Arrow's reader, to the same float32 values.
-        "polars>=1.0",
         "matplotlib>=3.8",
         # The JUMP consortium's mAP (phenotypic activity / consistency) with
         # its permutation p-values; brings duckdb, statsmodels and tqdm.

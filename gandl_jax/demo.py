@@ -325,19 +325,20 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
   def do_evaluate():
     from gandl_jax import evaluate  # pylint: disable=import-outside-toplevel
     metrics = evaluate.evaluate(
-        os.path.join(emb, "trained_rxrx19a.parquet"), report_dir,
-        metadata=os.path.join(roots["rxrx19a"], "metadata.csv"),
-        name=TRAINED,
-        baseline=os.path.join(emb, "init_rxrx19a.parquet"),
-        baseline_name=BASELINE,
-        rxrx1_embeddings=os.path.join(emb, "trained_rxrx1.parquet"),
-        rxrx1_metadata=os.path.join(roots["rxrx1"], "metadata.csv"),
-        rxrx1_baseline=os.path.join(emb, "init_rxrx1.parquet"),
-        truth=os.path.join(roots["rxrx19a"], "synthetic_truth.csv"),
-        compounds=NAMED_COMPOUNDS, log=log,
-        extra_sets=[evaluate.EmbeddingSet(
+        [evaluate.EmbeddingSet(
+            TRAINED, os.path.join(emb, "trained_rxrx19a.parquet"),
+            os.path.join(emb, "trained_rxrx1.parquet"),
+            metadata=os.path.join(roots["rxrx19a"], "metadata.csv"),
+            rxrx1_metadata=os.path.join(roots["rxrx1"], "metadata.csv")),
+         evaluate.EmbeddingSet(BASELINE,
+                               os.path.join(emb, "init_rxrx19a.parquet"),
+                               os.path.join(emb, "init_rxrx1.parquet"))] +
+        [evaluate.EmbeddingSet(
             name, os.path.join(emb, f"{tag}_rxrx19a.parquet"),
-            os.path.join(emb, f"{tag}_rxrx1.parquet")) for name, tag in extra])
+            os.path.join(emb, f"{tag}_rxrx1.parquet")) for name, tag in extra],
+        report_dir,
+        truth=os.path.join(roots["rxrx19a"], "synthetic_truth.csv"),
+        compounds=NAMED_COMPOUNDS, log=log)
     return {"report": os.path.join(report_dir, "report.md"),
             "headline": headline(metrics)}
   summary = stages.run("evaluate", do_evaluate)

@@ -108,7 +108,8 @@ def test_evaluate_runs_it_on_the_svm_split(tmp_path):
   embeddings.write(emb_path, meta, feats)
   ccfg = collapsed.CollapsedConfig(data=shards, weights="none", batch=16,
                                    max_epochs=1, learning_rate=LR)
-  m = ev.evaluate(emb_path, str(tmp_path / "eval"),
+  m = ev.evaluate([ev.EmbeddingSet("embeddings", emb_path)],
+                  str(tmp_path / "eval"),
                   tasks=["control", "dose_response"],
                   options=ev.Options(per_task=(
                       collapsed.CollapsedMethod(ccfg),)), log=lambda s: None)

@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import simulate
+
 from gandl_jax import embeddings
 from gandl_jax.evaluate import io as eio
-from gandl_jax.evaluate import simulate
 from gandl_jax import schema
 
 
@@ -134,9 +135,10 @@ def test_no_features_is_a_clear_error(tmp_path, small):
 
 @pytest.mark.parametrize("header,gz", [(True, False), (False, False),
                                        (True, True)])
-def test_csv_reader_in_ranges_equals_pandas(tmp_path, monkeypatch, header, gz):
-  """The range-by-range Arrow reader (features straight into float32) gives
-  the same matrix and metadata as pandas, whatever the range size."""
+def test_csv_reader_equals_pandas(tmp_path, monkeypatch, header, gz):
+  """Arrow's reader (features straight into float32, a record batch at a
+  time) gives the same matrix and metadata as pandas, whatever the block
+  size."""
   rng = np.random.default_rng(5)
   n, dim = 257, 7
   X = rng.standard_normal((n, dim)).astype(np.float32)
@@ -148,118 +150,95 @@ def test_csv_reader_in_ranges_equals_pandas(tmp_path, monkeypatch, header, gz):
   df.to_csv(p, index=False, header=header, float_format="%.9g")
   ref = pd.read_csv(p, header=0 if header else None)
   ref_X = ref.iloc[:, 1:].to_numpy(np.float32)
-  for range_bytes in (1000, 1 << 20):   # many ranges, and one
-    monkeypatch.setattr(eio, "CSV_RANGE_BYTES", range_bytes)
+  for block_bytes in (1000, 1 << 20):   # many record batches, and one
+    monkeypatch.setattr(eio, "CSV_BLOCK_BYTES", block_bytes)
     emb = eio.read_embeddings_file(p)
     assert emb.features.dtype == np.float32 and emb.features.flags.c_contiguous
     np.testing.assert_array_equal(emb.features, ref_X)
     assert emb.meta["site_id"].tolist() == sids
 
 
-# Values as Recursion's CSV may spell them, and text the reader must refuse.
+# Values as Recursion's CSV may spell them.
 _GOOD_VALUES = ["1.5", "-2", "1e5", "1E-5", "+1.5", ".5", "5.", "-0", "inf",
                 "-inf", "Infinity", "1e400", "1e-42", "3.4028235e38",
                 "0.100000001", '"2.25"', "nan", "NaN", ""]
-_BAD_LINES = ["x_1_A01_1,1.5 ,2\n", "x_1_A01_1,abc,2\n", "x_1_A01_1,NA,2\n",
-              "x_1_A01_1,1,2,3\n", "x_1_A01_1,1\n", "\n", "x_1_A01_1,0x10,2\n",
-              ",1,2\n", "x_1_A01_1,1_0,2\n"]
+# A line put among good ones -> None where the file is read (the line as
+# noted), else the start of the one-line error after the file name.
+_PARSE_ERROR = "cannot parse as an embeddings CSV: CSV parse error: Expected 3"
+_NOT_FLOAT = ("cannot parse as an embeddings CSV: In CSV column #1: CSV "
+              "conversion error to float: invalid value")
+_BAD_LINES = {
+    "x_1_A01_1,1.5 ,2\n": None,             # trailing blank: 1.5
+    "x_1_A01_1,abc,2\n": _NOT_FLOAT + " 'abc'",
+    "x_1_A01_1,NA,2\n": None,               # a null: NaN, dropped on join
+    "x_1_A01_1,1,2,3\n": _PARSE_ERROR + " columns, got 4",
+    "x_1_A01_1,1\n": _PARSE_ERROR + " columns, got 2",
+    "\n": None,                             # empty lines are skipped
+    "x_1_A01_1,0x10,2\n": _NOT_FLOAT + " '0x10'",
+    ",1,2\n": None,                         # an empty site id
+    "x_1_A01_1,1_0,2\n": _NOT_FLOAT + " '1_0'",
+}
+_BAD_ROWS = {"x_1_A01_1,1.5 ,2\n": [1.5, 2.0], "x_1_A01_1,NA,2\n": [np.nan, 2.0],
+             ",1,2\n": [1.0, 2.0]}
 
 
-def _read_both(monkeypatch, p):
-  """(outcome with polars, outcome with Arrow only): (site ids, features)
-  or the error message."""
-  out = []
-  for use_polars in (True, False):
-    with monkeypatch.context() as m:
-      if not use_polars:
-        m.setattr(eio, "_polars_range", lambda *a, **k: None)
-      try:
-        emb = eio.read_embeddings_file(p)
-        out.append((emb.meta["site_id"].tolist(), emb.features))
-      except ValueError as e:
-        out.append(str(e))
-  return out
-
-
-@pytest.mark.parametrize("range_bytes", [64, 1 << 20])
-def test_csv_polars_path_equals_arrow(tmp_path, monkeypatch, range_bytes):
-  """Recursion's layout is parsed by polars where installed: the same
-  float32 values (bit for bit, NaN where Arrow reads a null), the same site
-  ids, and bad text gets Arrow's one-line error, whether the bad line sits
-  in a range of its own or among good ones."""
-  pl = pytest.importorskip("polars")
-  monkeypatch.setattr(eio, "CSV_RANGE_BYTES", range_bytes)
-  rng = np.random.default_rng(3)
-  X = (rng.standard_normal((300, 4)) * 10.0 ** rng.integers(
-      -8, 8, (300, 4))).astype(np.float32)
-  lines = [f"HRCE-1_1_A{i:03d}_1," + ",".join(f"{v:.9g}" for v in row) + "\n"
-           for i, row in enumerate(X)]
+def test_csv_values_and_bad_lines(tmp_path):
+  """Every spelling of a number parses to the float32 nearest its decimal
+  value (bit for bit; empty, nan and NA as NaN); bad text is one line naming
+  the file and the value."""
   header = "site_id,0,1\n"
   good = [f"HRCE-2_1_B{i:03d}_1,{v},{_GOOD_VALUES[-1 - i]}\n"
           for i, v in enumerate(_GOOD_VALUES)]
-  p = tmp_path / "clean.csv"
-  p.write_text("site_id,0,1,2,3\n" + "".join(lines))
-  calls = []
-  real = eio._polars_range
-  monkeypatch.setattr(eio, "_polars_range",
-                      lambda *a: calls.append(real(*a)) or calls[-1])
-  emb = eio.read_embeddings_file(str(p))
-  assert calls and all(c is not None for c in calls)     # polars parsed it
-  np.testing.assert_array_equal(emb.features, X)
-  monkeypatch.setattr(eio, "_polars_range", real)
+
+  def expected(v):
+    v = v.strip('"')
+    return np.float32(float(v)) if v else np.float32(np.nan)
+
+  want = np.array([[expected(v), expected(_GOOD_VALUES[-1 - i])]
+                   for i, v in enumerate(_GOOD_VALUES)], dtype=np.float32)
   p = tmp_path / "good.csv"
   p.write_text(header + "".join(good))
-  a, b = _read_both(monkeypatch, str(p))
-  assert a[0] == b[0]
-  np.testing.assert_array_equal(a[1].view(np.int32), b[1].view(np.int32))
-  for k, bad in enumerate(_BAD_LINES):
+  emb = eio.read_embeddings_file(str(p))
+  np.testing.assert_array_equal(emb.features.view(np.int32), want.view(np.int32))
+  assert emb.features[12, 0] > 0 and emb.features[11, 0] == np.inf
+  for k, (bad, error) in enumerate(_BAD_LINES.items()):
     p = tmp_path / f"bad{k}.csv"
     p.write_text(header + "".join(good[:5]) + bad + "".join(good[5:]))
-    a, b = _read_both(monkeypatch, str(p))
-    if isinstance(b, str):
-      assert a == b and str(p) in a and "\n" not in a, bad
-    else:
-      assert a[0] == b[0], bad
-      np.testing.assert_array_equal(a[1].view(np.int32), b[1].view(np.int32))
-  del pl
+    if error is not None:
+      with pytest.raises(ValueError) as e:
+        eio.read_embeddings_file(str(p))
+      msg = str(e.value)
+      assert msg.startswith(f"{p}: {error}") and "\n" not in msg, (bad, msg)
+      continue
+    emb = eio.read_embeddings_file(str(p))
+    if bad == "\n":
+      np.testing.assert_array_equal(emb.features.view(np.int32),
+                                    want.view(np.int32))
+      continue
+    assert len(emb.features) == len(good) + 1
+    np.testing.assert_array_equal(emb.features[5], _BAD_ROWS[bad])
+    np.testing.assert_array_equal(
+        np.delete(emb.features, 5, axis=0).view(np.int32), want.view(np.int32))
 
 
-def test_polars_columns_into_the_matrix(tmp_path, monkeypatch):
-  """polars' columns go into the row-major matrix a block of columns at a
-  time: more columns than a block (and a part block), several ranges, a
-  matrix that must grow; the same float32 matrix as Arrow's path and as
-  numpy's transpose."""
-  pytest.importorskip("polars")
+def test_wide_csv_into_the_matrix(tmp_path, monkeypatch):
+  """Many columns and many record batches (several row blocks) end up in one
+  row-major float32 matrix in the file's order, as numpy parses them."""
   rng = np.random.default_rng(11)
-  n, dim = 203, 2 * eio._COLUMN_BLOCK + 13
+  n, dim = 203, 141
   X = rng.standard_normal((n, dim)).astype(np.float32)
   lines = [f"HRCE-1_1_A{i:03d}_1," + ",".join(f"{v:.9g}" for v in row) + "\n"
            for i, row in enumerate(X)]
   p = tmp_path / "wide.csv"
   p.write_text("site_id," + ",".join(map(str, range(dim))) + "\n" +
                "".join(lines))
-  monkeypatch.setattr(eio, "CSV_POLARS_RANGE_BYTES", 20_000)   # ~8 ranges
-  calls = []
-  real = eio._polars_range
-  monkeypatch.setattr(eio, "_polars_range",
-                      lambda *a: calls.append(real(*a)) or calls[-1])
+  monkeypatch.setattr(eio, "CSV_BLOCK_BYTES", 20_000)   # ~8 batches
   emb = eio.read_embeddings_file(str(p))
-  assert len(calls) > 2 and all(c is not None for c in calls)
   assert emb.features.dtype == np.float32 and emb.features.flags.c_contiguous
   np.testing.assert_array_equal(emb.features, X)
-  monkeypatch.setattr(eio, "_polars_range", lambda *a, **k: None)
-  arrow = eio.read_embeddings_file(str(p))
-  np.testing.assert_array_equal(emb.features.view(np.int32),
-                                arrow.features.view(np.int32))
-  assert emb.meta["site_id"].tolist() == arrow.meta["site_id"].tolist()
-  # The pieces on their own: blocks against numpy's transpose; a matrix
-  # that grows keeps its rows.
-  cols = [rng.standard_normal(37).astype(np.float32) for _ in range(dim)]
-  out = eio._matrix(37, dim)
-  assert out.flags.c_contiguous and out.flags.writeable
-  eio._put_columns(out, cols)
-  np.testing.assert_array_equal(out, np.stack(cols).T)
-  grown = eio._grow(out, 30, 50)
-  assert grown.shape == (55, dim)
-  np.testing.assert_array_equal(grown[:30], out[:30])
-  assert eio._matrix(0, dim).shape == (0, dim)
+  assert emb.meta["site_id"].tolist() == [f"HRCE-1_1_A{i:03d}_1"
+                                          for i in range(n)]
+  p = tmp_path / "header_only.csv"
+  p.write_text("site_id," + ",".join(map(str, range(dim))) + "\n")
+  emb = eio.read_embeddings_file(str(p))
+  assert emb.features.shape == (0, dim)

@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import simulate
+
 from gandl_jax.embeddings import write as write_embeddings
 from gandl_jax.evaluate import classify
-from gandl_jax.evaluate import Options, evaluate, simulate
+from gandl_jax.evaluate import Options, evaluate
 from gandl_jax.evaluate.pipeline import EmbeddingSet
 
 CFG = simulate.SimConfig(sites_per_cell_type=(("HRCE", 1600), ("VERO", 640)),
@@ -51,11 +53,12 @@ def test_extra_sets_and_summary_table(data):
   figures are the metrics.json ones."""
   d, md, X, truth = data
   out = d / "out3"
-  evaluate(str(d / "emb.parquet"), str(out), metadata=str(d / "metadata.csv"),
-           name="trained", baseline=str(d / "random.parquet"),
-           baseline_name="random", tasks=["control", "dose_response", "truth"],
-           extra_sets=[EmbeddingSet("trained again", str(d / "emb.parquet"))],
-           options=FAST, log=lambda s: None)
+  evaluate([EmbeddingSet("trained", str(d / "emb.parquet"),
+                         metadata=str(d / "metadata.csv")),
+            EmbeddingSet("random", str(d / "random.parquet")),
+            EmbeddingSet("trained again", str(d / "emb.parquet"))], str(out),
+           tasks=["control", "dose_response", "truth"], options=FAST,
+           log=lambda s: None)
   m = _strict_json(out / "metrics.json")
   assert m["names"] == ["trained", "random", "trained again"]
   report = (out / "report.md").read_text()
@@ -69,17 +72,18 @@ def test_extra_sets_and_summary_table(data):
     assert f"{acc:.3f}" in line
   assert "EC50 rank corr. with planted" in summary
   with pytest.raises(ValueError, match="must differ"):
-    evaluate(str(d / "emb.parquet"), str(out), name="x",
-             extra_sets=[EmbeddingSet("x", str(d / "emb.parquet"))],
+    evaluate([EmbeddingSet("x", str(d / "emb.parquet")),
+              EmbeddingSet("x", str(d / "emb.parquet"))], str(out),
              options=FAST, log=lambda s: None)
 
 
 def test_full_report_with_baseline(data):
   d, md, X, truth = data
   out = d / "out"
-  m = evaluate(str(d / "emb.parquet"), str(out), metadata=str(d / "metadata.csv"),
-               baseline=str(d / "random.parquet"), baseline_name="random",
-               name="trained", rxrx1_embeddings=str(d / "rx1.parquet"),
+  m = evaluate([EmbeddingSet("trained", str(d / "emb.parquet"),
+                             rxrx1=str(d / "rx1.parquet"),
+                             metadata=str(d / "metadata.csv")),
+                EmbeddingSet("random", str(d / "random.parquet"))], str(out),
                compounds=["GS-441524", "Not A Compound"], options=FAST,
                log=lambda s: None)
   disk = _strict_json(out / "metrics.json")
@@ -129,9 +133,9 @@ def test_bad_input_reported_other_tasks_run(data, tmp_path):
   write_embeddings(p, meta, X, include_metadata=False)
   md_no_vero = md[md["cell_type"] == "HRCE"]
   # VERO site_ids are now unknown too: cell_model has a single class.
-  m = evaluate(p, str(tmp_path / "out"), metadata=md_no_vero,
-               tasks=["control", "cell_model", "rxrx1"], options=FAST,
-               log=lambda s: None)
+  m = evaluate([EmbeddingSet("embeddings", p, metadata=md_no_vero)],
+               str(tmp_path / "out"), tasks=["control", "cell_model", "rxrx1"],
+               options=FAST, log=lambda s: None)
   e = m["embeddings"]["embeddings"]
   issues = "\n".join(e["input"]["issues"])
   assert "5 row(s) with missing, NaN or infinite" in issues
@@ -149,7 +153,8 @@ def test_bad_input_reported_other_tasks_run(data, tmp_path):
 def test_unknown_task_rejected(data, tmp_path):
   d = data[0]
   with pytest.raises(ValueError, match="unknown task"):
-    evaluate(str(d / "emb.parquet"), str(tmp_path), tasks=["contrl"])
+    evaluate([EmbeddingSet("e", str(d / "emb.parquet"))], str(tmp_path),
+             tasks=["contrl"])
 
 
 def test_cli(data, tmp_path):
@@ -181,8 +186,8 @@ def test_recursion_csv_without_metadata_reports_each_task(data, tmp_path):
   df.insert(0, "site_id", md["site_id"].values)
   p = tmp_path / "embeddings.csv"
   df.to_csv(p, index=False)
-  m = evaluate(str(p), str(tmp_path / "out"), tasks=["control", "cell_model",
-                                                     "dose_response"],
+  m = evaluate([EmbeddingSet("embeddings", str(p))], str(tmp_path / "out"),
+               tasks=["control", "cell_model", "dose_response"],
                options=FAST, log=lambda s: None)
   e = m["embeddings"]["embeddings"]
   # Plates come from the site_id, so normalization still ran.
@@ -195,7 +200,7 @@ def test_recursion_csv_without_metadata_reports_each_task(data, tmp_path):
 
 
 def test_cli_exit_status_when_tasks_fail(data, tmp_path):
-  """Issue 11, item 18: 1 when every task that ran failed, 3 when some did
+  """Exit status 1 when every task that ran failed, 3 when some did
   (README, "Exit status"); metrics.json and the report are written."""
   d, md, X, _ = data
   env = dict(os.environ, PYTHONPATH=os.getcwd())
@@ -264,8 +269,8 @@ def test_tasks_side_by_side_give_the_same_results(data, tmp_path):
   outs = {}
   for threads in (1, 4):
     out = tmp_path / f"t{threads}"
-    evaluate(str(d / "emb.parquet"), str(out),
-             metadata=str(d / "metadata.csv"),
+    evaluate([EmbeddingSet("embeddings", str(d / "emb.parquet"),
+                           metadata=str(d / "metadata.csv"))], str(out),
              compounds=["GS-441524"], log=lambda s: None,
              tasks=["control", "cell_model", "dose_response", "truth",
                     "activity", "replicates"],
@@ -284,42 +289,74 @@ def test_tasks_side_by_side_give_the_same_results(data, tmp_path):
     assert (outs[1] / f).read_bytes() == (outs[4] / f).read_bytes(), f
 
 
-def test_run_side_by_side_waits_then_raises_in_order():
-  from gandl_jax.evaluate.pipeline import run_side_by_side
-  done = []
+@pytest.fixture
+def toy_task():
+  """A task added with one function and one registration; removed after."""
+  from gandl_jax.evaluate import registry, report
 
-  def fail(msg):
-    def fn():
-      raise RuntimeError(msg)
-    return fn
+  def section(sets, rctx):
+    rows = [[n, s["toy"].get("n_rows")] for n, s in sets.items() if "toy" in s]
+    return "\n".join(["## Toy task", "", report.table(["embeddings", "rows"],
+                                                      rows), ""])
 
-  with pytest.raises(RuntimeError, match="first"):
-    run_side_by_side([fail("first"), lambda: done.append(1), fail("second"),
-                      lambda: done.append(2)], threads=2)
-  assert sorted(done) == [1, 2]          # the others still ran to the end
-  order = []
-  run_side_by_side([lambda: order.append("a"), lambda: order.append("b")],
-                   threads=1)
-  assert order == ["a", "b"]
+  @registry.register_task("toy", section=section, requires=("control",),
+                          default=False)
+  def toy(ctx):
+    acc = ctx.shared["control"].metrics["balanced_accuracy"]
+    return {"n_rows": int(len(ctx.emb.meta)),
+            "feature_sum": float(ctx.emb.features.astype(np.float64).sum()),
+            "control_balanced_accuracy": acc}
+
+  yield toy
+  registry.unregister_task("toy")
 
 
-def test_run_side_by_side_runs_blas_on_one_thread():
-  """Tasks side by side run BLAS on one thread (its own threads would spin
-  between calls on cores the tasks fill); the setting is restored after,
-  and tasks one after another keep BLAS's threads."""
-  threadpoolctl = pytest.importorskip("threadpoolctl")
-  from gandl_jax.evaluate.pipeline import run_side_by_side
+def test_registered_task_in_metrics_and_report(data, tmp_path, toy_task):
+  """One function + one registration: the task runs on every set after the
+  task it requires, sees the post-processed rows and that task's model,
+  and lands in metrics.json and report.md."""
+  from gandl_jax.evaluate import postprocess
+  from gandl_jax.evaluate import registry
+  from gandl_jax.evaluate.io import load_embeddings
+  d, md, X, _ = data
+  out = tmp_path / "out"
+  m = evaluate([EmbeddingSet("trained", str(d / "emb.parquet"),
+                             metadata=str(d / "metadata.csv")),
+                EmbeddingSet("random", str(d / "random.parquet"))], str(out),
+               tasks=["toy"], options=FAST, log=lambda s: None)
+  disk = _strict_json(out / "metrics.json")
+  assert disk == json.loads(json.dumps(m))
+  assert disk["tasks_requested"] == ["toy"]
+  for name, path in (("trained", "emb.parquet"), ("random", "random.parquet")):
+    e = disk["embeddings"][name]
+    assert list(e) == ["input", "postprocessing", "control", "toy",
+                       "timing_s"]
+    t = e["toy"]
+    assert t["status"] == "ok"
+    assert t["n_rows"] == len(md)
+    emb, _ = postprocess(load_embeddings(str(d / path),
+                                         str(d / "metadata.csv")), FAST,
+                         owned=True)
+    np.testing.assert_allclose(
+        t["feature_sum"], emb.features.astype(np.float64).sum(), rtol=1e-9)
+    assert t["control_balanced_accuracy"] == \
+        e["control"]["random"]["balanced_accuracy"]
+    assert "toy" in e["timing_s"]
+  report = (out / "report.md").read_text()
+  sec = report[report.index("## Toy task"):]
+  assert f"| trained | {len(md)} |" in sec and f"| random | {len(md)} |" in sec
+  # Its requirement failing fails it with the reason.
+  m = evaluate([EmbeddingSet("x", str(d / "random.parquet"))],
+               str(tmp_path / "fail"), tasks=["toy"], options=FAST,
+               log=lambda s: None)
+  t = m["embeddings"]["x"]["toy"]
+  assert t["status"] == "failed"
+  assert t["reason"].startswith("needs the control classifier: ")
+  assert "toy" in registry.TASKS
 
-  def blas_threads():
-    return [p["num_threads"] for p in threadpoolctl.threadpool_info()
-            if p["user_api"] == "blas"]
 
-  before = blas_threads()
-  if not before or max(before) < 2:
-    pytest.skip("BLAS runs on one thread here anyway")
-  seen = []
-  run_side_by_side([lambda: seen.append(blas_threads())] * 3, threads=2)
-  assert seen and all(max(s) == 1 for s in seen), seen
-  assert blas_threads() == before
-  run_side_by_side([lambda: seen.append(blas_threads())], threads=1)
-  assert seen[-1] == before
+def test_toy_task_removed_after_its_test():
+  from gandl_jax.evaluate import registry
+  assert "toy" not in registry.TASKS
+  with pytest.raises(ValueError, match="unknown task"):
+    registry.resolve(["toy"])

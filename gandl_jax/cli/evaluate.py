@@ -18,23 +18,15 @@ from __future__ import annotations
 import csv
 import io
 
-from gandl_jax import allocator
+from absl import app, flags
 
-# Before numpy's BLAS and polars start their threads (gandl_jax/allocator.py):
-# liblinear's working copies and the float64 copies of the SVM fits then reuse
-# freed memory instead of faulting in fresh pages every fit.
-allocator.keep_freed_memory()
-
-# pylint: disable=wrong-import-position
-from absl import app, flags  # noqa: E402
-
-from gandl_jax import cli  # noqa: E402
+from gandl_jax import cli
 
 from gandl_jax.evaluate import classify, dose_response, retrieval
 from gandl_jax.evaluate.io import TableSpec
-from gandl_jax.evaluate.pipeline import (NORMALIZATIONS, EmbeddingSet, Options,
-                                         evaluate)
-from gandl_jax.evaluate.tasks import ALL_TASKS
+from gandl_jax.evaluate.pipeline import (ALL_TASKS, NORMALIZATIONS,
+                                         EmbeddingSet, Options, evaluate)
+from gandl_jax.evaluate import registry
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("embeddings", None, "Embeddings: our Parquet/CSV, Recursion's "
@@ -43,7 +35,9 @@ flags.DEFINE_string("embeddings", None, "Embeddings: our Parquet/CSV, Recursion'
 flags.DEFINE_string("metadata", None, "metadata.csv to join by site_id "
                     "(default: the metadata columns inside the embeddings).")
 flags.DEFINE_string("output", None, "Output directory.")
-flags.DEFINE_list("tasks", list(ALL_TASKS), f"Tasks, any of {list(ALL_TASKS)}.")
+flags.DEFINE_list("tasks", list(ALL_TASKS), "Tasks, any of "
+                  f"{registry.selectable_tasks()} (the tasks they need run "
+                  "too; consistency runs with activity).")
 flags.DEFINE_string("name", "embeddings", "Name of the embeddings in the report.")
 flags.DEFINE_string("baseline", None, "Second embeddings set evaluated side by "
                     "side (e.g. Recursion's embeddings, a random-init model).")
@@ -105,9 +99,10 @@ flags.DEFINE_enum("cell_type_features", "raw", ["raw", "normalized"],
                   "Features for the cell-type tasks (see docs).")
 flags.DEFINE_integer("seed", 0, "Seed of splits and subsets.")
 flags.DEFINE_integer("task_threads", None, "Threads running independent "
-                     "tasks side by side (default: one per CPU core, at most "
-                     "4; 1: one after another). The results do not depend "
-                     "on it; memory grows with it.", lower_bound=1)
+                     "tasks side by side (a thread pool; default: one per "
+                     "CPU core, at most 4; 1: one after another). The "
+                     "results do not depend on it; memory grows with it.",
+                     lower_bound=1)
 flags.DEFINE_list("c_grid", ["0.001", "0.01", "0.1", "1"], "SVM C values.")
 flags.DEFINE_integer("cv_folds", 3, "Folds of the C search.")
 flags.DEFINE_integer("cv_max_rows", 4000, "Max training rows in the C search.")
@@ -219,17 +214,21 @@ def main(argv):
   cli.run("gandl-evaluate", lambda: evaluate_command(opts, extra, spec))
 
 
+def embedding_sets(extra) -> list:
+  """The sets of the flags: --embeddings, --baseline, then --extra_set."""
+  sets = [EmbeddingSet(FLAGS.name, FLAGS.embeddings, FLAGS.rxrx1_embeddings,
+                       FLAGS.metadata, FLAGS.rxrx1_metadata)]
+  if FLAGS.baseline:
+    sets.append(EmbeddingSet(FLAGS.baseline_name, FLAGS.baseline,
+                             FLAGS.rxrx1_baseline, FLAGS.baseline_metadata))
+  return sets + list(extra)
+
+
 def evaluate_command(opts: Options, extra, spec=None) -> int:
   metrics = evaluate(
-      FLAGS.embeddings, FLAGS.output, metadata=FLAGS.metadata,
-      tasks=FLAGS.tasks, baseline=FLAGS.baseline,
-      baseline_name=FLAGS.baseline_name, name=FLAGS.name,
-      baseline_metadata=FLAGS.baseline_metadata,
-      rxrx1_embeddings=FLAGS.rxrx1_embeddings,
-      rxrx1_metadata=FLAGS.rxrx1_metadata,
-      rxrx1_baseline=FLAGS.rxrx1_baseline, truth=FLAGS.truth,
-      compounds=parse_compounds(FLAGS.compounds), options=opts,
-      extra_sets=extra, table=spec)
+      embedding_sets(extra), FLAGS.output, tasks=FLAGS.tasks,
+      truth=FLAGS.truth, compounds=parse_compounds(FLAGS.compounds),
+      options=opts, table=spec)
   return exit_status(metrics)
 
 

@@ -1,6 +1,6 @@
 """The linear-SVM protocol of the GAN-DL paper, with a plate-grouped variant.
 
-Protocol (issue 6 / Mascolini et al. 2022): a seeded, stratified 75/25 split
+Protocol (Mascolini et al. 2022): a seeded, stratified 75/25 split
 of the selected sites; class weights inversely proportional to class frequency
 (scikit-learn's `class_weight='balanced'`, n / (k * n_c)); standardization and
 a linear SVM (`LinearSVC`, squared hinge, L2) whose C is chosen by stratified

@@ -11,7 +11,7 @@ Layouts (detected from the column names):
 * Recursion's newer per-experiment CSVs: `feature_0` ... `feature_1023` plus
   plate/well columns (and `site_id` or enough columns to build it). A
   directory or a comma-separated list of such files is read as one table;
-* profile tables from other tools (`TableSpec`): CellProfiler / pycytominer
+* profile tables from other tools (`profiles.TableSpec`): CellProfiler / pycytominer
   profiles (`Metadata_*` columns, features `Cells_*`, `Cytoplasm_*`,
   `Nuclei_*`), detected by their column names, and any table (OpenPhenom,
   DINO, ...) through a column mapping and a feature regular expression.
@@ -26,11 +26,9 @@ import csv
 import dataclasses
 import glob
 import gzip
-import importlib.util
-import mmap
 import os
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -40,6 +38,8 @@ import pyarrow.parquet as pq
 
 from gandl_jax import embeddings
 from gandl_jax import schema
+from gandl_jax.evaluate.profiles import (  # noqa: F401 (TableSpec: the API)
+    TableSpec, profile_features, profile_metadata)
 
 _OURS = re.compile(rf"^{embeddings.FEATURE_PREFIX}(\d+)$")
 _RECURSION_NEW = re.compile(r"^feature_(\d+)$")
@@ -47,28 +47,6 @@ _NUMBERED = re.compile(r"^(?:Unnamed: )?(\d+)$")
 _SITE_ID = re.compile(r"^[^_,]+_\d+_[A-Za-z]+\d+_\d+$")
 # Columns of Recursion's per-experiment CSVs that are not features.
 _ID_COLUMNS = ("site_id", "well_id", "experiment", "plate", "well", "site")
-
-# CellProfiler / pycytominer profiles: feature columns by compartment prefix,
-# and the Metadata_ columns read as ours when no mapping names them (the first
-# present of each list wins).
-CELLPROFILER_FEATURES = r"^(Cells|Cytoplasm|Nuclei)_"
-CELLPROFILER_COLUMNS: Dict[str, Tuple[str, ...]] = {
-    "plate": ("Metadata_Plate",),
-    "well": ("Metadata_Well",),
-    "site": ("Metadata_Site",),
-    "experiment": ("Metadata_Batch",),
-    "treatment": ("Metadata_broad_sample", "Metadata_pert_iname",
-                  "Metadata_JCP2022", "Metadata_InChIKey", "Metadata_Compound",
-                  "Metadata_Treatment", "Metadata_compound"),
-    "treatment_conc": ("Metadata_mmoles_per_liter", "Metadata_Concentration",
-                       "Metadata_concentration", "Metadata_dose"),
-    "cell_type": ("Metadata_cell_type", "Metadata_CellType",
-                  "Metadata_Cell_type"),
-}
-# Columns whose values mark negative controls (pycytominer conventions).
-CELLPROFILER_CONTROL_COLUMNS = ("Metadata_control_type", "Metadata_pert_type")
-CONTROL_VALUES = frozenset({"negcon", "control", "negative_control"})
-
 
 @dataclasses.dataclass
 class Embeddings:
@@ -184,16 +162,9 @@ def _is_parquet(path: str) -> bool:
   return path.endswith((".parquet", ".pq"))
 
 
-# Text per Arrow read_csv call (bounded memory: the parsed table of one range
-# lives next to the float32 matrix, never the whole file's), and per parsing
-# block inside it (the unit of Arrow's multithreading).
-CSV_RANGE_BYTES = 128 << 20
+# Text per parsing block of Arrow's CSV reader (the unit of its
+# multithreading, and of the record batches the features are copied from).
 CSV_BLOCK_BYTES = 8 << 20
-# Ranges parsed by polars (its own threads split a range): small enough that
-# the allocator reuses each range's copy of the text and polars' columns
-# (at 128 MB every range was fresh memory: 3.5x the page faults, twice the
-# system time).
-CSV_POLARS_RANGE_BYTES = 24 << 20
 _TEXT_COLUMNS = ("site_id", "well_id", "well", "experiment", "cell_type",
                  "disease_condition", "treatment", "SMILES", "dataset",
                  "well_type", "sirna")
@@ -216,199 +187,43 @@ def _csv_header(path: str) -> Tuple[List[str], bool]:
   return [h if h else f"Unnamed: {i}" for i, h in enumerate(header)], False
 
 
-def _csv_ranges(path: str, skip_header: bool, size: int,
-                fn: Callable[[pa.Buffer], None]) -> None:
-  """Calls `fn` on the file's data rows as zero-copy buffers of a read-only
-  memory map, about `size` bytes each, each ending at a line end (Arrow's
-  reader splits at line ends too: it does not allow newlines inside values
-  by default). A range's pages are released once `fn` returns, so the file
-  never sits in this process's memory as a whole. `fn` must not keep the
-  buffer."""
-  with open(path, "rb") as f:
-    if os.fstat(f.fileno()).st_size == 0:
-      return
-    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    end = len(mm)
-    start = 0
-    if skip_header:
-      start = mm.find(b"\n") + 1 or end        # a header line only: no rows
-    while start < end:
-      stop = min(start + size, end)
-      if stop < end:
-        cut = mm.rfind(b"\n", start, stop)
-        stop = cut + 1 if cut >= 0 else (mm.find(b"\n", stop) + 1 or end)
-      view = memoryview(mm)[start:stop]
-      buf = pa.py_buffer(view)
-      try:
-        fn(buf)
-      finally:
-        del buf
-        try:
-          view.release()
-        except BufferError:   # held by an exception's traceback: freed with it
-          pass
-      page = start - start % mmap.PAGESIZE
-      mm.madvise(mmap.MADV_DONTNEED, page, stop - page)
-      start = stop
-    # The map closes when its last reference goes (Arrow may still hold an
-    # export of a range briefly; closing it here would raise BufferError).
-    del mm
-
-
-def _grow(X: np.ndarray, n: int, need: int) -> np.ndarray:
-  """A larger matrix holding X's first n rows."""
-  out = _matrix(max(need, int(len(X) * 1.5)), X.shape[1])
-  out[:n] = X[:n]
-  return out
-
-
-def _polars_range(data: bytes, names: List[str]
-                  ) -> Optional[Tuple[pa.Table, List[np.ndarray]]]:
-  """(site ids, the float32 feature columns) of a range of Recursion's
-  layout (`site_id`, then the features) parsed by polars, or None where
-  Arrow must parse it: polars is not installed, rejects a value, or reads a
-  null (an empty value, a short line or an empty line, which Arrow reads or
-  rejects in its own way). Where polars reads a value, it reads the float32
-  Arrow reads (both round the decimal text to the nearest float32; tested).
-  The columns are polars' own memory (copied only where a column came in
-  several chunks): `_put_columns` writes them into the matrix."""
-  try:
-    import polars as pl  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  schema = {n: pl.Float32 for n in names}
-  schema[names[0]] = pl.String
-  try:
-    df = pl.read_csv(data, has_header=False, new_columns=names, schema=schema,
-                     quote_char='"')
-  except pl.exceptions.PolarsError:
-    # A refusal of the text: Arrow parses the range, and raises its
-    # one-line error where the text is bad.
-    return None
-  if len(df) == 0 or any(df.null_count().row(0)):
-    return None
-  columns = df.get_columns()
-  if any(c.dtype != pl.Float32 for c in columns[1:]):
-    return None
-  ids = columns[0].to_arrow().cast(pa.string())
-  return pa.table({names[0]: ids}), [c.to_numpy() for c in columns[1:]]
-
-
-# Columns per block when columns are written into a row-major matrix: one
-# block (columns x rows of a range) stays in the cache while it is
-# transposed.
-_COLUMN_BLOCK = 64
-
-
-def _put_columns(out: np.ndarray, columns: Sequence[np.ndarray]) -> None:
-  """out[:, j] = columns[j] for a C-ordered `out`, a block of columns at a
-  time (a column-by-column write strides over every row per column: 3.8x
-  the CPU on RxRx19a's ranges, measured)."""
-  for j in range(0, len(columns), _COLUMN_BLOCK):
-    block = np.stack(columns[j:j + _COLUMN_BLOCK])
-    out[:, j:j + len(block)] = block.T
-
-
-def _matrix(rows: int, cols: int) -> np.ndarray:
-  """An uninitialized C-ordered float32 (rows, cols) matrix in memory of
-  its own (an anonymous map; untouched pages take no memory).
-
-  Not np.empty: numpy asks Linux for transparent huge pages for large
-  arrays (madvise), and on the development VM a huge page faulted in costs
-  5x the kernel time of its 512 small pages (0.6 against 0.1 s per 280 MB
-  written, measured): about 2 s for the 1.25 GB matrix of RxRx19a.
-  """
-  nbytes = rows * cols * 4
-  if nbytes == 0:
-    return np.empty((rows, cols), dtype=np.float32)
-  buf = mmap.mmap(-1, nbytes)
-  return np.frombuffer(buf, dtype=np.float32).reshape(rows, cols)
-
-
 def _read_csv(path: str, names: List[str], headerless: bool,
               feats: Sequence[str]) -> Tuple[pa.Table, np.ndarray]:
   """(the other columns as an Arrow table, the features as C-ordered float32
-  (rows, len(feats)) with nulls as NaN) of a CSV.
+  (rows, len(feats)) with empty values as NaN) of a CSV (gzip by its
+  `.gz` name).
 
-  Arrow's multithreaded reader parses the text range by range (from a
-  memory map, no copy of the text); each range's feature columns go
-  straight into one float32 matrix (`RecordBatch.to_tensor`, row-major) and
-  its table is dropped, so memory stays at the matrix plus one range. The
-  matrix is sized from the first range's bytes per row with room to spare
-  (`_matrix`: untouched pages take no memory; an overflow is one
-  reallocation). gzip files are parsed whole.
-
-  Recursion's layout (`site_id`, then the features, nothing else) is
-  parsed by polars where installed (1.7x less CPU than Arrow for the same
-  float32 values; its columns go into the matrix in blocks, `_put_columns`,
-  without a frame-wide copy); a range polars refuses, or where it reads a
-  null, is parsed by Arrow, so bad text gets Arrow's error and empty values
-  Arrow's nulls (NaN).
+  pyarrow's reader parses the file with the feature columns typed float32
+  and the id columns as text; the features then go into one row-major
+  matrix a record batch at a time, each batch freed once copied, so the
+  peak is about one float32 copy of the features, not two.
   """
   types = {n: pa.float32() for n in feats}
   for n in names:
     if n in _TEXT_COLUMNS:
       types[n] = pa.string()
+  read = pa_csv.ReadOptions(column_names=names,
+                            skip_rows=0 if headerless else 1,
+                            block_size=CSV_BLOCK_BYTES)
   convert = pa_csv.ConvertOptions(column_types=types, strings_can_be_null=True)
+  try:
+    table = pa_csv.read_csv(path, read_options=read, convert_options=convert)
+  except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+    raise ValueError(f"{path}: cannot parse as an embeddings CSV: {e}") from e
   fset = set(feats)
-  other = [n for n in names if n not in fset]
-  state = {"X": None, "n": 0}
-  metas = []
-
-  fast = (names[0] == "site_id" and names[1:] == list(feats) and
-          importlib.util.find_spec("polars") is not None)
-
-  def add(source, skip: int, nbytes: Optional[int]) -> None:
-    parsed = (_polars_range(source.to_pybytes(), names)
-              if fast and isinstance(source, pa.Buffer) else None)
-    if parsed is not None:
-      add_matrix(parsed[0], parsed[1], nbytes)
-      return
-    opts = pa_csv.ReadOptions(column_names=names, skip_rows=skip,
-                              block_size=CSV_BLOCK_BYTES)
-    try:
-      table = pa_csv.read_csv(source, read_options=opts,
-                              convert_options=convert)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-      raise ValueError(f"{path}: cannot parse as an embeddings CSV: {e}") from e
-    add_matrix(table.select(other), table.select(list(feats)), nbytes)
-
-  def add_matrix(meta: pa.Table, feat, nbytes: Optional[int]) -> None:
-    """Appends a range's rows: `feat` an Arrow table or a list of float32
-    columns."""
-    rows = feat.num_rows if isinstance(feat, pa.Table) else len(feat[0])
-    X, n = state["X"], state["n"]
-    if X is None:
-      size = rows
-      if nbytes is not None and rows:
-        size = int(os.path.getsize(path) / (nbytes / rows) * 1.25) + 1024
-      X = _matrix(max(size, rows), len(feats))
-    metas.append(meta)
-    blocks = (feat.to_batches() if isinstance(feat, pa.Table) else [feat])
-    for batch in blocks:
-      m = batch.num_rows if isinstance(batch, pa.RecordBatch) else rows
-      if n + m > len(X):
-        X = _grow(X, n, n + m)
-      if isinstance(batch, pa.RecordBatch):
-        X[n:n + m] = np.asarray(batch.to_tensor(null_to_nan=True,
-                                                row_major=True))
-      else:
-        _put_columns(X[n:n + m], batch)
-      n += m
-    state["X"], state["n"] = X, n
-
-  if path.endswith(".gz"):
-    add(path, 0 if headerless else 1, None)
-  else:
-    _csv_ranges(path, not headerless,
-                min(CSV_RANGE_BYTES, CSV_POLARS_RANGE_BYTES) if fast
-                else CSV_RANGE_BYTES, lambda buf: add(buf, 0, buf.size))
-  X, n = state["X"], state["n"]
-  if X is None:
-    X = np.empty((0, len(feats)), dtype=np.float32)
-  meta = (pa.concat_tables(metas) if metas else
-          pa.table({c: pa.array([], pa.string()) for c in other}))
-  return meta, X[:n]
+  meta = table.select([n for n in names if n not in fset])
+  batches = table.select(list(feats)).to_batches()
+  del table
+  X = np.empty((meta.num_rows, len(feats)), dtype=np.float32)
+  batches.reverse()
+  n = 0
+  while batches:
+    batch = batches.pop()
+    X[n:n + batch.num_rows] = np.asarray(
+        batch.to_tensor(null_to_nan=True, row_major=True))
+    n += batch.num_rows
+    del batch
+  return meta, X
 
 
 def _is_float(v: str) -> bool:
@@ -471,114 +286,6 @@ def _site_ids_from_columns(df: pd.DataFrame, path: str) -> Optional[pd.Series]:
   return None
 
 
-@dataclasses.dataclass(frozen=True)
-class TableSpec:
-  """How to read a profile table written by another tool.
-
-  columns: (ours, theirs) pairs, e.g. (("plate", "Metadata_Plate"),); ours
-    are our metadata names (`site_id`, `experiment`, `plate`, `well`, `site`,
-    `treatment`, `treatment_conc`, `cell_type`, ...) or any new name.
-  feature_regex: the feature columns (default: CellProfiler compartments).
-  negative_control: treatment value marking negative-control rows (`DMSO`).
-  """
-  columns: Tuple[Tuple[str, str], ...] = ()
-  feature_regex: Optional[str] = None
-  negative_control: Optional[str] = None
-
-  @classmethod
-  def parse(cls, columns: Optional[str], feature_regex: Optional[str] = None,
-            negative_control: Optional[str] = None) -> "TableSpec":
-    """From `ours=theirs,ours=theirs` text (the --table_columns flag)."""
-    pairs = []
-    for item in (columns or "").split(","):
-      item = item.strip()
-      if not item:
-        continue
-      ours, sep, theirs = item.partition("=")
-      if not sep or not ours.strip() or not theirs.strip() or \
-          not ours.strip().isidentifier():
-        raise ValueError(f"column mapping {item!r}: expected ours=theirs, "
-                         f"e.g. plate=Metadata_Plate")
-      pairs.append((ours.strip(), theirs.strip()))
-    if feature_regex:
-      try:
-        re.compile(feature_regex)
-      except re.error as e:
-        raise ValueError(f"feature regex {feature_regex!r}: {e}") from e
-    return cls(tuple(pairs), feature_regex or None, negative_control or None)
-
-
-def _profile_features(names: Sequence[str], spec: Optional[TableSpec]
-                      ) -> Optional[List[str]]:
-  """Feature columns of a profile table, or None when it is not one."""
-  if spec is not None and spec.feature_regex:
-    rx = re.compile(spec.feature_regex)
-    cols = [c for c in names if rx.search(str(c))]
-    if cols:
-      return cols
-  if spec is not None or any(str(c).startswith("Metadata_") for c in names):
-    rx = re.compile(CELLPROFILER_FEATURES)
-    cols = [c for c in names if rx.search(str(c))]
-    if cols:
-      return cols
-  return None
-
-
-def _profile_metadata(meta: pd.DataFrame, path: str,
-                      spec: Optional[TableSpec]) -> pd.DataFrame:
-  """Our metadata columns from a profile table's own (mapping, then the
-  CellProfiler defaults); other columns keep their names."""
-  spec = spec or TableSpec()
-  out = meta.copy()
-  explicit = dict(spec.columns)
-  for ours, theirs in explicit.items():
-    if theirs not in meta:
-      raise ValueError(f"{path}: mapped column `{theirs}` (for `{ours}`) not "
-                       f"found; columns: {list(meta.columns)[:12]}")
-    out[ours] = meta[theirs].values
-  for ours, candidates in CELLPROFILER_COLUMNS.items():
-    if ours in explicit or ours in out:
-      continue
-    for c in candidates:
-      if c in meta:
-        out[ours] = meta[c].values
-        break
-  if "well_type" not in out:
-    if spec.negative_control is not None:
-      if "treatment" not in out:
-        raise ValueError(f"{path}: --negative_control needs a treatment "
-                         f"column (map one: treatment=...)")
-      neg = out["treatment"].astype(str).str.strip() == spec.negative_control
-      if not neg.any():
-        raise ValueError(f"{path}: no row has treatment "
-                         f"{spec.negative_control!r} (the negative control)")
-      out["well_type"] = np.where(neg, "negative_control", "treatment")
-    else:
-      for c in CELLPROFILER_CONTROL_COLUMNS:
-        if c in meta:
-          v = meta[c].fillna("").astype(str).str.strip().str.lower()
-          out["well_type"] = np.where(v.isin(CONTROL_VALUES),
-                                      "negative_control", "treatment")
-          break
-  if "site_id" in out:
-    out["site_id"] = out["site_id"].astype(str)
-    return out
-  missing = [c for c in ("plate", "well") if c not in out]
-  if missing:
-    raise ValueError(f"{path}: profile table needs plate and well columns to "
-                     f"identify its rows; missing {missing} (CellProfiler: "
-                     f"Metadata_Plate, Metadata_Well; or map them: "
-                     f"--table_columns plate=...,well=...)")
-  if "experiment" not in out:
-    out["experiment"] = os.path.basename(path).split(".")[0]
-  if "site" not in out:
-    out["site"] = 1
-  out["well_id"] = (out["experiment"].astype(str) + "_" +
-                    out["plate"].astype(str) + "_" + out["well"].astype(str))
-  out["site_id"] = out["well_id"] + "_" + out["site"].astype(str)
-  return out
-
-
 def read_embeddings_file(path: Union[str, Sequence[str]],
                          spec: Optional[TableSpec] = None) -> Embeddings:
   """Reads one or more embedding files (no metadata join yet)."""
@@ -600,7 +307,7 @@ def read_embeddings_file(path: Union[str, Sequence[str]],
       names = table.column_names
     else:
       names, headerless = _csv_header(p)
-    profile_cols = _profile_features(names, spec)
+    profile_cols = profile_features(names, spec)
     if profile_cols is not None:
       cols, missing = profile_cols, []
     else:
@@ -630,7 +337,7 @@ def read_embeddings_file(path: Union[str, Sequence[str]],
       # columns (ours of a Cell Painting set: gandl-convert --dataset
       # loaddata carries its CSV's Metadata_* columns): CellProfiler names
       # and --table_columns read as ours.
-      meta = _profile_metadata(meta, p, spec)
+      meta = profile_metadata(meta, p, spec)
     sid = _site_ids_from_columns(meta, p)
     if sid is None:
       raise ValueError(
@@ -772,6 +479,3 @@ def load_embeddings(path: Union[str, Sequence[str]],
     md, src = None, ""
   return join_metadata(emb, md, src)
 
-
-# ---------------------------------------------------------------------------
-# Writing (atomic).

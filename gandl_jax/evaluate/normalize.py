@@ -22,10 +22,9 @@ def single_thread_blas():
   from one thread, around whatever runs on others).
 
   For the 1,024 x 1,024 eigendecompositions of whitening and TVN, OpenBLAS's
-  threads gain little and, when the cores are shared, spin: on the shared
-  2-core machine `np.linalg.eigh` took 21.6 s on 2 threads and 2.2 s on one.
-  The tasks that `pipeline.run_side_by_side` runs on threads use it too.
-  threadpoolctl comes with scikit-learn.
+  threads gain little and, when the cores are busy, spin (measured: 10x
+  the wall time of one thread on 2 busy cores). threadpoolctl comes with
+  scikit-learn.
   """
   global _THREADPOOLS
   try:

@@ -1,13 +1,18 @@
-"""metrics.json (finite numbers or null with a reason) and report.md."""
+"""metrics.json (finite numbers or null with a reason), the figures and
+report.md: its fixed parts here, one section per registered task (each
+task's `section`; the shared table helpers below)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from typing import Any, Dict, Optional, Sequence
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from gandl_jax import io as gio
+from gandl_jax.evaluate import plots, registry
 
 
 def sanitize(obj: Any, reasons: Dict[str, str], path: str = "") -> Any:
@@ -345,3 +350,113 @@ def retrieval_section(sets: Dict[str, Dict], top_n: int) -> str:
   if notes:
     out += ["Not computed:", ""] + notes + [""]
   return "\n".join(out)
+
+
+@dataclasses.dataclass
+class ReportContext:
+  """What a task's section sees besides the sets' metrics."""
+  options: Any                     # pipeline.Options
+  figures: Dict                    # metrics.json's "figures"
+
+
+# Confusion-matrix figures: classification tasks and their titles.
+_CONFUSION = (("control", "control"), ("cell_model", "cell model"),
+              ("rxrx1", "RxRx1 cell type"))
+
+
+def write_figures(results: Dict[str, Dict], extras: Dict[str, Dict],
+                  fig_dir: str, compounds: Sequence[str], opts,
+                  planted_ec50: Dict[str, float]) -> Dict:
+  """Confusion matrices, 2-D projections and the dose-response curves as
+  PNGs in `fig_dir`; returns their paths relative to the output directory.
+  `extras[set]`: "projection" / "projection_rxrx1" ((coords, colours)),
+  "dose" (`tasks.DoseResponseResult`)."""
+  figs: Dict = {"confusion": {}, "projection": {}}
+  for n, r in results.items():
+    safe = registry.safe_name(n)
+    for task, title in _CONFUSION:
+      t = r["tasks"].get(task, {})
+      if t.get("status") != "ok":
+        continue
+      panels = [(f"{n}: {title}, {split} split", t[split]["confusion_matrix"],
+                 t[split]["classes"]) for split in ("random", "plate")
+                if t.get(split, {}).get("status") == "ok"]
+      if panels:
+        rel = f"figures/confusion_{task}_{safe}.png"
+        plots.confusion_figure(os.path.join(fig_dir, os.path.basename(rel)),
+                               panels)
+        figs["confusion"].setdefault(task, {})[n] = rel
+    for key, label in (("projection", "RxRx19a"), ("projection_rxrx1", "RxRx1")):
+      if key in extras[n]:
+        coords, col = extras[n][key]
+        rel = f"figures/{key}_{safe}.png"
+        plots.projection_figure(os.path.join(fig_dir, os.path.basename(rel)),
+                                coords, col, f"{n} ({label})")
+        figs["projection"].setdefault(label, {})[n] = rel
+  # Dose-response: the top compounds of each set plus the named ones.
+  keys: List[Tuple[str, str]] = []
+  dose_sets = []
+  for n in results:
+    dr = extras[n].get("dose")
+    if dr is None:
+      continue
+    dose_sets.append((n, dr.points, dr.fits))
+    for r in dr.fits.head(opts.top_compounds).itertuples():
+      if (r.group, r.treatment) not in keys:
+        keys.append((r.group, r.treatment))
+    for r in dr.fits[dr.fits["treatment"].isin(list(compounds))].itertuples():
+      if (r.group, r.treatment) not in keys:
+        keys.append((r.group, r.treatment))
+  if dose_sets and keys:
+    rel = "figures/dose_response.png"
+    plots.dose_response_figure(os.path.join(fig_dir, "dose_response.png"),
+                               keys, dose_sets, planted_ec50=planted_ec50)
+    figs["dose_response"] = rel
+  return figs
+
+
+def markdown(m: Dict, opts, notes: Sequence[str] = ()) -> str:
+  """report.md from the written metrics: protocol, summary, inputs, then
+  each registered task's section (in registration order), projections and
+  the values not computed. `notes`: paragraphs after the summary (per-task
+  methods)."""
+  sets = m["embeddings"]
+  names = m["names"]
+  figs = m["figures"]
+  cfg = opts.protocol
+  lines = [
+      "# GAN-DL evaluation report", "",
+      f"Embeddings: {', '.join(f'**{n}**' for n in names)}. Tasks: "
+      f"{', '.join(m['tasks_requested'])}. Elapsed {m['elapsed_s']} s.", "",
+      f"Protocol: seeded (seed {cfg.seed}) stratified {1 - cfg.test_size:.0%}/"
+      f"{cfg.test_size:.0%} split; class weights inversely proportional to "
+      f"class frequency; standardization + linear SVM (LinearSVC, squared "
+      f"hinge, L2; tol {cfg.tol}), C "
+      f"in {list(cfg.c_grid)} chosen by {cfg.cv_folds}-fold CV (balanced "
+      f"accuracy) on the training part only (at most {cfg.cv_max_rows} rows); "
+      f"final fit on at most {cfg.max_train_rows} training rows. The plate "
+      f"split holds out whole plates (random site splits leak plate "
+      f"identity).", "",
+      summary_section(sets),
+      *notes,
+      inputs_section(sets),
+  ]
+  rctx = ReportContext(opts, figs)
+  ran = {k for s in sets.values() for k in s}
+  for task in registry.TASKS.values():
+    if task.section is not None and task.name in ran:
+      lines.append(task.section(sets, rctx))
+  lines += [
+      "## 2-D projection", "",
+      "PCA of a random subset of post-processed embeddings; untreated sites "
+      "coloured by disease condition, treated sites grey.", "",
+  ]
+  for label, per in figs["projection"].items():
+    for n, rel in per.items():
+      lines += [f"![{label} projection, {n}]({rel})", ""]
+  nulls = m.get("null_reasons", {})
+  if nulls:
+    lines += ["## Values not computed", "",
+              table(["metric", "reason"],
+                    [[k, v] for k, v in list(nulls.items())[:60]]), ""]
+  return "\n".join(lines) + "\n"

@@ -17,6 +17,9 @@ Perturbation = compound x concentration (x cell type when present). The
 reference group is explicit (`reference_groups`): for RxRx19a the infected,
 untreated wells (`Active SARS-CoV-2`, empty treatment) - the negative controls
 of the dose-response; elsewhere the control rows of `normalize.control_mask`.
+
+One module (about 580 lines) for the four metrics: they share the profile
+grouping, the reference selection and the copairs plumbing.
 """
 from __future__ import annotations
 

@@ -1,13 +1,15 @@
-"""The downstream tasks, each on one post-processed embeddings set.
+"""The computations of the classification and dose-response tasks, each on
+one post-processed embeddings set (registered as tasks by the `task_*`
+modules; the per-task baselines and the training probe use them too).
 
-Each task function returns a JSON-ready dict; bad input raises
+Each function returns a JSON-ready dict; bad input raises
 `classify.TaskError` with the task name and row counts, which the caller
 records while the other tasks go on.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -15,16 +17,12 @@ import pandas as pd
 from gandl_jax.evaluate import classify, dose_response, normalize
 from gandl_jax.evaluate.io import Embeddings
 from gandl_jax import schema
-from gandl_jax.evaluate.retrieval import ACTIVITY, REPLICATES
 
 CONTROL = "control"
 CELL_MODEL = "cell_model"
 DOSE_RESPONSE = "dose_response"
 RXRX1 = "rxrx1"
 TRUTH = "truth"
-CONSISTENCY = "consistency"     # run with ACTIVITY when an annotation is given
-ALL_TASKS: Tuple[str, ...] = (CONTROL, CELL_MODEL, DOSE_RESPONSE, RXRX1, TRUTH,
-                              ACTIVITY, REPLICATES)
 
 SPLITS = ("random", "plate")
 
@@ -96,11 +94,6 @@ def classification_rows(meta: pd.DataFrame, task: str,
   return TaskRows(sel, y, classes, groups, positive, rows)
 
 
-# One split of a classification task, computed elsewhere (e.g. on another
-# thread): () -> (the split's entry of the task's metrics, fitted or None).
-SplitResult = Callable[[], Tuple[Dict, Optional[classify.Fitted]]]
-
-
 def _one_split(X: np.ndarray, t: TaskRows, cfg: classify.ProtocolConfig,
                task: str, split: str
                ) -> Tuple[Dict, Optional[classify.Fitted]]:
@@ -112,50 +105,33 @@ def _one_split(X: np.ndarray, t: TaskRows, cfg: classify.ProtocolConfig,
     return {"status": "failed", "reason": str(e)}, None
 
 
-def classification_split(emb: Embeddings, task: str,
-                         cfg: classify.ProtocolConfig, split: str
-                         ) -> Tuple[Dict, Optional[classify.Fitted]]:
-  """One split ('random' or 'plate') of a classification task: its entry of
-  the task's metrics and the fitted model (None where it failed)."""
-  t = classification_rows(emb.meta, task, cfg)
-  return _one_split(emb.features[t.mask], t, cfg, task, split)
-
-
-def _classify(emb: Embeddings, task: str, cfg: classify.ProtocolConfig,
-              splits: Optional[Mapping[str, SplitResult]] = None
+def _classify(emb: Embeddings, task: str, cfg: classify.ProtocolConfig
               ) -> Tuple[Dict, Optional[classify.Fitted]]:
-  """Both splits of `task`; those in `splits` come from there (the same
-  `classification_split`, run elsewhere), the others are computed here."""
+  """Both splits of `task`: its metrics and the random split's model."""
   t = classification_rows(emb.meta, task, cfg)
   out: Dict = {"n_rows": int(len(t.y)),
                "class_counts": {c: int((t.y == c).sum()) for c in t.classes}}
-  fitted, X = None, None
+  fitted = None
+  X = emb.features[t.mask]
   for split in SPLITS:
-    if splits is not None and split in splits:
-      out[split], f = splits[split]()
-    else:
-      if X is None:
-        X = emb.features[t.mask]
-      out[split], f = _one_split(X, t, cfg, task, split)
+    out[split], f = _one_split(X, t, cfg, task, split)
     if split == "random":
       fitted = f
   out["rows"] = t.rows
   return out, fitted
 
 
-def control_classification(emb: Embeddings, cfg: classify.ProtocolConfig,
-                           splits: Optional[Mapping[str, SplitResult]] = None
+def control_classification(emb: Embeddings, cfg: classify.ProtocolConfig
                            ) -> Tuple[Dict, classify.Fitted]:
-  out, fitted = _classify(emb, CONTROL, cfg, splits)
+  out, fitted = _classify(emb, CONTROL, cfg)
   if fitted is None:
     raise classify.TaskError(f"task {CONTROL}: {out['random']['reason']}")
   return out, fitted
 
 
-def cell_model_classification(emb: Embeddings, cfg: classify.ProtocolConfig,
-                              splits: Optional[Mapping[str, SplitResult]] = None
+def cell_model_classification(emb: Embeddings, cfg: classify.ProtocolConfig
                               ) -> Dict:
-  return _classify(emb, CELL_MODEL, cfg, splits)[0]
+  return _classify(emb, CELL_MODEL, cfg)[0]
 
 
 def rxrx1_cell_type(emb: Embeddings, cfg: classify.ProtocolConfig) -> Dict:

@@ -94,6 +94,19 @@ def _embeddings_name() -> str:
   return "embeddings.csv" if FLAGS.format == "csv" else "embeddings.parquet"
 
 
+def _load_simulate():
+  """tests/simulate.py (the simulator of the tests; not in the package),
+  loaded by file path."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))), "tests", "simulate.py")
+  spec = importlib.util.spec_from_file_location("simulate", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["simulate"] = module      # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
 def _write_recursion_csv(path: str, site_ids, X) -> None:
   """Recursion's embeddings.csv: `site_id`, then columns `0 ... dim-1`,
   written in row blocks (bounded memory), atomically."""
@@ -131,7 +144,7 @@ def _cleanup(wd: str, created: bool) -> None:
 def _generate(workdir: str) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from gandl_jax import embeddings  # pylint: disable=g-import-not-at-top
-  from gandl_jax.evaluate import simulate  # pylint: disable=g-import-not-at-top
+  simulate = _load_simulate()
 
   scale = FLAGS.sites / _FULL
   hrce = int(round(_HRCE * scale))
@@ -199,9 +212,16 @@ def log(msg):
   print("CHILD_LOG_RU", round(r[0] - ru0[0][0], 2), round(r[1] - ru0[0][1], 2),
         r[2] - ru0[0][2], msg.strip()[:60], flush=True)
   ru0[0] = r
-m = evaluate(w + "/" + emb, out, metadata=w + "/metadata.csv",
-             tasks=tasks, compounds=["Remdesivir (GS-5734)", "GS-441524"],
-             options=opts, log=log)
+import inspect
+compounds = ["Remdesivir (GS-5734)", "GS-441524"]
+if "sets" in inspect.signature(evaluate).parameters:
+  from gandl_jax.evaluate import EmbeddingSet
+  m = evaluate([EmbeddingSet("embeddings", w + "/" + emb,
+                             metadata=w + "/metadata.csv")], out, tasks=tasks,
+               compounds=compounds, options=opts, log=log)
+else:                     # a --code version before evaluate(sets, ...)
+  m = evaluate(w + "/" + emb, out, metadata=w + "/metadata.csv",
+               tasks=tasks, compounds=compounds, options=opts, log=log)
 print("CHILD_CODE", gandl_jax.__file__)
 print("CHILD_WALL", time.time() - t)
 ru = resource.getrusage(resource.RUSAGE_SELF)

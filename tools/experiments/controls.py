@@ -29,6 +29,7 @@ Writes WORKDIR/controls/<control>/{eval/, headline.txt}; stages resumable.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Dict, List
@@ -257,13 +258,13 @@ def main(argv):
   sets = CONTROLS[_CONTROL.value](workdir, out)
   raw = os.path.join(workdir, "raw")
   first: Dict = {"name": sets[0].name}
+  sets[0] = dataclasses.replace(
+      sets[0], metadata=os.path.join(raw, "RxRx19a", "metadata.csv"),
+      rxrx1_metadata=os.path.join(raw, "RxRx1", "metadata.csv"))
   metrics = ev.evaluate(
-      sets[0].embeddings, os.path.join(out, "eval"),
-      metadata=os.path.join(raw, "RxRx19a", "metadata.csv"),
-      name=first["name"], rxrx1_embeddings=sets[0].rxrx1,
-      rxrx1_metadata=os.path.join(raw, "RxRx1", "metadata.csv"),
+      sets, os.path.join(out, "eval"),
       truth=os.path.join(raw, "RxRx19a", "synthetic_truth.csv"),
-      compounds=NAMED_COMPOUNDS, extra_sets=sets[1:], log=logging.info)
+      compounds=NAMED_COMPOUNDS, log=logging.info)
   text = "\n".join(["Command: `python -m tools.experiments.controls " + " ".join(
       sys.argv[1:]) + "`", ""]
                    + demo.headline(metrics)) + "\n"

@@ -201,11 +201,11 @@ def main(argv):
   def evaluate_set(name: str, tag: str) -> Dict[str, Any]:
     out = os.path.join(workdir, "eval", tag)
     metrics = evaluate_lib.evaluate(
-        os.path.join(emb_dir, f"{tag}_rxrx19a.parquet"), out,
-        metadata=metadata["rxrx19a"], name=name,
-        rxrx1_embeddings=os.path.join(emb_dir, f"{tag}_rxrx1.parquet"),
-        rxrx1_metadata=metadata["rxrx1"], truth=truth,
-        compounds=NAMED_COMPOUNDS, log=logging.info)
+        [evaluate_lib.EmbeddingSet(
+            name, os.path.join(emb_dir, f"{tag}_rxrx19a.parquet"),
+            os.path.join(emb_dir, f"{tag}_rxrx1.parquet"),
+            metadata=metadata["rxrx19a"], rxrx1_metadata=metadata["rxrx1"])],
+        out, truth=truth, compounds=NAMED_COMPOUNDS, log=logging.info)
     return metric_row(metrics, name)
 
   rows: List[Dict[str, Any]] = []

@@ -1,6 +1,8 @@
 """Simulated RxRx19a-like (and RxRx1-like) embeddings with planted signal.
 
-For tests and tools/bench_evaluate.py: metadata tables with the schema's
+Test and benchmark data (the tests import it as `simulate`: pytest puts
+tests/ on the path; tools/bench_evaluate.py loads it by file path), not
+part of the package: metadata tables with the schema's
 columns and vocabularies, and features = noise + planted directions:
 
 * cell type: +-`cell_effect` along one direction;
