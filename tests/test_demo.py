@@ -6,7 +6,7 @@ import os
 
 import jax
 
-from gandl_jax import demo
+from gandl_jax.cli import demo
 from gandl_jax import sharding
 from tiny import tiny_config
 

@@ -1,7 +1,8 @@
 r"""Benchmark of the ConvAE baseline: training step and bottleneck export.
 
-Times the real jitted training step (train/convae.py) and the data-parallel
-encoder of the export (model/embed.py `data_parallel_bottleneck`) on
+Times the real jitted training step (baselines/convae/train.py) and the
+data-parallel encoder of the export (baselines/convae/inference.py
+`data_parallel_bottleneck`) on
 device-resident random images (no input pipeline), and reports images/s,
 sec/kimg, XLA's FLOP count per image and the parameter count:
 
@@ -22,9 +23,9 @@ from ml_collections import config_flags
 
 from gandl_jax import config as config_lib
 from gandl_jax import sharding
-from gandl_jax.model import embed as embed_lib
+from gandl_jax.baselines.convae import inference as embed_lib
+from gandl_jax.baselines.convae import train as convae_train
 from gandl_jax.model import networks
-from gandl_jax.train import convae as convae_train
 from gandl_jax.train import monitor
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ConvAE config.")

@@ -50,7 +50,7 @@ def main(argv):
   # pylint: disable=import-outside-toplevel
   import jax
   import numpy as np
-  from gandl_jax.model import resnet50
+  from gandl_jax.baselines import resnet50
   backbone = resnet50.load(FLAGS.weights)
   params = jax.device_put(backbone.params)
   device = (f"{jax.devices()[0].device_kind} x{len(jax.devices())}, "

@@ -67,7 +67,8 @@ class ConvAEState:
   @classmethod
   def from_items(cls, model: Dict[str, Any], train: Dict[str, Any]
                  ) -> "ConvAEState":
-    return cls(step=train["step"], params=model[convae_config.MODEL_KEY]["params"],
+    return cls(step=train["step"],
+               params=model[convae_config.MODEL_KEY]["params"],
                opt=train["opt"])
 
 
