@@ -18,12 +18,19 @@ only through `get(name)`:
   embedding(model, layer, batch, num_hosts)  the `inference.export.Embedding`
                                    the one export path writes (gandl-export)
 
-Registration: a family registers itself when its package is imported. The
-core never imports `gandl_jax.baselines` (imports run one way,
-tests/test_layout.py); a name that is not registered yet makes `get` import
-the packages of `PLUGIN_PACKAGES` by name (importlib) and look again, so
+The trainer offers what the loop calls on the GAN's `train.steps.Trainer`
+(`init_state`, `precompile`, `precompiled`, `train_step`,
+`flops_per_iteration`; optionally `metric_labels` for metrics.jsonl and
+`checkpoint_meta` for the meta); its state has `model_variables()`,
+`train_items()` and `from_items()` (train/checkpointer.py).
+
+Registration: a family named N is the package `gandl_jax.baselines.N`, which
+registers itself when imported. The core never imports the baselines
+(imports run one way, tests/test_layout.py): a name that is not registered
+yet makes `get` import that package by name (importlib) and look again, so
 `gandl_jax.load(workdir)` on a ConvAE checkpoint and `gandl-train` on a
-ConvAE config work without importing the baselines first.
+ConvAE config work without importing the baselines first, and nothing
+imports a family that no config or checkpoint names.
 """
 from __future__ import annotations
 
@@ -32,8 +39,8 @@ import importlib
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 GAN = "gan"
-# Packages whose import registers the families they define.
-PLUGIN_PACKAGES = ("gandl_jax.baselines",)
+# Family N is the package PLUGIN_PACKAGE.N (imported by `get` on first use).
+PLUGIN_PACKAGE = "gandl_jax.baselines"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +75,13 @@ def name(config_or_meta: Any) -> str:
 
 def get(family_name: str) -> Family:
   """The registered family `family_name` (not GAN: the core handles it)."""
-  if family_name not in _REGISTRY:
-    for package in PLUGIN_PACKAGES:
-      importlib.import_module(package)
+  if family_name not in _REGISTRY and family_name.isidentifier():
+    module = f"{PLUGIN_PACKAGE}.{family_name}"
+    try:
+      importlib.import_module(module)
+    except ModuleNotFoundError as e:
+      if e.name != module:    # the package exists but lacks a dependency
+        raise
   if family_name not in _REGISTRY:
     raise ValueError(f"unknown model family {family_name!r} (config.family "
                      f"or the checkpoint's meta['family']); known: "

@@ -325,17 +325,19 @@ def test_load_finds_the_family_by_name(reference):
   imports the baselines by name only when the checkpoint names the family."""
   code = ("import sys, gandl_jax\n"
           "from gandl_jax import checkpoint\n"
-          "assert 'gandl_jax.baselines' not in sys.modules\n"
+          "assert 'gandl_jax.baselines.convae' not in sys.modules\n"
           f"m = gandl_jax.load({reference!r})\n"
-          "assert 'gandl_jax.baselines' in sys.modules\n"
+          "assert 'gandl_jax.baselines.convae' in sys.modules\n"
           "print(type(m).__name__, m.bottleneck_dim, m.step)\n")
   proc = subprocess.run([sys.executable, "-c", code],
                         env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split()[-3:] == ["ConvAEModel", "16", "24"]
-  with pytest.raises(ValueError, match="unknown model family 'nope'.*'convae'"):
-    families.get("nope")
+  for name in ("nope", "no such"):
+    with pytest.raises(ValueError, match=f"unknown model family '{name}'.*"
+                       "'gan', 'convae'"):
+      families.get(name)
 
 
 def test_core_has_no_convae_branches():

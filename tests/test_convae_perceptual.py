@@ -1,4 +1,4 @@
-"""The ConvAE's optional ResNet-50 perceptual term (issue 14): the hook
+"""The ConvAE's optional ResNet-50 perceptual term: the hook
 resolves the weights once (none = off, random = seeded and labelled, a bad
 file is one line), the term is in the loss and its gradient, the ResNet stays
 out of the state and the checkpoints, and metrics.jsonl and the checkpoint

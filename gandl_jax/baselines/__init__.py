@@ -8,8 +8,8 @@ of shards and writes the embeddings layout of gandl-export
 one more set. Register a new method by adding an entry here.
 
 Also here: the ConvAE baseline (convae/, a model family trained and exported
-by the core's gandl-train / gandl-export; importing this package registers
-it, `gandl_jax.families`), the ResNet-50 of its perceptual loss
+by the core's gandl-train / gandl-export, which find it by name through
+`gandl_jax.families`), the ResNet-50 of its perceptual loss
 (resnet50.py), DenseNet-121 (densenet.py, collapsed.py) and the Keras
 weights they load (keras_weights.py).
 """
@@ -21,7 +21,6 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from gandl_jax.baselines import classical
-from gandl_jax.baselines import convae  # noqa: F401  (registers the family)
 
 
 @dataclasses.dataclass(frozen=True)

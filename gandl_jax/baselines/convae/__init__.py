@@ -18,9 +18,9 @@ From the command line: `gandl-train --config configs/convae_rxrx19a.py`,
 `gandl-export --workdir ...` (docs/baselines.md, "ConvAE").
 
 Importing this package registers the family with the core
-(`gandl_jax.families`): only the light config module is imported here; the
-trainer and the inference model are imported when first used, so the
-feature workers that import `gandl_jax.baselines` stay free of them.
+(`gandl_jax.families`, which imports it by the family's name when a config
+or checkpoint names 'convae'). Only the config module is imported here; the
+trainer and the inference model are imported when first used.
 """
 from gandl_jax import families
 from gandl_jax.baselines.convae import config as _config
