@@ -27,12 +27,12 @@ Add `,runlocal` for a few CPU steps of the full-size model (debugging).
 Loss: pixel L2; `--config.loss.perceptual_weight` > 0 with
 `--config.loss.perceptual_weights` (imagenet, a Keras weights file, or random
 for tests) adds the ImageNet ResNet-50 perceptual term
-(gandl_jax/model/convae.py `perceptual_loss`, model/resnet50.py).
+(gandl_jax/baselines/convae/model.py `perceptual_loss`,
+baselines/resnet50.py).
 """
 import ml_collections
 
-from gandl_jax import config as config_lib
-from gandl_jax.baselines import convae
+from gandl_jax.baselines.convae import config as convae_config
 
 # resolution -> (channel_base, batch)
 PRESETS = {
@@ -44,14 +44,14 @@ PRESETS = {
 def get_config(arg: str = "256") -> ml_collections.ConfigDict:
   args = [a for a in (arg or "256").split(",") if a]
   if args and args[0] == "demo":
-    return convae.demo_config()
+    return convae_config.demo_config()
   resolution = int(args[0]) if args and args[0].isdigit() else 256
   if resolution not in PRESETS:
     raise ValueError(f"resolution must be one of {sorted(PRESETS)} or "
                      f"'demo', got {args[0]!r}")
   channel_base, batch = PRESETS[resolution]
-  config = config_lib.convae_base_config()
-  config.model = config_lib.convae_model_config(
+  config = convae_config.base_config()
+  config.model = convae_config.model_config(
       resolution=resolution, channel_base=channel_base, bottleneck_dim=1024,
       conv_clamp=256.0)
   config.compute_dtype = "bfloat16"    # parameters and optimizer stay float32

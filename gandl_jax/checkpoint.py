@@ -10,8 +10,9 @@ Layout (shared by training and `gandl-import`):
                                       'source': str, ...}   (JsonSave)
   WORKDIR/checkpoints/<step>/train   optimizer states etc. (training only)
 
-The ConvAE baseline's steps (meta['family'] == 'convae') hold
-model = {'convae': {'params'}} instead of G, G_ema, D.
+A step of another model family (meta['family'], `gandl_jax.families`; the
+ConvAE baseline) holds that family's model item instead of G, G_ema, D,
+checked by the family's `check_model`.
 
 `restore_model` reads only `model` and `meta`, so it works on checkpoints
 written by training and by the importer alike, on any device topology (arrays
@@ -28,7 +29,7 @@ from absl import logging
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gandl_jax import config as config_lib
+from gandl_jax import families
 from gandl_jax import io as gio
 
 PathLike = Union[str, os.PathLike, epath.Path]
@@ -38,9 +39,6 @@ META_ITEM = "meta"
 TRAIN_ITEM = "train"
 CHECKPOINTS_SUBDIR = "checkpoints"
 MODEL_KEYS = ("G", "G_ema", "D")
-# The ConvAE baseline's checkpoints (meta['family'] == 'convae'; written by
-# gandl-train, train/convae.py) hold model = {CONVAE_MODEL_KEY: {'params'}}.
-CONVAE_MODEL_KEY = "convae"
 _READ_OPTIONS = ocp.CheckpointManagerOptions(create=False)
 # Training's representation probe (gandl_jax/train/probe.py) records its
 # result in a step's meta as meta[PROBE_META] = {'score', 'control_bacc',
@@ -61,20 +59,6 @@ def _path(p: PathLike) -> epath.Path:
 def checkpoint_dir(workdir: PathLike) -> epath.Path:
   """WORKDIR/checkpoints (local path or gs://...)."""
   return _path(workdir) / CHECKPOINTS_SUBDIR
-
-
-def family(meta: Mapping[str, Any]) -> str:
-  """The model family of a checkpoint's meta: 'gan' (written by gandl-train
-  on a GAN config, or gandl-import) or 'convae' (the ConvAE baseline)."""
-  return str(meta.get("family") or config_lib.FAMILY_GAN)
-
-
-def _check_convae_model(model: Mapping[str, Any]) -> None:
-  if set(model) != {CONVAE_MODEL_KEY} or "params" not in model[
-      CONVAE_MODEL_KEY]:
-    raise ValueError(f"a ConvAE checkpoint's model must be "
-                     f"{{{CONVAE_MODEL_KEY!r}: {{'params': ...}}}}, got keys "
-                     f"{sorted(model)}")
 
 
 def _check_model(model: Mapping[str, Any]) -> None:
@@ -165,10 +149,8 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int
       MODEL_ITEM: ocp.args.StandardRestore(target),
       META_ITEM: ocp.args.JsonRestore()}))
   model, meta = restored[MODEL_ITEM], restored[META_ITEM]
-  if family(meta) == config_lib.FAMILY_CONVAE:
-    _check_convae_model(model)
-  else:
-    _check_model(model)
+  plugin = families.plugin(meta)
+  (_check_model if plugin is None else plugin.check_model)(model)
   return model, dict(meta)
 
 

@@ -7,8 +7,9 @@ builder fills a checkpoint's model config with `model_config()`'s defaults
 (`full_model_config`), the input pipeline its data config likewise. Training-loop keys (`config.data.path`,
 `config.batch_size`, `config.total_kimg`, `config.checkpoint_every_kimg`,
 `config.seed`, `config.compute_dtype`) are part of the public interface.
-The ConvAE baseline's configs (`config.family = 'convae'`) have their own
-key set, `convae_base_config()`, validated and resumed by the same functions.
+Another model family's configs (`config.family`, e.g. 'convae' for the
+ConvAE baseline) have their own key set, defined by the family
+(`gandl_jax.families`) and validated and resumed by the same functions.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 import ml_collections
 from ml_collections import config_dict
 
+from gandl_jax import families
 from gandl_jax import sharding
 
 # `config.remat`: which G/D block activations gradients keep (the policies
@@ -86,78 +88,19 @@ def full_data_config(given: Any) -> Dict[str, Any]:
   return _filled(data_config(), given)
 
 
-# ---------------------------------------------------------------- ConvAE
-
-# `config.family`: which model a config trains. GAN configs have no such key
-# (they are the default); the convolutional-autoencoder baseline sets
-# FAMILY_CONVAE and has its own keys (`convae_base_config`).
-FAMILY_GAN = "gan"
-FAMILY_CONVAE = "convae"
-
-
-def family(config: Any) -> str:
-  """'gan' or 'convae' for a config (ConfigDict or dict)."""
-  return str(config.get("family") or FAMILY_GAN)
-
-
-def convae_model_config(**overrides) -> ml_collections.ConfigDict:
-  """The ConvAE baseline's architecture (gandl_jax/model/convae.py): the
-  GAN's feature maps per resolution, a 1024-d bottleneck."""
-  cfg = ml_collections.ConfigDict(dict(
-      resolution=256,
-      img_channels=5,
-      channel_base=16384,
-      channel_max=512,
-      bottleneck_dim=1024,        # the embedding
-      conv_clamp=config_dict.FieldReference(None, field_type=float),
-  ))
-  cfg.update(overrides)
-  return cfg
-
-
-def full_convae_model_config(given: Any) -> Dict[str, Any]:
-  """A ConvAE model config with every key of `convae_model_config()`."""
-  return _filled(convae_model_config(), given)
-
-
-def convae_base_config() -> ml_collections.ConfigDict:
-  """Every key of a ConvAE training run (gandl-train with `family` 'convae')
-  with its default: the GAN's data, schedule and checkpoint keys, Adam, and
-  the loss (pixel L2 plus `loss.perceptual_weight` times the perceptual
-  term named by `loss.perceptual_weights`, off by default)."""
-  config = ml_collections.ConfigDict()
-  config.family = FAMILY_CONVAE
-  config.model = convae_model_config()
-  config.compute_dtype = "float32"
-  config.seed = 0
-  config.data = data_config()
-  config.batch_size = 64
-  config.total_kimg = 2000.0
-  config.checkpoint_every_kimg = 50.0
-  config.keep_checkpoints = 3
-  config.keep_checkpoint_every_kimg = 1000.0
-  config.log_every_kimg = 4.0
-  config.image_grid_every_kimg = 100.0
-  config.image_grid_size = 8           # real / reconstruction pairs per side
-  config.optim = ml_collections.ConfigDict(dict(
-      lr=0.002, beta1=0.9, beta2=0.99, eps=1e-8))
-  config.loss = ml_collections.ConfigDict(dict(
-      perceptual_weight=0.0,           # 0: pixel L2 only
-      perceptual_weights="none",       # imagenet / file / random / none:
-                                       # model/convae.py `perceptual_loss`
-  ))
-  return config
+# ---------------------------------------------------------------- families
 
 
 def family_base_config(config: Any) -> ml_collections.ConfigDict:
   """The base config (every key and default) of `config`'s family."""
-  name = family(config)
-  if name == FAMILY_GAN:
-    return base_config()
-  if name == FAMILY_CONVAE:
-    return convae_base_config()
-  raise ValueError(f"config.family must be {FAMILY_GAN!r} (or absent) or "
-                   f"{FAMILY_CONVAE!r}, got {name!r}")
+  plugin = families.plugin(config)
+  return base_config() if plugin is None else plugin.base_config()
+
+
+def shape_keys(config: Any) -> Tuple[str, ...]:
+  """The keys of `config`'s family that change parameter shapes."""
+  plugin = families.plugin(config)
+  return SHAPE_KEYS if plugin is None else tuple(plugin.shape_keys)
 
 
 def pl_enabled(config: Any) -> bool:
@@ -172,7 +115,7 @@ def r1_enabled(config: Any) -> bool:
 
 def demo_schedule(config):
   """The demo's CPU-sized schedule, in place, for every model family (the
-  GAN demo and the ConvAE trained beside it see the same images): batch 16,
+  GAN demo and the baselines trained beside it see the same images): batch 16,
   2 kimg, checkpoints every 0.5 kimg (every 1 kimg kept), log every 0.128,
   grids every 0.5, shuffle buffer 512. Returns `config`."""
   config.batch_size = 16
@@ -259,8 +202,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   errors = [f"unknown key 'config.{k}'" for k in sorted(given - known)]
   errors += [f"missing key 'config.{k}'" for k in sorted(known - given)]
   _fail(errors)
-  if family(config) == FAMILY_CONVAE:
-    _validate_convae(config, num_devices, num_hosts)
+  plugin = families.plugin(config)
+  if plugin is not None:
+    _fail(plugin.validate(config, num_devices, num_hosts))
     return
   model, loss = config.model, config.loss
   try:
@@ -305,44 +249,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _fail(errors)
 
 
-def _validate_convae(config: ml_collections.ConfigDict, num_devices: int,
-                     num_hosts: int) -> None:
-  errors = []
-  try:
-    check_resolution(int(config.model.resolution))
-  except ValueError as e:
-    errors.append(f"config.model.resolution: {e}")
-  if config.compute_dtype not in ("float32", "bfloat16"):
-    errors.append(f"config.compute_dtype must be 'float32' or 'bfloat16', got "
-                  f"{config.compute_dtype!r}")
-  if int(config.model.bottleneck_dim) < 1:
-    errors.append(f"config.model.bottleneck_dim must be >= 1, got "
-                  f"{config.model.bottleneck_dim}")
-  try:
-    sharding.check_batch(int(config.batch_size), num_devices, num_hosts, 1,
-                         name="config.batch_size")
-  except ValueError as e:
-    errors.append(str(e))
-  for key in ("total_kimg", "checkpoint_every_kimg", "log_every_kimg",
-              "image_grid_every_kimg"):
-    if not config[key] > 0:
-      errors.append(f"config.{key} must be > 0, got {config[key]}")
-  if not config.optim.lr > 0:
-    errors.append(f"config.optim.lr must be > 0, got {config.optim.lr}")
-  if not config.loss.perceptual_weight >= 0:
-    errors.append(f"config.loss.perceptual_weight must be >= 0, got "
-                  f"{config.loss.perceptual_weight}")
-  _fail(errors)
-
-
 # ------------------------------------------------------------------ resume
 
-# Keys that change parameter shapes: a checkpoint cannot continue under
-# another value (start a new workdir instead).
+# The GAN's keys that change parameter shapes: a checkpoint cannot continue
+# under another value (start a new workdir instead); other families name
+# theirs (`shape_keys`).
 SHAPE_KEYS = ("model.resolution", "model.img_channels", "model.z_dim",
               "model.w_dim", "model.mapping_layers", "model.channel_base",
-              "model.channel_max", "model.mbstd_num_channels",
-              "model.bottleneck_dim")
+              "model.channel_max", "model.mbstd_num_channels")
 # Keys that change neither parameters nor values, only memory and speed: a
 # resume may change them freely (the change is logged).
 FREE_KEYS = ("remat",)
@@ -385,7 +299,7 @@ def check_resume(stored: Any, new: Any, allow: Sequence[str] = (),
 
   Raises ValueError with the full diff unless every changed key is named in
   `allow` (a key, or a section such as 'optim' for all its keys); keys in
-  `SHAPE_KEYS` can never change. Returns the (allowed) changes.
+  `shape_keys(new)` can never change. Returns the (allowed) changes.
   """
   allow = [a.strip() for a in allow if a and a.strip()]
   known = set(flatten(family_base_config(new)))
@@ -394,14 +308,15 @@ def check_resume(stored: Any, new: Any, allow: Sequence[str] = (),
   if unknown:
     raise ValueError(f"allowed config change(s) {unknown}: no such config key "
                      f"(expected dotted keys such as total_kimg or optim.g_lr)")
-  if family(stored) != family(new):
-    raise ValueError(f"{where} belongs to a {family(stored)!r} run but the "
-                     f"config trains a {family(new)!r} model: use a new "
-                     f"workdir")
+  if families.name(stored) != families.name(new):
+    raise ValueError(f"{where} belongs to a {families.name(stored)!r} run but "
+                     f"the config trains a {families.name(new)!r} model: use "
+                     f"a new workdir")
   diff = config_diff(stored, new)
   allowed = lambda k: any(k == a or k.startswith(a + ".") for a in allow)
-  shape = [d for d in diff if d[0] in SHAPE_KEYS]
-  refused = [d for d in diff if d[0] not in SHAPE_KEYS + FREE_KEYS
+  fixed = shape_keys(new)
+  shape = [d for d in diff if d[0] in fixed]
+  refused = [d for d in diff if d[0] not in fixed + FREE_KEYS
              and not allowed(d[0])]
   if shape or refused:
     lines = [f"  {k}: {old!r} -> {cur!r}" for k, old, cur in diff]

@@ -209,7 +209,14 @@ def test_cli(tree, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   df = pd.read_csv(out)
   assert df.columns[0] == "site_id" and df.columns[1] == "f0000"
-  assert len(df) > 0
+  # Exactly the sites the filter selects, counted from the raw metadata.
+  md = pd.read_csv(os.path.join(tree["src"], "metadata.csv"), dtype=str,
+                   keep_default_na=False)
+  active = md[md.disease_condition == "Active SARS-CoV-2"]
+  assert 0 < len(active) < len(md)
+  assert len(df) == len(active)
+  assert sorted(df["site_id"]) == sorted(active["site_id"])
+  assert df.shape[1] == 1 + len(classical.feature_names(5))
   r = subprocess.run(argv[:6] + [str(tmp_path / "missing")] + argv[7:-2],
                      capture_output=True, text=True, check=False, timeout=600)
   assert r.returncode == 1, r.stderr[-2000:]

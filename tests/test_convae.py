@@ -1,7 +1,8 @@
-"""The ConvAE baseline (issue 14): model shapes, the loss against numpy,
+"""The ConvAE baseline: model shapes, the loss against numpy,
 training through gandl-train's loop (the loss falls; resume and kill -9 after
 a checkpoint give the uninterrupted run's parameters), the bottleneck export
-and its errors."""
+and its errors; the family plugs into the core through
+`gandl_jax.families` alone."""
 import json
 import os
 import signal
@@ -18,14 +19,17 @@ import pytest
 import tiny
 from gandl_jax import checkpoint
 from gandl_jax import config as config_lib
+from gandl_jax import families
 from gandl_jax import images as image_lib
 from gandl_jax import sharding
-from gandl_jax.baselines import convae as convae_api
+from gandl_jax.baselines.convae import config as convae_config
+from gandl_jax.baselines.convae import inference as convae_inference
+from gandl_jax.baselines.convae import model as convae
+from gandl_jax.baselines.convae import train as convae_train
 from gandl_jax.data import convert, pipeline, synthetic
 from gandl_jax.evaluate import io as emb_io
-from gandl_jax.inference import api, samples
-from gandl_jax.model import convae, networks
-from gandl_jax.train import convae as convae_train
+from gandl_jax.inference import api, export, samples
+from gandl_jax.model import networks
 from gandl_jax.train import loop as train_loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,8 +55,8 @@ def _params(workdir, step=None):
 
 
 def test_shapes_and_residual_blocks(resolution=16):
-  cfg = config_lib.convae_model_config(resolution=resolution, channel_base=64,
-                                       channel_max=16, bottleneck_dim=12)
+  cfg = convae_config.model_config(resolution=resolution, channel_base=64,
+                                   channel_max=16, bottleneck_dim=12)
   ae = convae.build(cfg)
   params = convae.init(jax.random.PRNGKey(0), ae)["params"]
   x = jax.random.uniform(jax.random.PRNGKey(1), (3, resolution, resolution,
@@ -98,7 +102,7 @@ def _config(path):
 def reference(shards, tmp_path_factory):
   """An uninterrupted run of `_config` (through the Python API)."""
   workdir = str(tmp_path_factory.mktemp("convae") / "ref")
-  s = convae_api.train(_config(shards), workdir, mesh=_mesh())
+  s = convae_train.train(_config(shards), workdir, mesh=_mesh())
   assert s["step"] == 24 and s["reason"] == "finished"
   return workdir
 
@@ -143,7 +147,8 @@ _KILL_DRIVER = r"""
 import os, signal, sys
 import jax
 nth = int(os.environ["FAULT_AT"])
-from gandl_jax.train import checkpointer, convae
+from gandl_jax.train import checkpointer
+from gandl_jax.baselines.convae import train as convae
 save = checkpointer.TrainCheckpointer.save
 def waited_save(self, *args, **kwargs):
   out = save(self, *args, **kwargs)
@@ -194,7 +199,8 @@ def test_killed_after_checkpoint_resumes_to_uninterrupted(shards, reference,
 
 def test_export_equals_encoder_on_the_same_images(shards, reference, tmp_path):
   out = str(tmp_path / "convae.parquet")
-  summary = convae_api.export(reference, shards, out, batch=16, mesh=_mesh())
+  summary = export.export_embeddings(reference, shards, out, batch=16,
+                                     mesh=_mesh())
   assert (summary.num_sites, summary.feature_dim) == (NUM_SITES, 16)
   assert summary.layer == "bottleneck" and summary.step == 24
   table = pq.read_table(out)
@@ -220,7 +226,7 @@ def test_export_equals_encoder_on_the_same_images(shards, reference, tmp_path):
   np.testing.assert_allclose(feats, np.asarray(want), rtol=1e-5, atol=1e-5)
   # gandl_jax.load gives the ConvAE model; its embed is the same.
   loaded = api.load(reference)
-  assert isinstance(loaded, api.ConvAEModel)
+  assert isinstance(loaded, convae_inference.ConvAEModel)
   np.testing.assert_allclose(loaded.embed(images[:5]), feats[:5], rtol=1e-5,
                              atol=1e-5)
   assert loaded.reconstruct(images[:5]).shape == images[:5].shape
@@ -305,10 +311,56 @@ def test_named_configs_validate():
                         ("256,runlocal", 256, 1024), ("demo", 32, 128)):
     config = mod.get_config(arg)
     config_lib.validate(config)
-    assert config_lib.family(config) == "convae"
+    assert families.name(config) == "convae"
     assert (config.model.resolution, config.model.bottleneck_dim) == (res, dim)
-  assert convae_api.demo_config("x", resolution=8).model.resolution == 8
+  assert convae_config.demo_config("x", resolution=8).model.resolution == 8
   with pytest.raises(ValueError, match="resolution must be one of"):
     mod.get_config("128")
   with pytest.raises(ValueError, match="not a ConvAE config"):
-    convae_api.train(tiny.tiny_config(""), "/nonexistent")
+    convae_train.train(tiny.tiny_config(""), "/nonexistent")
+
+
+def test_load_finds_the_family_by_name(reference):
+  """`gandl_jax.load` on a ConvAE workdir from a fresh interpreter: the core
+  imports the baselines by name only when the checkpoint names the family."""
+  code = ("import sys, gandl_jax\n"
+          "from gandl_jax import checkpoint\n"
+          "assert 'gandl_jax.baselines.convae' not in sys.modules\n"
+          f"m = gandl_jax.load({reference!r})\n"
+          "assert 'gandl_jax.baselines.convae' in sys.modules\n"
+          "print(type(m).__name__, m.bottleneck_dim, m.step)\n")
+  proc = subprocess.run([sys.executable, "-c", code],
+                        env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split()[-3:] == ["ConvAEModel", "16", "24"]
+  for name in ("nope", "no such"):
+    with pytest.raises(ValueError, match=f"unknown model family '{name}'.*"
+                       "'gan', 'convae'"):
+      families.get(name)
+
+
+def test_core_has_no_convae_branches():
+  """The core reaches the ConvAE only through `gandl_jax.families`: no name,
+  attribute or string (docstrings aside) of the core code mentions it."""
+  import ast  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  package = pathlib.Path(REPO) / "gandl_jax"
+  core = [package / f for f in ("checkpoint.py", "config.py", "families.py")]
+  core += sorted((package / "train").glob("*.py"))
+  core += sorted((package / "inference").glob("*.py"))
+  found = []
+  for path in core:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                  and n.body and isinstance(n.body[0], ast.Expr)}
+    for node in ast.walk(tree):
+      text = (node.id if isinstance(node, ast.Name) else
+              node.attr if isinstance(node, ast.Attribute) else
+              node.value if isinstance(node, ast.Constant) and isinstance(
+                  node.value, str) and id(node) not in docstrings else "")
+      if "convae" in text.lower():
+        found.append(f"{path.relative_to(package)}:{node.lineno}: {text!r}")
+  assert not found, found
+  assert len(core) >= 10

@@ -1,4 +1,4 @@
-"""The ConvAE's optional ResNet-50 perceptual term (issue 14): the hook
+"""The ConvAE's optional ResNet-50 perceptual term: the hook
 resolves the weights once (none = off, random = seeded and labelled, a bad
 file is one line), the term is in the loss and its gradient, the ResNet stays
 out of the state and the checkpoints, and metrics.jsonl and the checkpoint
@@ -13,7 +13,9 @@ import pytest
 import tiny
 from gandl_jax import checkpoint, sharding
 from gandl_jax.data import convert, synthetic
-from gandl_jax.model import convae, resnet50
+from gandl_jax.baselines import resnet50
+from gandl_jax.baselines.convae import config as convae_config
+from gandl_jax.baselines.convae import model as convae
 from gandl_jax.train import loop as train_loop
 
 RES = 32
@@ -84,7 +86,7 @@ def test_perceptual_term_trains_and_is_recorded(shards, tmp_path):
   assert "not ImageNet" in meta["perceptual"]["label"]
   assert meta["perceptual"]["layers"] == list(resnet50.PERCEPTUAL_LAYERS)
   # The ResNet is not in the checkpoint (nor in the state it restores).
-  assert list(model) == [convae.MODEL_KEY]
+  assert list(model) == [convae_config.MODEL_KEY]
   shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(model)}
   assert (7, 7, 3, 64) not in shapes
   ckpt_files = [f for _, _, fs in os.walk(workdir / "checkpoints") for f in fs]

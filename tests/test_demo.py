@@ -6,7 +6,7 @@ import os
 
 import jax
 
-from gandl_jax import demo
+from gandl_jax.cli import demo
 from gandl_jax import sharding
 from tiny import tiny_config
 
@@ -106,7 +106,7 @@ def test_baseline_sets_densenet(tmp_path, monkeypatch):
 
 
 def test_preempted_training_is_not_marked_done(tmp_path, monkeypatch):
-  """Item 9: SIGTERM during training stops the demo after saving; the train
+  """SIGTERM during training stops the demo after saving; the train
   stage is not marked done, and the SIGTERM handler is put back."""
   import signal  # pylint: disable=import-outside-toplevel
   from gandl_jax.train import checkpointer  # pylint: disable=import-outside-toplevel

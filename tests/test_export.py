@@ -280,7 +280,7 @@ def test_cli(env, tmp_path):
     assert e.value.code == 0
     df = pd.read_csv(out)
     assert len(df) == 256 and df.columns[1] == "f0000"
-    # An existing output is refused (issue 11, item 15), and kept...
+    # An existing output is refused, and kept...
     before = out.read_bytes()
     os.utime(out, (0, 0))
     flags.FLAGS.unparse_flags()
@@ -319,7 +319,7 @@ def test_cli(env, tmp_path):
 
 
 def test_existing_output_refused_unless_overwrite(env, tmp_path):
-  """Issue 11, item 15: gandl-export never replaces a file silently."""
+  """gandl-export never replaces a file silently."""
   out = tmp_path / "emb.parquet"
   out.write_bytes(b"an earlier export")
   with pytest.raises(FileExistsError, match="--overwrite"):
@@ -329,7 +329,7 @@ def test_existing_output_refused_unless_overwrite(env, tmp_path):
 
 
 def test_checkpoint_fallback_is_explicit(env, tmp_path):
-  """Issue 11, item 15: an unreadable latest checkpoint is refused unless
+  """An unreadable latest checkpoint is refused unless
   --step or --allow_fallback; the step used is in summary and metadata."""
   wd = tmp_path / "run"
   d = checkpoint.checkpoint_dir(wd)
@@ -359,7 +359,7 @@ def test_checkpoint_fallback_is_explicit(env, tmp_path):
 
 
 def test_shards_of_other_channels_refused(env, tmp_path):
-  """Issue 11, item 15: RxRx1 shards converted with other channels than the
+  """RxRx1 shards converted with other channels than the
   model was trained on (same count) are refused, naming both."""
   src = synthetic.generate(str(tmp_path / "rx1"), dataset="rxrx1", size=RES,
                            plates=1, wells_per_plate=6, workers=1)

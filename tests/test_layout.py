@@ -7,10 +7,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "gandl_jax"
 # its own layer or lower ones, and train/inference not from each other.
 LAYERS = {
     "schema": 0, "config": 0, "sharding": 0, "io": 0, "images": 0,
-    "progress": 0, "embeddings": 1, "checkpoint": 1,
+    "progress": 0, "families": 0, "embeddings": 1, "checkpoint": 1,
     "model": 2, "data": 3,
     "evaluate": 3, "train": 4, "inference": 4, "interop": 4, "baselines": 4,
-    "demo": 5,
     "cli": 5,
 }
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gandl_jax.model import keras_weights, resnet50
+from gandl_jax.baselines import keras_weights, resnet50
 
 RES = 32
 

@@ -4,6 +4,7 @@ import importlib.util
 import os
 
 from gandl_jax import config as config_lib
+from gandl_jax.baselines.convae import config as convae_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,8 +64,8 @@ def tiny_config(path: str = "", **overrides):
 def tiny_convae_config(path: str = "", **overrides):
   """The ConvAE baseline at the same size: 8x8, 16 feature maps, a 16-d
   bottleneck; batch 8, 4 iterations, checkpoints every 2, logs every 1."""
-  config = config_lib.convae_base_config()
-  config.model = config_lib.convae_model_config(
+  config = convae_config.base_config()
+  config.model = convae_config.model_config(
       resolution=8, channel_base=64, channel_max=16, bottleneck_dim=16)
   _tiny_run(config, path)
   return override(config, overrides)

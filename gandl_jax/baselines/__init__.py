@@ -6,6 +6,12 @@ features. `gandl-features --method NAME` computes it for every site of a set
 of shards and writes the embeddings layout of gandl-export
 (`gandl_jax.baselines.run.compute_embeddings`), so gandl-evaluate takes it as
 one more set. Register a new method by adding an entry here.
+
+Also here: the ConvAE baseline (convae/, a model family trained and exported
+by the core's gandl-train / gandl-export, which find it by name through
+`gandl_jax.families`), the ResNet-50 of its perceptual loss
+(resnet50.py), DenseNet-121 (densenet.py, collapsed.py) and the Keras
+weights they load (keras_weights.py).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ by layer name; the tests check the features against Keras' own
 runs data-parallel on the same TPUs/GPUs as `gandl-export`, and on a CPU it is
 about as fast as Keras (docs/baselines.md, `tools/bench_baselines.py`).
 
-Weights (`load_backbone`; the machinery is `gandl_jax.model.keras_weights`,
+Weights (`load_backbone`; the machinery is `gandl_jax.baselines.keras_weights`,
 shared with the ResNet-50 port):
 
 * `imagenet`: Keras' ImageNet weights (`densenet121_weights_tf_dim_ordering_
@@ -44,7 +44,7 @@ from absl import logging
 from jax import lax
 
 from gandl_jax import io as gio
-from gandl_jax.model import keras_weights
+from gandl_jax.baselines import keras_weights
 
 BLOCKS: Tuple[int, ...] = (6, 12, 24, 16)   # DenseNet-121's dense blocks
 FEATURE_DIM = 1024                           # channels of the last block
@@ -172,7 +172,7 @@ def concat_features(params: Params, images, image_size: Optional[int] = None,
 
 ARCH = keras_weights.Architecture("DenseNet-121", "DenseNet121", IMAGENET_URL)
 # The weights machinery is shared with the ResNet-50 port
-# (gandl_jax/model/keras_weights.py); these names are its DenseNet-121 face.
+# (gandl_jax/baselines/keras_weights.py); these names are its DenseNet-121 face.
 Backbone = keras_weights.Backbone
 params_from_keras = keras_weights.params_from_keras
 _keras = keras_weights.keras

@@ -27,9 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gandl_jax import checkpoint
+from gandl_jax import families
 from gandl_jax import images as image_lib
-from gandl_jax import config as config_lib
-from gandl_jax.model import convae as convae_lib
 from gandl_jax.model import networks
 
 NOISE_MODES = networks.NOISE_MODES
@@ -197,90 +196,15 @@ class Model:
     return feats.reshape(len(feats), -1)
 
 
-class ConvAEModel:
-  """A trained ConvAE baseline (configs/convae_rxrx19a.py) with batched,
-  jitted inference: `embed` (the bottleneck, its embedding) and
-  `reconstruct`.
-
-  Attributes: `config` (model config dict), `step`, `kimg`, `meta`,
-  `resolution`, `img_channels`, `bottleneck_dim`, `embedding_layers`
-  (('bottleneck',)), `variables` ({'params': ...}), `ae` (the Flax module).
-  A site's outputs depend on that site alone (no minibatch statistics).
-  """
-
-  def __init__(self, variables: Mapping[str, Any], meta: Mapping[str, Any],
-               compute_dtype: str = "float32", batch_size: int = 64):
-    if "model" not in meta:
-      raise ValueError("meta must hold the model config under 'model'")
-    if checkpoint.CONVAE_MODEL_KEY not in variables:
-      raise ValueError(f"model variables lack "
-                       f"{checkpoint.CONVAE_MODEL_KEY!r} (have "
-                       f"{sorted(variables)})")
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    self.meta = dict(meta)
-    self.config: Dict[str, Any] = config_lib.full_convae_model_config(
-        meta["model"])
-    self.step = int(meta.get("step", 0))
-    self.kimg = float(meta.get("kimg", 0.0))
-    self.ae = convae_lib.build(self.config, compute_dtype)
-    self.resolution = int(self.config["resolution"])
-    self.img_channels = int(self.config["img_channels"])
-    self.bottleneck_dim = int(self.config["bottleneck_dim"])
-    self.embedding_layers = convae_lib.EMBEDDING_LAYERS
-    self.batch_size = int(batch_size)
-    self.variables = jax.device_put(
-        {"params": variables[checkpoint.CONVAE_MODEL_KEY]["params"]},
-        jax.local_devices()[0])
-    ae = self.ae
-    self._encode = jax.jit(lambda v, x: ae.apply(
-        v, image_lib.to_float(x), method=ae.encode).astype(jnp.float32))
-    self._recon = jax.jit(lambda v, x: ae.apply(v, image_lib.to_float(x))[0])
-
-  def __repr__(self) -> str:
-    c = self.config
-    return (f"ConvAEModel(resolution={c['resolution']}, img_channels="
-            f"{c['img_channels']}, bottleneck_dim={c['bottleneck_dim']}, "
-            f"step={self.step}, kimg={self.kimg:g})")
-
-  _check_images = Model._check_images
-
-  def _batched(self, fn, images: Any) -> np.ndarray:
-    images = self._check_images(images)
-    bs, out = self.batch_size, []
-    for i in range(0, len(images), bs):
-      chunk = images[i:i + bs]
-      m = len(chunk)
-      if m < bs and len(images) > bs:   # keep one compiled shape
-        chunk = np.concatenate([chunk, np.zeros((bs - m,) + chunk.shape[1:],
-                                                np.uint8)])
-      out.append(np.asarray(fn(self.variables, jnp.asarray(chunk)),
-                            np.float32)[:m])
-    return np.concatenate(out)
-
-  def embed(self, images: np.ndarray,
-            layer: str = convae_lib.BOTTLENECK) -> np.ndarray:
-    """float32 (N, bottleneck_dim) embeddings of uint8 NHWC images."""
-    convae_lib.check_embedding_layer(layer)
-    return self._batched(self._encode, images)
-
-  def reconstruct_float(self, images: np.ndarray) -> np.ndarray:
-    """float32 reconstructions in the network's [-1, 1] range."""
-    return self._batched(self._recon, images)
-
-  def reconstruct(self, images: np.ndarray) -> np.ndarray:
-    """uint8 NHWC reconstructions of uint8 NHWC images."""
-    return image_lib.to_uint8(self.reconstruct_float(images))
-
-
 def load(checkpoint_dir_or_path: Union[str, Any],
          step: Union[None, int, str] = None,
          compute_dtype: str = "float32", batch_size: int = 64,
-         allow_fallback: bool = False) -> Union[Model, ConvAEModel]:
+         allow_fallback: bool = False) -> Any:
   """Loads a model from a workdir, its checkpoints/ dir or a step dir.
 
-  A ConvAE baseline's checkpoint (meta 'family': 'convae') gives a
-  `ConvAEModel`, any other a GAN `Model`.
+  A GAN checkpoint gives a `Model`; another family's (meta 'family', e.g.
+  the ConvAE baseline's) the model of that family's `load`
+  (`gandl_jax.families`; `baselines.convae.inference.ConvAEModel`).
 
   The latest step unless `step` is given ('best': the step with the best
   representation-probe score recorded during training). Works on
@@ -291,8 +215,6 @@ def load(checkpoint_dir_or_path: Union[str, Any],
   """
   variables, meta = checkpoint.restore_model(checkpoint_dir_or_path, step,
                                              allow_fallback=allow_fallback)
-  if checkpoint.family(meta) == config_lib.FAMILY_CONVAE:
-    return ConvAEModel(variables, meta, compute_dtype=compute_dtype,
-                       batch_size=batch_size)
-  return Model(variables, meta, compute_dtype=compute_dtype,
-               batch_size=batch_size)
+  plugin = families.plugin(meta)
+  return (Model if plugin is None else plugin.load)(
+      variables, meta, compute_dtype=compute_dtype, batch_size=batch_size)

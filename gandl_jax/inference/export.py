@@ -23,10 +23,11 @@ batch as `Model.embed` does), so the output is a deterministic function of
 checkpoint, shards, filter, B and the number of hosts, independent of the
 number of devices per host.
 
-ConvAE baseline (configs/convae_rxrx19a.py): a checkpoint whose meta says
-'family': 'convae' loads as `api.ConvAEModel`; its encoder's bottleneck
-(layer 'bottleneck') is exported by `export_convae` through the same
-`write_features`, in the same layout (`gandl.family` = 'convae').
+Other model families (the ConvAE baseline, configs/convae_rxrx19a.py): a
+checkpoint whose meta names a family loads as that family's model, whose
+`Embedding` (`gandl_jax.families`: the encoder's bottleneck for the ConvAE)
+goes through the same `export_model` and `write_features`, in the same
+layout (`gandl.family` names the family).
 
 Several hosts: each host writes its rows to `OUTPUT.part-{process_index}`;
 after a barrier process 0 merges them in global order into OUTPUT and removes
@@ -47,9 +48,9 @@ from absl import logging
 
 from gandl_jax.data import pipeline
 from gandl_jax import embeddings
+from gandl_jax import families
 from gandl_jax.inference import api
 from gandl_jax import io as gio
-from gandl_jax.model import convae
 from gandl_jax.model import embed as embed_lib
 from gandl_jax.model import networks
 from gandl_jax import progress as progress_lib
@@ -77,7 +78,7 @@ META_FEATURE_DIM = "gandl.feature_dim"
 META_COMPUTE_DTYPE = "gandl.compute_dtype"
 META_NUM_HOSTS = "gandl.num_hosts"
 META_FALLBACK = "gandl.checkpoint_fallback"
-META_FAMILY = "gandl.family"       # 'convae' for the ConvAE baseline only
+META_FAMILY = "gandl.family"       # absent for a GAN
 
 
 
@@ -207,134 +208,104 @@ def check_channels(model: api.Model, info: Dict[str, Any], data: str,
         f"{','.join(str(c.get('name') or c.get('index')) for c in want)}")
 
 
-def default_layer(model: Union[api.Model, api.ConvAEModel]) -> str:
-  """'fc' (GAN-DL's embedding) for a GAN, 'bottleneck' for a ConvAE."""
-  if isinstance(model, api.ConvAEModel):
-    return convae.BOTTLENECK
-  return "fc"
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+  """What a model family exports (`export_model`): `layer` (recorded as
+  `gandl.layer`); `group`: the global batch must be a multiple of
+  min(group, batch) (D's minibatch-stddev groups; 1 where a site's row
+  depends on that site alone); `make_fn(mesh)` -> `fn(images) -> features`,
+  data-parallel on the mesh as `write_features` wants it; `metadata`: the
+  family's own Parquet metadata keys (`gandl.*`)."""
+  layer: str
+  group: int
+  make_fn: Callable[[Any], Callable[[Any], Any]]
+  metadata: Dict[str, Any]
 
 
-def export_convae(model: api.ConvAEModel, data: str, output: str, *,
-                  layer: Optional[str] = None, batch: int = DEFAULT_BATCH,
-                  fmt: Optional[str] = None,
-                  filter: Optional[str] = None,  # pylint: disable=redefined-builtin
-                  mesh: Optional[Any] = None, checkpoint: str = "",
-                  progress_every_s: float = 30.0,
-                  compute_dtype: str = "float32",
-                  batches: Optional[Iterable[Dict[str, Any]]] = None
-                  ) -> ExportSummary:
-  """`export_model` for a ConvAE baseline: its bottleneck for every site of
-  `data`, encoder data-parallel on `mesh`, written by `write_features` in
-  gandl-export's layout (`gandl.layer` 'bottleneck', `gandl.family`
-  'convae'). A site's row depends on that site alone, so `batch` changes
-  speed, not results."""
-  layer = layer or convae.BOTTLENECK
-  convae.check_embedding_layer(layer)
-  fmt = embeddings.output_format(output, fmt)
-  mesh = sharding.make_mesh() if mesh is None else mesh
-  n_dev, n_hosts = int(mesh.devices.size), jax.process_count()
-  sharding.check_batch(batch, n_dev, n_hosts, 1, name="batch")
-  info = pipeline.read_dataset_info(data)
-  pipeline.check_dataset(info, data, model.resolution, model.img_channels,
-                         against=checkpoint or "the checkpoint")
-  check_channels(model, info, data, against=checkpoint or "the checkpoint")
-  jitted = embed_lib.data_parallel_bottleneck(model.ae, mesh)
-  variables = sharding.replicate(model.variables, mesh)
-  embed = lambda images: jitted(variables, images)  # noqa: E731
-  fallback = model.meta.get("fallback")
-  file_metadata = {
-      META_LAYER: layer, META_FAMILY: "convae", META_STEP: model.step,
-      META_KIMG: model.kimg, META_CHECKPOINT: checkpoint,
-      META_MODEL_CONFIG: json.dumps(model.config, sort_keys=True),
-      META_SOURCE: data, META_DATASET: info.get("dataset") or "",
-      META_FILTER: filter or "", META_BATCH: batch,
-      META_COMPUTE_DTYPE: compute_dtype, META_NUM_HOSTS: n_hosts,
-      **({META_FALLBACK: json.dumps(fallback)} if fallback else {}),
-      META_BATCHING: (f"batches of {batch} sites in shard order; a site's "
-                      f"row depends on that site alone"),
-  }
-  written = write_features(embed, data, output, batch=batch, fmt=fmt,
-                           mesh=mesh, file_metadata=file_metadata,
-                           filter=filter, dataset=info.get("dataset"),
-                           progress_every_s=progress_every_s,
-                           batches=batches)
-  return ExportSummary(output=str(output), format=fmt,
-                       num_sites=written.num_sites,
-                       feature_dim=written.feature_dim, layer=layer,
-                       step=model.step, batch_size=batch,
-                       num_batches=written.num_batches,
-                       seconds=written.seconds,
-                       fallback_from_step=(fallback or {}).get("latest_step"))
+def gan_embedding(model: api.Model, layer: Optional[str], batch: int,
+                  num_hosts: int) -> Embedding:
+  """D's `layer` features (default 'fc', GAN-DL's embedding), in fixed
+  batches whose minibatch-stddev groups are part of the result."""
+  layer = layer or "fc"
+  networks.check_embedding_layer(layer, model.resolution)
+  group = int(model.config["mbstd_group_size"] or 1)
+  g = min(group, batch)
+  return Embedding(
+      layer=layer, group=group,
+      make_fn=lambda mesh: sharded_embed_fn(model, mesh, layer),
+      metadata={
+          META_MBSTD_GROUP: g,
+          META_MBSTD_CHANNELS: int(model.config["mbstd_num_channels"]),
+          META_BATCHING: (
+              f"fixed batches of {batch} sites: {batch // num_hosts} "
+              f"consecutive sites in shard order from each of {num_hosts} "
+              f"host(s), the last padded; minibatch-stddev groups of {g} "
+              f"strided over the whole batch (sample i in group i mod "
+              f"{batch // g}), as Model.embed with batch_size={batch}")})
 
 
-def export_model(model: api.Model, data: str, output: str, *,
-                 layer: str = "fc", batch: int = DEFAULT_BATCH,
+def model_embedding(model: Any, layer: Optional[str], batch: int,
+                    num_hosts: int) -> Embedding:
+  """The `Embedding` of a loaded model: `gan_embedding`, or its family's
+  `embedding` (`gandl_jax.families`)."""
+  plugin = families.plugin(model.meta)
+  build = gan_embedding if plugin is None else plugin.embedding
+  return build(model, layer, batch, num_hosts)
+
+
+def export_model(model: Any, data: str, output: str, *,
+                 layer: Optional[str] = None, batch: int = DEFAULT_BATCH,
                  fmt: Optional[str] = None, filter: Optional[str] = None,  # pylint: disable=redefined-builtin
                  mesh: Optional[Any] = None, checkpoint: str = "",
                  progress_every_s: float = 30.0, compute_dtype: str = "float32",
                  batches: Optional[Iterable[Dict[str, Any]]] = None
                  ) -> ExportSummary:
-  """Writes `model`'s `layer` features for every site of `data` to `output`.
+  """Writes `model`'s `layer` features for every site of `data` to `output`:
+  the one export path of every model family (`model_embedding`).
 
   Args:
-    model: a `gandl_jax.load`ed model.
+    model: a `gandl_jax.load`ed model (a GAN `Model` or another family's).
     data: shard directory / glob (as for training), local or gs://.
     output: the embeddings file (.parquet, or .csv with fmt="csv").
-    layer: one of `model.embedding_layers`.
-    batch: global batch (all devices and hosts); fixes the minibatch-stddev
-      groups, so it is part of the result's definition.
+    layer: one of `model.embedding_layers` (default: the family's embedding,
+      'fc' for a GAN, 'bottleneck' for the ConvAE).
+    batch: global batch (all devices and hosts); for a GAN it fixes the
+      minibatch-stddev groups, so it is part of the result's definition.
     fmt: "parquet" or "csv" (default from the file name).
     filter: metadata filter expression of the input pipeline.
     mesh: default all devices (`sharding.make_mesh()`).
     checkpoint: recorded in the file metadata.
     compute_dtype: the dtype `model` was loaded with (recorded).
     batches: eval batches to use instead of `pipeline.eval_batches` (tests).
-
-  A `ConvAEModel` (the ConvAE baseline) goes to `export_convae`.
   """
-  if isinstance(model, api.ConvAEModel):
-    return export_convae(
-        model, data, output, layer=layer, batch=batch, fmt=fmt, filter=filter,
-        mesh=mesh, checkpoint=checkpoint, progress_every_s=progress_every_s,
-        compute_dtype=compute_dtype, batches=batches)
   fmt = embeddings.output_format(output, fmt)
-  networks.check_embedding_layer(layer, model.resolution)
   mesh = sharding.make_mesh() if mesh is None else mesh
   n_dev, n_hosts = int(mesh.devices.size), jax.process_count()
-  group = int(model.config["mbstd_group_size"] or 1)
-  sharding.check_batch(batch, n_dev, n_hosts, group, name="batch")
+  emb = model_embedding(model, layer, batch, n_hosts)
+  sharding.check_batch(batch, n_dev, n_hosts, emb.group, name="batch")
   info = pipeline.read_dataset_info(data)
   pipeline.check_dataset(info, data, model.resolution, model.img_channels,
                          against=checkpoint or "the checkpoint")
   check_channels(model, info, data, against=checkpoint or "the checkpoint")
-  embed = sharded_embed_fn(model, mesh, layer)
   dataset = info.get("dataset")
   fallback = model.meta.get("fallback")
   file_metadata = {
-      META_LAYER: layer, META_STEP: model.step, META_KIMG: model.kimg,
+      META_LAYER: emb.layer, META_STEP: model.step, META_KIMG: model.kimg,
       META_CHECKPOINT: checkpoint,
       META_MODEL_CONFIG: json.dumps(model.config, sort_keys=True),
       META_SOURCE: data, META_DATASET: dataset or "",
       META_FILTER: filter or "", META_BATCH: batch,
-      META_MBSTD_GROUP: min(group, batch),
-      META_MBSTD_CHANNELS: int(model.config["mbstd_num_channels"]),
       META_COMPUTE_DTYPE: compute_dtype, META_NUM_HOSTS: n_hosts,
       **({META_FALLBACK: json.dumps(fallback)} if fallback else {}),
-      META_BATCHING: (
-          f"fixed batches of {batch} sites: {batch // n_hosts} consecutive "
-          f"sites in shard order from each of {n_hosts} host(s), the last "
-          f"padded; minibatch-stddev groups of {min(group, batch)} "
-          f"strided over the whole batch (sample i in group i mod "
-          f"{batch // min(group, batch)}), as Model.embed with "
-          f"batch_size={batch}"),
+      **emb.metadata,
   }
-  written = write_features(embed, data, output, batch=batch, fmt=fmt,
-                           mesh=mesh, file_metadata=file_metadata,
+  written = write_features(emb.make_fn(mesh), data, output, batch=batch,
+                           fmt=fmt, mesh=mesh, file_metadata=file_metadata,
                            filter=filter, dataset=dataset,
                            progress_every_s=progress_every_s, batches=batches)
   return ExportSummary(output=str(output), format=fmt,
                        num_sites=written.num_sites,
-                       feature_dim=written.feature_dim, layer=layer,
+                       feature_dim=written.feature_dim, layer=emb.layer,
                        step=model.step, batch_size=batch,
                        num_batches=written.num_batches,
                        seconds=written.seconds,
@@ -452,8 +423,8 @@ def export_embeddings(checkpoint: str, data: str, output: str, *,
   step unless `step`, an int or 'best': the best training-probe score) and
   runs `export_model`.
 
-  `layer`: default 'fc' (GAN-DL's embedding) for a GAN checkpoint and
-  'bottleneck' for a ConvAE baseline's (`default_layer`).
+  `layer`: default the family's embedding ('fc', GAN-DL's, for a GAN
+  checkpoint; 'bottleneck' for a ConvAE baseline's).
 
   An existing `output` is refused unless `overwrite`. An unreadable latest
   checkpoint is refused unless `step` names another one or `allow_fallback`
@@ -474,11 +445,8 @@ def export_embeddings(checkpoint: str, data: str, output: str, *,
   except FileNotFoundError as e:
     raise FileNotFoundError(f"cannot restore a checkpoint from {checkpoint}: "
                             f"{e}") from e
-  layer = layer or default_layer(model)
-  if isinstance(model, api.ConvAEModel):
-    convae.check_embedding_layer(layer)
-  else:
-    networks.check_embedding_layer(layer, model.resolution)
+  # The layer is checked here, before anything is read or written.
+  layer = model_embedding(model, layer, batch, jax.process_count()).layer
   if model.meta.get("fallback"):
     logging.warning("export: using checkpoint step %d, NOT the latest (%d, "
                     "unreadable)", model.step,

@@ -8,6 +8,7 @@ from typing import Any, Dict, Sequence
 import numpy as np
 from PIL import Image
 
+from gandl_jax import families
 from gandl_jax import images as image_lib
 from gandl_jax.inference import api
 from gandl_jax import io as gio
@@ -28,11 +29,11 @@ def save_samples(model: api.Model, out: str, seeds: Sequence[int],
     in greyscale (one row per seed unless `cols` says otherwise).
   Returns a small summary dict.
   """
-  if isinstance(model, api.ConvAEModel):
-    raise ValueError("this is a ConvAE baseline checkpoint: it has no "
-                     "generator to sample from (gandl-generate needs a GAN "
-                     "checkpoint; the ConvAE's reconstructions are in "
-                     "WORKDIR/samples/)")
+  family = families.name(model.meta)
+  if family != families.GAN:
+    raise ValueError(f"this is a {family!r} checkpoint: it has no generator "
+                     f"to sample from (gandl-generate needs a GAN checkpoint; "
+                     f"the training grids are in WORKDIR/samples/)")
   ext = str(out).lower().rsplit(".", 1)[-1] if "." in str(out) else ""
   if ext not in ("png", "npz"):
     raise ValueError(f"--out must end in .png or .npz, got {out!r}")

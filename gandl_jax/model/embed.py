@@ -1,5 +1,4 @@
-"""D's features (and the ConvAE's bottleneck) as data-parallel jitted
-functions over a mesh.
+"""D's features as a data-parallel jitted function over a mesh.
 
 The one home of "images -> D features" for whole batches spread over every
 device: `gandl-export` (inference/export.py) and training's representation
@@ -40,22 +39,5 @@ def data_parallel_features(D: networks.Discriminator, mesh: Any,
     logits, feats = D.apply(variables, x, return_features=True)
     feats = dict(feats, logit=logits)
     return feats[layer].astype(jnp.float32).reshape(x.shape[0], -1)
-
-  return jax.jit(features, in_shardings=(repl, data), out_shardings=data)
-
-
-def data_parallel_bottleneck(ae: Any, mesh: Any) -> Callable[[Any, Any], Any]:
-  """The ConvAE's embedding: `fn(variables, images) -> (B, bottleneck_dim)`
-  float32, jitted on `mesh` like `data_parallel_features` (`ae` a
-  `model.convae.ConvAE`; `variables` {'params': ...} replicated; `images`
-  data-sharded, uint8 or float in [-1, 1]). A site's embedding depends on
-  that site alone, so any batch that splits over the mesh gives the same
-  rows."""
-  repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
-
-  def features(variables, images):
-    x = image_lib.to_float(images)
-    z = ae.apply(variables, x, method=ae.encode)
-    return z.astype(jnp.float32)
 
   return jax.jit(features, in_shardings=(repl, data), out_shardings=data)

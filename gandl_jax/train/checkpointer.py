@@ -4,9 +4,9 @@ automatic resume.
 Layout (see `gandl_jax.checkpoint`): WORKDIR/checkpoints/<step>/{model,train,meta}.
 `model` holds G, G_ema and D (what `gandl_jax.load` reads), `train` holds the
 optimizer states, `pl_mean`, the RNG and the step, `meta` (JSON) the model
-config, images seen and the data position (a ConvAE baseline's state,
-train/convae.py, holds `model` = {'convae': {'params'}} and `train` = its
-optimizer state and step). Orbax writes each step to a
+config, images seen and the data position (another model family's state,
+`gandl_jax.families`, says what its items hold: `model_variables()` and
+`train_items()`). Orbax writes each step to a
 temporary directory and renames it when complete, so a process killed mid-save
 (even with `kill -9`) leaves the previous checkpoints intact.
 
@@ -48,8 +48,8 @@ from gandl_jax.train.steps import TrainState
 
 def _split(state: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """(model item, train item) of a training state: the GAN's `TrainState`,
-  or any state with `model_variables()` and `train_items()` (the ConvAE's,
-  train/convae.py)."""
+  or another family's state with `model_variables()`, `train_items()` and
+  `from_items()` (`gandl_jax.families`)."""
   if not isinstance(state, TrainState):
     return state.model_variables(), state.train_items()
   train = {"g_opt": state.g_opt, "d_opt": state.d_opt,

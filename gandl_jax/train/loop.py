@@ -1,9 +1,10 @@
 """GAN-DL training: `train(config, workdir)`.
 
-The same loop trains the ConvAE baseline when `config.family == 'convae'`
-(train/convae.py; configs/convae_rxrx19a.py): one jitted step instead of the
-GAN's phases, a grid of reconstructions instead of samples, no probe, and
-checkpoints holding {'convae': {'params'}} (meta 'family': 'convae').
+The same loop trains another model family when `config.family` names one
+(`gandl_jax.families`; the ConvAE baseline, configs/convae_rxrx19a.py): the
+family's trainer and grid (`train_parts`) instead of the GAN's phases and
+samples, no probe (it reads D's features), and the family recorded in the
+checkpoint meta.
 
 Reads TFRecord shards with tf.data (split per host), runs the jitted
 StyleGAN2 phases of `gandl_jax.train.steps` on a mesh of all devices, and keeps
@@ -30,23 +31,21 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
 from gandl_jax import config as config_lib
+from gandl_jax import families
 from gandl_jax.data import pipeline
 from gandl_jax import images as image_lib
 from gandl_jax import io as gio
 from gandl_jax import progress as progress_lib
 from gandl_jax import sharding
 from gandl_jax.train.checkpointer import TrainCheckpointer
-from gandl_jax.train import convae as convae_lib
 from gandl_jax.train import monitor
 from gandl_jax.train import probe as probe_lib
 from gandl_jax.train.steps import Trainer
@@ -183,39 +182,9 @@ def _gan_grid(config, trainer: Trainer, mesh: Mesh, channels):
       writer, trainer, sample, state, grid_z, step, grid_n, channels)
 
 
-def convae_grid_images(config) -> np.ndarray:
-  """The ConvAE grid's real sites: the first image_grid_size *
-  max(image_grid_size // 2, 1) sites of the shards (uint8, every host the
-  same)."""
-  cols = int(config.image_grid_size)
-  n = cols * max(cols // 2, 1)
-  it, _ = pipeline.eval_host_batches(config.data.path, host_batch=n,
-                                     filter=config.data.filter or None)
-  b = next(iter(it))
-  return b["image"][np.asarray(b["valid"], bool)]
-
-
-def _convae_grid(config, trainer: convae_lib.ConvAETrainer, mesh: Mesh,
-                 channels):
-  """grid(writer, state, step): rows of real sites, each followed by the row
-  of their reconstructions ('reconstructions')."""
-  cols = int(config.image_grid_size)
-  real = convae_grid_images(config)
-  x = sharding.replicate(jnp.asarray(image_lib.to_float(real)), mesh)
-
-  def grid(writer, state, step):
-    recon = image_lib.to_uint8(trainer.reconstruct(state, x))
-    rows = []
-    for i in range(0, len(real), cols):
-      rows += [real[i:i + cols], recon[i:i + cols]]
-    images = np.concatenate(rows)
-    writer.write_image(step, "reconstructions", image_lib.grid(
-        image_lib.preview_rgb(images, channels), cols=min(cols, len(real))))
-  return grid
-
-
 class _NoProbe:
-  """The representation probe reads D's features; a ConvAE run has none."""
+  """The representation probe reads D's features; other families have
+  none."""
   enabled = False
   best = -math.inf
 
@@ -228,9 +197,10 @@ def _parts(config, workdir: str, mesh: Mesh, every_kimg_steps, info):
   """(trainer, probe tracker, grid writer) of the config's model family;
   grids coloured by the shards' channels (`info`: dataset_info.json)."""
   channels = image_lib.dataset_channels(info.get("channels") or [])
-  if config_lib.family(config) == config_lib.FAMILY_CONVAE:
-    trainer = convae_lib.ConvAETrainer(config, mesh)
-    return trainer, _NoProbe(), _convae_grid(config, trainer, mesh, channels)
+  plugin = families.plugin(config)
+  if plugin is not None:
+    trainer, grid = plugin.train_parts(config, mesh, channels)
+    return trainer, _NoProbe(), grid
   trainer = Trainer(config, mesh)
   tracker = probe_lib.Tracker(config, workdir, mesh, trainer.D,
                               every_kimg_steps(config.probe_every_kimg))
@@ -297,10 +267,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                      f"(kimg {nimg / 1000:.3f}).")
   else:
     monitor.log_info(f"Starting a new run in {workdir}.")
-  # The ConvAE's perceptual term: which weights (every metrics line, meta).
-  perceptual = getattr(trainer, "perceptual_record", None)
-  writer = monitor.MetricWriter(workdir, labels=(
-      {"AE/perceptual_weights": perceptual["weights"]} if perceptual else None))
+  # A family's trainer may label every metrics line and add to the meta.
+  writer = monitor.MetricWriter(
+      workdir, labels=getattr(trainer, "metric_labels", None))
+  trainer_meta = dict(getattr(trainer, "checkpoint_meta", None) or {})
   tracker.best = ckpt.best_score()
   if jax.process_index() == 0:
     gio.write_json(gio.join(workdir, "config.json"), config.to_dict())
@@ -311,7 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       start_batch=data_position)
   progress = progress_lib.Progress(config.total_kimg * 1000.0, done=nimg,
                                    unit="img")
-  family = config_lib.family(config)
+  family = families.name(config)
 
   def meta() -> Dict[str, Any]:
     out = {"model": config.model.to_dict(), "step": step, "nimg": nimg,
@@ -320,10 +290,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
            "dataset": {k: info.get(k) for k in ("dataset", "resolution",
                                                 "channels", "num_channels")},
            "config": config.to_dict()}
-    if family != config_lib.FAMILY_GAN:
+    if family != families.GAN:
       out["family"] = family
-    if perceptual:
-      out["perceptual"] = perceptual
+    out.update(trainer_meta)
     return out
 
   total_steps = step + steps_to_reach(total_img - nimg, batch)
@@ -387,11 +356,3 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     writer.close()
   return {"step": step, "kimg": nimg / 1000.0, "reason": reason,
           "metrics": last, "workdir": workdir}
-
-
-def train_and_evaluate(*args, **kwargs) -> Dict[str, Any]:
-  """Deprecated name of `train` (it evaluates nothing; use gandl-export and
-  gandl-evaluate on the checkpoints)."""
-  warnings.warn("train_and_evaluate is deprecated; use "
-                "gandl_jax.train.loop.train", DeprecationWarning, stacklevel=2)
-  return train(*args, **kwargs)

@@ -17,9 +17,9 @@ from ml_collections import config_flags
 
 from gandl_jax import config as config_lib
 from gandl_jax import sharding
-from gandl_jax.model import embed as embed_lib
+from gandl_jax.baselines.convae import inference as embed_lib
 from gandl_jax.model import networks
-from gandl_jax.train import convae as convae_train
+from gandl_jax.baselines.convae import train as convae_train
 from gandl_jax.train import monitor
 from tools.bench import harness
 

@@ -33,7 +33,7 @@ def main(argv):
   # pylint: disable=import-outside-toplevel
   import jax
   import numpy as np
-  from gandl_jax.model import resnet50
+  from gandl_jax.baselines import resnet50
   backbone = resnet50.load(FLAGS.weights)
   params = jax.device_put(backbone.params)
   loss = jax.jit(resnet50.perceptual_loss)

@@ -102,7 +102,8 @@ def control_dim(workdir: str, out: str) -> List:
 
 def control_wide(workdir: str, out: str) -> List:
   # pylint: disable=import-outside-toplevel
-  from gandl_jax import demo, sharding
+  from gandl_jax import sharding
+  from gandl_jax.cli import demo
   from gandl_jax.evaluate import pipeline as ev
   from gandl_jax.inference import api, export
   mesh = sharding.make_mesh()
@@ -183,7 +184,8 @@ def per_stain_features(embed, images: np.ndarray) -> np.ndarray:
 def control_per_stain(workdir: str, out: str) -> List:
   # pylint: disable=import-outside-toplevel
   import pandas as pd
-  from gandl_jax import checkpoint, demo
+  from gandl_jax import checkpoint
+  from gandl_jax.cli import demo
   from gandl_jax.data import pipeline
   from gandl_jax.evaluate import pipeline as ev
   from gandl_jax.inference import api
@@ -248,7 +250,7 @@ CONTROLS = {"dim": control_dim, "wide": control_wide,
 def main(argv):
   del argv
   # pylint: disable=import-outside-toplevel
-  from gandl_jax import demo
+  from gandl_jax.cli import demo
   from gandl_jax import io as gio
   from gandl_jax.evaluate import pipeline as ev
   logging.set_verbosity(logging.INFO)

@@ -167,7 +167,8 @@ def plot(summary: List[Dict[str, Any]], out_dir: str,
 def main(argv):
   del argv
   # pylint: disable=import-outside-toplevel
-  from gandl_jax import checkpoint, demo, sharding
+  from gandl_jax import checkpoint, sharding
+  from gandl_jax.cli import demo
   from gandl_jax.data import convert, synthetic
   from gandl_jax.evaluate import pipeline as evaluate_lib
   from gandl_jax.inference import api, export

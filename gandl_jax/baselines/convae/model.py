@@ -20,7 +20,7 @@ channel_base / res, channel_max)). Every layer is `model.layers`' equalized-lr
 `Conv2d` / `Dense`. There is no minibatch standard deviation, so a site's
 embedding depends on that site alone (unlike D's). The loss (pixel L2 plus an
 optional perceptual term, `perceptual_loss`) is trained by
-`gandl_jax.train.convae`.
+`gandl_jax.baselines.convae.train`.
 """
 from __future__ import annotations
 
@@ -32,25 +32,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gandl_jax import checkpoint
-from gandl_jax import config as config_lib
-from gandl_jax.model import layers, networks, resnet50
+from gandl_jax.baselines import resnet50
+from gandl_jax.baselines.convae import config as convae_config
+from gandl_jax.model import layers, networks
 
 Array = jax.Array
 Dtype = Any
-
-# The one embedding layer of a ConvAE (gandl-export --layer).
-BOTTLENECK = "bottleneck"
-EMBEDDING_LAYERS = (BOTTLENECK,)
-# The checkpoint's model item: {MODEL_KEY: {'params': ...}}.
-MODEL_KEY = checkpoint.CONVAE_MODEL_KEY
-
-
-def check_embedding_layer(layer: str) -> None:
-  if layer not in EMBEDDING_LAYERS:
-    raise ValueError(f"unknown layer {layer!r}; a ConvAE's embedding layers "
-                     f"are {list(EMBEDDING_LAYERS)}")
-
 
 class DecoderBlock(nn.Module):
   """One resolution of the decoder: x at res/2 -> res (the discriminator
@@ -159,9 +146,9 @@ class ConvAE(nn.Module):
 
 
 def build(model_config: Any, dtype: Union[str, Dtype] = jnp.float32) -> ConvAE:
-  """The ConvAE of a model config (`config.convae_model_config()` keys; a
+  """The ConvAE of a model config (`convae.config.model_config()` keys; a
   ConfigDict or a checkpoint's plain dict, missing keys take defaults)."""
-  cfg = config_lib.full_convae_model_config(model_config)
+  cfg = convae_config.full_model_config(model_config)
   if isinstance(dtype, str):
     dtype = networks.compute_dtype(dtype)
   networks.check_resolution(cfg["resolution"])
@@ -228,7 +215,7 @@ def perceptual_loss(weights: str, img_channels: int, *, resolution: int,
   `config.loss.perceptual_weights` to a loss function and its frozen
   parameters; the trainer adds `config.loss.perceptual_weight *
   perceptual(params, recon, real)` to the pixel L2. The network is the
-  ImageNet ResNet-50 of `gandl_jax.model.resnet50` (feature reconstruction
+  ImageNet ResNet-50 of `gandl_jax.baselines.resnet50` (feature reconstruction
   loss on the conv2..conv4 stage outputs, each channel as a grey image):
   `imagenet` (Keras downloads the weights once), a Keras weights file, or
   `random` (seeded by `seed`; a distance between random features, not a

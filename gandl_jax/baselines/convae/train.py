@@ -1,7 +1,9 @@
-"""The ConvAE baseline's training state and its jitted step on a mesh.
+"""The ConvAE baseline's training: its state, its jitted step on a mesh, the
+reconstruction grid, and `train(config, workdir)`.
 
 `gandl_jax.train.loop.train` runs it when `config.family == 'convae'`
-(configs/convae_rxrx19a.py), with everything else of a GAN run: the input
+(configs/convae_rxrx19a.py; the family record `train_parts` in
+baselines/convae/__init__.py), with everything else of a GAN run: the input
 pipeline, Orbax checkpoints and resume, metrics.jsonl / TensorBoard, the
 progress line, SIGTERM and the non-finite guard. One iteration is one jitted
 step with explicit shardings (state replicated, batch split on the mesh's
@@ -13,27 +15,34 @@ step with explicit shardings (state replicated, batch split on the mesh's
 with x the real batch in [-1, 1] (augmented as for the GAN), then Adam
 (`config.optim`). Non-finite gradient entries are replaced as in the GAN's
 phases (`steps.sanitize_grads`). The perceptual term comes from
-`model.convae.perceptual_loss` (the ImageNet ResNet-50 of
-`model/resnet50.py`): its frozen parameters are loaded once and are a
+`model.perceptual_loss` (the ImageNet ResNet-50 of
+baselines/resnet50.py): its frozen parameters are loaded once and are a
 replicated argument of the step, not part of the state, the optimizer or
 the checkpoints; `perceptual_record` (which weights) goes to every
-metrics.jsonl line and to the checkpoint meta.
+metrics.jsonl line (`metric_labels`) and to the checkpoint meta
+(`checkpoint_meta`).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh
 
+from gandl_jax import families
+from gandl_jax import images as image_lib
 from gandl_jax import sharding
-from gandl_jax.model import convae
+from gandl_jax.baselines.convae import config as convae_config
+from gandl_jax.baselines.convae import model as convae
+from gandl_jax.data import pipeline
+from gandl_jax.train import loop
 from gandl_jax.train import monitor
 from gandl_jax.train.steps import sanitize_grads
 
@@ -49,7 +58,7 @@ class ConvAEState:
 
   def model_variables(self) -> Dict[str, Any]:
     """The checkpoint's `model` item ({'convae': {'params'}})."""
-    return {convae.MODEL_KEY: {"params": self.params}}
+    return {convae_config.MODEL_KEY: {"params": self.params}}
 
   def train_items(self) -> Dict[str, Any]:
     """The checkpoint's `train` item."""
@@ -58,14 +67,16 @@ class ConvAEState:
   @classmethod
   def from_items(cls, model: Dict[str, Any], train: Dict[str, Any]
                  ) -> "ConvAEState":
-    return cls(step=train["step"], params=model[convae.MODEL_KEY]["params"],
+    return cls(step=train["step"],
+               params=model[convae_config.MODEL_KEY]["params"],
                opt=train["opt"])
 
 
 class ConvAETrainer:
   """The ConvAE, its optimizer and the compiled step for one config/mesh
   (the interface `train.loop` uses: `batch`, `init_state`, `precompile`,
-  `precompiled`, `train_step`, `flops_per_iteration`, `reconstruct`)."""
+  `precompiled`, `train_step`, `flops_per_iteration`, `metric_labels`,
+  `checkpoint_meta`; and `reconstruct` for the grid)."""
 
   def __init__(self, config, mesh: Mesh):
     self.config = config
@@ -159,6 +170,16 @@ class ConvAETrainer:
     return {"AE": time.time() - t0}
 
   @property
+  def metric_labels(self) -> Dict[str, Any]:
+    """Constant labels of every metrics.jsonl line."""
+    return {"AE/perceptual_weights": self.perceptual_record["weights"]}
+
+  @property
+  def checkpoint_meta(self) -> Dict[str, Any]:
+    """Added to every checkpoint's meta."""
+    return {"perceptual": self.perceptual_record}
+
+  @property
   def precompiled(self) -> bool:
     return self._executable is not None
 
@@ -186,3 +207,64 @@ class ConvAETrainer:
       self._recon = jax.jit(
           lambda params, x: self.ae.apply({"params": params}, x)[0])
     return np.asarray(jax.device_get(self._recon(state.params, images)))
+
+
+# ------------------------------------------------------------------ the run
+
+
+def grid_images(config) -> np.ndarray:
+  """The grid's real sites: the first image_grid_size *
+  max(image_grid_size // 2, 1) sites of the shards (uint8, every host the
+  same)."""
+  cols = int(config.image_grid_size)
+  n = cols * max(cols // 2, 1)
+  it, _ = pipeline.eval_host_batches(config.data.path, host_batch=n,
+                                     filter=config.data.filter or None)
+  b = next(iter(it))
+  return b["image"][np.asarray(b["valid"], bool)]
+
+
+def _grid(config, trainer: ConvAETrainer, mesh: Mesh, channels
+          ) -> Callable[[Any, ConvAEState, int], None]:
+  """grid(writer, state, step): rows of real sites, each followed by the row
+  of their reconstructions ('reconstructions')."""
+  cols = int(config.image_grid_size)
+  real = grid_images(config)
+  x = sharding.replicate(jnp.asarray(image_lib.to_float(real)), mesh)
+
+  def grid(writer, state, step):
+    recon = image_lib.to_uint8(trainer.reconstruct(state, x))
+    rows = []
+    for i in range(0, len(real), cols):
+      rows += [real[i:i + cols], recon[i:i + cols]]
+    images = np.concatenate(rows)
+    writer.write_image(step, "reconstructions", image_lib.grid(
+        image_lib.preview_rgb(images, channels), cols=min(cols, len(real))))
+  return grid
+
+
+def train_parts(config, mesh: Mesh, channels):
+  """(trainer, grid writer) of a ConvAE config: the family record's
+  `train_parts` (`gandl_jax.families`)."""
+  trainer = ConvAETrainer(config, mesh)
+  return trainer, _grid(config, trainer, mesh, channels)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          total_kimg: Optional[float] = None, mesh: Optional[Any] = None,
+          max_steps: Optional[int] = None,
+          allow_config_change: Sequence[str] = ()) -> Dict[str, Any]:
+  """Trains (or resumes) a ConvAE in `workdir` until `total_kimg` thousand
+  images (default `config.total_kimg`); returns `loop.train`'s summary
+  ({'step', 'kimg', 'reason', 'metrics', 'workdir'}). The same as
+  `gandl-train --config configs/convae_rxrx19a.py`."""
+  if families.name(config) != convae_config.FAMILY:
+    raise ValueError(f"not a ConvAE config (config.family is "
+                     f"{families.name(config)!r}); start from "
+                     f"convae.config.demo_config() or "
+                     f"configs/convae_rxrx19a.py")
+  if total_kimg is not None:
+    config = config.copy_and_resolve_references()
+    config.total_kimg = float(total_kimg)
+  return loop.train(config, workdir, mesh=mesh, max_steps=max_steps,
+                    allow_config_change=allow_config_change)

@@ -4,7 +4,7 @@ The network is `tf.keras.applications.ResNet50` (He et al. 2016, the
 Caffe-style v1: stride 2 on the first 1x1 convolution of a block, conv
 biases, batch norm with eps 1.001e-5) without its classifier, re-implemented
 as pure JAX functions on the Keras weights, converted by layer name through
-`gandl_jax.model.keras_weights` (the same machinery as the DenseNet-121
+`gandl_jax.baselines.keras_weights` (the same machinery as the DenseNet-121
 baseline: `imagenet`, a weights file, or `none` = seeded random). The tests
 check the stage outputs against Keras' own model.
 
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gandl_jax.model import keras_weights
+from gandl_jax.baselines import keras_weights
 
 BLOCKS: Tuple[int, ...] = (3, 4, 6, 3)       # blocks of stages conv2..conv5
 # (filters 64, 128, 256, 512; a block outputs 4 x filters: the kernels'

@@ -18,7 +18,7 @@ One home for what every port of a `keras.applications` network needs:
   later tf.data pipelines whose op seeds are tensors.
 
 The ports themselves (`gandl_jax.baselines.densenet`,
-`gandl_jax.model.resnet50`) are pure functions of that dict.
+`gandl_jax.baselines.resnet50`) are pure functions of that dict.
 """
 from __future__ import annotations
 
