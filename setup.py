@@ -23,6 +23,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["gandl_jax", "gandl_jax.*"]),
     install_requires=[
+        # Tested with jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8 and
+        # orbax-checkpoint 0.12.8 (Python 3.11); checked against jax 0.11's
+        # changelog (no removed or deprecated API in use; 0.11 needs Python
+        # >= 3.12). No upper bound: no known break.
         "jax>=0.6",
         "flax>=0.10",
         "optax>=0.2.4",
@@ -56,6 +60,10 @@ setup(
         # itself never imports it. >= 2.6: torch.load(weights_only=True) is
         # safe only from 2.6 on.
         "import": ["torch>=2.6"],
+        # libtpu (the one matching jax, ~200 MB) for compiling the phases for
+        # TPU topologies on a CPU host: tools/plan_tpu.py and
+        # tests/test_tpu_compile.py. Not in `test`: CI skips those tests.
+        "tpu_compile": ["jax[tpu]"],
     },
     entry_points={
         "console_scripts": [

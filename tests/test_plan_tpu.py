@@ -29,6 +29,12 @@ def test_tpu_v3_topology_names():
   assert plan_tpu.tpu_v3_topology(2) == "v3:1x1"
   with pytest.raises(ValueError, match="2 cores per chip"):
     plan_tpu.tpu_v3_topology(12)
+  assert plan_tpu.topology_name("tpu_v5e", 8) == "v5e:2x4"
+  assert plan_tpu.topology_name("tpu_v5e", 4) == "v5e:2x2"
+  assert plan_tpu.topology_name("tpu_v5e", 1) == "v5e:1x1"
+  assert plan_tpu.topology_name("tpu_v3", 8) == "v3:2x2"
+  with pytest.raises(ValueError, match="power of two"):
+    plan_tpu.tpu_v5e_topology(6)
 
 
 def test_predict_arithmetic():

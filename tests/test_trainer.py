@@ -1,6 +1,7 @@
 """Training phases: schedules, Adam corrections, EMA, R1, path length, and
 identical results on 1 and 8 devices."""
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -314,7 +315,11 @@ def test_precompile_then_no_tracing_or_compilation_in_training():
   """After `precompile`, iterations (every phase, several times, changing
   EMA betas) and `flops_per_iteration` neither trace nor compile again: no
   second compilation at step 1, no re-lowering for the FLOPs."""
-  from jax._src import dispatch, monitoring   # pylint: disable=import-outside-toplevel
+  from jax import monitoring   # pylint: disable=import-outside-toplevel
+  # jax's event names (jax._src.dispatch), through the public monitoring API.
+  dispatch = types.SimpleNamespace(
+      JAXPR_TRACE_EVENT="/jax/core/compile/jaxpr_trace_duration",
+      BACKEND_COMPILE_EVENT="/jax/core/compile/backend_compile_duration")
   config = tiny_config(**{"loss.r1_interval": 2, "loss.pl_interval": 2})
   tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
   assert tr.compiler_options == steps.CPU_COMPILER_OPTIONS

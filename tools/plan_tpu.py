@@ -15,9 +15,14 @@ target's devices and compiled; nothing runs. Targets:
           16 GiB HBM and 61.5 TFLOP/s bf16 (123 per chip) per core. Needs the
           libtpu wheel matching jax (`pip install "jax[tpu]==<jax version>"`);
           no TPU is touched.
+  tpu_v5e a TPU v5e slice likewise (`v5e:2x4` for a v5e-8): one core per chip,
+          16 GiB HBM and 197 TFLOP/s bf16 per chip.
   cpu     XLA:CPU with `--devices` simulated host devices: runs anywhere
           (tests), but its memory figures are only a proxy for a TPU's
           (other layouts, fusion and scheduling).
+
+With --export_batch (default 64) the export function (gandl-export's D
+forward on uint8 images) is compiled too and printed as 'export'.
 
 Printed per phase: XLA's memory analysis per device (arguments, outputs,
 aliased i.e. donated, temporaries, generated code; total = arguments +
@@ -45,8 +50,12 @@ from tools.bench.harness import cost  # XLA's cost analysis, one place
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0: the config's).")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Devices (TPU cores).")
-_TARGET = flags.DEFINE_enum("target", "tpu_v3", ["tpu_v3", "cpu"],
+_TARGET = flags.DEFINE_enum("target", "tpu_v3", ["tpu_v3", "tpu_v5e", "cpu"],
                             "Compile target (see the module docstring).")
+_EXPORT_BATCH = flags.DEFINE_integer(
+    "export_batch", 64, "Also compile the export function (gandl-export's "
+    "data-parallel D forward to the embedding) at this global batch of uint8 "
+    "images; 0: skip.")
 _REMAT = flags.DEFINE_string(
     "remat", None, "config.remat for this plan (none, blocks, blocks_dots); "
     "default: the config's. Comma-separated: one plan per value.")
@@ -69,9 +78,11 @@ _FROM_JSON = flags.DEFINE_string(
     "--utilization, --peak_tflops and --hbm_gib.")
 
 GIB = 2**30
-# Per device (a TPU v3 chip has 2 TensorCores, each its own JAX device).
+# Per device (a TPU v3 chip has 2 TensorCores, each its own JAX device; a
+# v5e chip has one, 16 GiB HBM and 197 TFLOP/s bf16).
 TARGETS = {
     "tpu_v3": {"name": "TPU v3", "hbm_gib": 16.0, "peak_tflops": 61.5},
+    "tpu_v5e": {"name": "TPU v5e", "hbm_gib": 16.0, "peak_tflops": 197.0},
     "cpu": {"name": "XLA:CPU (host devices)", "hbm_gib": 0.0,
             "peak_tflops": 0.0},
 }
@@ -89,6 +100,21 @@ def tpu_v3_topology(devices: int) -> str:
   return f"v3:{a}x{chips // a}"
 
 
+def tpu_v5e_topology(devices: int) -> str:
+  """libtpu's topology name for a v5e slice of `devices` chips (one core
+  each): 'v5e:AxB' (v5e-8 = 'v5e:2x4')."""
+  if devices < 1 or devices & (devices - 1) or devices > 256:
+    raise ValueError(f"--devices={devices}: a TPU v5e slice has a power of "
+                     f"two of chips, at most 256 (8 for a v5e-8)")
+  a = 2 ** (int(math.log2(devices)) // 2)
+  return f"v5e:{a}x{devices // a}"
+
+
+def topology_name(target: str, devices: int) -> str:
+  return {"tpu_v3": tpu_v3_topology,
+          "tpu_v5e": tpu_v5e_topology}[target](devices)
+
+
 def target_devices(target: str, devices: int):
   """The `devices` devices to compile for (compile-only for TPUs)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -100,14 +126,14 @@ def target_devices(target: str, devices: int):
           f"with XLA_FLAGS=--xla_force_host_platform_device_count={devices}")
     return found[:devices]
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  name = tpu_v3_topology(devices)
+  name = topology_name(target, devices)
   try:
     topo = topologies.get_topology_desc(name, "tpu")
   except Exception as e:  # pylint: disable=broad-except
     raise RuntimeError(
         f"cannot describe TPU topology {name!r} without hardware ({e}); it "
         f"needs the libtpu matching jax {jax.__version__}: pip install "
-        f"'jax[tpu]=={jax.__version__}'") from e
+        f"'jax[tpu]=={jax.__version__}' (or -e '.[tpu_compile]')") from e
   return list(topo.devices)
 
 
@@ -231,6 +257,41 @@ def compile_phases(config, devices, phases=()):
   return results, analytic(config_lib.full_model_config(config.model), counts)
 
 
+def compile_export(config, devices, batch: int, layer: str = "fc") -> dict:
+  """Memory and FLOPs per device of the export function (gandl-export's
+  `model.embed.data_parallel_features`: uint8 images -> D -> `layer`) for a
+  global `batch`, with replicated D parameters and the batch split over
+  `data`, compiled on `devices` (not run)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from gandl_jax import sharding  # pylint: disable=import-outside-toplevel
+  from gandl_jax.model import embed, networks  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(devices)
+  G, D = networks.build(config.model, config.compute_dtype)
+  shapes = jax.eval_shape(lambda k: networks.init(k, G, D)[1],
+                          jax.random.PRNGKey(0))
+  repl = sharding.replicated(mesh)
+  d_vars = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+      {"params": shapes["params"]})
+  r, c = config.model.resolution, config.model.img_channels
+  images = jax.ShapeDtypeStruct((batch, r, r, c), jnp.uint8,
+                                sharding=sharding.data_sharded(mesh))
+  t0 = time.time()
+  compiled = embed.data_parallel_features(D, mesh, layer).lower(
+      d_vars, images).compile()
+  res = {"images": batch, "layer": layer,
+         "memory": memory_breakdown(compiled),
+         "compile_s": round(time.time() - t0, 1)}
+  res.update(cost(compiled))
+  res["flops_per_image"] = res["flops"] * len(devices) / batch
+  print(f"export: compiled in {res['compile_s']:.0f} s; "
+        f"{res['memory']['total'] / GIB:.2f} GiB per device, "
+        f"{res['flops_per_image'] / 1e9:.1f} GFLOP per image",
+        file=sys.stderr, flush=True)
+  return res
+
+
 def predict(results: dict, batch: int, devices: int, peak_tflops: float,
             utilization: float, total_kimg: float) -> dict:
   """Amortized FLOPs per iteration (per device) and, given a peak, the
@@ -252,20 +313,23 @@ def predict(results: dict, batch: int, devices: int, peak_tflops: float,
 
 
 def plan(config, target: str, devices: int, remat: str, utilization: float,
-         peak_tflops: float = 0.0, hbm_gib: float = 0.0, phases=()):
-  """The full plan (one JSON-able dict) for one remat setting."""
+         peak_tflops: float = 0.0, hbm_gib: float = 0.0, phases=(),
+         export_batch: int = 0):
+  """The full plan (one JSON-able dict) for one remat setting; with
+  `export_batch`, also the export function's compiled figures ('export')."""
   spec = TARGETS[target]
   config = config.copy_and_resolve_references()
   config.remat = remat
   peak = peak_tflops or spec["peak_tflops"]
   hbm = hbm_gib or spec["hbm_gib"]
-  results, closed = compile_phases(config, target_devices(target, devices),
-                                   phases)
+  devs = target_devices(target, devices)
+  results, closed = compile_phases(config, devs, phases)
   pred = predict(results, int(config.batch_size), devices, peak, utilization,
                  float(config.total_kimg))
-  for r in results.values():
+  export = compile_export(config, devs, export_batch) if export_batch else None
+  for r in list(results.values()) + ([export] if export else []):
     r["fits"] = (r["memory"]["total"] <= hbm * GIB) if hbm else None
-  return {"target": spec["name"], "devices": devices,
+  return {"export": export,"target": spec["name"], "devices": devices,
           "resolution": int(config.model.resolution),
           "batch": int(config.batch_size),
           "compute_dtype": config.compute_dtype, "remat": remat,
@@ -283,8 +347,10 @@ def replan(p: dict, utilization: float, peak_tflops: float = 0.0,
   peak = peak_tflops or p["peak_tflops_per_device"] or 0.0
   hbm = hbm_gib or p["hbm_gib"] or 0.0
   results = {k: dict(v) for k, v in p["phases"].items()}
-  for r in results.values():
+  export = dict(p["export"]) if p.get("export") else None
+  for r in list(results.values()) + ([export] if export else []):
     r["fits"] = (r["memory"]["total"] <= hbm * GIB) if hbm else None
+  p["export"] = export
   for key in ("sec_per_kimg", "days", "xla_optimal_sec_per_kimg",
               "xla_optimal_utilization"):
     p.pop(key, None)
@@ -311,6 +377,15 @@ def format_plan(p: dict) -> str:
                  " ".join(f"{g(m[f]):>11s}" for f in MEMORY_FIELDS +
                           ("total",)) +
                  f" {fits:>5s} {r['flops_per_image'] / 1e9:10.1f}")
+  e = p.get("export")
+  if e:
+    m = e["memory"]
+    fits = {True: "yes", False: "NO", None: "-"}[e.get("fits")]
+    lines.append(f"{'export':8s} {'':5s} " +
+                 " ".join(f"{g(m[f]):>11s}" for f in MEMORY_FIELDS +
+                          ("total",)) +
+                 f" {fits:>5s} {e['flops_per_image'] / 1e9:10.1f}"
+                 f"  (batch {e['images']}, uint8 -> {e['layer']})")
   lines.append(f"amortized: {p['flops_per_image'] / 1e9:.1f} GFLOP per image "
                f"(regularizers weighted by 1/every; phases compiled: "
                f"{', '.join(p['phases'])})")
@@ -379,7 +454,8 @@ def main(argv):
   plans = []
   for remat in remats:
     p = plan(config, _TARGET.value, _DEVICES.value, remat, _UTIL.value,
-             _PEAK.value, _HBM.value, tuple(_PHASES.value))
+             _PEAK.value, _HBM.value, tuple(_PHASES.value),
+             _EXPORT_BATCH.value)
     print(format_plan(p), flush=True)
     plans.append(p)
   line = json.dumps({"jax": jax.__version__, "libtpu": _libtpu_version(),

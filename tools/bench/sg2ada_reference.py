@@ -9,20 +9,28 @@ iteration as `training/training_loop.py` does: phases G main, G reg (every
 G_reg_interval), D main, D reg (every D_reg_interval), each with its own
 zero_grad / accumulate_gradients(gain=interval) / nan_to_num / Adam step,
 the lazy-regularization correction of lr and betas (mb_ratio), then the
-G_ema update. Without CUDA the reference's custom ops (upfirdn2d, bias_act)
-take their `impl='ref'` fallbacks (plain PyTorch), as its own code does on CPU.
+G_ema update, with TF32 off as training_loop.py sets it (allow_tf32=False).
+On CUDA the reference's custom ops (upfirdn2d, bias_act) build at the first
+call; where a build fails, or without CUDA, they take their `impl='ref'`
+fallbacks (plain PyTorch), and the ready line says which ones did.
 
-Protocol (one JSON object per line): started with `--spec JSON` (the
-configuration, see `spec_from_config` below), it
-builds everything, warms up, prints {"ready": ...}; then answers each stdin
-line `train N` (N iterations) or `embed N` (N discriminator forwards on one
-batch) with {"seconds": s, "images": n}; `quit` ends it.
+Protocol: started with `--spec JSON` (the configuration, see
+`spec_from_config` below), it builds everything, warms up and emits the ready
+line {"ready": true, "custom_ops": ..., ...}; then answers each stdin line
+`train N` (N iterations) or `embed N` (N discriminator forwards on one batch)
+with {"seconds": s, "images": n, "cpu_seconds": c}; `quit` ends it. Each
+answer is `RESULT_PREFIX` + one JSON object on stdout; the reference's own
+prints (its op builds) may surround it and are ignored by the client.
 """
 import argparse
 import copy
 import json
 import os
+import queue
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -58,6 +66,8 @@ class Reference:
     torch.manual_seed(spec.get("seed", 0))
     # As training_loop.py sets them (no effect on CPU).
     torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False         # fp32 convs stay fp32
+    torch.backends.cuda.matmul.allow_tf32 = False
     conv2d_gradfix.enabled = True
     grid_sample_gradfix.enabled = True
     common = dict(c_dim=0, img_resolution=m["resolution"],
@@ -177,9 +187,59 @@ class Reference:
     return time.perf_counter() - t0, batches * self.batch
 
 
-def _emit(obj):
-  sys.stdout.write(json.dumps(obj) + "\n")
-  sys.stdout.flush()
+RESULT_PREFIX = "SG2ADA_RESULT "
+
+
+def _emit(obj, out=None):
+  """One protocol line: RESULT_PREFIX + JSON. It may follow other output on
+  the same line (the reference's op build prints without a newline), so it
+  starts on a fresh line and the client looks for the prefix anywhere."""
+  out = out or sys.stdout
+  out.write("\n" + RESULT_PREFIX + json.dumps(obj) + "\n")
+  out.flush()
+
+
+def ops_report(device_type, modules):
+  """{op name: 'cuda' | 'ref'}: the implementation the reference's custom
+  ops (torch_utils.ops.upfirdn2d, bias_act) really use. On CUDA an op is
+  'cuda' only if its plugin built (`_init()` true, `_plugin` set); a failed
+  build makes the reference fall back to its slow `impl='ref'` silently
+  (a warning), which would inflate a ratio against it. Off CUDA always
+  'ref' (the reference's own dispatch)."""
+  out = {}
+  for name, mod in modules.items():
+    ok = False
+    if device_type == "cuda":
+      try:
+        ok = bool(mod._init()) and mod._plugin is not None  # pylint: disable=protected-access
+      except Exception:  # pylint: disable=broad-except
+        ok = False
+    out[name] = "cuda" if ok else "ref"
+  return out
+
+
+def serve(ref, info, lines=None, out=None):
+  """The protocol loop: emits `info` (the ready line), then answers each
+  line of `lines` (stdin) `train N` / `embed N` with {"seconds", "images",
+  "cpu_seconds"}; `quit` ends it. `ref` has `train(n)` and `embed(n)`, each
+  returning (seconds, images)."""
+  _emit(dict(info, ready=True), out)
+  for line in (sys.stdin if lines is None else lines):
+    cmd = line.split()
+    if not cmd:
+      continue
+    if cmd[0] == "quit":
+      break
+    if cmd[0] not in ("train", "embed") or len(cmd) != 2:
+      _emit({"error": f"unknown command {line.strip()!r}"}, out)
+      continue
+    cpu0 = time.process_time()
+    seconds, images = (ref.train if cmd[0] == "train" else ref.embed)(
+        int(cmd[1]))
+    # CPU seconds of all of this process's threads: on a machine shared with
+    # other jobs the figure to compare (wall time measures the contention).
+    _emit({"seconds": seconds, "images": images,
+           "cpu_seconds": time.process_time() - cpu0}, out)
 
 
 def main():
@@ -192,8 +252,9 @@ def main():
   spec = json.loads(args.spec)
   ref = Reference(spec, args.reference)
   mode = spec["mode"]
-  # Warm up (first-call allocations), then align the schedule so timed
-  # windows start at a multiple of both regularization intervals, like ours.
+  # Warm up (first-call allocations; on CUDA the custom ops build here),
+  # then align the schedule so timed windows start at a multiple of both
+  # regularization intervals, like ours.
   if mode == "train":
     l = spec["loss"]
     interval = int(np.lcm(l["r1_interval"], l["pl_interval"]))
@@ -202,26 +263,22 @@ def main():
   else:
     ref.embed(args.warmup)
   torch = ref.torch
-  _emit({"ready": True, "torch": torch.__version__,
-         "device": str(ref.device), "threads": torch.get_num_threads(),
-         "custom_ops": "cuda" if ref.device.type == "cuda" else "ref",
-         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")})
-  for line in sys.stdin:
-    cmd = line.split()
-    if not cmd:
-      continue
-    if cmd[0] == "quit":
-      break
-    if cmd[0] not in ("train", "embed") or len(cmd) != 2:
-      _emit({"error": f"unknown command {line.strip()!r}"})
-      continue
-    cpu0 = time.process_time()
-    seconds, images = (ref.train if cmd[0] == "train" else ref.embed)(
-        int(cmd[1]))
-    # CPU seconds of all of this process's threads: on a machine shared with
-    # other jobs the figure to compare (wall time measures the contention).
-    _emit({"seconds": seconds, "images": images,
-           "cpu_seconds": time.process_time() - cpu0})
+  from torch_utils.ops import bias_act, upfirdn2d  # pylint: disable=import-outside-toplevel
+  ops = ops_report(ref.device.type, {"upfirdn2d": upfirdn2d,
+                                     "bias_act": bias_act})
+  impls = set(ops.values())
+  serve(ref, {
+      "torch": torch.__version__, "device": str(ref.device),
+      "device_name": (torch.cuda.get_device_name(ref.device)
+                      if ref.device.type == "cuda" else "cpu"),
+      "threads": torch.get_num_threads(),
+      "custom_ops": impls.pop() if len(impls) == 1 else "mixed",
+      "custom_ops_by_op": ops,
+      "allow_tf32": {
+          "cudnn": bool(torch.backends.cudnn.allow_tf32),
+          "matmul": bool(torch.backends.cuda.matmul.allow_tf32)},
+      "num_fp16_res": int(spec.get("num_fp16_res", 0)),
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default"})
 
 
 # ---------------------------------------------------------------------------
@@ -251,52 +308,141 @@ def spec_from_config(config, mode: str, batch: int = None) -> dict:
   }
 
 
+def define_flags() -> None:
+  """--reference_timeout and --reference_omp_wait_policy (for the benches
+  that take --reference); `from_flags` reads them."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if "reference_timeout" in flags.FLAGS:
+    return
+  flags.DEFINE_float(
+      "reference_timeout", 1800.0, "Seconds the stylegan2-ada-pytorch worker "
+      "may take for its start-up (op builds, warm-up) and for each round "
+      "before it is stopped.")
+  flags.DEFINE_string(
+      "reference_omp_wait_policy", None, "OMP_WAIT_POLICY for the reference "
+      "(e.g. PASSIVE on a CPU shared with other jobs); default: torch's "
+      "default, as the reference's users run it. Recorded with every ratio.")
+
+
+def from_flags(ref_dir: str, spec: dict) -> "Worker":
+  """A Worker with --reference_timeout and --reference_omp_wait_policy."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  return Worker(ref_dir, spec, timeout=f.reference_timeout,
+                start_timeout=f.reference_timeout,
+                omp_wait_policy=f.reference_omp_wait_policy)
+
+
+class WorkerTimeout(RuntimeError):
+  """The reference worker gave no result in time (it was stopped)."""
+
+
 class Worker:
   """The reference in a subprocess: `run('train' | 'embed', n)` times n
-  iterations / batches there and returns (seconds, images)."""
+  iterations / batches there and returns (seconds, images, CPU seconds).
 
-  def __init__(self, ref_dir: str, spec: dict, python: str = sys.executable):
-    import subprocess  # pylint: disable=import-outside-toplevel
-    import tempfile  # pylint: disable=import-outside-toplevel
+  Results come back as stdout lines holding RESULT_PREFIX (anywhere in the
+  line); everything else the reference prints (its op builds: "Setting up
+  PyTorch plugin ...") is kept in `noise` and never parsed. A worker that
+  gives no result within `timeout` seconds (start-up: `start_timeout`) is
+  stopped with a `WorkerTimeout` naming the checkout and the time waited.
+
+  `omp_wait_policy`: None leaves torch's default (as the reference's users
+  run it; the environment's OMP_WAIT_POLICY, if any, passes through); else
+  the value to set, e.g. 'PASSIVE' (helps torch on a CPU shared with other
+  jobs, slows it on a quiet one). `info` records what the worker ran with.
+  `argv` replaces the worker command (tests run a stand-in).
+  """
+
+  def __init__(self, ref_dir: str, spec: dict, python: str = sys.executable,
+               timeout: float = 1800.0, start_timeout: float = 1800.0,
+               omp_wait_policy: str = None, argv=None):
+    self.ref_dir = ref_dir
+    self.timeout = float(timeout)
+    self.noise = []
     self._err = tempfile.TemporaryFile(mode="w+")
-    # torch's OpenMP threads spin-wait by default; on a CPU shared with other
-    # jobs that stalls every parallel region (measured here: 0.8 vs 5-7 img/s
-    # at configs/demo.py under load 20), so the reference gets the passive
-    # policy unless the caller sets one.
     env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if omp_wait_policy:
+      env["OMP_WAIT_POLICY"] = omp_wait_policy
     self._proc = subprocess.Popen(
-        [python, os.path.abspath(__file__), "--reference", ref_dir,
-         "--spec", json.dumps(spec)],
+        argv or [python, os.path.abspath(__file__), "--reference", ref_dir,
+                 "--spec", json.dumps(spec)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
-        text=True, env=env)
-    self.info = self._read()
+        env=env)
+    # stdout in chunks, not lines: a build message without its newline
+    # still shows in a timeout's message.
+    self._chunks = queue.Queue()
+    self._buf = ""
 
-  def _read(self) -> dict:
-    line = self._proc.stdout.readline()
-    if not line:
-      self._proc.wait()
-      self._err.seek(0)
-      tail = self._err.read()[-3000:]
-      raise RuntimeError(f"the stylegan2-ada-pytorch worker exited with "
-                         f"status {self._proc.returncode}:\n{tail}")
-    out = json.loads(line)
-    if "error" in out:
-      raise RuntimeError(f"stylegan2-ada-pytorch worker: {out['error']}")
-    return out
+    def pump(fd, chunks):
+      while True:
+        chunk = os.read(fd, 65536)
+        chunks.put(chunk.decode("utf-8", "replace") if chunk else None)
+        if not chunk:
+          return
+    threading.Thread(target=pump, args=(self._proc.stdout.fileno(),
+                                        self._chunks), daemon=True).start()
+    self.info = self._read(start_timeout, "start-up (build, warm-up)")
+
+  def _last_output(self) -> str:
+    self._err.seek(0)
+    return ("".join(self.noise[-5:]) + self._buf + "\n" +
+            self._err.read()[-3000:])
+
+  def _read(self, timeout: float, waiting_for: str) -> dict:
+    t0 = time.monotonic()
+    while True:
+      while "\n" in self._buf:
+        line, self._buf = self._buf.split("\n", 1)
+        if RESULT_PREFIX not in line:
+          self.noise.append(line + "\n")
+          continue
+        head, payload = line.split(RESULT_PREFIX, 1)
+        if head.strip():
+          self.noise.append(head + "\n")
+        out = json.loads(payload)
+        if "error" in out:
+          raise RuntimeError(f"stylegan2-ada-pytorch worker: {out['error']}")
+        return out
+      try:
+        chunk = self._chunks.get(
+            timeout=max(timeout - (time.monotonic() - t0), 0.0))
+      except queue.Empty:
+        elapsed = time.monotonic() - t0
+        self.kill()
+        raise WorkerTimeout(
+            f"the stylegan2-ada-pytorch worker (checkout {self.ref_dir}) gave "
+            f"no result for {waiting_for} in {elapsed:.0f} s (limit "
+            f"{timeout:.0f} s); stopped it. Its last output:\n"
+            f"{self._last_output()}") from None
+      if chunk is None:                     # the worker exited
+        self._proc.wait()
+        raise RuntimeError(
+            f"the stylegan2-ada-pytorch worker (checkout {self.ref_dir}) "
+            f"exited with status {self._proc.returncode} during "
+            f"{waiting_for}:\n{self._last_output()}")
+      self._buf += chunk
 
   def run(self, command: str, n: int):
     """(wall seconds, images, CPU seconds of the worker's threads)."""
-    self._proc.stdin.write(f"{command} {int(n)}\n")
+    self._proc.stdin.write(f"{command} {int(n)}\n".encode())
     self._proc.stdin.flush()
-    out = self._read()
+    out = self._read(self.timeout, f"'{command} {int(n)}'")
     return out["seconds"], out["images"], out["cpu_seconds"]
+
+  def kill(self):
+    if self._proc.poll() is None:
+      self._proc.kill()
+      self._proc.wait()
 
   def close(self):
     if self._proc.poll() is None:
-      self._proc.stdin.write("quit\n")
-      self._proc.stdin.close()
-      self._proc.wait(timeout=60)
+      try:
+        self._proc.stdin.write(b"quit\n")
+        self._proc.stdin.close()
+        self._proc.wait(timeout=60)
+      except (OSError, ValueError, subprocess.TimeoutExpired):
+        self.kill()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,12 @@ peak device memory.
 With --reference (a checkout of stylegan2-ada-pytorch and torch, `pip
 install -e '.[import]'`) the reference's own networks, StyleGAN2Loss and
 phase schedule run at the same configuration in a subprocess
-(sg2ada_reference.py); rounds of --iterations alternate ours / reference:
+(sg2ada_reference.py). Our figures are emitted first; then rounds of
+--iterations alternate ours / reference and the ratio is taken from those
+rounds. The reference runs with torch's defaults (--reference_omp_wait_policy
+to change; recorded with the ratio) and TF32 off, and its records name the
+implementation its custom ops really took ('cuda', or 'ref' if a build
+failed); --reference_timeout stops a hung reference:
 
   python -m tools.bench.train --config configs/demo.py \
       --reference /path/to/stylegan2-ada-pytorch --rounds 2
@@ -40,6 +45,7 @@ _ITERS = flags.DEFINE_integer(
 _REFERENCE = flags.DEFINE_string(
     "reference", None, "Checkout of stylegan2-ada-pytorch: also time it at "
     "the same configuration, in alternating rounds.")
+sg2ada_reference.define_flags()
 _CACHE = flags.DEFINE_string(
     "compilation_cache_dir", None, "Use JAX's persistent compilation cache "
     "here (as gandl-train does by default); off by default, so that the "
@@ -85,23 +91,15 @@ def main(argv):
   interval = int(np.lcm(config.loss.r1_interval, config.loss.pl_interval))
   steps(-run["step"] % interval)
 
-  sides = {"ours": lambda: steps(_ITERS.value)}
-  ref = None
-  if _REFERENCE.value:
-    ref = sg2ada_reference.Worker(
-        _REFERENCE.value, sg2ada_reference.spec_from_config(config, "train"))
-    sides["reference"] = harness.worker_side(ref, "train", _ITERS.value)
-  try:
-    times = harness.alternate(sides, flags.FLAGS.rounds, flags.FLAGS.warmup)
-  finally:
-    if ref:
-      ref.close()
-
+  ours_round = lambda: steps(_ITERS.value)
+  times = harness.alternate({"ours": ours_round}, flags.FLAGS.rounds,
+                            flags.FLAGS.warmup)
   images = _ITERS.value * b
   cfg = {"config": harness.config_source(), "resolution": r, "batch": b,
          "compute_dtype": config.compute_dtype,
          "channel_base": config.model.channel_base, "num_devices": n_dev,
          "iterations": _ITERS.value, "compiler_options": tr.compiler_options}
+  # Our figures first: a reference that fails later cannot lose them.
   ours = times["ours"]
   img_s = images / ours.median
   harness.emit("img_per_sec", img_s, "images/s", cfg, timing=ours)
@@ -124,19 +122,37 @@ def main(argv):
               f"device(s): {img_s:.1f} img/s (rounds "
               f"{[round(images / t, 1) for t in ours.seconds]}), compile "
               f"{compile_t.median:.1f} s")
-  if ref:
-    rt = times["reference"]
-    ref_img_s = images / rt.median
-    rcfg = dict(cfg, reference=ref.info)
-    harness.emit("reference_img_per_sec", ref_img_s, "images/s", rcfg,
-                 timing=rt)
-    harness.emit("reference_cpu_sec_per_kimg",
-                 1000.0 * rt.cpu_median / images, "CPU s/kimg", rcfg,
-                 timing=rt)
-    harness.emit("speedup_vs_reference", img_s / ref_img_s, "x", rcfg,
-                 timing=ours)
-    harness.say(f"stylegan2-ada-pytorch: {ref_img_s:.1f} img/s; ours / "
-                f"reference = {img_s / ref_img_s:.2f}x")
+  if _REFERENCE.value:
+    _side_by_side(config, cfg, ours_round, images)
+
+
+def _side_by_side(config, cfg, ours_round, images):
+  """The reference at the same configuration, in rounds alternating with
+  ours (the ratio uses these rounds of ours, under the same load)."""
+  ref = sg2ada_reference.from_flags(
+      _REFERENCE.value, sg2ada_reference.spec_from_config(config, "train"))
+  try:
+    times = harness.alternate(
+        {"ours": ours_round,
+         "reference": harness.worker_side(ref, "train", _ITERS.value)},
+        flags.FLAGS.rounds, flags.FLAGS.warmup)
+  finally:
+    ref.close()
+  ours, rt = times["ours"], times["reference"]
+  img_s, ref_img_s = images / ours.median, images / rt.median
+  rcfg = dict(cfg, reference=ref.info)
+  harness.emit("reference_img_per_sec", ref_img_s, "images/s", rcfg,
+               timing=rt)
+  harness.emit("reference_cpu_sec_per_kimg",
+               1000.0 * rt.cpu_median / images, "CPU s/kimg", rcfg,
+               timing=rt)
+  harness.emit("speedup_vs_reference", img_s / ref_img_s, "x",
+               dict(rcfg, ours_img_per_sec=img_s), timing=ours)
+  harness.say(f"stylegan2-ada-pytorch ({ref.info.get('device')}, custom ops "
+              f"{ref.info.get('custom_ops')}, OMP_WAIT_POLICY "
+              f"{ref.info.get('omp_wait_policy')}): {ref_img_s:.1f} img/s; "
+              f"ours alongside {img_s:.1f}; ours / reference = "
+              f"{img_s / ref_img_s:.2f}x")
 
 
 if __name__ == "__main__":
