@@ -7,7 +7,8 @@ other module spells a channel name or a metadata column by hand.
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+import re
+from typing import List, Tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,14 +106,61 @@ RXRX1_SITES: Tuple[int, ...] = (1, 2)
 NATIVE_RESOLUTION = {"rxrx19a": 1024, "rxrx1": 512}
 
 
+# Site and well ids join their fields with "_". A field holding "_" or "%"
+# has them percent-encoded ("%" -> "%25", "_" -> "%5F"), so an id names one
+# tuple of fields whatever the plate and well names: plate "BR_X", well "A01"
+# gives "BR%5FX_A01_1", plate "BR", well "X_A01" gives "BR_X%5FA01_1". Fields
+# without either character are unchanged, so RxRx19a / RxRx1 ids are exactly
+# Recursion's (their published embeddings join on them). `split_id` decodes.
+_ID_ESCAPES = {"%": "%25", "_": "%5F"}
+_ID_UNESCAPE = re.compile(r"%(25|5F)")
+
+
+def id_field(value: object) -> str:
+  """One field of a site or well id, "%" and "_" percent-encoded."""
+  text = str(value)
+  if "%" in text or "_" in text:
+    text = "".join(_ID_ESCAPES.get(c, c) for c in text)
+  return text
+
+
+def join_id(*fields: object) -> str:
+  """The one builder of site and well ids: the encoded fields joined by "_"."""
+  return "_".join(id_field(f) for f in fields)
+
+
+def split_id(text: str) -> List[str]:
+  """The fields of an id built by `join_id`, decoded."""
+  return [decode_id_field(p) for p in str(text).split("_")]
+
+
+def decode_id_field(text: str) -> str:
+  """Undoes `id_field` ("%5F" -> "_", "%25" -> "%")."""
+  return _ID_UNESCAPE.sub(lambda m: "_" if m.group(1) == "5F" else "%", text)
+
+
 def site_id(experiment: str, plate: int, well: str, site: int) -> str:
-  """`{experiment}_{plate}_{well}_{site}`, as in metadata.csv."""
-  return f"{experiment}_{plate}_{well}_{site}"
+  """`{experiment}_{plate}_{well}_{site}`, as in metadata.csv (fields
+  encoded by `id_field`)."""
+  return join_id(experiment, plate, well, site)
 
 
 def well_id(experiment: str, plate: int, well: str) -> str:
-  """`{experiment}_{plate}_{well}`, as in metadata.csv."""
-  return f"{experiment}_{plate}_{well}"
+  """`{experiment}_{plate}_{well}`, as in metadata.csv (`id_field`)."""
+  return join_id(experiment, plate, well)
+
+
+def loaddata_site_id(plate: str, well: str, site: int) -> str:
+  """A LoadData site's id: `{plate}_{well}_{site}` (fields encoded by
+  `id_field`). Three fields, not RxRx's four: readers that parse RxRx ids
+  (gandl_jax/evaluate/io.py) take LoadData ids as opaque keys; the plate,
+  well and site travel in their own columns."""
+  return join_id(plate, well, site)
+
+
+def loaddata_well_id(plate: str, well: str) -> str:
+  """A LoadData well's id: `{plate}_{well}` (`id_field`)."""
+  return join_id(plate, well)
 
 
 def image_relpath(experiment: str, plate: int, well: str, site: int,

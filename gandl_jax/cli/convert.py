@@ -45,7 +45,11 @@ _CHANNELS = flags.DEFINE_list("channels", None, "Channel numbers to stack "
 _CLIP = flags.DEFINE_string("clip_percentiles", "0.1,99.9", "loaddata: LOW,"
                             "HIGH percentiles of each channel's values on the "
                             "sampled sites, mapped to 0 and 255; 'none': the "
-                            "bit depth's full range.")
+                            "bit depth's full range. A constant channel (no "
+                            "spread between the percentiles, e.g. saturated "
+                            "at 65535) gets the full range too, with a "
+                            "warning: 0 stays black, 65535 becomes 255. A "
+                            "channel mixing 8- and 16-bit files is refused.")
 _SAMPLE = flags.DEFINE_integer("intensity_sample", 64, "loaddata: sites "
                                "sampled for the percentiles.")
 _SEED = flags.DEFINE_integer("intensity_seed", 0, "loaddata: seed of that "
@@ -54,6 +58,15 @@ _PATH_MAP = flags.DEFINE_multi_string("path_map", [], "loaddata: OLD=NEW "
                                       "replaces a prefix of the image paths "
                                       "(repeatable), e.g. s3://cellpainting-"
                                       "gallery/=/data/cpg/.")
+_IMAGE_ROOT = flags.DEFINE_string(
+    "image_root", None, "loaddata: the directory every image must lie in; "
+    "rows whose PathName_/FileName_ lead elsewhere ('..', absolute paths, "
+    "symlinks out of it) are refused in errors.csv. Default: the LoadData "
+    "CSV's directory, or for a path rewritten by --path_map that entry's "
+    "NEW side.")
+_ALLOW_OUTSIDE = flags.DEFINE_bool(
+    "allow_outside_root", False, "loaddata: read images wherever the CSV "
+    "points, outside the image root too.")
 _COMPRESSION = flags.DEFINE_enum("compression", "", ["", "GZIP"],
                                  "TFRecord compression.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo finished shards.")
@@ -84,6 +97,9 @@ def _clip(text: str):
 
 def main(argv):
   cli.no_arguments(argv)
+  if _NUM_SHARDS.value is not None and _NUM_SHARDS.value < 1:
+    raise cli.usage(f"--num_shards must be a positive integer, got "
+                    f"{_NUM_SHARDS.value}")
   loaddata = _DATASET.value == "loaddata"
   try:
     channels = (None if not _CHANNELS.value else
@@ -99,9 +115,13 @@ def main(argv):
     except ValueError as e:
       raise cli.usage(f"--path_map: {e}")
     extra = dict(path_map=path_map, clip_percentiles=_clip(_CLIP.value),
-                 intensity_sample=_SAMPLE.value, intensity_seed=_SEED.value)
-  elif _PATH_MAP.value:
-    raise cli.usage("--path_map applies to --dataset loaddata only")
+                 intensity_sample=_SAMPLE.value, intensity_seed=_SEED.value,
+                 image_root=_IMAGE_ROOT.value,
+                 allow_outside_root=_ALLOW_OUTSIDE.value)
+  else:
+    for name in ("path_map", "image_root", "allow_outside_root"):
+      if flags.FLAGS[name].present:
+        raise cli.usage(f"--{name} applies to --dataset loaddata only")
   command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
   cli.run("gandl-convert", lambda: convert_command(
       dataset=_DATASET.value, input_dir=_INPUT.value, output_dir=_OUTPUT.value,

@@ -375,7 +375,8 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
             path_map: Sequence[Tuple[str, str]] = (),
             clip_percentiles: Optional[Sequence[float]] = loaddata.DEFAULT_CLIP,
             intensity_sample: int = loaddata.DEFAULT_INTENSITY_SAMPLE,
-            intensity_seed: int = 0) -> Dict[str, object]:
+            intensity_seed: int = 0, image_root: Optional[str] = None,
+            allow_outside_root: bool = False) -> Dict[str, object]:
   """Converts a dataset tree to TFRecord shards; returns a summary dict.
 
   Args:
@@ -405,6 +406,9 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
       range of the bit depth (0..255 or 0..65535).
     intensity_sample: "loaddata": sites sampled for the percentiles.
     intensity_seed: "loaddata": seed of that sample.
+    image_root: "loaddata": the directory every image must lie in (default:
+      the CSV's directory, or a `path_map` entry's local side).
+    allow_outside_root: "loaddata": read images outside the image root.
 
   Returns:
     {"num_examples", "num_failed", "num_shards", "output_dir", "errors_csv",
@@ -439,7 +443,8 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
 
   if is_loaddata:
     channels, col_names, metas, errors = loaddata.read_loaddata(
-        inputs, tuple(str(c) for c in channels or ()), path_map)
+        inputs, tuple(str(c) for c in channels or ()), path_map, image_root,
+        allow_outside_root)
     if not metas:
       raise MetadataError(f"{input_dir}: no usable rows ({len(errors)} "
                           f"refused, first: {errors[0]['reason'] if errors else '-'})")
@@ -450,7 +455,7 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
     intensity = loaddata.intensity_windows(metas, channels, clip_percentiles,
                                            intensity_sample, intensity_seed,
                                            workers)
-    windows = [(c["low"], c["high"]) for c in intensity["channels"]]
+    windows = loaddata.site_windows(intensity)
   else:
     metas, errors, source_size = read_plan(dataset, input_dir, subset, channels,
                                            source_size)

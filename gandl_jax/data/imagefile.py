@@ -6,12 +6,13 @@ conversion worker processes start quickly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
 import re
 import stat
-from typing import Dict, Optional
+from typing import BinaryIO, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -46,16 +47,32 @@ def parse_int(text: str, col: str) -> int:
   return v
 
 
-def read_image_file(path: str) -> bytes:
-  """The bytes of one image file.
+@contextlib.contextmanager
+def open_image_file(path: str, what: str = "a PNG file"
+                    ) -> Iterator[Tuple[BinaryIO, int]]:
+  """(binary file object, size in bytes) of one image file, nothing read.
 
   FileNotFoundError when nothing is there; SiteError when something other
   than a regular file is (a directory, a FIFO, a device, a symlink loop) or
-  it cannot be read. Local files are opened non-blocking and checked with
-  fstat before reading, so a FIFO never blocks.
+  it cannot be opened (`what` names what was expected). Local files are
+  opened non-blocking and checked with fstat, so a FIFO never blocks. A
+  remote file (gs://) that cannot be read for any other reason than its
+  absence is a SiteError too, not an abort.
   """
   if gio.is_remote(path):
-    return gio.read_bytes(path)
+    tf = gio.tensorflow()
+    try:
+      size = int(tf.io.gfile.stat(path).length)
+      f = tf.io.gfile.GFile(path, "rb")
+    except tf.errors.NotFoundError:
+      raise FileNotFoundError(path) from None
+    except Exception as e:  # tf.errors.OpError subclasses and more
+      raise SiteError(f"cannot read the image file ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''})",
+                      path) from None
+    with f:
+      yield f, size
+    return
   try:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
   except FileNotFoundError:
@@ -65,21 +82,28 @@ def read_image_file(path: str) -> bytes:
               else e.strerror or type(e).__name__)
     raise SiteError(f"cannot open the image file ({reason})", path) from None
   try:
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+      mode = st.st_mode
       kind = ("a directory" if stat.S_ISDIR(mode) else
               "a FIFO" if stat.S_ISFIFO(mode) else
               "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
               "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-      raise SiteError(f"expected a PNG file, found {kind}", path)
+      raise SiteError(f"expected {what}, found {kind}", path)
     with os.fdopen(fd, "rb", closefd=False) as f:
-      try:
-        return f.read()
-      except OSError as e:
-        raise SiteError(f"cannot read the image file ({e.strerror or e})",
-                        path) from None
+      yield f, int(st.st_size)
   finally:
     os.close(fd)
+
+
+def read_image_file(path: str) -> bytes:
+  """The bytes of one image file (`open_image_file`'s checks and errors)."""
+  with open_image_file(path) as (f, _):
+    try:
+      return f.read()
+    except OSError as e:
+      raise SiteError(f"cannot read the image file ({e.strerror or e})",
+                      path) from None
 
 
 def decode_error(e: Exception, what: str, path: str) -> SiteError:

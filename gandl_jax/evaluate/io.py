@@ -389,7 +389,9 @@ def _parse_site_ids(site_ids: pd.Series) -> pd.DataFrame:
   parts = site_ids.str.rsplit("_", n=3, expand=True)
   if parts.shape[1] != 4:
     return pd.DataFrame(index=site_ids.index)
-  out = pd.DataFrame({"experiment": parts[0], "well": parts[2]})
+  # Fields holding "_" or "%" are percent-encoded (schema.join_id).
+  dec = lambda c: c.map(schema.decode_id_field, na_action="ignore")
+  out = pd.DataFrame({"experiment": dec(parts[0]), "well": dec(parts[2])})
   out["plate"] = pd.to_numeric(parts[1], errors="coerce")
   out["site"] = pd.to_numeric(parts[3], errors="coerce")
   if out[["plate", "site"]].isna().any().any():
