@@ -34,8 +34,8 @@ _RESOLUTION = flags.DEFINE_integer("resolution", 256, "Output edge in pixels.")
 _SUBSET = flags.DEFINE_enum("subset", "all", ["all", "controls"],
                             "controls: RxRx19a untreated wells, RxRx1 control "
                             "wells.")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Default: ~128 MiB per "
-                                   "shard, at least 16.")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "A positive integer; "
+                                   "default: ~128 MiB per shard, at least 16.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Processes decoding PNGs.")
 _CHANNELS = flags.DEFINE_list("channels", None, "Channel numbers to stack "
                               "(default rxrx19a 1-5, rxrx1 1-5); loaddata: "
