@@ -390,8 +390,9 @@ def _parse_site_ids(site_ids: pd.Series) -> pd.DataFrame:
   if parts.shape[1] != 4:
     return pd.DataFrame(index=site_ids.index)
   # Fields holding "_" or "%" are percent-encoded (schema.join_id).
-  dec = lambda c: c.map(schema.decode_id_field, na_action="ignore")
-  out = pd.DataFrame({"experiment": dec(parts[0]), "well": dec(parts[2])})
+  decoded = {k: parts[i].map(schema.decode_id_field, na_action="ignore")
+             for k, i in (("experiment", 0), ("well", 2))}
+  out = pd.DataFrame(decoded)
   out["plate"] = pd.to_numeric(parts[1], errors="coerce")
   out["site"] = pd.to_numeric(parts[3], errors="coerce")
   if out[["plate", "site"]].isna().any().any():
