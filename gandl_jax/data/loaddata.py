@@ -14,9 +14,9 @@ Nothing here imports TensorFlow unless a path is remote (`gs://...`).
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
-import csv
 import math
 import multiprocessing
 import os
@@ -147,19 +147,21 @@ def _resolve(csv_path: str, directory: str, name: str,
   """(path, root): PathName + FileName, prefixes mapped, relative ones taken
   from the CSV's directory; the root it must stay in is `image_root`, else
   the local side of the path map entry used, else the CSV's directory."""
-  full = gio.join(directory, name) if directory else name
   base = os.path.dirname(csv_path)
-  root = base if gio.is_remote(base) else os.path.abspath(base)
+
+  def below_csv(p):     # relative paths are taken from the CSV's directory
+    if gio.is_remote(p) or os.path.isabs(p) or not base:
+      return p
+    return gio.join(base, p)
+
+  full = gio.join(directory, name) if directory else name
+  root = base
   for old, new in path_map:
     if full.startswith(old):
       full = new + full[len(old):]
-      root = new if new.endswith("/") else posixpath.dirname(new) or "."
+      root = new if new.endswith("/") else posixpath.dirname(new)
       break
-  if image_root:
-    root = image_root
-  if not (gio.is_remote(full) or os.path.isabs(full)):
-    full = gio.join(base, full) if base else full
-  return full, root
+  return below_csv(full), image_root or below_csv(root) or "."
 
 
 def _normal(path: str) -> Tuple[str, str]:
@@ -386,11 +388,11 @@ def read_plane(path: str, page: Optional[int], root: Optional[str],
   `decode_plane` without reading more than its header declares.
   FileNotFoundError when it does not exist."""
   real = check_real_path(path, root)
-  with open_image_file(real, "an image file") as (f, size):
-    try:
+  try:
+    with open_image_file(real, "an image file") as (f, size):
       return decode_plane(f, path, page, channel, size, check_size)
-    except SiteError as e:
-      raise SiteError(e.reason, path) from None
+  except SiteError as e:      # named by the CSV's path, not the resolved one
+    raise SiteError(e.reason, path) from None
 
 
 def center_square(a: np.ndarray) -> np.ndarray:
