@@ -42,9 +42,11 @@ MODEL_KEYS = ("G", "G_ema", "D")
 _READ_OPTIONS = ocp.CheckpointManagerOptions(create=False)
 # Training's representation probe (gandl_jax/train/probe.py) records its
 # result in a step's meta as meta[PROBE_META] = {'score', 'control_bacc',
-# 'cell_type_bacc'}; the retention policy keeps the step with the best score
-# (Orbax metric BEST_METRIC), and `step="best"` / `gandl-export --step best`
-# resolve to it.
+# 'cell_type_bacc' (the selection layer's), 'layer' (that layer), 'layers':
+# {layer: {'score', ...}}, 'plates': [the probe's plates]}; the retention
+# policy keeps the step with the best score of each layer (Orbax metrics
+# BEST_METRIC and BEST_METRIC/<layer>), and `step="best"` /
+# `gandl-export --step best [--layer L]` resolve to it (`best_selection`).
 PROBE_META = "probe"
 BEST_METRIC = "probe/score"
 BEST = "best"
@@ -154,9 +156,30 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int
   return model, dict(meta)
 
 
-def probe_score(meta: Mapping[str, Any]) -> Optional[float]:
-  """The probe score recorded in a step's meta, or None."""
-  value = (meta.get(PROBE_META) or {}).get("score")
+DEFAULT_PROBE_LAYER = "fc"
+
+
+def probe_layer(meta: Mapping[str, Any]) -> str:
+  """The layer a step's probe score was computed on (its selection layer;
+  'fc' for a record without one)."""
+  return str((meta.get(PROBE_META) or {}).get("layer") or DEFAULT_PROBE_LAYER)
+
+
+def probe_layers(meta: Mapping[str, Any]) -> Tuple[str, ...]:
+  """The layers with a probe record in a step's meta."""
+  return tuple((meta.get(PROBE_META) or {}).get("layers") or ())
+
+
+def probe_score(meta: Mapping[str, Any], layer: Optional[str] = None
+                ) -> Optional[float]:
+  """The probe score recorded in a step's meta for `layer` (None: the
+  selection layer's), or None."""
+  record = meta.get(PROBE_META) or {}
+  if layer is None or (layer == probe_layer(meta)
+                       and layer not in (record.get("layers") or {})):
+    value = record.get("score")
+  else:
+    value = ((record.get("layers") or {}).get(layer) or {}).get("score")
   return None if value is None else float(value)
 
 
@@ -165,30 +188,48 @@ def _read_meta(mngr: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
       META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])
 
 
-def best_step(path: PathLike) -> int:
-  """The step with the highest recorded probe score (the latest of equal
-  scores, as the retention policy keeps it) under a workdir or checkpoints
-  directory. Raises FileNotFoundError when no step has a score."""
+def best_selection(path: PathLike, layer: Optional[str] = None
+                   ) -> Dict[str, Any]:
+  """The step with the highest recorded probe score of `layer` (None: each
+  step's selection layer, config.probe_layer) under a workdir or checkpoints
+  directory (the latest of equal scores, as the retention policy keeps it):
+  {'step', 'layer', 'score', 'plates'} ('plates': the plates the probe drew
+  its sites from, [] for a record without them). Raises FileNotFoundError
+  when no step has a score for that layer."""
   directory, _ = _resolve(path)
-  best: Optional[Tuple[float, int]] = None
+  best: Optional[Tuple[float, int, Dict[str, Any]]] = None
   with _reader(directory) as mngr:
     steps = sorted(mngr.all_steps())
     for s in steps:
       try:
-        score = probe_score(_read_meta(mngr, s))
+        meta = _read_meta(mngr, s)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("step %d in %s: meta unreadable (%s); skipped", s,
                         directory, e)
         continue
+      score = probe_score(meta, layer)
       if score is not None and (best is None or score >= best[0]):
-        best = (score, s)
+        best = (score, s, meta)
   if best is None:
     raise FileNotFoundError(
-        f"no checkpoint in {directory} has a probe score (steps "
-        f"{steps}); the representation probe records one every "
-        f"config.probe_every_kimg (0 turns it off)")
-  logging.info("best probe score %.4f at step %d", best[0], best[1])
-  return best[1]
+        f"no checkpoint in {directory} has a probe score"
+        + (f" for layer {layer!r}" if layer else "") + f" (steps {steps}); "
+        f"the representation probe records one every "
+        f"config.probe_every_kimg (0 turns it off) for the layers of "
+        f"config.probe_layers")
+  score, step, meta = best
+  selection = {"step": step, "layer": layer or probe_layer(meta),
+               "score": score,
+               "plates": list((meta.get(PROBE_META) or {}).get("plates")
+                              or [])}
+  logging.info("best probe score %.4f (layer %s) at step %d", score,
+               selection["layer"], step)
+  return selection
+
+
+def best_step(path: PathLike, layer: Optional[str] = None) -> int:
+  """The step of `best_selection`."""
+  return best_selection(path, layer)["step"]
 
 
 def resolve_step(path: PathLike, step: StepSpec) -> Optional[int]:

@@ -14,6 +14,7 @@ ConvAE baseline) have their own key set, defined by the family
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import ml_collections
@@ -154,10 +155,17 @@ def base_config() -> ml_collections.ConfigDict:
   # of at most probe_sites untreated Mock / Active sites, chosen from
   # sites.csv, feed linear SVMs (Mock vs Active, HRCE vs VERO; plate-grouped
   # split); the balanced accuracies go to metrics.jsonl / TensorBoard and the
-  # checkpoint with the best probe score is kept.
+  # checkpoint with the best probe score is kept. The sites come from a
+  # recorded subset of the plates (probe_plate_fraction of each cell type's
+  # plates, at least 2), which gandl-evaluate leaves out of the control task
+  # of a probe-selected checkpoint. Every layer of probe_layers (those the
+  # model has) is scored from the same forward pass; probe_layer's score is
+  # probe/score, the default selection of `gandl-export --step best`.
   config.probe_every_kimg = 100.0
   config.probe_sites = 2000
   config.probe_layer = "fc"
+  config.probe_layers = "fc,conv,b8,b16,b32"
+  config.probe_plate_fraction = 0.25
 
   config.optim = ml_collections.ConfigDict(dict(
       g_lr=0.0025, d_lr=0.0025, beta1=0.0, beta2=0.99, eps=1e-8))
@@ -244,9 +252,36 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   if config.probe_every_kimg > 0 and int(config.probe_sites) < 16:
     errors.append(f"config.probe_sites must be >= 16, got "
                   f"{config.probe_sites}")
+  if config.probe_every_kimg > 0:
+    errors.extend(probe_config_errors(config))
   if not 0 <= loss.style_mixing_prob <= 1:
     errors.append("config.loss.style_mixing_prob must be in [0, 1]")
   _fail(errors)
+
+
+def probe_layer_names(config: Any) -> List[str]:
+  """config.probe_layers as a list (comma-separated names), with
+  config.probe_layer first."""
+  names = [str(config.probe_layer)]
+  for name in str(config.get("probe_layers", "") or "").split(","):
+    if name.strip() and name.strip() not in names:
+      names.append(name.strip())
+  return names
+
+
+def probe_config_errors(config: Any) -> List[str]:
+  """The probe keys' errors (empty when valid)."""
+  errors = []
+  fraction = float(config.get("probe_plate_fraction", 1.0))
+  if not 0 < fraction <= 1:
+    errors.append(f"config.probe_plate_fraction must be in (0, 1], got "
+                  f"{fraction}")
+  layer_name = re.compile(r"^(fc|conv|logit|b[0-9]+)$")
+  bad = [n for n in probe_layer_names(config) if not layer_name.match(n)]
+  if bad:
+    errors.append(f"config.probe_layers: unknown layer name(s) {bad}; "
+                  f"expected fc, conv, logit or b<resolution> (b8, b16, ...)")
+  return errors
 
 
 # ------------------------------------------------------------------ resume

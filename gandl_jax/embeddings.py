@@ -34,6 +34,10 @@ ROWS_PER_GROUP = 8192           # Parquet row group size (rows buffered)
 # two it reads by name.
 META_KEY_LAYER = "gandl.layer"
 META_KEY_STEP = "gandl.checkpoint_step"
+# The plates a probe-selected checkpoint was chosen on (a JSON list of
+# `{experiment}_{plate}` keys; gandl-export): gandl-evaluate leaves them out of
+# the control task.
+META_KEY_PROBE_PLATES = "gandl.probe_plates"
 
 
 def feature_name(index: int) -> str:

@@ -328,6 +328,55 @@ def test_existing_output_refused_unless_overwrite(env, tmp_path):
   assert out.read_bytes() == b"an earlier export"
 
 
+def _probe_meta(fc, conv, plates=("A_1", "B_2")):
+  return {"probe": {"score": fc, "layer": "fc", "plates": list(plates),
+                    "layers": {"fc": {"score": fc}, "conv": {"score": conv}}}}
+
+
+def test_step_best_records_layer_and_probe_plates(env, tmp_path):
+  """--step best selects on --layer (default the probe's selection layer),
+  exports that layer and lists the probe plates; an explicit step does
+  not."""
+  wd = tmp_path / "run"
+  d = checkpoint.checkpoint_dir(wd)
+  _save(d, env["cfg"], seed=1, step=1, meta=_probe_meta(0.9, 0.6))
+  _save(d, env["cfg"], seed=2, step=2, meta=_probe_meta(0.7, 0.8))
+  kw = dict(batch=BATCH, mesh=_mesh(1))
+
+  def kv(path):
+    return {k.decode(): v.decode()
+            for k, v in pq.read_schema(path).metadata.items()}
+
+  out = tmp_path / "best.parquet"
+  summary = export.export_embeddings(str(wd), env["shards"], str(out),
+                                     step="best", **kw)
+  assert (summary.step, summary.layer, summary.selected_on_layer) == (
+      1, "fc", "fc")
+  meta = kv(out)
+  assert json.loads(meta["gandl.probe_plates"]) == ["A_1", "B_2"]
+  assert json.loads(meta["gandl.checkpoint_selection"]) == {
+      "by": "representation probe", "layer": "fc", "score": 0.9}
+  assert meta["gandl.checkpoint_step"] == "1"
+
+  out = tmp_path / "conv.parquet"
+  summary = export.export_embeddings(str(wd), env["shards"], str(out),
+                                     step="best", layer="conv", **kw)
+  assert (summary.step, summary.layer, summary.selected_on_layer) == (
+      2, "conv", "conv")
+  assert kv(out)["gandl.layer"] == "conv"
+  assert json.loads(kv(out)["gandl.checkpoint_selection"])["layer"] == "conv"
+
+  out = tmp_path / "step2.parquet"
+  summary = export.export_embeddings(str(wd), env["shards"], str(out),
+                                     step=2, **kw)
+  assert summary.selected_on_layer is None
+  assert "gandl.probe_plates" not in kv(out)
+  with pytest.raises(FileNotFoundError, match="for layer 'logit'"):
+    export.export_embeddings(str(wd), env["shards"],
+                             str(tmp_path / "x.parquet"), step="best",
+                             layer="logit", **kw)
+
+
 def test_checkpoint_fallback_is_explicit(env, tmp_path):
   """An unreadable latest checkpoint is refused unless
   --step or --allow_fallback; the step used is in summary and metadata."""

@@ -90,6 +90,9 @@ def test_scores_on_constructed_features(shards):
 @pytest.mark.parametrize("override,message", [
     ({"probe_every_kimg": -1.0}, "probe_every_kimg must be >= 0"),
     ({"probe_sites": 4}, "probe_sites must be >= 16"),
+    ({"probe_plate_fraction": 0.0}, "probe_plate_fraction must be in"),
+    ({"probe_plate_fraction": 1.5}, "probe_plate_fraction must be in"),
+    ({"probe_layers": "fc,b16,pool"}, r"unknown layer name\(s\) \['pool'\]"),
 ])
 def test_probe_config_errors(override, message):
   from gandl_jax import config as config_lib
@@ -119,7 +122,11 @@ def test_probe_during_training_resume_and_best(shards, tmp_path):
   sites_file = tmp_path / "w" / probe.PROBE_SITES_FILE
   drawn = probe.read_sites(str(sites_file))
   table = pipeline.read_sites_index(shards)
-  pd.testing.assert_frame_equal(drawn, probe.select_sites(table, 64, 0))
+  pd.testing.assert_frame_equal(
+      drawn, probe.select_sites(table, 64, 0, plate_fraction=0.25))
+  # The default fraction: 2 of the 4 plates of each cell type.
+  plates = probe.plates_of(drawn)
+  assert len(plates) == 4 and first["metrics"][probe.PLATES] == 4
   # A resumed run reads the recorded set back (here: edited to 32 sites)
   # instead of drawing it again.
   edited = drawn.iloc[::2].reset_index(drop=True)
@@ -138,6 +145,13 @@ def test_probe_during_training_resume_and_best(shards, tmp_path):
     for k in (probe.CONTROL, probe.CELL_TYPE, probe.SCORE):
       assert l[k] is None or 0.0 <= l[k] <= 1.0, (k, l)
     assert l[probe.SECONDS] >= l[probe.EMBED_SECONDS] > 0
+    # Every layer of the 8x8 model in probe_layers (b16 and b32 are not in
+    # it), from one pass; fc's are the selection layer's.
+    per_layer = {k for k in l if k.count("/") == 2}
+    assert per_layer == {probe.layer_key(t, layer) for t in probe.TASKS
+                         for layer in ("fc", "conv", "b8")}, per_layer
+    assert l[probe.layer_key("control", "fc")] == l[probe.CONTROL]
+    assert l[probe.layer_key("score", "fc")] == l[probe.SCORE]
 
   # Checkpoints: step 2 (first score: a new best) and 4 (the end), each
   # with its probe result in the meta; 'best' is the highest score.
@@ -146,6 +160,12 @@ def test_probe_during_training_resume_and_best(shards, tmp_path):
   for s in steps_saved:
     _, meta = checkpoint.restore_model(workdir, s)
     assert meta["probe"]["score"] == pytest.approx(probed[s][probe.SCORE])
+    assert meta["probe"]["plates"] == plates
+    assert meta["probe"]["layer"] == "fc"
+    assert sorted(meta["probe"]["layers"]) == ["b8", "conv", "fc"]
+    for layer in ("b8", "conv"):
+      assert checkpoint.probe_score(meta, layer) == pytest.approx(
+          probed[s][probe.layer_key("score", layer)], nan_ok=True)
   scores = {s: probed[s][probe.SCORE] for s in steps_saved}
   best = max(steps_saved, key=lambda s: (scores[s], s))
   assert checkpoint.best_step(workdir) == best
@@ -203,6 +223,48 @@ def test_best_probe_checkpoint_survives_retention(tmp_path):
   assert checkpoint.list_steps(str(tmp_path)) == (2, 5)
   with pytest.raises(ValueError, match="number or 'best'"):
     checkpoint.resolve_step(str(tmp_path), "last")
+
+
+def _meta(model, score, layers):
+  return {"model": model, "probe": {
+      "score": score, "layer": "fc", "plates": ["e_1", "e_2"],
+      "layers": {k: {"score": v} for k, v in dict(layers, fc=score).items()}}}
+
+
+def test_each_layer_best_survives_retention_and_best_layer(tmp_path):
+  """Retention keeps the best step of every probed layer; 'best' with a
+  layer selects on that layer's score and records it."""
+  config = tiny.tiny_config("")
+  state = _state(config)
+  model = config.model.to_dict()
+  ckpt = checkpointer.TrainCheckpointer(str(tmp_path), keep=1,
+                                        async_save=False, keep_best=True)
+  for step, fc, b8 in ((1, 0.6, 0.9), (2, 0.8, 0.5), (3, 0.7, 0.6),
+                       (4, 0.5, 0.7)):
+    ckpt.save(step, state, _meta(model, fc, {"b8": b8}))
+  ckpt.close()
+  # 1: b8's best, 2: fc's best, 4: the latest.
+  assert checkpoint.list_steps(str(tmp_path)) == (1, 2, 4)
+  assert checkpoint.best_step(str(tmp_path)) == 2
+  sel = checkpoint.best_selection(str(tmp_path), "b8")
+  assert sel == {"step": 1, "layer": "b8", "score": 0.9,
+                 "plates": ["e_1", "e_2"]}
+  assert checkpoint.best_selection(str(tmp_path))["layer"] == "fc"
+  with pytest.raises(FileNotFoundError, match="for layer 'b16'"):
+    checkpoint.best_selection(str(tmp_path), "b16")
+
+
+def test_new_best_per_layer():
+  tracker = probe.Tracker.__new__(probe.Tracker)
+  tracker.layers, tracker.layer = ["fc", "b8"], "fc"
+  tracker.best, tracker.layer_best = -math.inf, {}
+  m = lambda fc, b8: {probe.SCORE: fc, probe.layer_key("score", "fc"): fc,
+                      probe.layer_key("score", "b8"): b8}
+  assert tracker.new_best(m(0.6, 0.6))
+  assert not tracker.new_best(m(0.6, 0.5))
+  assert tracker.new_best(m(0.5, 0.7))       # b8 improved: saved
+  assert tracker.best == 0.6 and tracker.layer_best == {"fc": 0.6, "b8": 0.7}
+  assert tracker.new_best(m(0.65, math.nan))
 
 
 def test_best_without_probe_scores_is_a_clear_error(tmp_path):

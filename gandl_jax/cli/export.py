@@ -7,6 +7,7 @@
       --layer fc --batch 256
   gandl-export --workdir W --data S --output embeddings.csv --format csv
   gandl-export --workdir W --step best --data S --output best.parquet
+  gandl-export --workdir W --step best --layer b16 --data S --output b16.parquet
   gandl-export --workdir CONVAE_WORKDIR --data S --output convae.parquet
 
 A ConvAE baseline's workdir (configs/convae_rxrx19a.py) exports its
@@ -32,14 +33,18 @@ flags.DEFINE_string("checkpoint", None, "Instead of --workdir: a workdir, its "
                     "checkpoints/ dir or a step dir.")
 flags.DEFINE_string("step", None, "Checkpoint step (default: latest), or "
                     "'best': the step with the best representation-probe "
-                    "score recorded during training.")
+                    "score of --layer recorded during training (default "
+                    "layer: the run's config.probe_layer); the file then "
+                    "lists the probe's plates, which gandl-evaluate leaves "
+                    "out of the control task.")
 flags.DEFINE_string("data", None, "Shards written by gandl-convert (directory "
                     "or glob; local or gs://).")
 flags.DEFINE_string("output", None, "Embeddings file (.parquet or .csv).")
 flags.DEFINE_string("layer", None, "Feature layer. GAN: D's layer, default "
                     "'fc' (GAN-DL's embedding; 'conv', 'logit', 'b{res}' "
                     "also exist). ConvAE baseline: 'bottleneck' (the "
-                    "default).")
+                    "default). With --step best: also the layer the step is "
+                    "selected on.")
 flags.DEFINE_integer("batch", 64, "Global batch over all devices and hosts; "
                      "fixes the minibatch-stddev groups (recorded in the file).")
 flags.DEFINE_enum("format", None, ["parquet", "csv"], "Output format (default "

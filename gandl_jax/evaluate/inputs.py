@@ -11,7 +11,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
-from gandl_jax.evaluate import classify, dose_response, normalize, retrieval
+from gandl_jax.evaluate import (classify, dose_response, normalize,
+                                 retrieval, tasks)
 from gandl_jax.evaluate.io import Embeddings, TableSpec, load_embeddings
 
 EmbeddingsInput = Union[str, Sequence[str], Embeddings]
@@ -188,4 +189,8 @@ def postprocess(emb: Embeddings, opts: Options, owned: bool
   elif opts.aggregate != "site":
     raise ValueError(f"aggregate must be 'site' or 'well', got {opts.aggregate!r}")
   info["summary"] = ", ".join(parts) or "none"
-  return Embeddings(meta, X, emb.source, emb.issues, emb.file_metadata), info
+  issues = list(emb.issues)
+  note = tasks.probe_plates_note(emb)   # shown in the report's inputs notes
+  if note:
+    issues.append(note)
+  return Embeddings(meta, X, emb.source, issues, emb.file_metadata), info

@@ -9,6 +9,7 @@ records while the other tasks go on.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -16,6 +17,7 @@ import pandas as pd
 
 from gandl_jax.evaluate import classify, dose_response, normalize
 from gandl_jax.evaluate.io import Embeddings
+from gandl_jax import embeddings as emb_format
 from gandl_jax import schema
 
 CONTROL = "control"
@@ -94,6 +96,33 @@ def classification_rows(meta: pd.DataFrame, task: str,
   return TaskRows(sel, y, classes, groups, positive, rows)
 
 
+def probe_plates(emb: Embeddings) -> List[str]:
+  """The plates a probe-selected checkpoint was chosen on (the file's
+  `gandl.probe_plates`, written by `gandl-export --step best`), [] if none:
+  the control task is scored without them (`_classify`)."""
+  text = (emb.file_metadata or {}).get(emb_format.META_KEY_PROBE_PLATES)
+  if not text:
+    return []
+  try:
+    plates = json.loads(text)
+    if not isinstance(plates, list):
+      raise ValueError("not a list")
+  except ValueError as e:
+    raise ValueError(f"{emb.source}: metadata {emb_format.META_KEY_PROBE_PLATES}"
+                     f" must be a JSON list of plate keys, got {text[:80]!r} "
+                     f"({e})") from None
+  return [str(p) for p in plates]
+
+
+def probe_plates_note(emb: Embeddings) -> Optional[str]:
+  """The report's line on the excluded probe plates, None when none."""
+  plates = probe_plates(emb)
+  if not plates:
+    return None
+  return (f"{len(plates)} plates used for checkpoint selection were excluded "
+          f"from the control task")
+
+
 def _one_split(X: np.ndarray, t: TaskRows, cfg: classify.ProtocolConfig,
                task: str, split: str
                ) -> Tuple[Dict, Optional[classify.Fitted]]:
@@ -109,6 +138,18 @@ def _classify(emb: Embeddings, task: str, cfg: classify.ProtocolConfig
               ) -> Tuple[Dict, Optional[classify.Fitted]]:
   """Both splits of `task`: its metrics and the random split's model."""
   t = classification_rows(emb.meta, task, cfg)
+  excluded = probe_plates(emb) if task == CONTROL else []
+  if excluded:
+    keep = ~np.isin(t.groups, excluded)
+    if not keep.any():
+      raise classify.TaskError(
+          f"task {task}: every plate of its {len(t.y)} rows was used for "
+          f"checkpoint selection ({emb_format.META_KEY_PROBE_PLATES}); "
+          f"nothing is left to score")
+    mask = t.mask.copy()
+    mask[np.flatnonzero(t.mask)[~keep]] = False
+    t = dataclasses.replace(t, mask=mask, y=t.y[keep], groups=t.groups[keep])
+    classify.check_classes(t.y, t.classes, task, cfg.min_per_class)
   out: Dict = {"n_rows": int(len(t.y)),
                "class_counts": {c: int((t.y == c).sum()) for c in t.classes}}
   fitted = None
@@ -118,6 +159,9 @@ def _classify(emb: Embeddings, task: str, cfg: classify.ProtocolConfig
     if split == "random":
       fitted = f
   out["rows"] = t.rows
+  if excluded:
+    out["excluded_probe_plates"] = sorted(excluded)
+    out["note"] = probe_plates_note(emb)
   return out, fitted
 
 

@@ -16,6 +16,13 @@ carries the export's facts in its key-value metadata (`gandl.*` keys: layer,
 checkpoint step, model config, source shards, batch size, minibatch-stddev
 group); `fmt="csv"` writes Recursion's layout (`site_id` + features).
 
+A step chosen by training's representation probe (`step="best"`,
+`gandl-export --step best [--layer L]`: the best probe score of layer L, by
+default the run's `config.probe_layer`) was chosen on the probe's plates:
+the file lists them (`gandl.probe_plates`, a JSON list of
+`{experiment}_{plate}` keys) with the selection (`gandl.checkpoint_selection`:
+layer and score), and gandl-evaluate scores the control task without them.
+
 Minibatch stddev: D's features for a site depend weakly on the other sites of
 its minibatch-stddev group. Batches are fixed (B consecutive sites in shard
 order, B / hosts from each host's files; groups formed over the whole global
@@ -46,6 +53,7 @@ import numpy as np
 import pyarrow as pa
 from absl import logging
 
+from gandl_jax import checkpoint as ckpt_lib
 from gandl_jax.data import pipeline
 from gandl_jax import embeddings
 from gandl_jax import families
@@ -79,6 +87,8 @@ META_COMPUTE_DTYPE = "gandl.compute_dtype"
 META_NUM_HOSTS = "gandl.num_hosts"
 META_FALLBACK = "gandl.checkpoint_fallback"
 META_FAMILY = "gandl.family"       # absent for a GAN
+META_PROBE_PLATES = embeddings.META_KEY_PROBE_PLATES
+META_SELECTION = "gandl.checkpoint_selection"
 
 
 
@@ -96,6 +106,8 @@ class ExportSummary:
   # The latest step when it was unreadable and `step` is an older one
   # (export_embeddings(allow_fallback=True)); None otherwise.
   fallback_from_step: Optional[int] = None
+  # The probe layer the step was selected on (`step="best"`); None otherwise.
+  selected_on_layer: Optional[str] = None
 
   @property
   def sites_per_s(self) -> float:
@@ -258,7 +270,8 @@ def export_model(model: Any, data: str, output: str, *,
                  fmt: Optional[str] = None, filter: Optional[str] = None,  # pylint: disable=redefined-builtin
                  mesh: Optional[Any] = None, checkpoint: str = "",
                  progress_every_s: float = 30.0, compute_dtype: str = "float32",
-                 batches: Optional[Iterable[Dict[str, Any]]] = None
+                 batches: Optional[Iterable[Dict[str, Any]]] = None,
+                 selection: Optional[Dict[str, Any]] = None
                  ) -> ExportSummary:
   """Writes `model`'s `layer` features for every site of `data` to `output`:
   the one export path of every model family (`model_embedding`).
@@ -277,6 +290,8 @@ def export_model(model: Any, data: str, output: str, *,
     checkpoint: recorded in the file metadata.
     compute_dtype: the dtype `model` was loaded with (recorded).
     batches: eval batches to use instead of `pipeline.eval_batches` (tests).
+    selection: `checkpoint.best_selection` when the probe chose the step:
+      its plates and layer go into the file metadata.
   """
   fmt = embeddings.output_format(output, fmt)
   mesh = sharding.make_mesh() if mesh is None else mesh
@@ -297,6 +312,7 @@ def export_model(model: Any, data: str, output: str, *,
       META_FILTER: filter or "", META_BATCH: batch,
       META_COMPUTE_DTYPE: compute_dtype, META_NUM_HOSTS: n_hosts,
       **({META_FALLBACK: json.dumps(fallback)} if fallback else {}),
+      **selection_metadata(selection),
       **emb.metadata,
   }
   written = write_features(emb.make_fn(mesh), data, output, batch=batch,
@@ -309,7 +325,26 @@ def export_model(model: Any, data: str, output: str, *,
                        step=model.step, batch_size=batch,
                        num_batches=written.num_batches,
                        seconds=written.seconds,
-                       fallback_from_step=(fallback or {}).get("latest_step"))
+                       fallback_from_step=(fallback or {}).get("latest_step"),
+                       selected_on_layer=(selection or {}).get("layer"))
+
+
+def selection_metadata(selection: Optional[Dict[str, Any]]) -> Dict[str, str]:
+  """The file metadata of a probe-selected step: `gandl.probe_plates` (when
+  the record lists the plates) and `gandl.checkpoint_selection`."""
+  if not selection:
+    return {}
+  out = {META_SELECTION: json.dumps(
+      {"by": "representation probe", "layer": selection["layer"],
+       "score": selection["score"]})}
+  if selection.get("plates"):
+    out[META_PROBE_PLATES] = json.dumps(sorted(selection["plates"]))
+  else:
+    logging.warning("export: step %d was selected by a probe that does not "
+                    "record its plates (it drew from every plate): the "
+                    "control task's figures on these embeddings are "
+                    "optimistic", selection["step"])
+  return out
 
 
 @dataclasses.dataclass
@@ -420,11 +455,12 @@ def export_embeddings(checkpoint: str, data: str, output: str, *,
                       overwrite: bool = False,
                       allow_fallback: bool = False) -> ExportSummary:
   """Restores `checkpoint` (workdir, checkpoints dir or step dir; the latest
-  step unless `step`, an int or 'best': the best training-probe score) and
-  runs `export_model`.
+  step unless `step`, an int or 'best': the best training-probe score of
+  `layer`) and runs `export_model`.
 
   `layer`: default the family's embedding ('fc', GAN-DL's, for a GAN
-  checkpoint; 'bottleneck' for a ConvAE baseline's).
+  checkpoint; 'bottleneck' for a ConvAE baseline's); with step='best' the
+  layer the step is selected on, default the run's `config.probe_layer`.
 
   An existing `output` is refused unless `overwrite`. An unreadable latest
   checkpoint is refused unless `step` names another one or `allow_fallback`
@@ -439,7 +475,11 @@ def export_embeddings(checkpoint: str, data: str, output: str, *,
     raise FileExistsError(f"{output} already exists; pass --overwrite "
                           f"(overwrite=True) to replace it")
   checkpoint = gio.absolute(checkpoint)   # Orbax wants absolute paths
+  selection = None
   try:
+    if str(step).strip().lower() == ckpt_lib.BEST:
+      selection = ckpt_lib.best_selection(checkpoint, layer)
+      step, layer = selection["step"], selection["layer"]
     model = api.load(checkpoint, step, compute_dtype=compute_dtype,
                      allow_fallback=allow_fallback)
   except FileNotFoundError as e:
@@ -453,7 +493,12 @@ def export_embeddings(checkpoint: str, data: str, output: str, *,
                     model.meta["fallback"]["latest_step"])
   logging.info("export: %r, layer %s, batch %d -> %s", model, layer, batch,
                output)
+  if selection:
+    logging.info("export: step %d has the best probe score of layer %s "
+                 "(%.4f); %d probe plates recorded", selection["step"],
+                 selection["layer"], selection["score"],
+                 len(selection["plates"]))
   return export_model(model, data, output, layer=layer, batch=batch, fmt=fmt,
                       filter=filter, mesh=mesh, checkpoint=str(checkpoint),
                       progress_every_s=progress_every_s,
-                      compute_dtype=compute_dtype)
+                      compute_dtype=compute_dtype, selection=selection)

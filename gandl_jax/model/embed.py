@@ -8,7 +8,7 @@ weights and batch.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Dict, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +31,26 @@ def data_parallel_features(D: networks.Discriminator, mesh: Any,
   of the mesh size and of min(mbstd_group_size, B) (`sharding.check_batch`
   with `group_slices=1`).
   """
-  networks.check_embedding_layer(layer, D.resolution)
+  fn = data_parallel_layer_features(D, mesh, (layer,))
+  return lambda variables, images: fn(variables, images)[layer]
+
+
+def data_parallel_layer_features(D: networks.Discriminator, mesh: Any,
+                                 layers: Sequence[str]
+                                 ) -> Callable[[Any, Any], Dict[str, Any]]:
+  """As `data_parallel_features`, for several layers of one forward pass:
+  `fn(d_variables, images) -> {layer: (B, F_layer) features}`."""
+  layers = tuple(layers)
+  for layer in layers:
+    networks.check_embedding_layer(layer, D.resolution)
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
 
   def features(variables, images):
     x = image_lib.to_float(images)
     logits, feats = D.apply(variables, x, return_features=True)
     feats = dict(feats, logit=logits)
-    return feats[layer].astype(jnp.float32).reshape(x.shape[0], -1)
+    return {layer: feats[layer].astype(jnp.float32).reshape(x.shape[0], -1)
+            for layer in layers}
 
-  return jax.jit(features, in_shardings=(repl, data), out_shardings=data)
+  return jax.jit(features, in_shardings=(repl, data),
+                 out_shardings={layer: data for layer in layers})

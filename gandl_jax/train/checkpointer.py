@@ -113,15 +113,37 @@ def _best_metric(metrics: Any) -> float:
   return float(value) if value is not None else -math.inf
 
 
+class _BestPerLayer(ocp.checkpoint_managers.PreservationPolicy):
+  """Keeps, for every per-layer probe score `checkpoint.BEST_METRIC/<layer>`
+  among the steps' metrics, the step with the highest (the latest of
+  equal), so `--step best --layer L` finds each layer's best."""
+
+  def should_preserve(self, checkpoints, *, context=None):
+    del context
+    keep = [False] * len(checkpoints)
+    best: Dict[str, Tuple[float, int]] = {}
+    prefix = checkpoint.BEST_METRIC + "/"
+    for i, info in enumerate(checkpoints):
+      for key, value in (info.metrics or {}).items():
+        if key.startswith(prefix) and value is not None and (
+            key not in best or float(value) >= best[key][0]):
+          best[key] = (float(value), i)
+    for _, i in best.values():
+      keep[i] = True
+    return keep
+
+
 def _keep_best_options(options: ocp.CheckpointManagerOptions
                        ) -> ocp.CheckpointManagerOptions:
   """`options`' retention (last N, every K steps) plus the step with the
-  highest `checkpoint.BEST_METRIC` (Orbax records the metrics passed to
-  `save` next to each step and reads them back on resume)."""
+  highest `checkpoint.BEST_METRIC` and that of each probed layer (Orbax
+  records the metrics passed to `save` next to each step and reads them back
+  on resume)."""
   pp = ocp.checkpoint_managers
   policies = [pp.LatestN(n=options.max_to_keep),
               pp.BestN(get_metric_fn=_best_metric, n=1,
-                       keep_checkpoints_without_metrics=False)]
+                       keep_checkpoints_without_metrics=False),
+              _BestPerLayer()]
   if options.keep_period:
     policies.append(pp.EveryNSteps(options.keep_period))
   return dataclasses.replace(
@@ -216,6 +238,10 @@ class TrainCheckpointer:
     if self.keep_best:
       score = checkpoint.probe_score(meta)
       metrics = {} if score is None else {checkpoint.BEST_METRIC: score}
+      for layer in checkpoint.probe_layers(meta):
+        value = checkpoint.probe_score(meta, layer)
+        if value is not None:
+          metrics[f"{checkpoint.BEST_METRIC}/{layer}"] = value
     saved = self.manager.save(int(step), force=force, metrics=metrics,
                               args=ocp.args.Composite(**{
         checkpoint.MODEL_ITEM: ocp.args.StandardSave(model),

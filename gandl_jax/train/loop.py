@@ -343,7 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         write_grid(writer, state, step)
       if save:
         ckpt.save(step, state, dict(meta(), **probe_lib.checkpoint_record(
-            probed)), force=True)
+            probed, tracker)), force=True)
       if stop:
         reason = "preempted"
         monitor.log_info(f"Stopped at step {step} after a termination "

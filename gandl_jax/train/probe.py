@@ -4,27 +4,39 @@ stylegan2-ada-pytorch tracks FID during training; GAN-DL's product is the
 discriminator's embedding, so training tracks that instead. Every
 `config.probe_every_kimg`:
 
-1. D's `config.probe_layer` features ('fc' by default) of a fixed probe set
-   are computed with the current weights, data-parallel over the training
-   mesh (`model.embed.data_parallel_features`, the function gandl-export
+1. D's features of a fixed probe set at every layer of
+   `config.probe_layers` that the model has (one forward pass; 'fc', 'conv'
+   and the pooled block outputs 'b8', 'b16', 'b32' by default) are computed
+   with the current weights, data-parallel over the training mesh
+   (`model.embed.data_parallel_layer_features`, the forward pass gandl-export
    uses, batch `config.batch_size`);
 2. gandl-evaluate's linear-SVM protocol (`evaluate.classify.run_protocol`,
    plate-grouped split: whole plates held out; C searched over
    `PROBE_C_GRID`) is fitted for the control task
    (Mock vs Active SARS-CoV-2, per-plate normalized features, as
    gandl-evaluate's `control` task) and the cell-type task (HRCE vs VERO, raw
-   features, as its `cell_model` task);
-3. the test balanced accuracies go to metrics.jsonl, TensorBoard and the
-   progress line as `probe/control_bacc`, `probe/cell_type_bacc` and their
-   mean `probe/score`; a new best `probe/score` is checkpointed at once and
-   kept by the retention policy, so `gandl-export --step best` finds it.
+   features, as its `cell_model` task), on every layer;
+3. the test balanced accuracies go to metrics.jsonl and TensorBoard per
+   layer as `probe/control/<layer>`, `probe/cell_type/<layer>` and their mean
+   `probe/score/<layer>`; those of `config.probe_layer` (the selection layer)
+   also as `probe/control_bacc`, `probe/cell_type_bacc` and `probe/score`
+   (the progress line). A new best score of any layer is checkpointed at
+   once, its result recorded in the step's meta (`checkpoint_record`) and
+   kept by the retention policy, so `gandl-export --step best [--layer L]`
+   finds it.
 
 The probe set is chosen from metadata only (sites.csv next to the shards):
-untreated Mock and Active sites (the rows of gandl-evaluate's control task),
-at most `config.probe_sites`, spread evenly over the (condition, cell type,
-plate) strata, drawn with `config.seed`. It is drawn from every site of the
+untreated Mock and Active sites (the rows of gandl-evaluate's control task)
+of the probe plates, at most `config.probe_sites`, spread evenly over the
+(condition, cell type, plate) strata, drawn with `config.seed`. The probe
+plates are `config.probe_plate_fraction` of each cell type's plates (at least
+2 where it has them; `select_plates`): a checkpoint chosen by the probe was
+chosen on them, so its meta lists them (`checkpoint_record`), gandl-export
+writes the list into the embeddings' metadata, and gandl-evaluate scores the
+control task on the other plates. The set is drawn from every site of the
 shards (`config.data.filter` restricts training only) and recorded in
-WORKDIR/probe_sites.csv; a resumed run reads it back instead of drawing again.
+WORKDIR/probe_sites.csv (its plates are the probe plates); a resumed run
+reads it back instead of drawing again.
 The images are read once per process (one filtered pass over this host's
 shards, at the first probe) and kept in host memory (sites x R x R x C bytes:
 2,000 sites are 655 MB at 256x256, 10 MB at 32x32).
@@ -47,6 +59,7 @@ import pandas as pd
 from absl import logging
 
 from gandl_jax import checkpoint
+from gandl_jax import config as config_lib
 from gandl_jax import io as gio
 from gandl_jax import schema
 from gandl_jax import sharding
@@ -56,12 +69,23 @@ from gandl_jax.model import embed as embed_lib
 from gandl_jax.model import networks
 
 PROBE_SITES_FILE = "probe_sites.csv"
+# The selection layer's results (config.probe_layer).
 CONTROL = "probe/control_bacc"
 CELL_TYPE = "probe/cell_type_bacc"
 SCORE = "probe/score"
 SECONDS = "probe/seconds"
 EMBED_SECONDS = "probe/embed_seconds"
 SITES = "probe/sites"
+PLATES = "probe/plates"
+# Every probed layer's results: `layer_key(TASK, layer)`.
+TASKS = ("control", "cell_type", "score")
+
+
+def layer_key(task: str, layer: str) -> str:
+  """The metrics key of `task` ('control', 'cell_type' or 'score') on D's
+  `layer`: 'probe/<task>/<layer>'."""
+  return f"probe/{task}/{layer}"
+
 # Columns of probe_sites.csv (site_id first; the rest is what the tasks read).
 COLUMNS = ("site_id", "well_id", "cell_type", "experiment", "plate",
            "disease_condition")
@@ -92,13 +116,41 @@ def _allocate(sizes: np.ndarray, n: int, rng: np.random.Generator
   return take
 
 
-def select_sites(table: pd.DataFrame, max_sites: int, seed: int
-                 ) -> pd.DataFrame:
-  """The probe set from a sites.csv frame: untreated Mock / Active sites,
+MIN_PLATES_PER_CELL_TYPE = 2
+
+
+def select_plates(rows: pd.DataFrame, fraction: float, seed: int
+                  ) -> List[str]:
+  """The probe plates among `rows`' plates (`normalize.plate_keys`):
+  `fraction` of each cell type's plates, rounded up, at least
+  `MIN_PLATES_PER_CELL_TYPE` (all of them when it has fewer), drawn with
+  `seed`. A pure function of the plates present (not of row order); sorted.
+  """
+  plates = pd.Series(normalize.plate_keys(rows), index=rows.index)
+  cell = rows["cell_type"].astype(str)
+  rng = np.random.default_rng([int(seed), 0x91a7e])
+  chosen: List[str] = []
+  for ct in sorted(cell.unique()):
+    keys = np.array(sorted(plates[cell == ct].unique()))
+    k = max(MIN_PLATES_PER_CELL_TYPE, math.ceil(float(fraction) * len(keys)))
+    chosen.extend(keys[rng.permutation(len(keys))[:min(k, len(keys))]])
+  return sorted(chosen)
+
+
+def plates_of(sites: pd.DataFrame) -> List[str]:
+  """The plates (`normalize.plate_keys`) of the probe sites, sorted."""
+  return sorted(set(normalize.plate_keys(sites).tolist()))
+
+
+def select_sites(table: pd.DataFrame, max_sites: int, seed: int,
+                 plate_fraction: float = 1.0) -> pd.DataFrame:
+  """The probe set from a sites.csv frame: untreated Mock / Active sites of
+  the probe plates (`select_plates` with `plate_fraction`; 1: every plate),
   at most `max_sites`, spread evenly over (condition, cell type, plate).
 
-  A pure function of (table, max_sites, seed); rows come back in table order
-  with the `COLUMNS`. Raises ValueError when the table has no such site.
+  A pure function of (table, max_sites, seed, plate_fraction); rows come back
+  in table order with the `COLUMNS`. Raises ValueError when the table has no
+  such site.
   """
   try:
     sel = tasks.control_rows(table, "probe")
@@ -108,6 +160,9 @@ def select_sites(table: pd.DataFrame, max_sites: int, seed: int
   if missing:
     raise ValueError(f"probe: metadata column(s) {missing} missing")
   rows = table[sel]
+  if plate_fraction < 1:
+    keep = select_plates(rows, plate_fraction, seed)
+    rows = rows[np.isin(normalize.plate_keys(rows), keep)]
   plates = normalize.plate_keys(rows)
   keys = (rows["disease_condition"].astype(str) + "|" +
           rows["cell_type"].astype(str) + "|" + pd.Series(plates, rows.index))
@@ -143,14 +198,15 @@ def read_sites(path: str) -> pd.DataFrame:
   return df
 
 
-def probe_sites(workdir: str, data: str, max_sites: int, seed: int
-                ) -> pd.DataFrame:
+def probe_sites(workdir: str, data: str, max_sites: int, seed: int,
+                plate_fraction: float = 1.0) -> pd.DataFrame:
   """WORKDIR/probe_sites.csv if present (a resumed run), else a new draw
   from `data`'s sites.csv, written there by process 0."""
   path = gio.join(workdir, PROBE_SITES_FILE)
   if gio.exists(path):
     return read_sites(path)
-  sites = select_sites(pipeline.read_sites_index(data), max_sites, seed)
+  sites = select_sites(pipeline.read_sites_index(data), max_sites, seed,
+                       plate_fraction)
   if jax.process_index() == 0:
     gio.makedirs(workdir)
     write_sites(path, sites)
@@ -177,15 +233,33 @@ def scores(X: np.ndarray, meta: pd.DataFrame,
   """Plate-split test balanced accuracies of the two tasks on features `X`
   of the probe sites `meta` ({CONTROL, CELL_TYPE, SCORE}; a task that cannot
   run is NaN with its reason under 'reasons')."""
+  out = layer_scores({"": X}, meta, cfg)
+  return {CONTROL: out[layer_key("control", "")],
+          CELL_TYPE: out[layer_key("cell_type", "")],
+          SCORE: out[layer_key("score", "")],
+          "reasons": {({"control": CONTROL, "cell_type": CELL_TYPE}[
+              k.split("/")[1]]): v for k, v in out["reasons"].items()}}
+
+
+def layer_scores(features: Mapping[str, np.ndarray], meta: pd.DataFrame,
+                 cfg: classify.ProtocolConfig = protocol(0)
+                 ) -> Dict[str, Any]:
+  """`scores` of every layer's features ({layer: X}) of the probe sites
+  `meta`: {layer_key(task, layer): value}, a task that cannot run NaN with
+  its reason under 'reasons' (by key). The fits run side by side on host
+  threads (liblinear runs without the GIL)."""
   plates = normalize.plate_keys(meta)
-  out: Dict[str, Any] = {"reasons": {}}
   cond = meta["disease_condition"].astype(str).to_numpy()
   cell = meta["cell_type"].astype(str).to_numpy()
-  # Control task on per-plate normalized features (reference: every probe
-  # site of the plate; all are untreated controls).
-  Xn, _ = normalize.plate_normalize(X, plates, np.ones(len(X), bool))
-  jobs = ((CONTROL, Xn, cond, [schema.ACTIVE, schema.MOCK], schema.ACTIVE),
-          (CELL_TYPE, X, cell, sorted(set(cell)), None))
+  jobs = []
+  for layer, X in features.items():
+    # Control task on per-plate normalized features (reference: every probe
+    # site of the plate; all are untreated controls).
+    Xn, _ = normalize.plate_normalize(X, plates, np.ones(len(X), bool))
+    jobs.append((layer_key("control", layer), Xn, cond,
+                 [schema.ACTIVE, schema.MOCK], schema.ACTIVE))
+    jobs.append((layer_key("cell_type", layer), X, cell, sorted(set(cell)),
+                 None))
 
   def one(key, feats, y, classes, positive):
     try:
@@ -198,16 +272,18 @@ def scores(X: np.ndarray, meta: pd.DataFrame,
     except classify.TaskError as e:
       return math.nan, str(e)
 
-  # The two fits are independent (liblinear runs without the GIL): in
-  # parallel on two host threads.
-  with futures.ThreadPoolExecutor(len(jobs)) as pool:
+  with futures.ThreadPoolExecutor(min(len(jobs), 4)) as pool:
     results = list(pool.map(lambda job: one(*job), jobs))
+  out: Dict[str, Any] = {"reasons": {}}
   for (key, *_), (value, reason) in zip(jobs, results):
     out[key] = value
     if reason is not None:
       out["reasons"][key] = reason
-  done = [out[k] for k in (CONTROL, CELL_TYPE) if math.isfinite(out[k])]
-  out[SCORE] = float(np.mean(done)) if done else math.nan
+  for layer in features:
+    done = [out[layer_key(t, layer)] for t in ("control", "cell_type")
+            if math.isfinite(out[layer_key(t, layer)])]
+    out[layer_key("score", layer)] = (float(np.mean(done)) if done
+                                      else math.nan)
   return out
 
 
@@ -217,12 +293,15 @@ def scores(X: np.ndarray, meta: pd.DataFrame,
 
 class Tracker:
   """Runs the probe every `every` iterations (0: never) and remembers the
-  best score (for the checkpoint decision)."""
+  best score of every layer (for the checkpoint decision)."""
 
   def __init__(self, config: Any, workdir: str, mesh: Any,
                D: networks.Discriminator, every: int):
     self.every = int(every) if config.probe_every_kimg > 0 else 0
-    self.best = -math.inf
+    self.best = -math.inf           # the selection layer's (probe/score)
+    self.layer_best: Dict[str, float] = {}
+    self.layers: List[str] = []
+    self.plates: List[str] = []
     self._batches: Optional[List[Dict[str, np.ndarray]]] = None
     self._warned = set()
     if not self.every:
@@ -230,27 +309,40 @@ class Tracker:
     self.mesh, self.data = mesh, config.data.path
     self.batch = int(config.batch_size)
     self.layer = str(config.probe_layer)
+    resolution = int(config.model.resolution)
     try:
-      networks.check_embedding_layer(self.layer, int(config.model.resolution))
+      networks.check_embedding_layer(self.layer, resolution)
     except ValueError as e:
       raise ValueError(f"config.probe_layer: {e}") from None
+    names = config_lib.probe_layer_names(config)
+    have = networks.embedding_layers(resolution)
+    self.layers = [n for n in names if n in have]
+    if len(self.layers) < len(names):
+      logging.info("probe: layer(s) %s not in a %dx%d model; not probed",
+                   ", ".join(n for n in names if n not in have), resolution,
+                   resolution)
     sharding.check_batch(self.batch, mesh.devices.size, jax.process_count(),
                          int(config.model.mbstd_group_size),
                          name="config.batch_size (probe)")
     self.cfg = protocol(config.seed)
     try:
       self.sites = probe_sites(workdir, self.data, int(config.probe_sites),
-                               int(config.seed))
+                               int(config.seed),
+                               float(config.get("probe_plate_fraction", 1.0)))
     except ValueError as e:
       logging.warning("probe off: %s", e)
       self.every = 0
       return
-    self._embed = embed_lib.data_parallel_features(D, mesh, self.layer)
-    logging.info("probe: %d sites (%s), layer %s, every %d iterations",
+    self.plates = plates_of(self.sites)
+    self._embed = embed_lib.data_parallel_layer_features(D, mesh,
+                                                         self.layers)
+    logging.info("probe: %d sites (%s) of %d plates, layers %s (selection: "
+                 "%s), every %d iterations",
                  len(self.sites), ", ".join(
                      f"{k} {v}" for k, v in self.sites.groupby(
                          ["cell_type", "disease_condition"]).size().items()),
-                 self.layer, self.every)
+                 len(self.plates), ", ".join(self.layers), self.layer,
+                 self.every)
 
   @property
   def enabled(self) -> bool:
@@ -278,42 +370,55 @@ class Tracker:
         process_count=jax.process_count())
     self._batches = [{k: b[k] for k in ("image", "index")} for b in it]
 
-  def features(self, d_params: Any) -> np.ndarray:
-    """(probe sites, F) features in probe_sites.csv order, on every host."""
+  def layer_features(self, d_params: Any) -> Dict[str, np.ndarray]:
+    """{layer: (probe sites, F) features} in probe_sites.csv order, on every
+    host, from one forward pass per batch."""
     if self._batches is None:
       self._load()
     variables = {"params": d_params}
-    xs, idx = [], []
+    xs: Dict[str, List[np.ndarray]] = {layer: [] for layer in self.layers}
+    idx = []
     pending = None
     for b in self._batches + [None]:   # one batch in flight while one is read
       out = None if b is None else self._embed(
           variables, sharding.host_to_global(b["image"], self.mesh))
       if pending is not None:
-        xs.append(pipeline.host_rows(pending[0], self.mesh))
+        for layer in self.layers:
+          xs[layer].append(pipeline.host_rows(pending[0][layer], self.mesh))
         idx.append(pending[1]["index"])
       pending = None if b is None else (out, b)
-    X, index = np.concatenate(xs), np.concatenate(idx)
+    index = np.concatenate(idx)
+    feats = {layer: np.concatenate(v) for layer, v in xs.items()}
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      X = np.asarray(multihost_utils.process_allgather(X)).reshape(
-          -1, X.shape[1])
+      feats = {layer: np.asarray(multihost_utils.process_allgather(X)).reshape(
+          -1, X.shape[1]) for layer, X in feats.items()}
       index = np.asarray(multihost_utils.process_allgather(index)).reshape(-1)
     keep = index >= 0
     by_row = dict(zip(index[keep].tolist(), np.flatnonzero(keep).tolist()))
-    return X[[by_row[int(r)] for r in self._order]]
+    order = [by_row[int(r)] for r in self._order]
+    return {layer: X[order] for layer, X in feats.items()}
+
+  def features(self, d_params: Any) -> np.ndarray:
+    """The selection layer's (probe sites, F) features (`layer_features`)."""
+    return self.layer_features(d_params)[self.layer]
 
   def run(self, d_params: Any, step: int) -> Dict[str, float]:
     """The probe metrics at `step` (D parameters `d_params`)."""
     t0 = time.monotonic()
-    X = self.features(d_params)
+    feats = self.layer_features(d_params)
     t1 = time.monotonic()
-    result = scores(X, self.sites, self.cfg)
+    result = layer_scores(feats, self.sites, self.cfg)
     for key, reason in result.pop("reasons").items():
       if key not in self._warned:
         self._warned.add(key)
         logging.warning("probe: %s cannot be computed: %s", key, reason)
+    for legacy, task in ((CONTROL, "control"), (CELL_TYPE, "cell_type"),
+                         (SCORE, "score")):
+      result[legacy] = result[layer_key(task, self.layer)]
     result.update({SECONDS: time.monotonic() - t0, EMBED_SECONDS: t1 - t0,
-                   SITES: float(len(X))})
+                   SITES: float(len(self.sites)),
+                   PLATES: float(len(self.plates))})
     del step
     return result
 
@@ -321,21 +426,48 @@ class Tracker:
     return self.run(d_params, step) if self.due(step) else {}
 
   def new_best(self, metrics: Mapping[str, float]) -> bool:
-    """True (and remembered) when `metrics` hold a better score than any
-    before (strictly: the earliest of equal scores is the one saved)."""
+    """True (and remembered) when `metrics` hold a better score of some
+    layer than any before (strictly: the earliest of equal scores is the one
+    saved); `best` follows the selection layer's `SCORE`."""
+    better = False
+    for layer in self.layers:
+      score = metrics.get(layer_key("score", layer), math.nan)
+      if math.isfinite(score) and score > self.layer_best.get(layer,
+                                                              -math.inf):
+        self.layer_best[layer] = score
+        better = True
     score = metrics.get(SCORE, math.nan)
-    if not math.isfinite(score) or score <= self.best:
-      return False
-    self.best = score
-    return True
+    if math.isfinite(score) and score > self.best:
+      self.best = score
+      better = True
+    return better
 
 
-def checkpoint_record(metrics: Mapping[str, float]) -> Dict[str, Any]:
-  """{'probe': {'score', 'control_bacc', 'cell_type_bacc'}} for a
-  checkpoint's meta when `metrics` hold a probe result, else {}."""
+def _finite(value: Any) -> Optional[float]:
+  return float(value) if math.isfinite(value) else None
+
+
+def checkpoint_record(metrics: Mapping[str, float],
+                      tracker: Optional[Tracker] = None) -> Dict[str, Any]:
+  """{'probe': {...}} for a checkpoint's meta when `metrics` hold a probe
+  result, else {}: 'score', 'control_bacc', 'cell_type_bacc' (the selection
+  layer's), and with the `tracker`: 'layer' (the selection layer), 'layers'
+  ({layer: {'score', 'control_bacc', 'cell_type_bacc'}}) and 'plates' (the
+  probe plates: a checkpoint chosen by these scores was chosen on them).
+  """
   if SCORE not in metrics:
     return {}
-  return {checkpoint.PROBE_META: {
-      k.split("/", 1)[1]: (float(metrics[k]) if math.isfinite(metrics[k])
-                           else None)
-      for k in (SCORE, CONTROL, CELL_TYPE) if k in metrics}}
+  record: Dict[str, Any] = {
+      k.split("/", 1)[1]: _finite(metrics[k])
+      for k in (SCORE, CONTROL, CELL_TYPE) if k in metrics}
+  if tracker is not None and tracker.layers:
+    record["layer"] = tracker.layer
+    record["layers"] = {
+        layer: {name: _finite(metrics[layer_key(task, layer)])
+                for task, name in (("score", "score"),
+                                   ("control", "control_bacc"),
+                                   ("cell_type", "cell_type_bacc"))
+                if layer_key(task, layer) in metrics}
+        for layer in tracker.layers}
+    record["plates"] = list(tracker.plates)
+  return {checkpoint.PROBE_META: record}
