@@ -306,6 +306,12 @@ def retrieval_section(sets: Dict[str, Dict], top_n: int) -> str:
       if t and t.get("status") not in ("ok", None):
         notes.append(f"- **{n}**, {key}: {t.get('status')}: "
                      f"{t.get('reason', '')}")
+      elif t.get("without_replicates"):
+        lack = t["without_replicates"]
+        notes.append(f"- **{n}**, {key}: {t.get('n_without_replicates')} "
+                     f"compound-dose(s) without replicates, not scored: "
+                     f"{', '.join(map(str, lack[:10]))}"
+                     + (" ..." if len(lack) > 10 else ""))
     ok = lambda t: t.get("status") == "ok"  # noqa: E731
     rows.append([
         n,
