@@ -14,7 +14,7 @@ import simulate
 from gandl_jax.embeddings import write as write_embeddings
 from gandl_jax.evaluate import classify
 from gandl_jax.evaluate import Options, evaluate
-from gandl_jax.evaluate.pipeline import EmbeddingSet
+from gandl_jax.evaluate.pipeline import AllTasksFailed, EmbeddingSet
 
 CFG = simulate.SimConfig(sites_per_cell_type=(("HRCE", 1600), ("VERO", 640)),
                          wells_per_plate=20, dim=24, n_compounds=8,
@@ -186,22 +186,26 @@ def test_recursion_csv_without_metadata_reports_each_task(data, tmp_path):
   df.insert(0, "site_id", md["site_id"].values)
   p = tmp_path / "embeddings.csv"
   df.to_csv(p, index=False)
-  m = evaluate([EmbeddingSet("embeddings", str(p))], str(tmp_path / "out"),
-               tasks=["control", "cell_model", "dose_response"],
-               options=FAST, log=lambda s: None)
-  e = m["embeddings"]["embeddings"]
-  # Plates come from the site_id, so normalization still ran.
-  assert e["postprocessing"]["plate_normalization"]["plates"] > 1
+  with pytest.raises(AllTasksFailed) as err:
+    evaluate([EmbeddingSet("embeddings", str(p))], str(tmp_path / "out"),
+             tasks=["control", "cell_model", "dose_response"],
+             options=FAST, log=lambda s: None)
+  e = err.value.metrics["embeddings"]["embeddings"]
   for task in ("control", "cell_model", "dose_response"):
     assert e[task]["status"] == "failed"
   assert "--metadata" in e["control"]["reason"]
   assert "control classifier" in e["dose_response"]["reason"]
-  assert (tmp_path / "out" / "report.md").exists()
+  assert "every task failed" in str(err.value)
+  assert "--metadata" in str(err.value)
+  # No report that reads as results.
+  assert not (tmp_path / "out" / "report.md").exists()
+  assert not (tmp_path / "out" / "metrics.json").exists()
 
 
 def test_cli_exit_status_when_tasks_fail(data, tmp_path):
-  """Exit status 1 when every task that ran failed, 3 when some did
-  (README, "Exit status"); metrics.json and the report are written."""
+  """Exit status 1 with one error line and no report when every task that
+  ran failed, 3 when some did (README, "Exit status"); then metrics.json
+  and the report are written."""
   d, md, X, _ = data
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   # Recursion's layout without --metadata: no labels, every task fails.
@@ -215,9 +219,13 @@ def test_cli_exit_status_when_tasks_fail(data, tmp_path):
        f"--output={out}", "--tasks=control,cell_model", "--c_grid=0.1"],
       capture_output=True, text=True, env=env, timeout=240)
   assert r.returncode == 1, r.stderr[-2000:]
-  e = _strict_json(out / "metrics.json")["embeddings"]["embeddings"]
-  assert e["control"]["status"] == e["cell_model"]["status"] == "failed"
-  assert (out / "report.md").exists()
+  errors = [l for l in r.stderr.splitlines()
+            if l.startswith("gandl-evaluate: error:")]
+  assert len(errors) == 1, r.stderr[-2000:]
+  assert "every task failed" in errors[0] and "--metadata" in errors[0]
+  assert "Traceback" not in r.stderr
+  assert not (out / "metrics.json").exists()
+  assert not (out / "report.md").exists()
   # Metadata without the VERO sites: control runs, cell_model fails.
   meta = tmp_path / "hrce_only.csv"
   md[md["cell_type"] == "HRCE"].to_csv(meta, index=False)
@@ -360,3 +368,106 @@ def test_toy_task_removed_after_its_test():
   assert "toy" not in registry.TASKS
   with pytest.raises(ValueError, match="unknown task"):
     registry.resolve(["toy"])
+
+
+def _cli(args, timeout=240):
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  return subprocess.run([sys.executable, "-m", "gandl_jax.cli.evaluate",
+                         *args], capture_output=True, text=True, env=env,
+                        timeout=timeout)
+
+
+def test_cli_one_plate_split_failure_fails_the_task(data, tmp_path):
+  """One plate: the plate split cannot run, so the control task is
+  "failed" (in part: its random split is kept and reported) and the exit
+  status is 3, not 0; dose-response still runs on the random split's
+  classifier."""
+  d, md, X, _ = data
+  one = md.copy()
+  one["experiment"], one["plate"] = "HRCE-1", 1
+  meta = tmp_path / "one_plate.csv"
+  one.to_csv(meta, index=False)
+  out = tmp_path / "one"
+  r = _cli([f"--embeddings={d / 'emb.parquet'}", f"--metadata={meta}",
+            f"--output={out}", "--tasks=control,dose_response",
+            "--c_grid=0.1"])
+  assert r.returncode == 3, r.stderr[-2000:]
+  m = _strict_json(out / "metrics.json")
+  c = m["embeddings"]["embeddings"]["control"]
+  assert c["status"] == "failed" and c["partial"] is True
+  assert c["reason"].startswith("plate split: ")
+  assert c["random"]["status"] == "ok"
+  assert c["plate"]["status"] == "failed"
+  assert m["embeddings"]["embeddings"]["dose_response"]["status"] == "ok"
+  report = (out / "report.md").read_text()
+  acc = c["random"]["balanced_accuracy"]
+  assert f"{acc:.3f}" in report
+  assert "plate split: " in report
+
+
+def test_cli_unknown_task_is_a_usage_error(data, tmp_path):
+  """A misspelt --tasks is a bad command line: exit 2 with the usage line,
+  before anything is read or written."""
+  d = data[0]
+  r = _cli([f"--embeddings={d / 'emb.parquet'}",
+            f"--output={tmp_path / 'o'}", "--tasks=activty"])
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "unknown task(s) ['activty']" in r.stderr
+  assert not (tmp_path / "o").exists()
+  r = _cli(["--bogus_flag=1"])
+  assert r.returncode == 2 and "bogus_flag" in r.stderr
+
+
+def test_rerun_into_the_same_output_removes_the_previous_runs_files(
+    data, tmp_path):
+  """A second run into the same directory removes what the first wrote
+  (listed in its manifest) and nothing else: no table of a set the new run
+  does not evaluate is left to read as its result."""
+  from gandl_jax.evaluate import outputs
+  d, md, X, _ = data
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  (out / "figures").mkdir()
+  (out / "figures" / "my_plot.png").write_text("mine")
+  opts = dataclasses.replace(FAST, retrieval=dataclasses.replace(
+      FAST.retrieval, null_size=200))
+  evaluate([EmbeddingSet("trained", str(d / "emb.parquet"),
+                         metadata=str(d / "metadata.csv")),
+            EmbeddingSet("other", str(d / "random.parquet"))], str(out),
+           tasks=["control", "activity", "replicates"], options=opts,
+           log=lambda s: None)
+  first = set(json.loads((out / outputs.MANIFEST).read_text())["files"])
+  assert {"map_activity_other.csv", "replicates_other.csv",
+          "figures/confusion_control_other.png", "metrics.json",
+          "report.md"} <= first
+  for rel in first:
+    assert (out / rel).exists(), rel
+  evaluate([EmbeddingSet("trained", str(d / "emb.parquet"),
+                         metadata=str(d / "metadata.csv"))], str(out),
+           tasks=["control"], options=opts, log=lambda s: None)
+  second = set(json.loads((out / outputs.MANIFEST).read_text())["files"])
+  for rel in first - second:
+    assert not (out / rel).exists(), rel
+  assert not (out / "map_activity_other.csv").exists()
+  assert not (out / "map_activity_trained.csv").exists()
+  assert not (out / "figures" / "confusion_control_other.png").exists()
+  assert (out / "figures" / "confusion_control_trained.png").exists()
+  assert (out / "notes.txt").read_text() == "mine"
+  assert (out / "figures" / "my_plot.png").read_text() == "mine"
+  # A manifest naming a path outside the directory removes nothing there.
+  outside = tmp_path / "outside.txt"
+  outside.write_text("keep")
+  (out / outputs.MANIFEST).write_text(json.dumps(
+      {"files": ["../outside.txt", str(outside), "report.md"]}))
+  evaluate([EmbeddingSet("trained", str(d / "emb.parquet"),
+                         metadata=str(d / "metadata.csv"))], str(out),
+           tasks=["control"], options=opts, log=lambda s: None)
+  assert outside.read_text() == "keep"
+  # A run whose every task fails leaves no result of the earlier run.
+  with pytest.raises(AllTasksFailed):
+    evaluate([EmbeddingSet("x", str(d / "random.parquet"))], str(out),
+             tasks=["control"], options=opts, log=lambda s: None)
+  assert not (out / "metrics.json").exists()
+  assert not (out / "report.md").exists()
+  assert (out / "notes.txt").read_text() == "mine"

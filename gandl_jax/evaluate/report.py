@@ -7,7 +7,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -83,6 +83,17 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   return "\n".join(lines)
 
 
+def _done(t: Dict) -> bool:
+  """A task result holding figures: ok, or failed in part (`partial`)."""
+  return t.get("status") == "ok" or bool(t.get("partial"))
+
+
+def _split(t: Dict, split: str) -> Dict:
+  """The `split` part of a classification task's result ({} where the task
+  holds no figures)."""
+  return t.get(split, {}) if _done(t) else {}
+
+
 _CLS_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy",
                                            "balanced accuracy"),
                 ("f1", "F1 (positive class)"), ("f1_macro", "F1 (macro)"),
@@ -103,15 +114,14 @@ def classification_section(title: str, task: str, sets: Dict[str, Dict],
     for key, label in _CLS_METRICS:
       vals = []
       for n in names:
-        t = sets[n].get(task, {})
-        s = t.get(split, {}) if t.get("status") == "ok" else {}
+        s = _split(sets[n].get(task, {}), split)
         vals.append(s.get(key) if s.get("status") == "ok" else None)
       if any(v is not None for v in vals):
         rows.append([f"{split} split", label] + vals)
   per_class_rows = []
   for n in names:
     t = sets[n].get(task, {})
-    if t.get("status") != "ok":
+    if not _done(t):
       failures.append(f"- **{n}**: {t.get('status', 'not run')}: "
                       f"{t.get('reason', '')}")
       continue
@@ -223,12 +233,10 @@ SUMMARY_COLUMNS = (
 def summary_value(s: Dict, task: str, split: Optional[str], key: str) -> Any:
   """One headline figure of a set's metrics, or None."""
   t = s.get(task, {})
+  if split is not None:
+    t = _split(t, split)
   if t.get("status") != "ok":
     return None
-  if split is not None:
-    t = t.get(split, {})
-    if t.get("status") != "ok":
-      return None
   return t.get(key)
 
 
@@ -372,30 +380,32 @@ _CONFUSION = (("control", "control"), ("cell_model", "cell model"),
 
 def write_figures(results: Dict[str, Dict], extras: Dict[str, Dict],
                   fig_dir: str, compounds: Sequence[str], opts,
-                  planted_ec50: Dict[str, float]) -> Dict:
+                  planted_ec50: Dict[str, float],
+                  record: Callable[[str], Any] = lambda rel: rel) -> Dict:
   """Confusion matrices, 2-D projections and the dose-response curves as
   PNGs in `fig_dir`; returns their paths relative to the output directory.
   `extras[set]`: "projection" / "projection_rxrx1" ((coords, colours)),
-  "dose" (`tasks.DoseResponseResult`)."""
+  "dose" (`tasks.DoseResponseResult`). `record(rel)` is called before each
+  file is written (the run's manifest)."""
   figs: Dict = {"confusion": {}, "projection": {}}
   for n, r in results.items():
     safe = registry.safe_name(n)
     for task, title in _CONFUSION:
       t = r["tasks"].get(task, {})
-      if t.get("status") != "ok":
+      if not _done(t):
         continue
       panels = [(f"{n}: {title}, {split} split", t[split]["confusion_matrix"],
                  t[split]["classes"]) for split in ("random", "plate")
                 if t.get(split, {}).get("status") == "ok"]
       if panels:
-        rel = f"figures/confusion_{task}_{safe}.png"
+        rel = record(f"figures/confusion_{task}_{safe}.png")
         plots.confusion_figure(os.path.join(fig_dir, os.path.basename(rel)),
                                panels)
         figs["confusion"].setdefault(task, {})[n] = rel
     for key, label in (("projection", "RxRx19a"), ("projection_rxrx1", "RxRx1")):
       if key in extras[n]:
         coords, col = extras[n][key]
-        rel = f"figures/{key}_{safe}.png"
+        rel = record(f"figures/{key}_{safe}.png")
         plots.projection_figure(os.path.join(fig_dir, os.path.basename(rel)),
                                 coords, col, f"{n} ({label})")
         figs["projection"].setdefault(label, {})[n] = rel
@@ -414,7 +424,7 @@ def write_figures(results: Dict[str, Dict], extras: Dict[str, Dict],
       if (r.group, r.treatment) not in keys:
         keys.append((r.group, r.treatment))
   if dose_sets and keys:
-    rel = "figures/dose_response.png"
+    rel = record("figures/dose_response.png")
     plots.dose_response_figure(os.path.join(fig_dir, "dose_response.png"),
                                keys, dose_sets, planted_ec50=planted_ec50)
     figs["dose_response"] = rel

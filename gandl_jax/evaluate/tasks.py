@@ -118,6 +118,13 @@ def _classify(emb: Embeddings, task: str, cfg: classify.ProtocolConfig
     if split == "random":
       fitted = f
   out["rows"] = t.rows
+  failed = [s for s in SPLITS if out[s]["status"] != "ok"]
+  if failed:
+    # A split that cannot run fails the task; what ran is kept (partial).
+    out["status"] = "failed"
+    out["reason"] = "; ".join(f"{s} split: {out[s]['reason']}"
+                              for s in failed)
+    out["partial"] = len(failed) < len(SPLITS)
   return out, fitted
 
 
