@@ -49,32 +49,103 @@ def data(tmp_path_factory):
 
 
 def test_extra_sets_and_summary_table(data):
-  """Three sets side by side; report.md opens with one summary table whose
-  figures are the metrics.json ones."""
+  """Sets side by side; report.md opens with one summary table whose
+  figures are the metrics.json ones, each balanced accuracy with its 95%
+  interval, then the paired differences against the first set."""
   d, md, X, truth = data
   out = d / "out3"
+  # The same embeddings in another row order: the split follows the sites,
+  # so the predictions pair site by site and match exactly.
+  perm = np.random.default_rng(3).permutation(len(md))
+  write_embeddings(str(d / "shuffled.parquet"), md[["site_id"]].iloc[perm],
+                   X[perm], include_metadata=False)
   evaluate([EmbeddingSet("trained", str(d / "emb.parquet"),
                          metadata=str(d / "metadata.csv")),
             EmbeddingSet("random", str(d / "random.parquet")),
-            EmbeddingSet("trained again", str(d / "emb.parquet"))], str(out),
+            EmbeddingSet("trained again", str(d / "emb.parquet")),
+            EmbeddingSet("shuffled", str(d / "shuffled.parquet"))], str(out),
            tasks=["control", "dose_response", "truth"], options=FAST,
            log=lambda s: None)
   m = _strict_json(out / "metrics.json")
-  assert m["names"] == ["trained", "random", "trained again"]
+  assert m["names"] == ["trained", "random", "trained again", "shuffled"]
+  for name in m["names"]:
+    for split, unit in (("random", "site"), ("plate", "plate")):
+      s = m["embeddings"][name]["control"][split]
+      iv = s["balanced_accuracy_interval"]
+      assert iv["value"] == pytest.approx(s["balanced_accuracy"], abs=1e-12)
+      assert iv["low"] <= iv["value"] <= iv["high"]
+      assert iv["unit"] == unit and iv["level"] == 0.95
+      if split == "plate":
+        assert iv["n_units"] == s["n_test_plates"]
+        assert iv["resampled"] == "held-out plates resampled"
+        assert iv["few_units"] == (iv["n_units"] < 5)
+      else:
+        assert iv["n_units"] == s["n_test"]
+        assert "ignores plate effects" in iv["resampled"]
+  comps = {(r["set"], split): r for split in ("random", "plate")
+           for r in m["comparisons"]["control"][split]}
+  for split in ("random", "plate"):
+    n_test = m["embeddings"]["trained"]["control"][split]["n_test"]
+    for same in ("trained again", "shuffled"):
+      r = comps[(same, split)]
+      assert r["versus"] == "trained" and r["n_paired"] == n_test
+      assert r["diff"] == 0.0 and r["low"] == r["high"] == 0.0
+      assert r["no_difference"] and r["verdict"] == "no difference"
+    r = comps[("random", split)]
+    assert r["n_paired"] == n_test
+    assert not r["no_difference"] and r["verdict"] == "lower"
+    assert r["low"] <= r["diff"] <= r["high"] < 0
+    e = m["embeddings"]
+    assert r["diff"] == pytest.approx(
+        e["random"]["control"][split]["balanced_accuracy"] -
+        e["trained"]["control"][split]["balanced_accuracy"], abs=1e-12)
   report = (out / "report.md").read_text()
   assert report.index("## Summary") < report.index("## Inputs")
   summary = report[report.index("## Summary"):report.index("## Inputs")]
   rows = {line.split("|")[1].strip(): line for line in summary.splitlines()
-          if line.startswith("| ") and "embeddings" not in line}
-  assert set(rows) == {"trained", "random", "trained again"}
+          if line.startswith("| ") and "embeddings" not in line
+          and "| task |" not in line and " - " not in line}
+  assert set(rows) == {"trained", "random", "trained again", "shuffled"}
   for name, line in rows.items():
-    acc = m["embeddings"][name]["control"]["random"]["balanced_accuracy"]
-    assert f"{acc:.3f}" in line
-  assert "EC50 rank corr. with planted" in summary
+    s = m["embeddings"][name]["control"]["random"]
+    iv = s["balanced_accuracy_interval"]
+    assert (f"{s['balanced_accuracy']:.3f} [{iv['low']:.2f}, "
+            f"{iv['high']:.2f}]") in line
+  diff_rows = [line for line in summary.splitlines() if " - trained" in line]
+  assert len(diff_rows) == 6
+  for line in diff_rows:
+    if "random - trained" in line:
+      assert "no difference" not in line and "lower" in line
+    else:
+      assert "no difference" in line
+  assert "EC50" not in summary.split("\n\n")[1]   # the table
+  assert "no meaningful interval" in summary
+  assert "sites resampled" in report or "resamples sites" in summary
   with pytest.raises(ValueError, match="must differ"):
     evaluate([EmbeddingSet("x", str(d / "emb.parquet")),
               EmbeddingSet("x", str(d / "emb.parquet"))], str(out),
              options=FAST, log=lambda s: None)
+
+
+def test_headline_lines_carry_intervals_and_differences(data, tmp_path):
+  """The demo's headline text: intervals, and "no difference" for a set
+  identical to the first."""
+  from gandl_jax.evaluate import compare
+  d = data[0]
+  m = evaluate([EmbeddingSet("trained", str(d / "emb.parquet"),
+                             metadata=str(d / "metadata.csv")),
+                EmbeddingSet("random", str(d / "random.parquet")),
+                EmbeddingSet("again", str(d / "emb.parquet"))],
+               str(tmp_path / "o"), tasks=["control"], options=FAST,
+               log=lambda s: None)
+  text = "\n".join(compare.headline_lines(m))
+  s = m["embeddings"]["trained"]["control"]["plate"]
+  iv = s["balanced_accuracy_interval"]
+  assert (f"{s['balanced_accuracy']:.3f} [{iv['low']:.2f}, "
+          f"{iv['high']:.2f}]") in text
+  assert "again - trained: +0.000 [0.00, 0.00] no difference" in text
+  assert "random - trained" in text and "lower" in text
+  assert "EC50" not in text
 
 
 def test_full_report_with_baseline(data):

@@ -20,8 +20,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 from absl import logging
 
-from gandl_jax.evaluate import (normalize, outputs, plots, registry, report,
-                                runner, truth as truth_lib)
+from gandl_jax.evaluate import (compare, normalize, outputs, plots, registry,
+                                report, runner, truth as truth_lib)
 # The built-in tasks, registered in this order (that of metrics.json and of
 # the report's sections).
 from gandl_jax.evaluate import task_classification  # noqa: F401 pylint: disable=unused-import
@@ -159,6 +159,7 @@ def _evaluate_set(s: EmbeddingSet, todo: Sequence[registry.Task],
     extras["projection_rxrx1"] = rx1["projection"]
   # The rows of the tasks, for per-task methods.
   extras["meta"], extras["rxrx1_meta"] = ctx.emb.meta, rx1.get("meta")
+  extras["predictions"] = ctx.predictions
   ctx.release()
   res["tasks"] = _ordered(results, list(registry.TASKS))
   timing["total"] = round(time.time() - t0, 2)
@@ -251,9 +252,14 @@ def evaluate(sets: Sequence[EmbeddingSet], output_dir: str, *,
     results[method.name]["rows_from"] = first.name
     extras[method.name] = {}
     names.append(method.name)
+  set_names = [s.name for s in sets]
+  comparisons = compare.paired_comparisons(
+      {n: extras[n].get("predictions", {}) for n in set_names}, set_names,
+      options.protocol.seed)
   for x in extras.values():
     x.pop("meta", None)
     x.pop("rxrx1_meta", None)
+    x.pop("predictions", None)
 
   if outcome({"embeddings": {n: r["tasks"] for n, r in results.items()}}
              ) == "failed":
@@ -274,6 +280,7 @@ def evaluate(sets: Sequence[EmbeddingSet], output_dir: str, *,
                          **r["tasks"], "timing_s": r["timing_s"]}
                      for n, r in results.items()},
       "names": names,
+      "comparisons": comparisons,
       "tasks_requested": wanted,
       "options": _options_dict(options),
       "figures": figures,

@@ -63,6 +63,9 @@ class Context:
   raw: what each task's `before_postprocess` took from the rows before
     post-processing (by task name; `raw_value`).
   timing: wall seconds of what ran (tasks, `cached` computations).
+  predictions: test-part predictions of the classification tasks, task ->
+    split -> DataFrame(site_id, y, pred, plate) (the paired comparisons
+    between sets).
   files: the run's `outputs.OutputFiles` (what `save_csv` writes is listed
     there), or None.
   """
@@ -79,6 +82,7 @@ class Context:
   raw: Dict[str, Any] = dataclasses.field(default_factory=dict)
   timing: Dict[str, float] = dataclasses.field(default_factory=dict)
   log: Callable[[str], None] = print
+  predictions: Dict[str, Dict] = dataclasses.field(default_factory=dict)
   files: Any = None
   _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock,
                                             repr=False)
