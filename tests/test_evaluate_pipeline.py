@@ -168,11 +168,16 @@ def test_full_report_with_baseline(data):
   assert tr["activity"]["mean_map"] > rnd["activity"]["mean_map"]
   assert rnd["rxrx1"]["status"] == "skipped"
   # The planted signal is found; random features are near chance.
-  assert tr["control"]["random"]["balanced_accuracy"] > 0.8
-  assert rnd["control"]["random"]["balanced_accuracy"] < 0.7
+  # (112 test sites: a balanced accuracy moves by +-0.08 with the split;
+  # the paired difference is the robust check.)
+  assert tr["control"]["random"]["balanced_accuracy"] > 0.7
+  assert rnd["control"]["random"]["balanced_accuracy"] < 0.65
+  for split in ("random", "plate"):
+    (r,) = disk["comparisons"]["control"][split]
+    assert r["set"] == "random" and r["verdict"] == "lower", r
   assert tr["control"]["plate"]["status"] == "ok"
   assert tr["cell_model"]["plate"]["status"] == "ok"
-  assert tr["rxrx1"]["random"]["accuracy"] > 0.8
+  assert tr["rxrx1"]["random"]["accuracy"] > 0.7   # 4 classes: chance 0.25
   # Planted truth: all rescue compounds found, EC50 ranks agree.
   t = tr["truth"]
   assert t["true_hits"] == 3 and t["hits_found"] == 3
@@ -425,10 +430,11 @@ def test_registered_task_in_metrics_and_report(data, tmp_path, toy_task):
   sec = report[report.index("## Toy task"):]
   assert f"| trained | {len(md)} |" in sec and f"| random | {len(md)} |" in sec
   # Its requirement failing fails it with the reason.
-  m = evaluate([EmbeddingSet("x", str(d / "random.parquet"))],
-               str(tmp_path / "fail"), tasks=["toy"], options=FAST,
-               log=lambda s: None)
-  t = m["embeddings"]["x"]["toy"]
+  with pytest.raises(AllTasksFailed) as err:
+    evaluate([EmbeddingSet("x", str(d / "random.parquet"))],
+             str(tmp_path / "fail"), tasks=["toy"], options=FAST,
+             log=lambda s: None)
+  t = err.value.metrics["embeddings"]["x"]["toy"]
   assert t["status"] == "failed"
   assert t["reason"].startswith("needs the control classifier: ")
   assert "toy" in registry.TASKS
