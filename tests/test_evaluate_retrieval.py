@@ -131,7 +131,7 @@ def test_same_well_pairs_are_excluded():
     if comp != "A":
       assert unguarded > guarded + 0.05   # the same-well twin would win
   # Same-plate guard: every replicate is on plate 1, so nothing is scored.
-  with pytest.raises(retrieval.TaskError, match="positive pair"):
+  with pytest.raises(retrieval.TaskError, match="no compound-dose has replicates in two plates"):
     retrieval.phenotypic_activity(md2, X2, retrieval.RetrievalConfig(
         level="site", null_size=100, exclude_same_plate=True))
 
