@@ -139,3 +139,77 @@ def test_fit_all_grouping_equals_per_group_loop(monkeypatch):
     row = by_key.loc[key]
     for k, v in summary.items():
       assert row[k] == v
+
+
+def _dose_sets(names, keys, seed=0):
+  rng = np.random.default_rng(seed)
+  sets = []
+  for name in names:
+    pts, fits = [], []
+    for g, t in keys:
+      ec = 10 ** rng.uniform(-1, 1)
+      for c in np.geomspace(0.01, 30, 6):
+        m = 1 / (1 + ec / c) + rng.normal(0, 0.05)
+        pts.append(dict(group=g, treatment=t, conc=c, mean=m,
+                        ci_low=m - 0.1, ci_high=m + 0.1))
+      fits.append(dict(group=g, treatment=t, top=1.0, bottom=0.0,
+                       log10_ec50=np.log10(ec), hill=1.0, efficacy=0.9,
+                       flag="ok"))
+    sets.append((name, pd.DataFrame(pts), pd.DataFrame(fits)))
+  return sets
+
+
+def test_dose_response_panels_one_colour_per_set_text_outside(
+    tmp_path, monkeypatch):
+  """Five sets (as the demo's): each in its own colour (trained D and
+  ConvAE no longer share one), in the given order (headline first), every
+  text outside the axes, the planted EC50 marked; the PNG is written."""
+  from matplotlib import colors as mcolors
+  from gandl_jax.evaluate import plots
+  for n in (1, 5, 10, 14, 25):
+    cols = [mcolors.to_hex(c) for c in plots.set_colors(n)]
+    assert len(set(cols)) == n
+  names = ["trained D", "untrained D", "ConvAE", "classical", "DenseNet"]
+  keys = [("HRCE", "A"), ("HRCE", "B"), ("VERO", "A"), ("HRCE", "C")]
+  captured = {}
+  real_save = plots._save
+
+  def save(fig, path):
+    captured["fig"] = fig
+    fig.canvas.draw()
+    captured["axes"] = [(ax, ax.get_window_extent(),
+                         [t for t in ax.texts],
+                         [ln for ln in ax.get_lines()]) for ax in fig.axes]
+    real_save(fig, path)
+
+  monkeypatch.setattr(plots, "_save", save)
+  out = tmp_path / "dr.png"
+  plots.dose_response_figure(str(out), keys, _dose_sets(names, keys),
+                             planted_ec50={"A": 0.5})
+  assert out.stat().st_size > 10_000
+  used = {}
+  for ax, box, texts, lines in captured["axes"]:
+    if not ax.axison:
+      continue
+    for t in texts:                 # every text below the panel
+      tb = t.get_window_extent()
+      assert tb.y1 <= box.y0 + 1e-6, t.get_text()
+    labels = [t.get_text() for t in texts]
+    assert [l.split(":")[0] for l in labels if not l.startswith("planted")
+            ] == names             # headline set first, the given order
+    for t in texts:
+      if not t.get_text().startswith("planted"):
+        used.setdefault(t.get_text().split(":")[0],
+                        set()).add(mcolors.to_hex(t.get_color()))
+    title = ax.get_title()
+    planted = [ln for ln in lines if ln.get_label() == "planted EC50"]
+    assert bool(planted) == title.startswith("A ")
+  colours = {n: c.pop() for n, c in used.items() if len(c) == 1}
+  assert set(colours) == set(names)
+  assert len(set(colours.values())) == len(names)
+  # The legend is outside every panel (below them).
+  legend = captured["fig"].legends[0]
+  lb = legend.get_window_extent()
+  assert all(lb.y1 <= box.y0 for ax, box, _, _ in captured["axes"]
+             if ax.axison)
+  assert [t.get_text() for t in legend.get_texts()][:5] == names

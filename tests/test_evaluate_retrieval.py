@@ -131,7 +131,7 @@ def test_same_well_pairs_are_excluded():
     if comp != "A":
       assert unguarded > guarded + 0.05   # the same-well twin would win
   # Same-plate guard: every replicate is on plate 1, so nothing is scored.
-  with pytest.raises(retrieval.TaskError, match="positive pair"):
+  with pytest.raises(retrieval.TaskError, match="no compound-dose has replicates in two plates"):
     retrieval.phenotypic_activity(md2, X2, retrieval.RetrievalConfig(
         level="site", null_size=100, exclude_same_plate=True))
 
@@ -469,3 +469,73 @@ def test_perturbation_keys_equal_per_row_formatting():
             f"[{'' if pd.isna(ct) else ct}]"
             for t, c, ct in zip(meta["treatment"], conc, meta["cell_type"])]
   assert list(retrieval.perturbation_keys(meta)) == expect
+
+
+def test_empty_and_constant_feature_columns_cost_no_row(tmp_path):
+  """An all-NaN feature column (common in CellProfiler tables) and a
+  constant one are dropped and named; every row is kept and the tasks run."""
+  p = tmp_path / "profiles.csv"
+  _cellprofiler_csv(p, np.random.default_rng(2))
+  df = pd.read_csv(p)
+  df["Cells_Empty_Measurement"] = np.nan
+  df["Nuclei_Constant_Measurement"] = 3.0
+  df.loc[5, "Cytoplasm_Feature_1"] = np.nan    # a genuinely bad row
+  df.to_csv(p, index=False)
+  emb = load_embeddings(str(p))
+  assert len(emb.meta) == len(df) - 1
+  assert emb.dim == 12
+  text = "\n".join(emb.issues)
+  assert "1 empty (no finite value) feature column(s) dropped" in text
+  assert "Cells_Empty_Measurement" in text
+  assert "1 constant feature column(s) dropped" in text
+  assert "Nuclei_Constant_Measurement" in text
+  assert "1 row(s) with missing, NaN" in text
+  # The same through gandl-evaluate's library: the retrieval tasks run.
+  from gandl_jax.evaluate import evaluate
+  from gandl_jax.evaluate.pipeline import EmbeddingSet
+  import dataclasses
+  opts = dataclasses.replace(Options(), retrieval=retrieval.RetrievalConfig(
+      null_size=500), threads=1)
+  m = evaluate([EmbeddingSet("cp", str(p))], str(tmp_path / "out"),
+               tasks=["activity"], options=opts, log=lambda s: None)
+  e = m["embeddings"]["cp"]
+  assert e["input"]["rows"] == len(df) - 1
+  assert e["activity"]["status"] == "ok", e["activity"]
+  # Every column empty or constant: one line naming the file.
+  df2 = df.copy()
+  for c in df2.columns:
+    if c.startswith(("Cells_", "Cytoplasm_", "Nuclei_")):
+      df2[c] = np.nan
+  df2.to_csv(tmp_path / "empty.csv", index=False)
+  with pytest.raises(ValueError, match="empty.csv: every one of the 14"):
+    load_embeddings(str(tmp_path / "empty.csv"))
+
+
+def _one_well_each(md, X, compounds):
+  """Keeps one well of each compound in `compounds` (and all of the rest)."""
+  keep = np.ones(len(md), bool)
+  for c in compounds:
+    rows = np.flatnonzero(md["treatment"].to_numpy() == c)
+    keep[rows[1:]] = False
+  return md.loc[keep].reset_index(drop=True), X[keep]
+
+
+def test_compounds_without_replicates_named_rest_scored(tmp_path):
+  """Compound-doses in a single well are named and left out; the others are
+  scored. None with replicates: one clear reason, not copairs' text."""
+  md, X = _table(np.random.default_rng(0))
+  cfg = retrieval.RetrievalConfig(null_size=500)
+  m1, X1 = _one_well_each(md, X, ["B"])
+  summary, table = retrieval.phenotypic_activity(m1, X1, cfg)
+  assert summary["without_replicates"] == ["B @ 1"]
+  assert summary["n_scored"] == 2
+  rep, _ = retrieval.percent_replicating(m1, X1, cfg)
+  assert rep["n_without_replicates"] == 1 and rep["n_scored"] == 2
+  m0, X0 = _one_well_each(md, X, ["A", "B", "C"])
+  for fn in (retrieval.phenotypic_activity, retrieval.percent_replicating):
+    with pytest.raises(retrieval.TaskError) as e:
+      fn(m0, X0, cfg)
+    msg = str(e.value)
+    assert "Unable to find" not in msg
+    assert "no compound-dose has replicates in two wells" in msg
+    assert "all 3 lack them" in msg

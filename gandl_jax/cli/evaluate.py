@@ -11,21 +11,25 @@
       [--collapsed_data shards/rxrx19a-256]
 
 Writes OUTPUT/metrics.json, OUTPUT/report.md, OUTPUT/figures/*.png and the
-dose-response tables. See docs/evaluation.md.
+tasks' tables, after removing the files of the previous run into OUTPUT (those
+listed in OUTPUT/.gandl-evaluate-files.json). Exit status: 0 done, 1 every
+task failed (one error line, no report), 2 bad command line, 3 some tasks
+failed (named in the report). See docs/evaluation.md.
 """
 from __future__ import annotations
 
 import csv
 import io
 
-from absl import app, flags
+from absl import flags
 
 from gandl_jax import cli
 
 from gandl_jax.evaluate import classify, dose_response, retrieval
 from gandl_jax.evaluate.io import TableSpec
 from gandl_jax.evaluate.pipeline import (ALL_TASKS, NORMALIZATIONS,
-                                         EmbeddingSet, Options, evaluate)
+                                         EmbeddingSet, Options, evaluate,
+                                         outcome)
 from gandl_jax.evaluate import registry
 
 FLAGS = flags.FLAGS
@@ -152,22 +156,21 @@ def parse_compounds(text: str):
 
 
 def exit_status(metrics) -> int:
-  """0 when no task failed; 3 when some failed (named in metrics.json and
-  the report); 1 when every task that ran failed."""
-  statuses = [t["status"] for e in metrics["embeddings"].values()
-              for k, t in e.items()
-              if k not in ("input", "postprocessing") and isinstance(t, dict)
-              and "status" in t]
-  failed = statuses.count("failed")
-  if failed and failed == len([s for s in statuses if s != "skipped"]):
-    return cli.EXIT_ERROR
-  return cli.EXIT_PARTIAL if failed else cli.EXIT_OK
+  """0 when no task failed; 3 when some failed, or failed in part (named in
+  metrics.json and the report). When every task fails `evaluate` raises
+  (`pipeline.AllTasksFailed`): one error line, exit status 1, no report."""
+  return {"ok": cli.EXIT_OK, "partial": cli.EXIT_PARTIAL,
+          "failed": cli.EXIT_ERROR}[outcome(metrics)]
 
 
 def main(argv):
   cli.no_arguments(argv)
   if not FLAGS.embeddings or not FLAGS.output:
     raise cli.usage("--embeddings and --output are required")
+  unknown = [t for t in FLAGS.tasks if t not in registry.TASKS]
+  if unknown:
+    raise cli.usage(f"--tasks: unknown task(s) {unknown}; choose from "
+                    f"{registry.selectable_tasks()}")
   try:
     c_grid = tuple(float(c) for c in FLAGS.c_grid)
   except ValueError as e:
@@ -233,7 +236,7 @@ def evaluate_command(opts: Options, extra, spec=None) -> int:
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

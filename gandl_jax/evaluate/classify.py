@@ -169,9 +169,14 @@ def select_c(X: np.ndarray, y: np.ndarray, cfg: ProtocolConfig,
 
 @dataclasses.dataclass
 class Fitted:
+  """A fitted protocol: the model, its classes, the test part's metrics,
+  and the test rows (indices into the protocol's X, y) with their
+  predictions."""
   model: Pipeline
   classes: List[str]
   metrics: Dict
+  test_rows: Optional[np.ndarray] = None
+  test_pred: Optional[np.ndarray] = None
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
@@ -274,4 +279,4 @@ def run_protocol(X: np.ndarray, y: np.ndarray, classes: Sequence[str],
   if groups is not None:
     m["n_test_plates"] = int(len(np.unique(groups[te])))
     m["n_train_plates"] = int(len(np.unique(groups[tr])))
-  return Fitted(model, list(model.classes_), m)
+  return Fitted(model, list(model.classes_), m, te, pred)

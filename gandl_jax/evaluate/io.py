@@ -18,7 +18,9 @@ Layouts (detected from the column names):
 
 Features are joined to `metadata.csv` by `site_id`; rows whose `site_id` is not
 in the metadata, duplicated rows and rows with missing (NaN / empty) feature
-values are dropped and counted in `Embeddings.issues`.
+values are dropped and counted in `Embeddings.issues`. Feature columns without
+a finite value (an empty CellProfiler measurement) or with one constant value
+are dropped first and named there, so that they cost no row.
 """
 from __future__ import annotations
 
@@ -55,12 +57,15 @@ class Embeddings:
   meta: one row per embedding; `site_id` plus the metadata columns.
   features: float32 array (rows, dim).
   issues: human-readable notes on what was dropped or repaired while loading.
+  feature_names: the file's names of the feature columns (when read from a
+    file), for messages.
   """
   meta: pd.DataFrame
   features: np.ndarray
   source: str = ""
   issues: List[str] = dataclasses.field(default_factory=list)
   file_metadata: Dict[str, str] = dataclasses.field(default_factory=dict)
+  feature_names: Optional[List[str]] = None
 
   def __post_init__(self):
     if len(self.meta) != len(self.features):
@@ -348,7 +353,8 @@ def read_embeddings_file(path: Union[str, Sequence[str]],
     feats.append(X)
   meta = pd.concat(metas, ignore_index=True) if len(metas) > 1 else metas[0]
   X = np.concatenate(feats) if len(feats) > 1 else feats[0]
-  return Embeddings(meta, X, ",".join(paths), issues, file_meta)
+  return Embeddings(meta, X, ",".join(paths), issues, file_meta,
+                    [str(c) for c in cols_ref])
 
 
 def read_metadata(path: str) -> pd.DataFrame:
@@ -412,6 +418,57 @@ def _nonfinite_rows(X: np.ndarray, block: int = 32768) -> np.ndarray:
   return out
 
 
+def _uninformative_columns(X: np.ndarray, block: int = 8192) -> np.ndarray:
+  """Columns without two different finite values: no finite value at all
+  (an empty CellProfiler measurement) or one constant value. Checked in row
+  blocks; with fewer than 2 rows only columns without a finite value."""
+  lo = np.full(X.shape[1], np.nan)
+  hi = np.full(X.shape[1], np.nan)
+  for s in range(0, len(X), block):
+    b = X[s:s + block]
+    b = np.where(np.isfinite(b), b, np.nan)
+    lo = np.fmin(lo, np.fmin.reduce(b, axis=0))
+    hi = np.fmax(hi, np.fmax.reduce(b, axis=0))
+  empty = np.isnan(lo)
+  if len(X) < 2:
+    return empty
+  return empty | (lo == hi)
+
+
+def drop_uninformative_columns(emb: Embeddings) -> Embeddings:
+  """`emb` without its empty (no finite value) and constant feature
+  columns, named in `issues`: such a column carries nothing, and one empty
+  column would otherwise drop every row as non-finite. ValueError when no
+  column is left."""
+  X = emb.features
+  if not len(X) or not X.shape[1]:
+    return emb
+  bad = _uninformative_columns(X)
+  if not bad.any():
+    return emb
+  names = emb.feature_names or [f"feature {i}" for i in range(X.shape[1])]
+  idx = np.flatnonzero(bad)
+  if bad.all():
+    raise ValueError(f"{emb.source}: every one of the {X.shape[1]} feature "
+                     f"columns is empty (no finite value) or constant over "
+                     f"the {len(X)} rows")
+  issues = list(emb.issues)
+  finite_any = np.array([np.isfinite(X[:, i]).any() for i in idx])
+  for label, sel in (("empty (no finite value)", ~finite_any),
+                     ("constant", finite_any)):
+    cols = [names[i] for i in idx[sel]]
+    if cols:
+      shown = ", ".join(cols[:10]) + (f" and {len(cols) - 10} more"
+                                      if len(cols) > 10 else "")
+      issues.append(f"{emb.source}: {len(cols)} {label} feature column(s) "
+                    f"dropped, rows kept: {shown}")
+  keep = ~bad
+  return Embeddings(emb.meta, np.ascontiguousarray(X[:, keep]), emb.source,
+                    issues, emb.file_metadata,
+                    [n for n, k in zip(names, keep) if k]
+                    if emb.feature_names else None)
+
+
 def join_metadata(emb: Embeddings, metadata: Optional[pd.DataFrame],
                   metadata_source: str = "metadata") -> Embeddings:
   """Aligns `emb` with `metadata` by site_id; drops and counts bad rows.
@@ -419,6 +476,7 @@ def join_metadata(emb: Embeddings, metadata: Optional[pd.DataFrame],
   Without `metadata` the embeddings file's own metadata columns are used;
   experiment/plate/well/site are parsed from `site_id` where absent.
   """
+  emb = drop_uninformative_columns(emb)
   issues = list(emb.issues)
   meta = emb.meta
   X = emb.features
@@ -466,7 +524,8 @@ def join_metadata(emb: Embeddings, metadata: Optional[pd.DataFrame],
     new_X = X
   else:
     new_X = X[keep]
-  return Embeddings(new_meta, new_X, emb.source, issues, emb.file_metadata)
+  return Embeddings(new_meta, new_X, emb.source, issues, emb.file_metadata,
+                    emb.feature_names)
 
 
 def load_embeddings(path: Union[str, Sequence[str]],

@@ -5,7 +5,9 @@ and report.md.
 The sets go through the same post-processing and tasks, side by side in the
 report (the first is the main one: its metadata is the default of the
 others). Each task's failure (bad input, absent classes) is recorded with
-its reason and the other tasks still run. The tasks are those of
+its reason and the other tasks still run; when every task failed
+(`outcome`), nothing is written and `AllTasksFailed` says why. The files
+of the previous run into the same directory are removed first (`outputs`). The tasks are those of
 `registry.TASKS` (registered by the `task_*` modules imported below);
 `runner` runs them, `report` renders them.
 """
@@ -18,8 +20,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 from absl import logging
 
-from gandl_jax.evaluate import (normalize, plots, registry, report, runner,
-                                truth as truth_lib)
+from gandl_jax.evaluate import (compare, normalize, outputs, plots, registry,
+                                report, runner, truth as truth_lib)
 # The built-in tasks, registered in this order (that of metrics.json and of
 # the report's sections).
 from gandl_jax.evaluate import task_classification  # noqa: F401 pylint: disable=unused-import
@@ -36,6 +38,46 @@ from gandl_jax import schema
 # The tasks gandl-evaluate runs by default (all registered ones but those
 # that follow another).
 ALL_TASKS = tuple(registry.default_tasks())
+
+
+class AllTasksFailed(ValueError):
+  """Every task that ran failed: nothing was written. `metrics` holds the
+  results (each task's reason)."""
+
+  def __init__(self, message: str, metrics: Dict):
+    super().__init__(message)
+    self.metrics = metrics
+
+
+def _task_results(metrics: Dict):
+  """(set, task, result) of every task of every set in `metrics`."""
+  for name, e in metrics["embeddings"].items():
+    for k, t in e.items():
+      if k not in ("input", "postprocessing", "timing_s") and \
+          isinstance(t, dict) and "status" in t:
+        yield name, k, t
+
+
+def outcome(metrics: Dict) -> str:
+  """"ok" when no task failed; "partial" when some failed (or failed in
+  part) and others hold results; "failed" when tasks failed and none holds
+  a result. Skipped tasks count for neither."""
+  results = [t for _, _, t in _task_results(metrics)]
+  failed = [t for t in results if t["status"] == "failed"]
+  if not failed:
+    return "ok"
+  return "partial" if any(runner.done(t) for t in results) else "failed"
+
+
+def _all_failed_message(metrics: Dict, output_dir: str) -> str:
+  reasons: Dict[str, list] = {}
+  for name, task, t in _task_results(metrics):
+    if t["status"] == "failed":
+      reasons.setdefault(t.get("reason", "no reason"), []).append(
+          f"{task} ({name})" if len(metrics["embeddings"]) > 1 else task)
+  parts = [f"{', '.join(ts)}: {r}" for r, ts in reasons.items()]
+  return (f"every task failed, no report written to {output_dir}: " +
+          " | ".join(parts))
 
 
 def _find_truth(candidates: Sequence[Optional[str]]) -> Optional[str]:
@@ -79,7 +121,8 @@ def _ordered(d: Dict, order: Sequence[str]) -> Dict:
 def _evaluate_set(s: EmbeddingSet, todo: Sequence[registry.Task],
                   truth_df, truth_err: Optional[str], compounds: Sequence[str],
                   opts: Options, out_dir: str, log,
-                  spec: Optional[TableSpec]) -> tuple:
+                  spec: Optional[TableSpec],
+                  files: Optional[outputs.OutputFiles] = None) -> tuple:
   """Runs `todo` on one embeddings set; returns (metrics, extras for the
   figures and per-task methods)."""
   t0 = time.time()
@@ -103,7 +146,7 @@ def _evaluate_set(s: EmbeddingSet, todo: Sequence[registry.Task],
   ctx = registry.Context(
       name=s.name, emb=emb, options=opts, source=s, postprocessing=pp,
       compounds=compounds, truth=truth_df, truth_error=truth_err,
-      output_dir=out_dir, raw=raw, timing=timing, log=log)
+      output_dir=out_dir, raw=raw, timing=timing, log=log, files=files)
   del emb
   results: Dict = {}
   runner.run_tasks(todo, ctx, results, timing, thread_count(opts.threads))
@@ -116,6 +159,7 @@ def _evaluate_set(s: EmbeddingSet, todo: Sequence[registry.Task],
     extras["projection_rxrx1"] = rx1["projection"]
   # The rows of the tasks, for per-task methods.
   extras["meta"], extras["rxrx1_meta"] = ctx.emb.meta, rx1.get("meta")
+  extras["predictions"] = ctx.predictions
   ctx.release()
   res["tasks"] = _ordered(results, list(registry.TASKS))
   timing["total"] = round(time.time() - t0, 2)
@@ -147,7 +191,10 @@ def evaluate(sets: Sequence[EmbeddingSet], output_dir: str, *,
     detected without it.
 
   Writes metrics.json, report.md, figures/*.png and the tasks' CSV tables,
-  each atomically. Returns the metrics dict as written.
+  each atomically, after removing the files the previous run listed in the
+  directory's manifest (`outputs.MANIFEST`). Returns the metrics dict as
+  written. Raises `AllTasksFailed` (a ValueError), writing no report, when
+  every task that ran failed.
   """
   normalization_method(options)
   thread_count(options.threads)
@@ -174,6 +221,7 @@ def evaluate(sets: Sequence[EmbeddingSet], output_dir: str, *,
   os.makedirs(output_dir, exist_ok=True)
   fig_dir = os.path.join(output_dir, "figures")
   os.makedirs(fig_dir, exist_ok=True)
+  files = outputs.OutputFiles(output_dir, log)
   t_start = time.time()
 
   truth_df, truth_err = None, None
@@ -196,7 +244,7 @@ def evaluate(sets: Sequence[EmbeddingSet], output_dir: str, *,
     log(f"evaluating {s.name}")
     results[s.name], extras[s.name] = _evaluate_set(
         s, todo, truth_df, truth_err, compounds, options, output_dir, log,
-        table)
+        table, files)
   for method in options.per_task:
     log(f"evaluating {method.name} (trained per task on the training part)")
     results[method.name] = method.evaluate(extras[first.name], wanted, options,
@@ -204,15 +252,25 @@ def evaluate(sets: Sequence[EmbeddingSet], output_dir: str, *,
     results[method.name]["rows_from"] = first.name
     extras[method.name] = {}
     names.append(method.name)
+  set_names = [s.name for s in sets]
+  comparisons = compare.paired_comparisons(
+      {n: extras[n].get("predictions", {}) for n in set_names}, set_names,
+      options.protocol.seed)
   for x in extras.values():
     x.pop("meta", None)
     x.pop("rxrx1_meta", None)
+    x.pop("predictions", None)
 
+  if outcome({"embeddings": {n: r["tasks"] for n, r in results.items()}}
+             ) == "failed":
+    files.clear_previous()   # no result of an earlier run stays behind
+    metrics = {"embeddings": {n: r["tasks"] for n, r in results.items()}}
+    raise AllTasksFailed(_all_failed_message(metrics, output_dir), metrics)
   planted = ({} if truth_df is None else {
       str(r.treatment): float(r.true_ec50) for r in truth_df.itertuples()
       if r.true_ec50 == r.true_ec50})
   figures = report.write_figures(results, extras, fig_dir, compounds, options,
-                                 planted)
+                                 planted, files.add)
   metrics = {
       "version": 1,
       "embeddings": {n: {"input": r["input"],
@@ -222,16 +280,17 @@ def evaluate(sets: Sequence[EmbeddingSet], output_dir: str, *,
                          **r["tasks"], "timing_s": r["timing_s"]}
                      for n, r in results.items()},
       "names": names,
+      "comparisons": comparisons,
       "tasks_requested": wanted,
       "options": _options_dict(options),
       "figures": figures,
       "elapsed_s": round(time.time() - t_start, 2),
   }
-  clean = report.write_metrics(os.path.join(output_dir, "metrics.json"),
-                               metrics)
+  clean = report.write_metrics(
+      os.path.join(output_dir, files.add("metrics.json")), metrics)
   notes = [m.note(clean["embeddings"][m.name]) for m in options.per_task
            if m.name in clean["embeddings"]]
-  report.write_report(os.path.join(output_dir, "report.md"),
+  report.write_report(os.path.join(output_dir, files.add("report.md")),
                       report.markdown(clean, options, notes))
   log(f"wrote {output_dir}/metrics.json and report.md "
       f"({time.time() - t_start:.1f}s)")

@@ -10,13 +10,16 @@ results, registered in one place:
 The function gets the `Context` of one embeddings set (its post-processed
 rows, the options, objects shared with other tasks) and returns a JSON-ready
 dict, which becomes `metrics.json`'s entry `embeddings.<set>.<task>` with
-`"status": "ok"` added. Raising `Skip(reason)` records the task as skipped,
+`"status": "ok"` added. A task that finished only in part returns
+`"status": "failed"`, a `reason` naming the part that failed and
+`"partial": True`: what it computed is kept, the tasks that require it
+still run (from what it hands on), and the run counts as partly done. Raising `Skip(reason)` records the task as skipped,
 `classify.TaskError` / ValueError / KeyError as failed with the message;
 the other tasks still run. `section(sets, report_ctx) -> markdown` renders
 the task for every set at once (`sets`: set name -> that set's metrics).
 
 Tasks that need another task's result name it in `requires`: they run after
-it, are recorded as failed where it failed, and asking for them runs it too.
+it, are recorded as failed where it failed (and finished no part), and asking for them runs it too.
 The result objects a task hands on (a fitted model, a table) go in
 `ctx.shared[task name]`. `follows` names a task after which this one runs
 whenever that one runs (phenotypic consistency comes with phenotypic
@@ -60,6 +63,11 @@ class Context:
   raw: what each task's `before_postprocess` took from the rows before
     post-processing (by task name; `raw_value`).
   timing: wall seconds of what ran (tasks, `cached` computations).
+  predictions: test-part predictions of the classification tasks, task ->
+    split -> DataFrame(site_id, y, pred, plate) (the paired comparisons
+    between sets).
+  files: the run's `outputs.OutputFiles` (what `save_csv` writes is listed
+    there), or None.
   """
   name: str
   emb: Any
@@ -74,6 +82,8 @@ class Context:
   raw: Dict[str, Any] = dataclasses.field(default_factory=dict)
   timing: Dict[str, float] = dataclasses.field(default_factory=dict)
   log: Callable[[str], None] = print
+  predictions: Dict[str, Dict] = dataclasses.field(default_factory=dict)
+  files: Any = None
   _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock,
                                             repr=False)
   _cache: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
@@ -113,6 +123,8 @@ class Context:
     """Writes `df` as OUTPUT/<kind>_<set>.csv (atomically); returns the
     file name."""
     fname = f"{kind}_{safe_name(self.name)}.csv"
+    if self.files is not None:
+      self.files.add(fname)
     gio.atomic_write(os.path.join(self.output_dir, fname),
                      lambda f: df.to_csv(f, index=False))
     return fname

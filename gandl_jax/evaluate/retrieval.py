@@ -252,6 +252,23 @@ def _map_with_pvalues(meta: pd.DataFrame, sim: PairCosine, pos_sameby,
 # Phenotypic activity.
 
 
+def _describe_keys(keys: Sequence[str], n: int = 10) -> str:
+  keys = list(keys)
+  more = f" and {len(keys) - n} more" if len(keys) > n else ""
+  return ", ".join(str(k) for k in keys[:n]) + more
+
+
+def unreplicated(keys: np.ndarray, wells: np.ndarray,
+                 plates: Optional[np.ndarray] = None) -> List[str]:
+  """Keys (compound-doses) with fewer than two replicate profiles that may
+  pair: profiles in two different wells (and, with `plates`, on two
+  different plates). Sorted."""
+  df = pd.DataFrame({"key": keys, "unit": wells if plates is None
+                     else plates})
+  n_units = df.groupby("key")["unit"].nunique()
+  return sorted(str(k) for k in n_units.index[n_units < 2])
+
+
 def phenotypic_activity(meta: pd.DataFrame, X: np.ndarray,
                         cfg: RetrievalConfig) -> Tuple[Dict, pd.DataFrame]:
   """mAP of every compound-dose's replicates against the reference rows."""
@@ -269,6 +286,16 @@ def phenotypic_activity(meta: pd.DataFrame, X: np.ndarray,
                      "plate_key": normalize.plate_keys(m),
                      "well_key": _well_keys(m), "cell": _cell_keys(m)})
   pos_diffby = ["well_key"] + (["plate_key"] if cfg.exclude_same_plate else [])
+  lacking = unreplicated(keys[~is_ctrl], cm["well_key"].to_numpy()[~is_ctrl],
+                         cm["plate_key"].to_numpy()[~is_ctrl]
+                         if cfg.exclude_same_plate else None)
+  n_keys = len(np.unique(keys[~is_ctrl]))
+  what = ("two plates" if cfg.exclude_same_plate else "two wells")
+  if len(lacking) == n_keys:
+    raise TaskError(
+        f"task {ACTIVITY}: no compound-dose has replicates in {what} (the "
+        f"mAP ranks a profile's replicates); all {n_keys} lack them: "
+        f"{_describe_keys(lacking)}")
   neg_sameby = ["plate_key"] if cfg.negatives == "plate" else ["cell"]
   sim = PairCosine(Xs, is_ctrl, cm["plate_key"].to_numpy()
                    if cfg.negatives == "plate" else None)
@@ -296,6 +323,11 @@ def phenotypic_activity(meta: pd.DataFrame, X: np.ndarray,
       "n_compound_doses": int(len(table)),
       "n_scored": int(scored.sum()),
       "n_without_replicates": int((~scored).sum()),
+      "without_replicates": lacking[:50],
+      "without_replicates_note": (
+          f"compound-doses without replicates in {what}: not scored, the "
+          f"others are" + (f" (first 50 of {len(lacking)} listed)"
+                           if len(lacking) > 50 else "")),
       "mean_map": float(table.loc[scored, "mean_average_precision"].mean()),
       "fraction_retrieved": float(retrieved[scored].mean()),
       "n_retrieved": int(retrieved.sum()),
@@ -442,6 +474,11 @@ def percent_replicating(meta: pd.DataFrame, X: np.ndarray,
     obs[g] = _median_pair_similarity(U[rows], wells[rows])
   rng = np.random.default_rng(cfg.seed)
   thresholds: Dict[int, float] = {}
+  lacking = sorted(str(uniq[g]) for g in np.flatnonzero(n_wells < 2))
+  if len(lacking) == len(uniq):
+    raise TaskError(
+        f"task {REPLICATES}: no compound-dose has replicates in two wells; "
+        f"all {len(uniq)} lack them: {_describe_keys(lacking)}")
   if len(uniq) < 3:
     raise TaskError(f"task {REPLICATES}: needs >= 3 compound-doses for the "
                     f"null, got {len(uniq)}")
@@ -477,6 +514,8 @@ def percent_replicating(meta: pd.DataFrame, X: np.ndarray,
       "no compound-dose has replicates in two wells",
       "median_replicate_cosine": float(np.nanmedian(obs)) if scored.any()
                                  else None,
+      "without_replicates": lacking[:50],
+      "n_without_replicates": len(lacking),
       "null": f"{cfg.replicate_null} random groups per group size, each "
               f"profile from a different compound-dose; threshold = 95th "
               f"percentile",

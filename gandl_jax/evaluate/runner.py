@@ -18,7 +18,8 @@ from gandl_jax.evaluate.registry import Context, Skip, TASKS, Task
 def record(results: Dict, name: str, fn: Callable, log, timing: Dict):
   """Runs `fn()` and records its outcome as `results[name]`: its dict (or a
   tuple's first item, or an object's `.summary`) with status "ok", or
-  "skipped" / "failed" with the reason. Returns what `fn` returned (None
+  "skipped" / "failed" with the reason (a dict may say "failed" itself:
+  finished in part, see `registry`). Returns what `fn` returned (None
   where it did not finish) and its wall seconds in `timing[name]`."""
   t = time.time()
   cpu = time.thread_time()
@@ -28,8 +29,12 @@ def record(results: Dict, name: str, fn: Callable, log, timing: Dict):
     results[name] = {"status": "ok", **(val.summary if hasattr(val, "summary")
                                          else val)}
     # CPU of this thread (not of BLAS's or of other tasks' threads).
-    log(f"  {name}: ok ({time.time() - t:.1f}s, "
-        f"{time.thread_time() - cpu:.1f} CPU s)")
+    took = (f"({time.time() - t:.1f}s, {time.thread_time() - cpu:.1f} CPU s)")
+    if results[name]["status"] == "failed":
+      log(f"  {name}: FAILED in part {took}: "
+          f"{results[name].get('reason', '')}")
+    else:
+      log(f"  {name}: ok {took}")
     return out
   except Skip as e:
     results[name] = {"status": "skipped", "reason": str(e)}
@@ -50,7 +55,7 @@ def record(results: Dict, name: str, fn: Callable, log, timing: Dict):
 def _run_one(task: Task, ctx: Context, results: Dict, timing: Dict) -> None:
   for req in task.requires:
     r = results.get(req, {})
-    if r.get("status") != "ok":
+    if r.get("status") != "ok" and not r.get("partial"):
       results[task.name] = {
           "status": "failed",
           "reason": f"needs {TASKS[req].description}: " +
@@ -58,6 +63,11 @@ def _run_one(task: Task, ctx: Context, results: Dict, timing: Dict) -> None:
       ctx.log(f"  {task.name}: FAILED: needs {req}")
       return
   record(results, task.name, lambda: task.fn(ctx), ctx.log, timing)
+
+
+def done(result: Dict) -> bool:
+  """Whether a task's result holds anything: ok, or failed in part."""
+  return result.get("status") == "ok" or bool(result.get("partial"))
 
 
 def run_tasks(tasks: Sequence[Task], ctx: Context, results: Dict,

@@ -20,7 +20,9 @@ def _control_section(sets, r: report.ReportContext) -> str:
                description="the control classifier")
 def control(ctx: Context) -> dict:
   """Both splits; the random split's fitted model goes to dose-response."""
-  out, fitted = task_lib.control_classification(ctx.emb, ctx.options.protocol)
+  out, fitted = task_lib.control_classification(
+      ctx.emb, ctx.options.protocol,
+      ctx.predictions.setdefault(task_lib.CONTROL, {}))
   ctx.shared[task_lib.CONTROL] = fitted
   return out
 
@@ -56,7 +58,9 @@ def cell_model(ctx: Context) -> dict:
   post-processed ones."""
   raw = ctx.options.cell_type_features == "raw"
   emb = ctx.raw_value(task_lib.CELL_MODEL) if raw else ctx.emb
-  out = task_lib.cell_model_classification(emb, ctx.options.protocol)
+  out = task_lib.cell_model_classification(
+      emb, ctx.options.protocol,
+      ctx.predictions.setdefault(task_lib.CELL_MODEL, {}))
   out["features"] = ("before per-plate normalization" if raw else
                      "post-processed (" + ctx.postprocessing["summary"] + ")")
   return out

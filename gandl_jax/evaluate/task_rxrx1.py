@@ -34,7 +34,9 @@ def rxrx1(ctx: Context) -> dict:
       owned)
   shared = {"meta": e1.meta}
   ctx.shared[task_lib.RXRX1] = shared
-  out = task_lib.rxrx1_cell_type(e1, o.protocol)
+  out = task_lib.rxrx1_cell_type(e1, o.protocol,
+                                 ctx.predictions.setdefault(task_lib.RXRX1,
+                                                            {}))
   out["input"] = {"source": e1.source, "rows": int(len(e1.meta)),
                   "issues": e1.issues}
   out["postprocessing"] = pp1

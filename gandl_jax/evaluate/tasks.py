@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from gandl_jax.evaluate import classify, dose_response, normalize
+from gandl_jax.evaluate import classify, compare, dose_response, normalize
 from gandl_jax.evaluate.io import Embeddings
 from gandl_jax import embeddings as emb_format
 from gandl_jax import schema
@@ -54,6 +54,7 @@ class TaskRows:
   """The rows and labels of a classification task (shared by the SVM
   protocol and the per-task baselines, so both see the same split)."""
   mask: np.ndarray          # rows of the embeddings' meta in the task
+                            # (indices, in site_id order)
   y: np.ndarray             # labels of those rows
   classes: List[str]
   groups: np.ndarray        # plate keys of those rows
@@ -64,7 +65,11 @@ class TaskRows:
 def classification_rows(meta: pd.DataFrame, task: str,
                         cfg: classify.ProtocolConfig) -> TaskRows:
   """Rows, labels, classes and plates of `task` (control, cell_model, rxrx1);
-  TaskError when columns or classes are missing."""
+  TaskError when columns or classes are missing.
+
+  The rows come in site_id order, so the seeded split depends on the sites
+  and not on the order of the file: sets of the same sites get the same
+  split, and their test predictions pair site by site."""
   if task == CONTROL:
     sel = control_rows(meta)
     y = meta["disease_condition"].astype(str).to_numpy()[sel]
@@ -91,9 +96,13 @@ def classification_rows(meta: pd.DataFrame, task: str,
     rows = "all RxRx1 sites"
   else:
     raise ValueError(f"{task!r} is not a classification task")
+  idx = np.flatnonzero(sel)
+  order = np.argsort(meta["site_id"].astype(str).to_numpy()[idx],
+                     kind="stable")
+  y = y[order]
   classify.check_classes(y, classes, task, cfg.min_per_class)
-  groups = normalize.plate_keys(meta)[sel]
-  return TaskRows(sel, y, classes, groups, positive, rows)
+  groups = normalize.plate_keys(meta)[idx[order]]
+  return TaskRows(idx[order], y, classes, groups, positive, rows)
 
 
 def probe_plates(emb: Embeddings) -> List[str]:
@@ -124,17 +133,30 @@ def probe_plates_note(emb: Embeddings) -> Optional[str]:
 
 
 def _one_split(X: np.ndarray, t: TaskRows, cfg: classify.ProtocolConfig,
-               task: str, split: str
+               task: str, split: str, site_ids: np.ndarray,
+               predictions: Optional[Dict] = None
                ) -> Tuple[Dict, Optional[classify.Fitted]]:
+  """One split's metrics, with the balanced accuracy's bootstrap interval;
+  the test part's predictions go to `predictions[split]` (site_id, y,
+  pred, plate) for the paired comparisons between sets."""
   try:
     f = classify.run_protocol(X, t.y, t.classes, cfg, split=split,
                               groups=t.groups, task=task, positive=t.positive)
-    return {"status": "ok", **f.metrics}, f
   except classify.TaskError as e:
     return {"status": "failed", "reason": str(e)}, None
+  te = f.test_rows
+  m = {"status": "ok", **f.metrics}
+  m["balanced_accuracy_interval"] = compare.accuracy_interval(
+      t.y[te], f.test_pred, t.groups[te], split, cfg.seed)
+  if predictions is not None:
+    predictions[split] = pd.DataFrame({
+        "site_id": site_ids[te], "y": t.y[te], "pred": f.test_pred,
+        "plate": t.groups[te]})
+  return m, f
 
 
-def _classify(emb: Embeddings, task: str, cfg: classify.ProtocolConfig
+def _classify(emb: Embeddings, task: str, cfg: classify.ProtocolConfig,
+              predictions: Optional[Dict] = None
               ) -> Tuple[Dict, Optional[classify.Fitted]]:
   """Both splits of `task`: its metrics and the random split's model."""
   t = classification_rows(emb.meta, task, cfg)
@@ -146,41 +168,51 @@ def _classify(emb: Embeddings, task: str, cfg: classify.ProtocolConfig
           f"task {task}: every plate of its {len(t.y)} rows was used for "
           f"checkpoint selection ({emb_format.META_KEY_PROBE_PLATES}); "
           f"nothing is left to score")
-    mask = t.mask.copy()
-    mask[np.flatnonzero(t.mask)[~keep]] = False
-    t = dataclasses.replace(t, mask=mask, y=t.y[keep], groups=t.groups[keep])
+    t = dataclasses.replace(t, mask=t.mask[keep], y=t.y[keep],
+                            groups=t.groups[keep])
     classify.check_classes(t.y, t.classes, task, cfg.min_per_class)
   out: Dict = {"n_rows": int(len(t.y)),
                "class_counts": {c: int((t.y == c).sum()) for c in t.classes}}
   fitted = None
   X = emb.features[t.mask]
+  ids = emb.meta["site_id"].astype(str).to_numpy()[t.mask]
   for split in SPLITS:
-    out[split], f = _one_split(X, t, cfg, task, split)
+    out[split], f = _one_split(X, t, cfg, task, split, ids, predictions)
     if split == "random":
       fitted = f
   out["rows"] = t.rows
   if excluded:
     out["excluded_probe_plates"] = sorted(excluded)
     out["note"] = probe_plates_note(emb)
+  failed = [s for s in SPLITS if out[s]["status"] != "ok"]
+  if failed:
+    # A split that cannot run fails the task; what ran is kept (partial).
+    out["status"] = "failed"
+    out["reason"] = "; ".join(f"{s} split: {out[s]['reason']}"
+                              for s in failed)
+    out["partial"] = len(failed) < len(SPLITS)
   return out, fitted
 
 
-def control_classification(emb: Embeddings, cfg: classify.ProtocolConfig
+def control_classification(emb: Embeddings, cfg: classify.ProtocolConfig,
+                           predictions: Optional[Dict] = None
                            ) -> Tuple[Dict, classify.Fitted]:
-  out, fitted = _classify(emb, CONTROL, cfg)
+  """`predictions` (optional): filled with each split's test predictions."""
+  out, fitted = _classify(emb, CONTROL, cfg, predictions)
   if fitted is None:
     raise classify.TaskError(f"task {CONTROL}: {out['random']['reason']}")
   return out, fitted
 
 
-def cell_model_classification(emb: Embeddings, cfg: classify.ProtocolConfig
-                              ) -> Dict:
-  return _classify(emb, CELL_MODEL, cfg)[0]
+def cell_model_classification(emb: Embeddings, cfg: classify.ProtocolConfig,
+                              predictions: Optional[Dict] = None) -> Dict:
+  return _classify(emb, CELL_MODEL, cfg, predictions)[0]
 
 
-def rxrx1_cell_type(emb: Embeddings, cfg: classify.ProtocolConfig) -> Dict:
+def rxrx1_cell_type(emb: Embeddings, cfg: classify.ProtocolConfig,
+                    predictions: Optional[Dict] = None) -> Dict:
   """Zero-shot RxRx1: 4-class linear SVM on cell type, per-class accuracy."""
-  return _classify(emb, RXRX1, cfg)[0]
+  return _classify(emb, RXRX1, cfg, predictions)[0]
 
 
 @dataclasses.dataclass

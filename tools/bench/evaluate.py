@@ -98,8 +98,9 @@ def _load_simulate():
   """tests/simulate.py (the simulator of the tests; not in the package),
   loaded by file path."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))), "tests", "simulate.py")
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  path = os.path.join(repo, "tests", "simulate.py")
   spec = importlib.util.spec_from_file_location("simulate", path)
   module = importlib.util.module_from_spec(spec)
   sys.modules["simulate"] = module      # dataclasses look their module up
