@@ -267,13 +267,13 @@ def read_sites_index(path: str):
   dataset_info.json's `columns` say."""
   import pandas as pd  # pylint: disable=import-outside-toplevel
   tf = _tf()
+  columns = read_dataset_info(path)["columns"]   # checks the directory first
   f = os.path.join(shard_dir(path), schema.SITES_INDEX_FILE)
   if not tf.io.gfile.exists(f):
     raise FileNotFoundError(f"{f} not found (written by gandl-convert or the "
                             "TFDS builders next to the shards)")
   with tf.io.gfile.GFile(f, "rb") as fh:
     df = pd.read_csv(fh, dtype=str, keep_default_na=False)
-  columns = read_dataset_info(path)["columns"]
   for c in df.columns:
     kind = ("int64" if c == "position" else
             columns.get(c) or schema.column_type(c))
