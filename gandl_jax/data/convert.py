@@ -541,7 +541,8 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
       w1..w5 of RxRx1); for "loaddata" channel names (the FileName_
       suffixes; default every one, in the CSV's order).
     compression: "" (none; fastest to read) or "GZIP".
-    overwrite: redo every shard even when a finished one exists.
+    overwrite: replace the conversion in `output_dir`: every shard is
+      redone (required when the recorded fingerprint differs).
     source_size: (height, width) every PNG must have; default: the most
       common size among a few probed sites.
     command: recorded in dataset_info.json (the CLI passes its argv).
@@ -560,7 +561,11 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   Raises:
     MetadataError: metadata.csv missing or without the published
       columns (nothing is written).
-    ValueError: bad arguments, or shards of another plan in output_dir.
+    ConversionError: `output_dir` holds a conversion with another
+      fingerprint and not `overwrite` (nothing is touched); sources smaller
+      than `resolution` (nothing is written); no site converted (no shards
+      and no dataset_info.json are left, errors.csv lists the reasons).
+    ValueError: bad arguments.
   """
   tf = _tf()
   dataset = dataset.lower()
