@@ -290,7 +290,8 @@ def test_resume_never_keeps_a_stale_shard(tree, tmp_path, monkeypatch):
 
   monkeypatch.setattr(convert.gio, "write_text", killed_after_record)
   with pytest.raises(KeyboardInterrupt):
-    convert.convert("rxrx19a", tree, out, 16, num_shards=2, channels=[3, 4, 5])
+    convert.convert("rxrx19a", tree, out, 16, num_shards=2, channels=[3, 4, 5],
+                    overwrite=True)
   monkeypatch.setattr(convert.gio, "write_text", real_write_text)
   s = convert.convert("rxrx19a", tree, out, 16, num_shards=2,
                       channels=[3, 4, 5])

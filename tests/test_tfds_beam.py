@@ -95,10 +95,12 @@ def test_tfds_build_matches_gandl_convert(tree, built):
       sum(r["shard"] == s["file"] for r in a) for s in info["shards"]]
   assert all([int(r["position"]) for r in a if r["shard"] == s["file"]]
              == list(range(s["num_examples"])) for s in info["shards"])
-  # dataset_info.json's fields: equal but for the files and the command.
+  # dataset_info.json's fields: equal but for the files and the command
+  # (and gandl-convert's resume fingerprint: TFDS versions its datasets).
   other = pipeline.read_dataset_info(shards)
   for k in other:
-    if k not in ("shards", "num_shards", "command", "created"):
+    if k not in ("shards", "num_shards", "command", "created", "fingerprint",
+                 "sites_bytes"):
       assert info[k] == other[k], k
   assert info["builder"] == f"rxrx19a/{RES}:2.0.0"
   # Failed sites: an errors table next to the dataset, as gandl-convert's.
@@ -187,3 +189,28 @@ def test_training_reads_tfds_dataset(built, tmp_path):
     pipeline.read_dataset_info(str(other))
   with open(os.path.join(built["tfds"], schema.TFDS_METADATA_FILE)) as f:
     assert json.load(f)["resolution"] == RES
+
+
+def test_tfds_dir_with_a_missing_or_resized_shard_refused(built, tmp_path):
+  """metadata.json lists each shard's size; the reader checks the files as
+  for gandl-convert's directories."""
+  with open(os.path.join(built["tfds"], schema.TFDS_METADATA_FILE)) as f:
+    meta = json.load(f)
+  for s in meta["shards"]:
+    assert s["bytes"] == os.path.getsize(os.path.join(built["tfds"], s["file"]))
+  assert meta["sites_bytes"] == os.path.getsize(
+      os.path.join(built["tfds"], schema.SITES_INDEX_FILE))
+  name = meta["shards"][1]["file"]
+  for damage in ("remove", "append"):
+    d = tmp_path / damage
+    shutil.copytree(built["tfds"], d)
+    if damage == "remove":
+      os.remove(d / name)
+    else:
+      with open(d / name, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(FileNotFoundError) as e:
+      pipeline.list_shards(str(d))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{d}: not a complete conversion")
+    assert name in msg and "tfds" in msg.split("complete it with: ")[1]

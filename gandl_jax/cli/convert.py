@@ -9,11 +9,12 @@ Painting set described by CellProfiler LoadData CSVs -> TFRecord shards.
 
 Exit status (README, "Exit status"): 0 when every site converted, 3 when
 some failed (listed with the reason in OUTPUT/errors.csv; the rest is
-converted), 1 when metadata.csv (or the LoadData CSV) is unusable (nothing
-written). Rerunning
-resumes: finished shards are kept.
+converted), 1 when metadata.csv (or the LoadData CSV) is unusable, when no
+site converts, or when OUTPUT holds a conversion with other inputs or flags
+(pass --overwrite). Rerunning the same command resumes: finished shards are
+kept.
 """
-import os
+import shlex
 import sys
 
 from absl import app
@@ -69,7 +70,9 @@ _ALLOW_OUTSIDE = flags.DEFINE_bool(
     "points, outside the image root too.")
 _COMPRESSION = flags.DEFINE_enum("compression", "", ["", "GZIP"],
                                  "TFRecord compression.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo finished shards.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the conversion "
+                                "in --output (needed when its inputs or flags "
+                                "differ): every shard is redone.")
 
 
 def convert_command(**kwargs) -> int:
@@ -122,7 +125,9 @@ def main(argv):
     for name in ("path_map", "image_root", "allow_outside_root"):
       if flags.FLAGS[name].present:
         raise cli.usage(f"--{name} applies to --dataset loaddata only")
-  command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+  # Recorded in dataset_info.json and the progress records; readers print it
+  # as the command that completes an interrupted conversion.
+  command = shlex.join(["gandl-convert"] + sys.argv[1:])
   cli.run("gandl-convert", lambda: convert_command(
       dataset=_DATASET.value, input_dir=_INPUT.value, output_dir=_OUTPUT.value,
       resolution=_RESOLUTION.value, subset=_SUBSET.value,

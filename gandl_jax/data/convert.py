@@ -6,31 +6,50 @@ Output directory (local or gs://)::
 
   {dataset}-{i:05d}-of-{n:05d}.tfrecord   one tf.train.Example per site
                                           (layout: gandl_jax/schema.py)
-  dataset_info.json                       counts, resolution, channels,
-                                          per-channel mean/std, source, command
   sites.csv                               shard, position and metadata of every
                                           converted site, in shard order
   errors.csv                              site_id, path, reason of every site
                                           that could not be converted
-  _progress/                              one JSON per finished shard (resume):
-                                          its plan, site ids, statistics, and
+  dataset_info.json                       counts, resolution, channels,
+                                          per-channel mean/std, source, command,
+                                          the fingerprint and every shard's
+                                          name, record count, size and SHA-256;
+                                          written last: the commit marker
+  _progress/fingerprint.json              the fingerprint of this conversion
+                                          (`fingerprint`), written first
+  _progress/{shard}.json                  one JSON per finished shard (resume):
+                                          fingerprint, site ids, statistics,
                                           the shard's size and SHA-256
   .gandl-convert.lock                     held while a conversion runs (see
                                           `lock_output`)
 
 Sites are assigned to shards by a fixed permutation (seed 42) of the valid
 metadata rows, so every shard mixes plates and conditions and the output is
-identical for any worker count. Each shard is written to a temporary name and
-renamed when complete; a rerun keeps finished shards whose plan (site ids,
-resolution, channels, source size) is unchanged and whose size matches the
-progress record, and redoes the rest. Before a shard is redone, the file under
-its name (an older conversion's) is deleted, so a kill between the progress
-record and the rename can never leave an old shard next to a new record.
+identical for any worker count.
+
+Fingerprint: a SHA-256 of everything the shard bytes depend on (every
+converted metadata row with all its columns and, for LoadData, its files, in
+plan order; dataset, resolution, channels, source size, shard count,
+compression, intensity windows, record format). A rerun with the same
+fingerprint resumes: finished shards whose progress record carries the
+fingerprint and whose size matches are kept, the rest redone. A rerun with
+another fingerprint is refused with a one-line diff (`describe_change`)
+unless `overwrite`, which redoes every shard.
+
+Commit marker: before any shard is touched, dataset_info.json (and
+sites.csv, errors.csv) are removed; dataset_info.json is written last, once
+every shard is in place. Readers (`pipeline.read_dataset_info`) refuse a
+directory without it or whose shard files differ from its list, so an
+interrupted conversion is never read. Each shard is written to a temporary
+name and renamed when complete; before a shard is redone, the file under its
+name is deleted, so a kill between the progress record and the rename can
+never leave an old shard next to a new record.
 
 The sites are read by `rxrx.py` and `loaddata.py`. This module is longer
-than most (~590 lines) because planning, the resumable shard writer, its
-progress records and the output lock are one job, a conversion that
-survives kills and reruns, whose rules read best in one place.
+than most (~800 lines) because planning, the fingerprint, the resumable
+shard writer, its progress records and the output lock are one job, a
+conversion that survives kills and reruns, whose rules read best in one
+place.
 """
 from __future__ import annotations
 
@@ -62,7 +81,13 @@ MIN_SHARDS = 16          # so that up to 16 hosts each read whole files
 PROGRESS_DIR = "_progress"
 ERRORS_FILE = "errors.csv"
 LOCK_FILE = ".gandl-convert.lock"
+FINGERPRINT_FILE = "fingerprint.json"   # in PROGRESS_DIR
 FORMAT_VERSION = 1
+
+
+class ConversionError(ValueError):
+  """A conversion that cannot produce a usable directory (no site converted,
+  sources smaller than the resolution, a changed fingerprint)."""
 
 
 class OutputLockedError(FileExistsError):
@@ -238,30 +263,139 @@ def _csv(columns: Sequence[str], rows: Sequence[Dict[str, object]]) -> str:
   return buf.getvalue()
 
 
-def _plan_key(site_ids: Sequence[str], resolution: int, channels: Sequence[int],
-              source_size: Sequence[int], compression: str,
-              extra: Optional[object] = None) -> str:
-  """What a finished shard depends on; `extra` (JSON): the LoadData files of
-  its sites and the intensity windows."""
-  h = hashlib.sha1()
-  h.update(json.dumps([FORMAT_VERSION, resolution, list(channels),
-                       list(source_size), compression]).encode())
-  if extra is not None:
-    h.update(json.dumps(extra, sort_keys=True).encode())
-  for s in site_ids:
-    h.update(s.encode() + b"\n")
-  return h.hexdigest()
+def _row_digest(meta: Dict[str, object]) -> str:
+  """A short SHA-256 of one metadata row: every column (and LoadData files)."""
+  text = json.dumps(meta, sort_keys=True, default=str, ensure_ascii=False)
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def fingerprint(dataset: str, planned: Sequence[Dict[str, object]], *,
+                resolution: int, channels: Sequence[object],
+                source_size: Sequence[int], num_shards: int,
+                compression: str, columns: Sequence[str],
+                intensity: Optional[Dict[str, object]] = None
+                ) -> Dict[str, object]:
+  """What the shard bytes depend on, and its SHA-256.
+
+  Args:
+    dataset: "rxrx19a", "rxrx1" or "loaddata".
+    planned: the metadata rows to convert, in plan order (shard 0 first).
+    resolution, channels, source_size, num_shards, compression: as converted.
+    columns: the record's metadata columns, in order.
+    intensity: a LoadData set's `intensity` record (percentiles, windows).
+
+  Returns:
+    {"sha256", "parts" (the settings), "rows" ([site_id, row digest] in plan
+    order)}; `describe_change` compares two of them.
+  """
+  parts = dict(format_version=FORMAT_VERSION, dataset=dataset,
+               resolution=int(resolution),
+               channels=[str(c) if isinstance(c, str) else int(c)
+                         for c in channels],
+               source_size=[int(v) for v in source_size],
+               num_shards=int(num_shards), compression=compression,
+               columns=list(columns))
+  if intensity is not None:
+    parts["clip_percentiles"] = intensity.get("percentiles")
+    parts["windows"] = [[c["name"], float(c["low"]), float(c["high"])]
+                        for c in intensity["channels"]]
+  rows = [[str(m["site_id"]), _row_digest(m)] for m in planned]
+  h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8"))
+  for sid, digest in rows:
+    h.update(f"{sid}\t{digest}\n".encode("utf-8"))
+  return dict(sha256=h.hexdigest(), parts=parts, rows=rows)
+
+
+def _settings(text) -> str:
+  return (",".join(str(v) for v in text) if isinstance(text, (list, tuple))
+          else str(text))
+
+
+def describe_change(old: Optional[Dict[str, object]],
+                    new: Dict[str, object]) -> str:
+  """A short one-line diff of two `fingerprint`s, e.g. "resolution 64 -> 32;
+  columns added: Metadata_JCP2022; metadata rows changed: 12 sites"."""
+  if not old or "parts" not in old:
+    return "no fingerprint recorded"
+  a, b = old["parts"], new["parts"]
+  out = []
+  for key in ("format_version", "dataset", "resolution", "channels",
+              "source_size", "num_shards", "compression", "clip_percentiles"):
+    if a.get(key) != b.get(key):
+      out.append(f"{key} {_settings(a.get(key))} -> {_settings(b.get(key))}")
+  ca, cb = list(a.get("columns", [])), list(b.get("columns", []))
+  added = [c for c in cb if c not in ca]
+  removed = [c for c in ca if c not in cb]
+  if added:
+    out.append("columns added: " + ", ".join(added))
+  if removed:
+    out.append("columns removed: " + ", ".join(removed))
+  if not added and not removed and ca != cb:
+    out.append("column order changed")
+  if a.get("clip_percentiles") == b.get("clip_percentiles") and (
+      a.get("windows") != b.get("windows")):
+    out.append("intensity windows changed")
+  ra = {sid: d for sid, d in old.get("rows", [])}
+  rb = {sid: d for sid, d in new.get("rows", [])}
+  gone = [s for s in ra if s not in rb]
+  new_ids = [s for s in rb if s not in ra]
+  changed = [s for s in rb if s in ra and ra[s] != rb[s]]
+  if new_ids:
+    out.append(f"sites added: {len(new_ids)} (e.g. {new_ids[0]})")
+  if gone:
+    out.append(f"sites removed: {len(gone)} (e.g. {gone[0]})")
+  if changed and not (added or removed):
+    out.append(f"metadata rows changed: {len(changed)} sites (e.g. "
+               f"{changed[0]})")
+  if not out and [s for s, _ in old.get("rows", [])] != [
+      s for s, _ in new.get("rows", [])]:
+    out.append("site order changed (rows reordered)")
+  return "; ".join(out) or "fingerprint differs"
+
+
+def read_fingerprint(output_dir: str) -> Optional[Dict[str, object]]:
+  """The fingerprint recorded in `output_dir` (None when there is none)."""
+  path = gio.join(output_dir, PROGRESS_DIR, FINGERPRINT_FILE)
+  if not gio.exists(path):
+    return None
+  try:
+    out = json.loads(gio.read_text(path))
+  except ValueError:
+    return {}
+  return out if isinstance(out, dict) else {}
+
+
+def check_source_size(source_size: Sequence[int], resolution: int,
+                      where: str, square: bool) -> None:
+  """ConversionError when no site of `source_size` could be converted at
+  `resolution` (smaller sources, or non-square RxRx images)."""
+  h, w = (int(v) for v in source_size)
+  if square and h != w:
+    raise ConversionError(
+        f"{where}: the source images are {w}x{h} pixels (not square); no site "
+        "would convert")
+  if min(h, w) < resolution:
+    raise ConversionError(
+        f"{where}: the source images are {w}x{h} pixels, smaller than "
+        f"--resolution {resolution}; no site would convert (use --resolution "
+        f"{min(h, w)} or less)" if min(h, w) >= 4 else
+        f"{where}: the source images are {w}x{h} pixels, smaller than "
+        f"--resolution {resolution} (at least 4x4 is needed); no site would "
+        "convert")
 
 
 def read_plan(dataset: str, input_dir: str, subset: str = "all",
               channels: Sequence[int] = (),
               source_size: Optional[Tuple[int, int]] = None,
+              resolution: Optional[int] = None,
               ) -> Tuple[List[Dict[str, object]], List[Dict[str, object]], Tuple[int, int]]:
   """The sites to convert: (typed metadata rows, metadata errors, source size).
 
   Shared by gandl-convert and the TFDS builders (`tfds_builder.py`). Rows
   that do not parse and repeated site ids become error rows (site_id, path,
-  reason); the source size is probed from a few sites unless given.
+  reason); the source size is probed from a few sites unless given. With a
+  `resolution`, sources too small (or not square) for it are refused here
+  (ConversionError), before any site is read.
   """
   df = rxrx.select_subset(rxrx.read_metadata(dataset, input_dir), dataset, subset)
   errors: List[Dict[str, object]] = []
@@ -286,7 +420,11 @@ def read_plan(dataset: str, input_dir: str, subset: str = "all",
                         f"usable rows for subset {subset!r}")
   if source_size is None:
     source_size = rxrx.probe_source_size(input_dir, metas, channels)
-  return metas, errors, tuple(int(s) for s in source_size)
+  source_size = tuple(int(s) for s in source_size)
+  if resolution is not None:
+    check_source_size(source_size, resolution, gio.join(input_dir, "images"),
+                      square=True)
+  return metas, errors, source_size
 
 
 def site_order(num_sites: int) -> np.ndarray:
@@ -309,11 +447,16 @@ def dataset_info(dataset: str, *, shards: Sequence[Dict[str, object]],
                  compression: str, mean: Sequence[float], std: Sequence[float],
                  subset: str, source: str, source_size: Sequence[int],
                  command: str, columns: Optional[Dict[str, str]] = None,
-                 intensity: Optional[Dict[str, object]] = None
+                 intensity: Optional[Dict[str, object]] = None,
+                 fingerprint: Optional[Dict[str, object]] = None,
+                 sites_bytes: Optional[int] = None,
                  ) -> Dict[str, object]:
   """The dataset_info.json fields the input pipeline reads (see module doc);
-  `shards`: [{"file", "num_examples"}] in reading order. A LoadData set
-  (`channels` are names) adds `intensity` (the 8-bit rescaling) and `crop`."""
+  `shards`: [{"file", "num_examples", and optionally "bytes", "sha256"}] in
+  reading order (readers check the files against the names and sizes;
+  `sites_bytes`: the size of sites.csv, checked as well). A LoadData set
+  (`channels` are names) adds `intensity` (the 8-bit rescaling) and `crop`;
+  `fingerprint`: what the shards depend on (`fingerprint`, without rows)."""
   if dataset == schema.LOADDATA:
     channel_info = [dict(index=i + 1, name=c,
                          stain=schema.CELL_PAINTING_STAINS.get(c, (c,))[0],
@@ -333,7 +476,9 @@ def dataset_info(dataset: str, *, shards: Sequence[Dict[str, object]],
       num_examples=sum(int(s["num_examples"]) for s in shards),
       num_failed=num_failed,
       num_shards=len(shards),
-      shards=[dict(file=s["file"], num_examples=int(s["num_examples"])) for s in shards],
+      shards=[dict(file=s["file"], num_examples=int(s["num_examples"]),
+                   **{k: s[k] for k in ("bytes", "sha256") if k in s})
+              for s in shards],
       resolution=resolution,
       channels=channel_info,
       num_channels=len(channels),
@@ -349,6 +494,8 @@ def dataset_info(dataset: str, *, shards: Sequence[Dict[str, object]],
       resize="area average",
       shard_seed=SHARD_SEED,
       **extra,
+      **({} if fingerprint is None else dict(fingerprint=fingerprint)),
+      **({} if sites_bytes is None else dict(sites_bytes=int(sites_bytes))),
       command=command,
       created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   )
@@ -395,7 +542,8 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
       w1..w5 of RxRx1); for "loaddata" channel names (the FileName_
       suffixes; default every one, in the CSV's order).
     compression: "" (none; fastest to read) or "GZIP".
-    overwrite: redo every shard even when a finished one exists.
+    overwrite: replace the conversion in `output_dir`: every shard is
+      redone (required when the recorded fingerprint differs).
     source_size: (height, width) every PNG must have; default: the most
       common size among a few probed sites.
     command: recorded in dataset_info.json (the CLI passes its argv).
@@ -417,7 +565,11 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   Raises:
     MetadataError: metadata.csv missing or without the published
       columns (nothing is written).
-    ValueError: bad arguments, or shards of another plan in output_dir.
+    ConversionError: `output_dir` holds a conversion with another
+      fingerprint and not `overwrite` (nothing is touched); sources smaller
+      than `resolution` (nothing is written); no site converted (no shards
+      and no dataset_info.json are left, errors.csv lists the reasons).
+    ValueError: bad arguments.
   """
   tf = _tf()
   dataset = dataset.lower()
@@ -452,13 +604,14 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
     if source_size is None:
       source_size = loaddata.probe_loaddata_size(metas, channels)
     source_size = tuple(int(v) for v in source_size)
+    check_source_size(source_size, resolution, input_dir, square=False)
     intensity = loaddata.intensity_windows(metas, channels, clip_percentiles,
                                            intensity_sample, intensity_seed,
                                            workers)
     windows = loaddata.site_windows(intensity)
   else:
     metas, errors, source_size = read_plan(dataset, input_dir, subset, channels,
-                                           source_size)
+                                           source_size, resolution)
   logging.info("%s: %d sites, source images %dx%d, converting to %dx%d x %d channels",
                input_dir, len(metas), source_size[1], source_size[0], resolution,
                resolution, len(channels))
@@ -468,13 +621,26 @@ def convert(dataset: str, input_dir: str, output_dir: str, resolution: int,
   perm = site_order(len(metas))
   plan = [[metas[i] for i in part] for part in np.array_split(perm, n)]
 
+  command = command or (
+      f"gandl_jax.data.convert.convert(dataset={dataset!r}, "
+      f"input_dir={input_dir!r}, output_dir={output_dir!r}, "
+      f"resolution={resolution}, subset={subset!r}, num_shards={num_shards}, "
+      f"channels={list(channels)})")
+  fp = fingerprint(dataset, [m for part in plan for m in part],
+                   resolution=resolution, channels=channels,
+                   source_size=source_size, num_shards=n,
+                   compression=compression,
+                   columns=list(columns or dataset_columns(dataset)),
+                   intensity=intensity)
+  fp["command"] = command
+
   tf.io.gfile.makedirs(output_dir)
   lock = lock_output(output_dir)
   try:
     return _write_shards(
-        tf, dataset, input_dir, output_dir, resolution, subset, num_shards,
+        tf, dataset, input_dir, output_dir, resolution, subset,
         n, plan, metas, errors, channels, compression, overwrite,
-        source_size, workers, command, columns, windows, intensity)
+        source_size, workers, command, fp, columns, windows, intensity)
   finally:
     unlock_output(output_dir, lock)
 
@@ -490,32 +656,61 @@ def _shard_digest(path: str) -> Tuple[int, str]:
   return size, h.hexdigest()
 
 
+def _shard_files(output_dir: str, datasets: Sequence[str]) -> List[str]:
+  """Shard files (any count) of `datasets` in `output_dir`."""
+  tf = _tf()
+  return sorted(p for d in sorted(set(datasets)) for p in tf.io.gfile.glob(
+      gio.join(output_dir, f"{d}-*-of-*.tfrecord")))
+
+
+def _start(output_dir: str, dataset: str, n: int, fp: Dict[str, object],
+           overwrite: bool) -> None:
+  """Checks the recorded fingerprint, then invalidates the directory's commit
+  marker and records `fp`, before any shard is touched."""
+  tf = _tf()
+  prog_dir = gio.join(output_dir, PROGRESS_DIR)
+  old = read_fingerprint(output_dir)
+  datasets = [dataset] + ([old["parts"]["dataset"]] if old and "parts" in old
+                          else [])
+  shards = _shard_files(output_dir, datasets)
+  records = [p for p in tf.io.gfile.glob(gio.join(prog_dir, "*.tfrecord.json"))]
+  if not overwrite and (old is not None or shards or records):
+    if old is None or old.get("sha256") != fp["sha256"]:
+      raise ConversionError(
+          f"{output_dir} holds another conversion ("
+          f"{describe_change(old, fp)}); pass --overwrite to replace it, or "
+          "use another --output")
+    others = [p for p in shards if not p.endswith(f"-of-{n:05d}.tfrecord")]
+    if others:
+      raise ConversionError(
+          f"{output_dir} already holds shards of another conversion (e.g. "
+          f"{others[0]}); pass --overwrite to replace them, or delete them")
+  # The commit marker goes first: from here until the end the directory is
+  # refused by every reader.
+  for name in (schema.DATASET_INFO_FILE, schema.SITES_INDEX_FILE, ERRORS_FILE):
+    gio.remove(gio.join(output_dir, name))
+  tf.io.gfile.makedirs(prog_dir)
+  gio.write_text(gio.join(prog_dir, FINGERPRINT_FILE), json.dumps(fp) + "\n")
+  if overwrite:
+    for p in shards:
+      if not p.endswith(f"-of-{n:05d}.tfrecord"):
+        gio.remove(p)
+        gio.remove(gio.join(prog_dir, os.path.basename(p) + ".json"))
+  # Temporary files of an interrupted run (never read; shards are renamed
+  # only when complete).
+  for d in set(datasets):
+    for stale in tf.io.gfile.glob(gio.join(
+        output_dir, gio.tmp_glob(f"{d}-*.tfrecord"))):
+      tf.io.gfile.remove(stale)
+
+
 def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
-                  num_shards, n, plan, metas, errors, channels, compression,
-                  overwrite, source_size, workers, command, columns=None,
+                  n, plan, metas, errors, channels, compression,
+                  overwrite, source_size, workers, command, fp, columns=None,
                   windows=None, intensity=None):
   """The body of `convert` once the output directory is locked."""
   prog_dir = gio.join(output_dir, PROGRESS_DIR)
-  tf.io.gfile.makedirs(prog_dir)
-  others = [p for p in tf.io.gfile.glob(gio.join(output_dir, f"{dataset}-*-of-*.tfrecord"))
-            if not p.endswith(f"-of-{n:05d}.tfrecord")]
-  if others:
-    raise ValueError(f"{output_dir} already holds shards of another conversion "
-                     f"(e.g. {others[0]}); use an empty output directory or "
-                     f"delete them")
-
-  # Temporary files of an interrupted run (never read; shards are renamed
-  # only when complete).
-  for stale in tf.io.gfile.glob(gio.join(
-      output_dir, gio.tmp_glob(f"{dataset}-*.tfrecord"))):
-    tf.io.gfile.remove(stale)
-
-  keys = [_plan_key([m["site_id"] for m in part], resolution, channels,
-                    source_size, compression,
-                    None if windows is None else dict(
-                        windows=windows,
-                        files=[m[loaddata.LOADDATA_FILES] for m in part]))
-          for part in plan]
+  _start(output_dir, dataset, n, fp, overwrite)
   stats: List[Optional[dict]] = [None] * n
   for i in range(n):
     path = gio.join(output_dir, shard_name(dataset, i, n))
@@ -523,9 +718,9 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
     if not overwrite and tf.io.gfile.exists(path) and tf.io.gfile.exists(sp):
       with tf.io.gfile.GFile(sp, "r") as f:
         s = json.load(f)
-      # A record without the shard's size (older converter) or with another
-      # size than the file's is not trusted: the shard is redone.
-      if (s.get("plan") == keys[i] and "bytes" in s
+      # A record of another fingerprint, or with another size than the
+      # file's, is not trusted: the shard is redone.
+      if (s.get("fingerprint") == fp["sha256"] and "bytes" in s
           and tf.io.gfile.stat(path).length == s["bytes"]):
         stats[i] = s
   skipped = sum(s is not None for s in stats)
@@ -576,7 +771,7 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
             s_sq += (x * x).sum(0)
             written.append(r.meta["site_id"])
         size, digest = _shard_digest(tmp)
-        stats[i] = dict(plan=keys[i], shard=name, site_ids=written,
+        stats[i] = dict(fingerprint=fp["sha256"], shard=name, site_ids=written,
                         errors=shard_errors, sum=s_sum.tolist(),
                         sumsq=s_sq.tolist(),
                         pixels=len(written) * resolution * resolution,
@@ -604,23 +799,36 @@ def _write_shards(tf, dataset, input_dir, output_dir, resolution, subset,
   mean, std = channel_stats(np.sum([s["sum"] for s in stats], 0),
                             np.sum([s["sumsq"] for s in stats], 0), pixels)
   num_examples = len(index_rows)
+  errors_path = gio.join(output_dir, ERRORS_FILE)
+  if num_examples == 0:
+    # Nothing usable: no (empty) shards and no dataset_info.json are left,
+    # only errors.csv with every site's reason.
+    for s in stats:
+      gio.remove(gio.join(output_dir, s["shard"]))
+      gio.remove(gio.join(prog_dir, s["shard"] + ".json"))
+    gio.remove(gio.join(prog_dir, FINGERPRINT_FILE))
+    gio.write_text(errors_path, errors_text(errors))
+    first = errors[0] if errors else dict(site_id="-", reason="-")
+    raise ConversionError(
+        f"{input_dir}: no site converted ({len(errors)} failed, first "
+        f"{first['site_id']}: {first['reason']}); every reason is in "
+        f"{errors_path}")
+  sites = sites_text(dataset, index_rows, columns and list(columns))
   info = dataset_info(
       dataset,
-      shards=[dict(file=s["shard"], num_examples=len(s["site_ids"])) for s in stats],
+      shards=[dict(file=s["shard"], num_examples=len(s["site_ids"]),
+                   bytes=s["bytes"], sha256=s["sha256"]) for s in stats],
       num_failed=len(errors), resolution=resolution, channels=channels,
       compression=compression, mean=mean, std=std, subset=subset,
       source=input_dir, source_size=source_size, columns=columns,
-      intensity=intensity,
-      command=command or (f"gandl_jax.data.convert.convert(dataset={dataset!r}, "
-                          f"input_dir={input_dir!r}, output_dir={output_dir!r}, "
-                          f"resolution={resolution}, subset={subset!r}, "
-                          f"num_shards={num_shards}, channels={list(channels)})"))
-  gio.write_text(gio.join(output_dir, schema.SITES_INDEX_FILE),
-                 sites_text(dataset, index_rows, columns and list(columns)))
-  errors_path = gio.join(output_dir, ERRORS_FILE)
+      intensity=intensity, command=command,
+      fingerprint=dict(sha256=fp["sha256"], **fp["parts"]),
+      sites_bytes=len(sites.encode("utf-8")))
+  gio.write_text(gio.join(output_dir, schema.SITES_INDEX_FILE), sites)
   gio.write_text(errors_path, errors_text(errors))
+  # Last: the commit marker (see the module doc).
   gio.write_text(gio.join(output_dir, schema.DATASET_INFO_FILE),
-              json.dumps(info, indent=2) + "\n")
+                 json.dumps(info, indent=2) + "\n")
   summary = dict(num_examples=num_examples, num_failed=len(errors), num_shards=n,
                  skipped_shards=skipped, output_dir=output_dir,
                  errors_csv=errors_path,

@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -101,29 +102,128 @@ def shard_dir(path: str) -> str:
 
 
 def list_shards(path: str) -> List[str]:
-  """Sorted shard files for a directory (`*.tfrecord`), a glob or a file."""
+  """Sorted shard files for a directory, a glob or a file.
+
+  A directory's shards are those its dataset_info.json (or TFDS
+  metadata.json) lists; every form is checked by `read_dataset_info`.
+  """
   tf = _tf()
   if not path:
     raise ValueError("data path is empty; set config.data.path to a shard "
                      "directory or glob (e.g. '/data/shards/rxrx19a-256/*.tfrecord')")
   p = path.rstrip("/")
+  checked = False
   if _has_glob(p):
     files = tf.io.gfile.glob(p)
-  elif tf.io.gfile.isdir(p) and is_tfds_dir(p):
-    files = [os.path.join(p, s["file"]) for s in read_dataset_info(p)["shards"]]
   elif tf.io.gfile.isdir(p):
-    files = tf.io.gfile.glob(os.path.join(p, "*.tfrecord"))
+    files = [os.path.join(p, s["file"]) for s in read_dataset_info(p)["shards"]]
+    checked = True
   else:
     files = [p] if tf.io.gfile.exists(p) else []
   files = sorted(f for f in files if ".tmp-" not in f)
   if not files:
     raise FileNotFoundError(f"{path}: no TFRecord shards found (run gandl-convert "
                             "or tfds build first)")
+  if not checked:
+    read_dataset_info(p)    # the directory must hold one complete conversion
   return files
 
 
+class IncompleteDataError(FileNotFoundError):
+  """A shard directory that is not one complete conversion."""
+
+
+def _recorded_command(d: str) -> str:
+  """The command that wrote (or is writing) shard directory `d`, from its
+  progress records or lock file; "" when none is recorded."""
+  for name in (os.path.join("_progress", "fingerprint.json"),
+               ".gandl-convert.lock"):
+    try:
+      with _tf().io.gfile.GFile(os.path.join(d, name), "r") as fh:
+        command = json.load(fh).get("command")
+    except Exception:  # pylint: disable=broad-except
+      continue        # missing, unreadable or not JSON: try the next one
+    if isinstance(command, str) and command:
+      return command
+  return ""
+
+
+def _incomplete(d: str, what: str, command: str) -> IncompleteDataError:
+  rerun = (f"complete it with: {command}" if command else
+           "convert it again (gandl-convert ... --overwrite)")
+  return IncompleteDataError(f"{d}: not a complete conversion ({what}); "
+                             f"{rerun}")
+
+
+_SHARD_INDEX = re.compile(r"-\d{5}-of-\d{5}")
+# Remote directories already checked in this process (a stat per shard is a
+# request there): {(directory, dataset_info text, file names)}.
+_CHECKED_REMOTE = set()
+
+
+def check_complete(d: str, info: Mapping[str, Any], text: str = "") -> None:
+  """Refuses shard directory `d` unless its files are exactly those `info`
+  (its dataset_info.json or TFDS metadata.json) lists: every listed shard
+  present, no other file of the same name pattern, each of the recorded size
+  (where `info` records sizes), and sites.csv of the recorded size. Sizes,
+  not hashes: cheap enough for every read. IncompleteDataError, one line
+  naming `d` and the command that completes it, otherwise."""
+  tf = _tf()
+  command = str(info.get("command") or "") or _recorded_command(d)
+  shards = info.get("shards")
+  if (not isinstance(shards, list) or not shards
+      or not all(isinstance(s, Mapping) and isinstance(s.get("file"), str)
+                 for s in shards)):
+    raise _incomplete(d, "its dataset info lists no shards", command)
+  listed = {s["file"]: s for s in shards}
+  present = set()
+  for pattern in sorted({_SHARD_INDEX.sub("-*-of-*", f) for f in listed}):
+    for f in tf.io.gfile.glob(os.path.join(d, pattern)):
+      name = os.path.basename(f)
+      if not name.startswith(".") and ".tmp-" not in name:
+        present.add(name)
+  missing = sorted(set(listed) - present)
+  if missing:
+    raise _incomplete(d, f"{len(missing)} of {len(listed)} listed shards "
+                      f"missing, e.g. {missing[0]}", command)
+  extra = sorted(present - set(listed))
+  if extra:
+    raise _incomplete(d, f"{len(extra)} shard files not in its dataset "
+                      f"info, e.g. {extra[0]}", command)
+  key = (d, text, tuple(sorted(present)))
+  if gio.is_remote(d) and key in _CHECKED_REMOTE:
+    return
+  sized = [(os.path.join(d, f), s["bytes"]) for f, s in sorted(listed.items())
+           if isinstance(s.get("bytes"), int)]
+  if isinstance(info.get("sites_bytes"), int):
+    sized.append((os.path.join(d, schema.SITES_INDEX_FILE), info["sites_bytes"]))
+
+  def size(f):
+    try:
+      return tf.io.gfile.stat(f).length
+    except tf.errors.NotFoundError:
+      return None
+
+  if gio.is_remote(d) and len(sized) > 8:
+    from concurrent import futures  # pylint: disable=import-outside-toplevel
+    with futures.ThreadPoolExecutor(16) as ex:
+      got = list(ex.map(size, [f for f, _ in sized]))
+  else:
+    got = [size(f) for f, _ in sized]
+  for (f, want), have in zip(sized, got):
+    if have != want:
+      raise _incomplete(d, f"{os.path.basename(f)} is "
+                        + ("missing" if have is None else f"{have} bytes")
+                        + f", its dataset info records {want}", command)
+  if gio.is_remote(d):
+    _CHECKED_REMOTE.add(key)
+
+
 def read_dataset_info(path: str) -> Dict[str, Any]:
-  """dataset_info.json that sits next to the shards of `path`."""
+  """dataset_info.json that sits next to the shards of `path`, checked:
+  every reader (training, export, features, the probe, TFDS directories)
+  comes here first, so a directory that is not one complete conversion
+  (`check_complete`) is refused by all of them."""
   tf = _tf()
   d = shard_dir(path)
   if is_tfds_dir(d):
@@ -136,6 +236,10 @@ def read_dataset_info(path: str) -> Dict[str, Any]:
   else:
     f = os.path.join(d, schema.DATASET_INFO_FILE)
   if not tf.io.gfile.exists(f):
+    command = _recorded_command(d)
+    if command:
+      raise _incomplete(d, f"no {schema.DATASET_INFO_FILE}: a conversion is "
+                        "running or was interrupted", command)
     versions = tf.io.gfile.glob(os.path.join(d, "*", schema.TFDS_FEATURES_FILE))
     hint = (f"; {d} holds TFDS versions: use the version directory, e.g. "
             f"{os.path.dirname(sorted(versions)[-1])}" if versions else "")
@@ -144,13 +248,17 @@ def read_dataset_info(path: str) -> Dict[str, Any]:
         f"(every shard directory has a {schema.DATASET_INFO_FILE}) or a TFDS "
         f"dataset built by gandl_jax's builders{hint}")
   with tf.io.gfile.GFile(f, "r") as fh:
-    try:
-      info = json.load(fh)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{f}: not valid JSON ({e})") from e
+    text = fh.read()
+  try:
+    info = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{f}: not valid JSON ({e})") from e
+  if not isinstance(info, dict):
+    raise ValueError(f"{f}: not a JSON object")
   for key in ("resolution", "num_channels", "columns", "dataset"):
     if key not in info:
       raise ValueError(f"{f}: missing field {key!r}")
+  check_complete(d, info, text)
   return info
 
 
@@ -159,13 +267,13 @@ def read_sites_index(path: str):
   dataset_info.json's `columns` say."""
   import pandas as pd  # pylint: disable=import-outside-toplevel
   tf = _tf()
+  columns = read_dataset_info(path)["columns"]   # checks the directory first
   f = os.path.join(shard_dir(path), schema.SITES_INDEX_FILE)
   if not tf.io.gfile.exists(f):
     raise FileNotFoundError(f"{f} not found (written by gandl-convert or the "
                             "TFDS builders next to the shards)")
   with tf.io.gfile.GFile(f, "rb") as fh:
     df = pd.read_csv(fh, dtype=str, keep_default_na=False)
-  columns = read_dataset_info(path)["columns"]
   for c in df.columns:
     kind = ("int64" if c == "position" else
             columns.get(c) or schema.column_type(c))

@@ -132,6 +132,11 @@ def add_sums(items) -> List[Any]:
   return [pixels, tot or [], tot_sq or []]
 
 
+def tf_stat_size(path: str) -> int:
+  """Size in bytes of a local or remote file."""
+  return gio.tensorflow().io.gfile.stat(path).length
+
+
 def _write_json(value: Any, path: str) -> None:
   gio.write_text(path, json.dumps(value))
 
@@ -290,8 +295,10 @@ class RxrxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     root = find_root(dl_manager.manual_dir, self.DATASET)
-    metas, meta_errors, size = convert.read_plan(self.DATASET, root, "all",
-                                                 self.channels)
+    # Sources smaller than the resolution: one error here, before Beam runs.
+    metas, meta_errors, size = convert.read_plan(
+        self.DATASET, root, "all", self.channels,
+        resolution=int(self.builder_config.resolution))
     planned = [metas[i] for i in convert.site_order(len(metas))]
     if getattr(self, "_max_sites", None) is not None:
       planned = planned[:self._max_sites]
@@ -326,6 +333,11 @@ class RxrxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     pixels, tot, tot_sq = json.loads(gio.read_text(self._scratch(SUMS_FILE)))
     failed = {rank for rank, _ in site_errors}
     valid = [m for rank, m in enumerate(plan["planned"]) if rank not in failed]
+    if not valid:
+      first = sorted(site_errors, key=lambda x: x[0])[0][1] if site_errors else {}
+      raise convert.ConversionError(
+          f"{job.root}: no site converted ({len(site_errors)} failed, first "
+          f"{first.get('site_id', '-')}: {first.get('reason', '-')})")
     split = self.info.splits[SPLIT]
     files, lengths = split.filenames, list(split.shard_lengths)
     if sum(lengths) != len(valid):
@@ -336,14 +348,17 @@ class RxrxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       rows.extend(dict(shard=f, position=pos, **next(it)) for pos in range(n))
     self._check_order(rows)
     errors = plan["meta_errors"] + [e for _, e in sorted(site_errors, key=lambda x: x[0])]
-    gio.write_text(self._scratch(schema.SITES_INDEX_FILE),
-                   convert.sites_text(self.DATASET, rows))
+    sites = convert.sites_text(self.DATASET, rows)
+    gio.write_text(self._scratch(schema.SITES_INDEX_FILE), sites)
     gio.write_text(self._scratch(convert.ERRORS_FILE), convert.errors_text(errors))
     mean, std = convert.channel_stats(tot or [0] * len(job.channels),
                                       tot_sq or [0] * len(job.channels), pixels)
     info = convert.dataset_info(
-        self.DATASET, shards=[dict(file=f, num_examples=n)
-                              for f, n in zip(files, lengths)],
+        self.DATASET,
+        shards=[dict(file=f, num_examples=n,
+                     bytes=int(tf_stat_size(self._scratch(f))))
+                for f, n in zip(files, lengths)],
+        sites_bytes=len(sites.encode("utf-8")),
         num_failed=len(errors), resolution=job.resolution, channels=job.channels,
         compression="", mean=mean, std=std, subset="all", source=job.root,
         source_size=job.source_size,
