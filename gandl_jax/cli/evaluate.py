@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import io
 
-from absl import app, flags
+from absl import flags
 
 from gandl_jax import cli
 
@@ -233,7 +233,7 @@ def evaluate_command(opts: Options, extra, spec=None) -> int:
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import json
 
 from typing import Callable, Dict, NamedTuple
 
-from absl import app, flags
+from absl import flags
 
 from gandl_jax import cli
 from gandl_jax.baselines import METHODS
@@ -104,7 +104,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

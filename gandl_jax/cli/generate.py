@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import List
 
-from absl import app, flags
+from absl import flags
 
 from gandl_jax import cli
 
@@ -71,7 +71,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

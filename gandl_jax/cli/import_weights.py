@@ -11,7 +11,7 @@ See gandl_jax/interop/stylegan2_ada.py and docs/models.md.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from gandl_jax import cli
 
@@ -76,7 +76,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

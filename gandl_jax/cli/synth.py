@@ -6,7 +6,6 @@ r"""gandl-synth: writes the synthetic RxRx19a (or RxRx1) tree.
 
 See docs/data.md for what is planted (synthetic_truth.csv).
 """
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -55,7 +54,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":
