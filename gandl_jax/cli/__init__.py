@@ -7,13 +7,15 @@ Every `gandl-*` command follows one convention (README, "Exit status"):
   2    bad command line (unknown/missing flags): absl's usage message
   3    partly done: some items failed and are listed (gandl-convert's
        errors.csv, gandl-evaluate's failed tasks); the rest is written
-  143  stopped by SIGTERM after saving its state; rerun the same command
-       to resume (gandl-train, gandl-demo)
+  143  stopped by SIGTERM: gandl-train and gandl-demo after saving their
+       state (rerun the same command to resume); the writers of one file
+       (gandl-features, gandl-export) with nothing written (rerun it)
 """
 from __future__ import annotations
 
 import logging as _std_logging
 import os as _os
+import signal as _signal
 import sys as _sys
 from typing import Callable, List, Optional
 
@@ -74,6 +76,15 @@ def run(program: str, body: Callable[[], Optional[int]]) -> None:
   except USER_ERRORS as e:
     fail(program, e)
   raise SystemExit(EXIT_OK if status is None else int(status))
+
+
+def stop_on_sigterm() -> None:
+  """SIGTERM unwinds the command like an error (exit status 143): `finally`
+  blocks and context managers run, so temporary files are removed instead of
+  being left behind by the default (immediate) termination."""
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    raise SystemExit(EXIT_PREEMPTED)
+  _signal.signal(_signal.SIGTERM, handler)
 
 
 def start(main: Callable[[List[str]], None]) -> None:

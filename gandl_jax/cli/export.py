@@ -59,6 +59,7 @@ flags.DEFINE_bool("allow_fallback", False, "If the latest checkpoint is "
 
 
 def export_command() -> int:
+  cli.stop_on_sigterm()    # the temporary output file is removed
   # pylint: disable=import-outside-toplevel
   from gandl_jax.inference import export
   from gandl_jax import sharding

@@ -71,7 +71,7 @@ def read_image_file(path: str) -> bytes:
               "a FIFO" if stat.S_ISFIFO(mode) else
               "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
               "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-      raise SiteError(f"expected a PNG file, found {kind}", path)
+      raise SiteError(f"expected an image file, found {kind}", path)
     with os.fdopen(fd, "rb", closefd=False) as f:
       try:
         return f.read()
