@@ -106,6 +106,34 @@ def start(main: Callable[[List[str]], None]) -> None:
   app.run(main, flags_parser=parse)
 
 
+def check_output_dir(path: str, flag: str = "--output",
+                     what: str = "the shard directory") -> None:
+  """Refuses an output directory that cannot be made (a file, a path under
+  one, an unwritable place), creating nothing, before any input is read."""
+  if "://" in path:     # remote: the file system reports when writing
+    return
+  path = _os.path.abspath(path)
+  existing = path
+  while not _os.path.exists(existing):    # the nearest existing ancestor
+    existing = _os.path.dirname(existing)
+  if not _os.path.isdir(existing):
+    kind = ("is a file" if existing == path else f"is under {existing}, a file")
+    raise NotADirectoryError(f"{flag} {path}: {kind}, not a directory; pass "
+                             f"a directory for {what}")
+  if existing == path:
+    if not _os.access(path, _os.W_OK | _os.X_OK):
+      raise PermissionError(f"{flag} {path}: the directory is not writable")
+    return
+  try:    # created and removed again: a bad input leaves nothing behind
+    _os.makedirs(path)
+  except OSError as e:
+    raise ValueError(f"{flag} {path}: cannot create {what} "
+                     f"({e.strerror or e})") from None
+  while path != existing:
+    _os.rmdir(path)
+    path = _os.path.dirname(path)
+
+
 def no_arguments(argv) -> None:
   if len(argv) > 1:
     raise usage(f"unexpected arguments: {argv[1:]}")

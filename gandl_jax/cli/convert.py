@@ -58,36 +58,9 @@ _COMPRESSION = flags.DEFINE_enum("compression", "", ["", "GZIP"],
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo finished shards.")
 
 
-def check_output_dir(path: str) -> None:
-  """Refuses an output that cannot become the shard directory (a file, a
-  path under one, an unwritable place) before any input is read."""
-  if "://" in path:     # remote: the file system reports when writing
-    return
-  path = os.path.abspath(path)
-  existing = path
-  while not os.path.exists(existing):    # the nearest existing ancestor
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    what = ("is a file" if existing == path else f"is under {existing}, a file")
-    raise NotADirectoryError(f"--output {path}: {what}, not a directory; pass "
-                             f"a directory for the shards")
-  if existing == path:
-    if not os.access(path, os.W_OK | os.X_OK):
-      raise PermissionError(f"--output {path}: the directory is not writable")
-    return
-  try:    # created and removed again: a bad input leaves nothing behind
-    os.makedirs(path)
-  except OSError as e:
-    raise ValueError(f"--output {path}: cannot create the shard directory "
-                     f"({e.strerror or e})") from None
-  while path != existing:
-    os.rmdir(path)
-    path = os.path.dirname(path)
-
-
 def convert_command(**kwargs) -> int:
   """`convert.convert(**kwargs)`, its summary printed; the exit status."""
-  check_output_dir(kwargs["output_dir"])
+  cli.check_output_dir(kwargs["output_dir"])
   # Imported here so that conversion worker processes (spawned) stay light.
   from gandl_jax.data import convert  # pylint: disable=import-outside-toplevel
   summary = convert.convert(**kwargs)
