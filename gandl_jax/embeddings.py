@@ -14,13 +14,18 @@ Every file is written under a temporary name and published when complete
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
+import os
+import re
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from absl import logging
 
 from gandl_jax import io as gio
 from gandl_jax import schema
@@ -172,6 +177,11 @@ class Writer:
   The schema is fixed by the first `write` (metadata columns and their
   types, feature dimension; columns in `dataset`'s published order); `extra`
   columns (e.g. a row key) follow the features. Nothing appears under `path` unless the block completes.
+
+  The rows go to a temporary file next to `path`, removed when the block
+  raises (SIGTERM too, where the command turns it into an exception); the
+  temporary files of writers of `path` that were killed are removed when the
+  next one starts (`remove_stale_temp_files`).
   """
 
   def __init__(self, path: str, fmt: Optional[str] = None,
@@ -189,7 +199,15 @@ class Writer:
     self._writer: Optional[_TableWriter] = None
 
   def __enter__(self) -> "Writer":
-    self._tmp = self._stack.enter_context(gio.atomic_path(self.path))
+    remove_stale_temp_files(self.path)
+    lock = _Lock()
+    self._stack.callback(lock.release)    # after the file is published
+    try:
+      self._tmp = self._stack.enter_context(gio.atomic_path(self.path))
+      lock.acquire(self._tmp)
+    except BaseException:
+      self._stack.close()
+      raise
     return self
 
   def __exit__(self, exc_type, exc, tb) -> bool:
@@ -243,6 +261,74 @@ class Writer:
     arrays += [pa.array(np.asarray(x)) for x in extra]
     self._writer.write(pa.Table.from_arrays(arrays,
                                             schema=self._writer.schema))
+
+
+# The temporary file of a Writer (`io.atomic_path`'s `.NAME.tmp-XXXXXXXX.EXT`)
+# is locked (flock) while its writer lives; the lock goes with the process,
+# however it ends (SIGKILL included), so an unlocked one is a dead run's.
+
+
+def _temp_dir(path: str) -> str:
+  return (tempfile.gettempdir() if gio.is_remote(path)
+          else os.path.dirname(os.path.abspath(path)))
+
+
+def _temp_pattern(path: str) -> "re.Pattern[str]":
+  name = os.path.basename(str(path))
+  suffix = "".join(os.path.splitext(name)[1:])
+  return re.compile(re.escape(f".{name}.tmp-") + r"[A-Za-z0-9_]{8}"
+                    + re.escape(suffix))
+
+
+class _Lock:
+  """An exclusive lock on a file, held until `release`."""
+
+  def __init__(self):
+    self._fd: Optional[int] = None
+
+  def acquire(self, path: str) -> None:
+    self._fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+
+def remove_stale_temp_files(path: str) -> List[str]:
+  """Removes the temporary files of writers of `path` that died (killed
+  before they could clean up); files of live writers (locked) and every
+  other file are left alone. Returns the removed paths."""
+  directory = _temp_dir(path)
+  pattern = _temp_pattern(path)
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  removed = []
+  for name in sorted(n for n in names if pattern.fullmatch(n)):
+    tmp = os.path.join(directory, name)
+    try:
+      fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+      continue
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:     # a live writer holds it
+      os.close(fd)
+      continue
+    try:
+      os.remove(tmp)
+      removed.append(tmp)
+    except OSError:
+      pass
+    finally:
+      os.close(fd)
+  if removed:
+    logging.info("removed %d temporary file(s) of earlier runs that were "
+                 "stopped before finishing %s", len(removed), path)
+  return removed
 
 
 def write(path: str, meta: Any, features: np.ndarray,

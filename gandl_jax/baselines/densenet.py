@@ -214,7 +214,7 @@ def check_image_size(image_size: Optional[int], resolution: int) -> int:
     raise ValueError(f"DenseNet-121 needs images of at least {MIN_SIZE}x"
                      f"{MIN_SIZE}, got {size}x{size}"
                      + ("" if image_size else " (the shards' resolution; pass "
-                        "image_size to resize)"))
+                        "--image_size (image_size=) to resize)"))
   return size
 
 

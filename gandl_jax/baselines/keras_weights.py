@@ -186,8 +186,21 @@ def load(arch: Architecture, weights: str = WEIGHTS_IMAGENET,
     logging.info("%s: ImageNet weights (Keras downloads %s into "
                  "~/.keras/models unless already there)", arch.name,
                  arch.imagenet_url)
-    return Backbone(params_from_keras(keras_model(arch, WEIGHTS_IMAGENET)),
-                    WEIGHTS_IMAGENET, None, arch.keras_name)
+    try:
+      model = keras_model(arch, WEIGHTS_IMAGENET)
+    except Exception as e:  # pylint: disable=broad-except
+      # Keras reports a failed download as a bare Exception.
+      if not isinstance(e, OSError) and "URL fetch failure" not in str(e):
+        raise
+      name = os.path.basename(arch.imagenet_url)
+      reason = str(e).rsplit(" -- ", 1)[-1].strip()[:200]
+      raise ValueError(
+          f"{arch.name}: cannot download the ImageNet weights "
+          f"{arch.imagenet_url} ({reason}); download that file where there "
+          f"is network access and pass it with --weights /path/to/{name}"
+      ) from None
+    return Backbone(params_from_keras(model), WEIGHTS_IMAGENET, None,
+                    arch.keras_name)
   _check_exists(arch, spec)
   shown = spec if "://" in spec else os.path.abspath(spec)
   with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from gandl_jax import embeddings
+from gandl_jax import io as gio
 from gandl_jax import progress as progress_lib
 from gandl_jax.baselines import method as get_method
 
@@ -58,9 +59,15 @@ def compute_embeddings(method_name: str, data: str, output: str, *,
                        filter: Optional[str] = None,  # pylint: disable=redefined-builtin
                        batch: int = DEFAULT_BATCH, fmt: Optional[str] = None,
                        workers: Optional[int] = None,
-                       progress_every_s: float = 30.0) -> Summary:
-  """Writes `method_name`'s features of every site of `data` to `output`."""
+                       progress_every_s: float = 30.0,
+                       overwrite: bool = False) -> Summary:
+  """Writes `method_name`'s features of every site of `data` to `output`.
+
+  An existing `output` is refused unless `overwrite`."""
   from gandl_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  if not overwrite and gio.exists(output):
+    raise FileExistsError(f"{output} already exists; pass --overwrite "
+                          f"(overwrite=True) to replace it")
   meth = get_method(method_name)
   if batch < 1:
     raise ValueError(f"batch must be >= 1, got {batch}")

@@ -7,13 +7,15 @@ Every `gandl-*` command follows one convention (README, "Exit status"):
   2    bad command line (unknown/missing flags): absl's usage message
   3    partly done: some items failed and are listed (gandl-convert's
        errors.csv, gandl-evaluate's failed tasks); the rest is written
-  143  stopped by SIGTERM after saving its state; rerun the same command
-       to resume (gandl-train, gandl-demo)
+  143  stopped by SIGTERM: gandl-train and gandl-demo after saving their
+       state (rerun the same command to resume); the writers of one file
+       (gandl-features, gandl-export) with nothing written (rerun it)
 """
 from __future__ import annotations
 
 import logging as _std_logging
 import os as _os
+import signal as _signal
 import sys as _sys
 from typing import Callable, List, Optional
 
@@ -76,6 +78,15 @@ def run(program: str, body: Callable[[], Optional[int]]) -> None:
   raise SystemExit(EXIT_OK if status is None else int(status))
 
 
+def stop_on_sigterm() -> None:
+  """SIGTERM unwinds the command like an error (exit status 143): `finally`
+  blocks and context managers run, so temporary files are removed instead of
+  being left behind by the default (immediate) termination."""
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    raise SystemExit(EXIT_PREEMPTED)
+  _signal.signal(_signal.SIGTERM, handler)
+
+
 def start(main: Callable[[List[str]], None]) -> None:
   """`absl.app.run(main)` with a bad command line (an unknown flag, a missing
   required one, a value of the wrong type or outside an enum) as one line and
@@ -93,6 +104,34 @@ def start(main: Callable[[List[str]], None]) -> None:
       raise SystemExit(EXIT_USAGE) from None
 
   app.run(main, flags_parser=parse)
+
+
+def check_output_dir(path: str, flag: str = "--output",
+                     what: str = "the shard directory") -> None:
+  """Refuses an output directory that cannot be made (a file, a path under
+  one, an unwritable place), creating nothing, before any input is read."""
+  if "://" in path:     # remote: the file system reports when writing
+    return
+  path = _os.path.abspath(path)
+  existing = path
+  while not _os.path.exists(existing):    # the nearest existing ancestor
+    existing = _os.path.dirname(existing)
+  if not _os.path.isdir(existing):
+    kind = ("is a file" if existing == path else f"is under {existing}, a file")
+    raise NotADirectoryError(f"{flag} {path}: {kind}, not a directory; pass "
+                             f"a directory for {what}")
+  if existing == path:
+    if not _os.access(path, _os.W_OK | _os.X_OK):
+      raise PermissionError(f"{flag} {path}: the directory is not writable")
+    return
+  try:    # created and removed again: a bad input leaves nothing behind
+    _os.makedirs(path)
+  except OSError as e:
+    raise ValueError(f"{flag} {path}: cannot create {what} "
+                     f"({e.strerror or e})") from None
+  while path != existing:
+    _os.rmdir(path)
+    path = _os.path.dirname(path)
 
 
 def no_arguments(argv) -> None:

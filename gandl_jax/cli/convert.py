@@ -17,7 +17,6 @@ kept.
 import shlex
 import sys
 
-from absl import app
 from absl import flags
 
 from gandl_jax import cli
@@ -77,6 +76,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the conversion "
 
 def convert_command(**kwargs) -> int:
   """`convert.convert(**kwargs)`, its summary printed; the exit status."""
+  cli.check_output_dir(kwargs["output_dir"])
   # Imported here so that conversion worker processes (spawned) stay light.
   from gandl_jax.data import convert  # pylint: disable=import-outside-toplevel
   summary = convert.convert(**kwargs)
@@ -137,7 +137,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

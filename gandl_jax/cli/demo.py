@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.sharding import Mesh
 
 from gandl_jax import checkpoint
@@ -418,7 +418,7 @@ def main(argv):
 
 def run():
   define_flags()
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

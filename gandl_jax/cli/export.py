@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from gandl_jax import cli
 
@@ -64,6 +64,7 @@ flags.DEFINE_bool("allow_fallback", False, "If the latest checkpoint is "
 
 
 def export_command() -> int:
+  cli.stop_on_sigterm()    # the temporary output file is removed
   # pylint: disable=import-outside-toplevel
   from gandl_jax.inference import export
   from gandl_jax import sharding
@@ -93,7 +94,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

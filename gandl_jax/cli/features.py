@@ -19,7 +19,7 @@ import json
 
 from typing import Callable, Dict, NamedTuple
 
-from absl import app, flags
+from absl import flags
 
 from gandl_jax import cli
 from gandl_jax.baselines import METHODS
@@ -78,11 +78,12 @@ flags.DEFINE_integer("image_size", None, "densenet_*: resize sites to this "
 flags.DEFINE_integer("seed", 0, "densenet_*: seed of random weights.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "densenet_*: compute dtype (features are float32).")
-flags.DEFINE_bool("overwrite", False, "densenet_*: replace an existing "
-                  "--output.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --output "
+                  "(refused otherwise).")
 
 
 def features_command() -> int:
+  cli.stop_on_sigterm()    # the temporary output file is removed
   if FLAGS.method in JAX_METHODS:
     print(json.dumps(JAX_METHODS[FLAGS.method].run()))
     return cli.EXIT_OK
@@ -90,7 +91,7 @@ def features_command() -> int:
   summary = run_lib.compute_embeddings(
       FLAGS.method, FLAGS.data, FLAGS.output, filter=FLAGS.filter,
       batch=FLAGS.batch or 64, fmt=FLAGS.format, workers=FLAGS.workers,
-      progress_every_s=FLAGS.progress_every)
+      progress_every_s=FLAGS.progress_every, overwrite=FLAGS.overwrite)
   print(json.dumps(summary.as_dict()))
   return cli.EXIT_OK
 
@@ -104,7 +105,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import List
 
-from absl import app, flags
+from absl import flags
 
 from gandl_jax import cli
 
@@ -40,11 +40,17 @@ flags.DEFINE_string("out", None, "Output file, .png or .npz.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "Compute dtype.")
 flags.DEFINE_integer("batch_size", 32, "Images per generator call.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out (refused "
+                  "otherwise).")
 
 
 def generate_command(seeds: List[int]) -> int:
   # pylint: disable=import-outside-toplevel
+  from gandl_jax import io as gio
   from gandl_jax.inference import api, samples
+  if not FLAGS.overwrite and gio.exists(FLAGS.out):
+    raise FileExistsError(f"{FLAGS.out} already exists; pass --overwrite to "
+                          f"replace it")
   model = api.load(FLAGS.checkpoint, FLAGS.step,
                    compute_dtype=FLAGS.compute_dtype,
                    batch_size=FLAGS.batch_size,
@@ -71,7 +77,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

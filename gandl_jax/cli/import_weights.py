@@ -11,7 +11,7 @@ See gandl_jax/interop/stylegan2_ada.py and docs/models.md.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from gandl_jax import cli
 
@@ -28,6 +28,8 @@ flags.DEFINE_string("state_dicts", None,
                     "torch >= 2.6).")
 flags.DEFINE_string("workdir", None, "Output workdir (checkpoints/ inside).")
 flags.DEFINE_integer("step", 0, "Checkpoint step number to write.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing step --step in "
+                  "--workdir (refused otherwise).")
 flags.DEFINE_integer("mbstd_group_size", 4,
                      "--state_dicts only: D minibatch-stddev group size.")
 flags.DEFINE_float("mapping_lr_multiplier", 0.01,
@@ -45,6 +47,11 @@ def import_command() -> int:
   src = FLAGS.pkl or FLAGS.state_dicts
   if not os.path.exists(src):
     raise FileNotFoundError(f"{src} does not exist")
+  step_dir = checkpoint.checkpoint_dir(FLAGS.workdir) / str(FLAGS.step)
+  if step_dir.exists():
+    if not FLAGS.overwrite:
+      raise FileExistsError(f"{step_dir} already exists; pass --overwrite to "
+                            f"replace it (or another --workdir or --step)")
   if FLAGS.pkl:
     sds, hints = stylegan2_ada.load_pickle(FLAGS.pkl,
                                            trust=FLAGS.trust_pickle)
@@ -53,6 +60,8 @@ def import_command() -> int:
     hints = {"mbstd_group_size": FLAGS.mbstd_group_size,
              "mapping_lr_multiplier": FLAGS.mapping_lr_multiplier,
              "w_avg_beta": FLAGS.w_avg_beta, "conv_clamp": FLAGS.conv_clamp}
+  if step_dir.exists():    # --overwrite, once the input has been read
+    step_dir.rmtree()
   try:
     path = stylegan2_ada.import_to_workdir(sds, hints, FLAGS.workdir, src,
                                            step=FLAGS.step)
@@ -76,7 +85,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ r"""gandl-synth: writes the synthetic RxRx19a (or RxRx1) tree.
 
 See docs/data.md for what is planted (synthetic_truth.csv).
 """
-from absl import app
+import os
+import shutil
+
 from absl import flags
 from absl import logging
 
@@ -26,6 +28,9 @@ _EXPERIMENTS = flags.DEFINE_integer("experiments", 1, "RxRx1: experiments per "
                                     "cell type (the last one is 'test').")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _WORKERS = flags.DEFINE_integer("workers", None, "Processes (default: all cores).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing "
+                                "tree written by gandl-synth (refused "
+                                "otherwise).")
 _DIFFICULTY = flags.DEFINE_enum(
     "difficulty", "easy", list(synthetic.DIFFICULTIES),
     "easy: the planted biology shows in per-channel intensities; hard, hard2: "
@@ -33,7 +38,26 @@ _DIFFICULTY = flags.DEFINE_enum(
     "channel's intensity histogram matched between classes).")
 
 
+def clear_output(root: str, overwrite: bool) -> None:
+  """Refuses an existing tree at `root` unless `overwrite`; then removes it,
+  if gandl-synth wrote it (its synthetic_truth.csv), so that no file of the
+  old tree is left among the new one's."""
+  if not os.path.exists(root) or not os.listdir(root):
+    return
+  if not overwrite:
+    raise FileExistsError(f"{root} already exists; pass --overwrite to "
+                          f"replace it")
+  if not os.path.isfile(os.path.join(root, "synthetic_truth.csv")):
+    raise FileExistsError(f"{root} exists and was not written by gandl-synth "
+                          f"(no synthetic_truth.csv); not replaced: choose "
+                          f"another --output")
+  shutil.rmtree(root)
+
+
 def synth_command() -> int:
+  clear_output(os.path.join(_OUTPUT.value,
+                            synthetic.DATASET_DIRS[_DATASET.value]),
+               _OVERWRITE.value)
   plates = None
   if _PLATES.value:
     vals = [int(p) for p in _PLATES.value]
@@ -55,7 +79,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ is changed; name the keys you mean to change to allow them, e.g.
 `--allow_config_change=total_kimg,checkpoint_every_kimg` (docs/training.md,
 "Resuming").
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from gandl_jax import cli
@@ -55,7 +55,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.start(main)
 
 
 if __name__ == "__main__":

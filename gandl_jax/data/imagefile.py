@@ -48,7 +48,7 @@ def parse_int(text: str, col: str) -> int:
 
 
 @contextlib.contextmanager
-def open_image_file(path: str, what: str = "a PNG file"
+def open_image_file(path: str, what: str = "an image file"
                     ) -> Iterator[Tuple[BinaryIO, int]]:
   """(binary file object, size in bytes) of one image file, nothing read.
 

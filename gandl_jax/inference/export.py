@@ -62,6 +62,7 @@ from gandl_jax import io as gio
 from gandl_jax.model import embed as embed_lib
 from gandl_jax.model import networks
 from gandl_jax import progress as progress_lib
+from gandl_jax import schema
 from gandl_jax import sharding
 
 DEFAULT_BATCH = 64
@@ -215,9 +216,26 @@ def check_channels(model: api.Model, info: Dict[str, Any], data: str,
     raise ValueError(
         f"{data}: the shards ({info.get('dataset')}) hold channels "
         f"[{_channel_names(have)}] but {against} was trained on "
-        f"({trained_on}) [{_channel_names(want)}]; convert the shards with "
-        f"gandl-convert --channels "
-        f"{','.join(str(c.get('name') or c.get('index')) for c in want)}")
+        f"({trained_on}) [{_channel_names(want)}]; "
+        + _convert_hint(want, str(info.get("dataset") or "")))
+
+
+def _convert_hint(want: Sequence[Dict[str, Any]], dataset: str) -> str:
+  """The gandl-convert --channels value, in `dataset`'s own terms (RxRx:
+  channel numbers, LoadData: FileName_ suffixes), that converts shards with
+  the `want` channels; or why none does."""
+  if dataset == schema.LOADDATA:
+    by_stain = {v[0]: k for k, v in schema.CELL_PAINTING_STAINS.items()}
+    values = [c.get("name") or by_stain.get(c.get("stain")) for c in want]
+  else:
+    by_stain = {c.stain: c.index for c in schema.CHANNELS.get(dataset, ())}
+    values = [by_stain.get(c.get("stain")) for c in want]
+  if not dataset or any(v is None for v in values):
+    return (f"no gandl-convert --channels value gives {dataset or 'these'} "
+            f"shards those channels: use a model trained on {dataset or 'such'}"
+            f" shards")
+  return (f"convert the shards with gandl-convert --dataset {dataset} "
+          f"--channels {','.join(str(v) for v in values)}")
 
 
 @dataclasses.dataclass(frozen=True)

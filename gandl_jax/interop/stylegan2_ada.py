@@ -69,9 +69,8 @@ MIN_TORCH = (2, 6)   # torch.load(weights_only=True) is safe from 2.6 on
 def _torch():
   try:
     import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ValueError("PyTorch is not installed. "
-                     + _PYTHONPATH_HELP) from e
+  except ImportError:
+    raise ValueError("PyTorch is not installed") from None
   return torch
 
 
@@ -158,7 +157,10 @@ def load_pickle(path: str, trust: bool = False
         f"torch.load(weights_only=True)); docs/models.md")
   logging.warning("%s: %s; unpickling it because --trust_pickle was given",
                   path, PICKLE_WARNING)
-  _torch()
+  try:
+    _torch()
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}. " + _PYTHONPATH_HELP) from None
   import pickle  # pylint: disable=import-outside-toplevel
   try:
     import torch_utils  # noqa: F401 pylint: disable=import-outside-toplevel,unused-import
@@ -195,14 +197,34 @@ def load_pickle(path: str, trust: bool = False
 def load_state_dicts(path: str) -> Dict[str, StateDict]:
   """{'G', 'D', ['G_ema']} numpy state dicts from torch.save or .npz."""
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      sds: Dict[str, StateDict] = {}
-      for key in z.files:
-        net, _, name = key.partition(".")
-        if net in ("G", "D", "G_ema") and name:
-          sds.setdefault(net, {})[name] = np.asarray(z[key], np.float32)
+    sds: Dict[str, StateDict] = {}
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+          net, _, name = key.partition(".")
+          if net in ("G", "D", "G_ema") and name:
+            sds.setdefault(net, {})[name] = np.asarray(z[key], np.float32)
+    except ValueError as e:
+      if "pickle" not in str(e):
+        raise ValueError(f"{path}: not a readable .npz of numeric arrays "
+                         f"({e})") from None
+      raise ValueError(
+          f"{path}: holds pickled (object) arrays, which --state_dicts does "
+          f"not read (unpickling runs code from the file); save every tensor "
+          f"as a plain numeric array named G.<param>, D.<param>, "
+          f"G_ema.<param> (np.savez), or pass a torch.save'd file") from None
+    except (OSError, EOFError) as e:   # not a zip, truncated
+      raise ValueError(f"{path}: not a readable .npz file ({e})") from None
   else:
-    torch = _safe_torch()
+    try:
+      torch = _safe_torch()
+    except ValueError as e:
+      raise ValueError(
+          f"{path}: reading a torch.save'd file needs PyTorch >= "
+          f"{MIN_TORCH[0]}.{MIN_TORCH[1]} ({e}); pip install -e .[import], "
+          f"or save the state dicts as .npz (numeric arrays named G.<param>, "
+          f"D.<param>, G_ema.<param>) and pass that with --state_dicts"
+      ) from None
     try:
       obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pylint: disable=broad-except

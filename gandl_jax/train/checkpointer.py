@@ -258,6 +258,16 @@ class TrainCheckpointer:
 
   def _check_files(self, step: int) -> None:
     step_dir = self.directory / str(step)
+    if (not (step_dir / checkpoint.TRAIN_ITEM).exists() and
+        (step_dir / checkpoint.MODEL_ITEM / "_METADATA").exists()):
+      # Written by checkpoint.save_model (gandl-import), not by training:
+      # not corrupt, and never to be moved aside.
+      raise ValueError(
+          f"{step_dir}: a model-only checkpoint (as gandl-import writes), not "
+          f"a training checkpoint: it holds no optimizer state to resume. "
+          f"Use it with gandl-export / gandl-generate --checkpoint "
+          f"{self.directory.parent}; train in a new, empty --workdir "
+          f"(training from imported weights is not supported)")
     for item, name in _REQUIRED_FILES.items():
       if not (step_dir / item / name).exists():
         raise CorruptCheckpoint(f"{step_dir / item / name} is missing")

@@ -152,13 +152,17 @@ def select_sites(table: pd.DataFrame, max_sites: int, seed: int,
   in table order with the `COLUMNS`. Raises ValueError when the table has no
   such site.
   """
+  missing = [c for c in COLUMNS + ("treatment",) if c not in table]
+  if missing:
+    raise ValueError(
+        f"the representation probe needs the RxRx19a metadata column(s) "
+        f"{missing}, which these shards' sites.csv lacks; train with "
+        f"--config.probe_every_kimg=0 to turn the probe off")
   try:
     sel = tasks.control_rows(table, "probe")
   except classify.TaskError as e:
-    raise ValueError(str(e)) from None
-  missing = [c for c in COLUMNS if c not in table]
-  if missing:
-    raise ValueError(f"probe: metadata column(s) {missing} missing")
+    raise ValueError(f"{e}; train with --config.probe_every_kimg=0 to turn "
+                     f"the probe off") from None
   rows = table[sel]
   if plate_fraction < 1:
     keep = select_plates(rows, plate_fraction, seed)
@@ -205,8 +209,11 @@ def probe_sites(workdir: str, data: str, max_sites: int, seed: int,
   path = gio.join(workdir, PROBE_SITES_FILE)
   if gio.exists(path):
     return read_sites(path)
-  sites = select_sites(pipeline.read_sites_index(data), max_sites, seed,
-                       plate_fraction)
+  try:
+    sites = select_sites(pipeline.read_sites_index(data), max_sites, seed,
+                         plate_fraction)
+  except ValueError as e:
+    raise ValueError(f"{data}: {e}") from None
   if jax.process_index() == 0:
     gio.makedirs(workdir)
     write_sites(path, sites)
