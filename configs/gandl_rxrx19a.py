@@ -2,11 +2,13 @@ r"""GAN-DL on RxRx19a: the paper's setting (5 channels, mapping depth 3, latent 
 
 The argument after ':' picks the training resolution (256 default, 512, 1024);
 hyperparameters follow stylegan2-ada-pytorch's `paper256`, `paper512` and
-`stylegan2` (1024) configurations, with GAN-DL's changes. As in the
-reference's train.py (every config), activations are clamped to +-256
-(`model.conv_clamp`: every conv, toRGB, fromRGB and epilogue conv), which the
-reference pairs with reduced precision; we train in bfloat16. Add `,runlocal` for a
-few CPU steps of the same model (debugging).
+`stylegan2` (1024) configurations, with GAN-DL's changes. Precision is the
+reference's train.py policy (every config): the 4 highest resolutions of G
+and D compute in reduced precision (`num_bf16_res = 4`; bfloat16 where the
+reference uses float16), the blocks below in float32, and activations are
+clamped to +-256 (`model.conv_clamp`: every conv, toRGB, fromRGB and epilogue
+conv). Add `,runlocal` for a few CPU steps of the same model in float32
+(debugging).
 
 Train on a Cloud TPU VM (all workers run the same command):
 
@@ -44,7 +46,7 @@ def get_config(arg: str = "256") -> ml_collections.ConfigDict:
       resolution=resolution, channel_base=channel_base,
       mbstd_group_size=mbstd_group,
       conv_clamp=256.0)                # reference: conv_clamp = 256
-  config.compute_dtype = "bfloat16"    # parameters and optimizer stay float32
+  config.num_bf16_res = 4              # reference: num_fp16_res = 4
   config.batch_size = batch
   config.total_kimg = 15000.0          # ~24 h on a TPU v3-8 at 256x256
   config.optim.g_lr = config.optim.d_lr = lr
@@ -54,7 +56,7 @@ def get_config(arg: str = "256") -> ml_collections.ConfigDict:
   if "runlocal" in args:
     config.batch_size = 8
     config.model.mbstd_group_size = 4
-    config.compute_dtype = "float32"
+    config.num_bf16_res = 0
     config.total_kimg = 0.064
     config.checkpoint_every_kimg = 0.032
     config.log_every_kimg = 0.008

@@ -6,7 +6,7 @@ before anything is compiled. Modules take their values from here: the model
 builder fills a checkpoint's model config with `model_config()`'s defaults
 (`full_model_config`), the input pipeline its data config likewise. Training-loop keys (`config.data.path`,
 `config.batch_size`, `config.total_kimg`, `config.checkpoint_every_kimg`,
-`config.seed`, `config.compute_dtype`) are part of the public interface.
+`config.seed`, `config.num_bf16_res`) are part of the public interface.
 Another model family's configs (`config.family`, e.g. 'convae' for the
 ConvAE baseline) have their own key set, defined by the family
 (`gandl_jax.families`) and validated and resumed by the same functions.
@@ -133,7 +133,12 @@ def base_config() -> ml_collections.ConfigDict:
   """Every training key with a sensible default."""
   config = ml_collections.ConfigDict()
   config.model = model_config()
-  config.compute_dtype = "float32"     # or bfloat16 (params stay float32)
+  # Mixed precision (stylegan2-ada-pytorch's num_fp16_res, in bfloat16): the
+  # number of highest resolutions whose G and D blocks compute in bfloat16;
+  # 0: float32 throughout; -1: every block from 8x8 up. Parameters, losses,
+  # regularizer reductions and the optimizer stay float32
+  # (gandl_jax/model/networks.py, docs/training.md "Precision").
+  config.num_bf16_res = 0
   # Rematerialization of G/D blocks in gradients (networks.REMAT_OPTIONS):
   # "none", "blocks" or "blocks_dots"; memory for compute, same numbers.
   config.remat = "none"
@@ -219,9 +224,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     check_resolution(int(model.resolution))
   except ValueError as e:
     errors.append(f"config.model.resolution: {e}")
-  if config.compute_dtype not in ("float32", "bfloat16"):
-    errors.append(f"config.compute_dtype must be 'float32' or 'bfloat16', got "
-                  f"{config.compute_dtype!r}")
+  n_bf16 = config.num_bf16_res
+  if isinstance(n_bf16, bool) or not isinstance(n_bf16, int) or n_bf16 < -1:
+    errors.append(f"config.num_bf16_res must be an int >= 0 (highest "
+                  f"resolutions run in bfloat16) or -1 (all), got {n_bf16!r}")
   if config.remat not in REMAT_OPTIONS:
     errors.append(f"config.remat must be one of {list(REMAT_OPTIONS)}, got "
                   f"{config.remat!r}")

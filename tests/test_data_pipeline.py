@@ -9,6 +9,7 @@ import pytest
 from gandl_jax.data import convert
 from gandl_jax.data import pipeline
 from gandl_jax.data import synthetic
+from gandl_jax import images as image_lib
 from gandl_jax import schema
 from gandl_jax import sharding
 
@@ -154,13 +155,23 @@ def test_train_batches_global_arrays_and_exact_resume(shards):
   steps = n_vero // gb + 4            # runs past an epoch boundary
   ref = [np.asarray(next(it)["image"]) for _ in range(steps)]
   b = next(it)["image"]
-  assert isinstance(b, jax.Array) and b.dtype == np.float32
+  # uint8 to the devices (the training step normalizes there).
+  assert isinstance(b, jax.Array) and b.dtype == np.uint8
   assert b.shape == (gb, 16, 16, 5)
   assert b.sharding.is_equivalent_to(sharding.data_sharded(mesh), 4)
-  assert -1.0 <= float(b.min()) and float(b.max()) <= 1.0
-  # Normalization maps uint8 levels to exact multiples of 2/255 in [-1, 1].
-  x = ref[0][0]
-  assert np.allclose((x + 1) * 127.5, np.round((x + 1) * 127.5), atol=1e-3)
+  # The same pixels as the host stream, whose float32 form (normalize=True)
+  # the device mapping reproduces to within one float32 rounding.
+  host_kw = dict(host_batch=gb, seed=7, filter="cell_type == 'VERO'",
+                 shuffle_buffer=32, num_parallel_calls=2)
+  host_u8 = next(pipeline.train_dataset(
+      shards, **host_kw)[0].as_numpy_iterator())
+  host_f32 = next(pipeline.train_dataset(
+      shards, normalize=True, **host_kw)[0].as_numpy_iterator())
+  np.testing.assert_array_equal(ref[0], host_u8)
+  dev = np.asarray(jax.jit(image_lib.to_float)(ref[0]))
+  assert dev.dtype == np.float32
+  np.testing.assert_allclose(dev, host_f32, rtol=0, atol=2e-7)
+  assert dev.min() >= -1.0 and dev.max() <= 1.0
 
   for start in (3, n_vero // gb + 1):
     it2 = pipeline.train_batches(cfg, global_batch=gb, mesh=mesh, seed=7,
@@ -170,6 +181,22 @@ def test_train_batches_global_arrays_and_exact_resume(shards):
   other = pipeline.train_batches(cfg, global_batch=gb, mesh=mesh, seed=8,
                                  resolution=16, channels=5)
   assert not np.array_equal(np.asarray(next(other)["image"]), ref[0])
+
+
+def test_prefetch_to_device_keeps_batches_in_flight_in_order():
+  puts = []
+  def put(x):
+    puts.append(x)
+    return -x
+  it = pipeline.prefetch_to_device(iter(range(5)), 2, put)
+  assert puts == []                      # a generator: nothing before next()
+  assert next(it) == 0 and puts == [0, 1]   # the next batch is already put
+  assert next(it) == -1 and puts == [0, 1, 2]
+  assert list(it) == [-2, -3, -4] and puts == list(range(5))
+  # size <= 1: each batch put when it is taken.
+  puts.clear()
+  it = pipeline.prefetch_to_device(iter(range(3)), 0, put)
+  assert next(it) == 0 and puts == [0]
 
 
 def test_augmentation_is_flip_and_rot90_of_a_stored_site(shards):

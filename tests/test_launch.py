@@ -301,12 +301,12 @@ def test_train_start_explicit_paths_config_and_overrides():
       "start", "--name", "gandl", "--zone", "europe-west4-a",
       "--config", "configs/gandl_rxrx19a.py:512", "--workdir",
       "gs://b2/runs/x/", "--data", "gs://b2/shards/*.tfrecord",
-      "--set", "batch_size=32", "--set", "compute_dtype=float32"])
+      "--set", "batch_size=32", "--set", "num_bf16_res=0"])
   script = remote_script(line)
   assert "--zone=europe-west4-a" in line
   assert ("--config configs/gandl_rxrx19a.py:512 --workdir gs://b2/runs/x "
           in script)
-  assert "--config.batch_size=32 --config.compute_dtype=float32" in script
+  assert "--config.batch_size=32 --config.num_bf16_res=0" in script
 
 
 def test_train_bucket_defaults_follow_resolution():

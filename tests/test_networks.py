@@ -108,8 +108,9 @@ def test_bad_resolution_and_inputs_are_rejected():
     G.apply(gv, jnp.zeros((2, 7)))
   with pytest.raises(ValueError, match="noise_mode"):
     G.apply(gv, jnp.zeros((2, 8)), noise_mode="fixed")
-  with pytest.raises(ValueError, match="compute_dtype"):
-    networks.build(_cfg(8), dtype="float16")
+  for bad in ("float16", -2, 1.5, "most"):
+    with pytest.raises(ValueError, match="num_bf16_res"):
+      networks.build(_cfg(8), bad)
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +206,11 @@ def test_discriminator_features(small):
 
 
 def test_bfloat16_close_to_float32():
+  """The inference tools' --compute_dtype=bfloat16: every block from 8x8 up."""
   cfg = _cfg(32, channel_base=512, channel_max=32, z=32)
   G32, D32 = networks.build(cfg, "float32")
   G16, D16 = networks.build(cfg, "bfloat16")
+  assert (G16.num_bf16_res, D16.num_bf16_res) == (networks.ALL_BF16,) * 2
   gv, dv = networks.init(jax.random.PRNGKey(0), G32, D32)
   z = jax.random.normal(jax.random.PRNGKey(1), (4, 32))
   a, b = G32.apply(gv, z, noise_mode="const"), G16.apply(gv, z, noise_mode="const")

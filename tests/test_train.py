@@ -416,7 +416,9 @@ def test_paper_configs_clamp_at_256_like_the_reference():
     assert config.model.conv_clamp == 256.0, arg
     config_lib.validate(config, 1, 1)
   demo_cfg = _config_module("demo").get_config()
-  assert demo_cfg.compute_dtype == "float32"
+  assert demo_cfg.num_bf16_res == 0
+  assert paper.get_config("256").num_bf16_res == 4   # reference: num_fp16_res
+  assert paper.get_config("256,runlocal").num_bf16_res == 0
   assert demo_cfg.model.conv_clamp is None
 
 

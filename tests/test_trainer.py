@@ -168,7 +168,7 @@ def test_one_iteration_identical_on_1_and_8_devices():
 
 
 def test_bfloat16_training_keeps_float32_state_and_compiles_once():
-  config = tiny_config(**{"compute_dtype": "bfloat16", "loss.r1_interval": 2,
+  config = tiny_config(**{"num_bf16_res": -1, "loss.r1_interval": 2,
                           "loss.pl_interval": 2})
   tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
   state = tr.init_state(0)

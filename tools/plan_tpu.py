@@ -267,7 +267,7 @@ def compile_export(config, devices, batch: int, layer: str = "fc") -> dict:
   from gandl_jax import sharding  # pylint: disable=import-outside-toplevel
   from gandl_jax.model import embed, networks  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(devices)
-  G, D = networks.build(config.model, config.compute_dtype)
+  G, D = networks.build(config.model, config.num_bf16_res)
   shapes = jax.eval_shape(lambda k: networks.init(k, G, D)[1],
                           jax.random.PRNGKey(0))
   repl = sharding.replicated(mesh)
@@ -332,7 +332,7 @@ def plan(config, target: str, devices: int, remat: str, utilization: float,
   return {"export": export,"target": spec["name"], "devices": devices,
           "resolution": int(config.model.resolution),
           "batch": int(config.batch_size),
-          "compute_dtype": config.compute_dtype, "remat": remat,
+          "num_bf16_res": config.num_bf16_res, "remat": remat,
           "hbm_gib": hbm or None, "peak_tflops_per_device": peak or None,
           "utilization": utilization if peak else None,
           "total_kimg": float(config.total_kimg), "phases": results,
@@ -365,7 +365,7 @@ def replan(p: dict, utilization: float, peak_tflops: float = 0.0,
 def format_plan(p: dict) -> str:
   g = lambda b: f"{b / GIB:7.2f}"
   lines = [f"{p['target']} x {p['devices']}, {p['resolution']}x"
-           f"{p['resolution']}, batch {p['batch']}, {p['compute_dtype']}, "
+           f"{p['resolution']}, batch {p['batch']}, num_bf16_res {p['num_bf16_res']}, "
            f"remat={p['remat']}  (memory in GiB per device)",
            f"{'phase':8s} {'every':>5s} " +
            " ".join(f"{f:>11s}" for f in MEMORY_FIELDS + ("total",)) +

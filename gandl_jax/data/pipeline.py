@@ -3,7 +3,9 @@
 Two entry points, both delivering global `jax.Array`s sharded on the mesh's
 `data` axis (via `gandl_jax.sharding.host_to_global`):
 
-* `train_batches`: infinite, shuffled, augmented float32 images in [-1, 1].
+* `train_batches`: infinite, shuffled, augmented uint8 images (the training
+  step maps them to [-1, 1] on the device), two batches in flight to the
+  device (`prefetch_to_device`).
   Files are split per host (`files[process_index::process_count]`); every
   epoch has its own seeds (file order, shuffle, flips/rotations), so the stream
   is a pure function of (seed, host, batch number) and `start_batch` resumes
@@ -53,11 +55,13 @@ put that contract in several places.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import math
 import os
 import re
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -449,11 +453,12 @@ def train_dataset(path: str, *, host_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1,
                   resolution: Optional[int] = None,
                   channels: Union[None, int, Sequence[int]] = None,
-                  normalize: bool = True):
+                  normalize: bool = False):
   """This host's infinite tf.data stream of image batches (see module doc).
 
-  Returns (dataset, sites_per_epoch_on_this_host). Elements are float32
-  (host_batch, R, R, C) in [-1, 1] (uint8 when `normalize` is False).
+  Returns (dataset, sites_per_epoch_on_this_host). Elements are uint8
+  (host_batch, R, R, C) (float32 in [-1, 1] when `normalize`, four times
+  the bytes; training normalizes on the device instead).
   Options left None take `config.data_config()`'s defaults.
   """
   given = dict(shuffle_buffer=shuffle_buffer, x_flip=x_flip, rot90=rot90,
@@ -535,15 +540,45 @@ def train_dataset(path: str, *, host_batch: int, seed: int,
   return ds.with_options(opts), n_host
 
 
+def prefetch_to_device(iterator: Iterator[Any], size: int,
+                       put: Callable[[Any], Any]) -> Iterator[Any]:
+  """Yields `put(x)` for each `x` of `iterator`, keeping `size` of them
+  in flight: each `put` (an asynchronous host-to-device copy, e.g.
+  `sharding.host_to_global`) is issued `size - 1` batches before the
+  consumer takes its result, so the copy of the next batch overlaps the
+  device's work on the current one (as flax's `prefetch_to_device`). `size`
+  <= 1: each batch is put when it is taken."""
+  queue = collections.deque()
+
+  def enqueue(n):
+    for x in itertools.islice(iterator, n):
+      queue.append(put(x))
+
+  enqueue(max(int(size), 1))
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
+
+
+# Batches `train_batches` keeps in flight on the devices.
+DEVICE_PREFETCH = 2
+
+
 def train_batches(data_config: Any, *, global_batch: int, mesh, seed: int,
                   resolution: int, channels: Union[int, Sequence[int]],
-                  start_batch: int = 0) -> Iterator[Dict[str, Any]]:
-  """Infinite iterator of {'image': float32 (global_batch, R, R, C)} jax.Arrays.
+                  start_batch: int = 0,
+                  device_prefetch: int = DEVICE_PREFETCH
+                  ) -> Iterator[Dict[str, Any]]:
+  """Infinite iterator of {'image': uint8 (global_batch, R, R, C)} jax.Arrays.
 
   `data_config` is `config.data` (path, filter, shuffle_buffer, x_flip, rot90,
   num_parallel_calls, prefetch). `start_batch` is the number of batches
   already consumed (resume); the stream continues exactly where it stopped.
   Shapes, channels and the filter are checked before anything is compiled.
+  Each host's batch goes to its devices as uint8, sharded on the mesh's
+  `data` axis (`sharding.host_to_global`, multi-host), `device_prefetch`
+  batches ahead (`prefetch_to_device`); the consumer maps it to [-1, 1]
+  (`images.to_float`, inside the jitted training step).
   """
   import jax  # pylint: disable=import-outside-toplevel
   cfg = config_lib.full_data_config(data_config)
@@ -556,13 +591,9 @@ def train_batches(data_config: Any, *, global_batch: int, mesh, seed: int,
       num_parallel_calls=cfg["num_parallel_calls"],
       prefetch=cfg["prefetch"], start_batch=start_batch,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      resolution=resolution, channels=channels)
-
-  def gen():
-    for batch in ds.as_numpy_iterator():
-      yield {"image": sharding.host_to_global(batch, mesh)}
-
-  return gen()
+      resolution=resolution, channels=channels, normalize=False)
+  put = lambda batch: {"image": sharding.host_to_global(batch, mesh)}
+  return prefetch_to_device(ds.as_numpy_iterator(), device_prefetch, put)
 
 
 # --------------------------------------------------------------------------

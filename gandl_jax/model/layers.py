@@ -17,7 +17,9 @@ live in `cpu_ops`; `conv2d_resample` says where it uses them.
 
 Layouts: dense weights are (in, out); conv weights HWIO (kh, kw, in, out).
 Parameters are float32; `dtype` sets the compute dtype of convolutions
-(float32 or bfloat16). Dense layers, style/demodulation coefficients and
+(float32 or bfloat16; `networks.block_dtype` picks it per block), and the
+bias add, activation and clamp after them run in that dtype, as in the
+reference's `bias_act`. Dense layers, style/demodulation coefficients and
 per-sample statistics always run in float32.
 """
 from __future__ import annotations

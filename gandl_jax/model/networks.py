@@ -6,6 +6,19 @@ Parameter paths joined with '.' are stylegan2-ada-pytorch's state_dict names
 the non-trainable buffers `mapping.w_avg` and `synthesis.b*.conv*.noise_const`
 live in `buffers`. Images are NHWC float in [-1, 1].
 
+Precision follows stylegan2-ada-pytorch's mixed-precision policy
+(`num_fp16_res`), with bfloat16 for float16: `num_bf16_res` is the number of
+highest resolutions whose blocks compute in bfloat16 (`block_dtype`); every
+block below, G's mapping network, the dense layers (styles, demodulation
+coefficients) and D's 4x4 epilogue stay float32, as do G's output image
+(each toRGB's output is cast back) and all parameters. A block casts its
+input activations to its dtype (D's input image too, in its first block);
+inside a bfloat16 block the modulation product, the convolution, the noise
+and bias adds, the activation and the clamp (`conv_clamp`) run in bfloat16,
+as the reference runs them in float16. The reference's float16-only
+pre-normalization of modulated convolutions (against float16 overflow) is
+not needed: bfloat16 has float32's exponent range.
+
 GAN-DL's changes from StyleGAN2 are only configuration: mapping depth 3,
 latent size 512 and 5 image channels (see `configs/gandl_rxrx19a.py`).
 """
@@ -66,6 +79,37 @@ def _rematted(block_cls, remat: str, static_argnums=()):
 def num_ws(resolution: int) -> int:
   """Number of w inputs of the synthesis network: 2 * log2(R) - 2."""
   return 2 * check_resolution(resolution) - 2
+
+
+# `num_bf16_res` value meaning every block (the reference never runs its 4x4
+# layers in reduced precision; neither do we).
+ALL_BF16 = -1
+
+
+def check_num_bf16_res(num_bf16_res: Any) -> int:
+  """`num_bf16_res` as an int (-1 or 'all': every block from 8x8 up);
+  raises ValueError unless it is 'all' or an int >= -1."""
+  if isinstance(num_bf16_res, str) and num_bf16_res.strip().lower() == "all":
+    return ALL_BF16
+  if (isinstance(num_bf16_res, (bool, float)) or
+      not isinstance(num_bf16_res, (int, np.integer)) or num_bf16_res < -1):
+    raise ValueError(f"num_bf16_res must be an int >= 0 (the number of "
+                     f"highest resolutions run in bfloat16), -1 or 'all' "
+                     f"(every block), got {num_bf16_res!r}")
+  return int(num_bf16_res)
+
+
+def block_dtype(res: int, resolution: int, num_bf16_res: int) -> Dtype:
+  """The compute dtype of G's and D's blocks at resolution `res`: bfloat16
+  in the `num_bf16_res` highest resolutions, never below 8x8 (the
+  reference's `fp16_resolution = max(2 ** (log2(R) + 1 - n), 8)`); -1: all
+  blocks from 8x8 up; 0: none."""
+  n = check_num_bf16_res(num_bf16_res)
+  log2 = check_resolution(resolution)
+  if n == ALL_BF16:
+    n = log2
+  lowest = max(2 ** (log2 + 1 - n), 8)
+  return jnp.bfloat16 if res >= lowest else jnp.float32
 
 
 def channels_at(res: int, channel_base: int, channel_max: int) -> int:
@@ -220,6 +264,7 @@ class SynthesisBlock(nn.Module):
       x = SynthesisLayer(self.out_channels, name="conv1", **kw)(
           x, ws[:, 0], noise_mode)
     else:
+      x = x.astype(self.dtype)
       x = SynthesisLayer(self.out_channels, up=2, name="conv0", **kw)(
           x, ws[:, 0], noise_mode)
       x = SynthesisLayer(self.out_channels, name="conv1", **kw)(
@@ -241,7 +286,7 @@ class SynthesisNetwork(nn.Module):
   channel_base: int
   channel_max: int
   conv_clamp: Optional[float] = None
-  dtype: Dtype = jnp.float32
+  num_bf16_res: int = 0
   remat: str = "none"
 
   @property
@@ -263,7 +308,9 @@ class SynthesisNetwork(nn.Module):
       block = block_cls(
           in_channels=ch(res // 2) if res > 4 else 0, out_channels=ch(res),
           resolution=res, img_channels=self.img_channels,
-          conv_clamp=self.conv_clamp, dtype=self.dtype, name=f"b{res}")
+          conv_clamp=self.conv_clamp,
+          dtype=block_dtype(res, self.resolution, self.num_bf16_res),
+          name=f"b{res}")
       # A block's toRGB shares its w with the next block's first conv.
       x, img = block(x, img, ws[:, w_idx:w_idx + block.num_conv + 1],
                      noise_mode)
@@ -285,7 +332,7 @@ class Generator(nn.Module):
   channel_base: int
   channel_max: int
   conv_clamp: Optional[float] = None
-  dtype: Dtype = jnp.float32
+  num_bf16_res: int = 0
   remat: str = "none"
 
   def setup(self):
@@ -297,7 +344,7 @@ class Generator(nn.Module):
         w_dim=self.w_dim, resolution=self.resolution,
         img_channels=self.img_channels, channel_base=self.channel_base,
         channel_max=self.channel_max, conv_clamp=self.conv_clamp,
-        dtype=self.dtype, remat=self.remat)
+        num_bf16_res=self.num_bf16_res, remat=self.remat)
 
   @property
   def num_ws(self) -> int:
@@ -335,9 +382,12 @@ class DiscriminatorBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Optional[Array], img: Array) -> Array:
     kw = dict(conv_clamp=self.conv_clamp, dtype=self.dtype)
+    # The block's dtype for its input activations and, in the first block,
+    # the image (so D's input dtype is its first block's).
+    x = None if x is None else x.astype(self.dtype)
     if self.in_channels == 0:
       y = layers.Conv2d(self.tmp_channels, 1, activation="lrelu",
-                        name="fromrgb", **kw)(img)
+                        name="fromrgb", **kw)(img.astype(self.dtype))
       x = y if x is None else x + y
     gain = math.sqrt(0.5)
     # As in the reference, the skip branch is never clamped.
@@ -393,7 +443,7 @@ class Discriminator(nn.Module):
   mbstd_group_size: int
   mbstd_num_channels: int
   conv_clamp: Optional[float] = None
-  dtype: Dtype = jnp.float32
+  num_bf16_res: int = 0
   remat: str = "none"
 
   @nn.compact
@@ -406,13 +456,14 @@ class Discriminator(nn.Module):
     ch = lambda r: channels_at(r, self.channel_base, self.channel_max)
     features = {}
     x = None
-    img = img.astype(self.dtype)
     block_cls = _rematted(DiscriminatorBlock, self.remat)
     for res in reversed(block_resolutions(self.resolution)[1:]):
       x = block_cls(
           in_channels=ch(res) if res < self.resolution else 0,
           tmp_channels=ch(res), out_channels=ch(res // 2),
-          conv_clamp=self.conv_clamp, dtype=self.dtype, name=f"b{res}")(x, img)
+          conv_clamp=self.conv_clamp,
+          dtype=block_dtype(res, self.resolution, self.num_bf16_res),
+          name=f"b{res}")(x, img)
       features[f"b{res}"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     logit, epilogue = DiscriminatorEpilogue(
         ch(4), self.mbstd_group_size, self.mbstd_num_channels,
@@ -430,26 +481,56 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def compute_dtype(name: str) -> Dtype:
-  """'float32' | 'bfloat16' -> jnp dtype, with a clear error otherwise."""
+  """'float32' | 'bfloat16' -> jnp dtype, with a clear error otherwise
+  (a whole network's compute dtype, e.g. the ConvAE baseline's)."""
   if name not in _DTYPES:
     raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, "
                      f"got {name!r}")
   return _DTYPES[name]
 
 
-def build(model_config: Any, dtype: Union[str, Dtype] = jnp.float32,
+# The inference tools' `--compute_dtype` names, as a precision for `build`.
+PRECISION_NAMES = {"float32": 0, "bfloat16": ALL_BF16}
+
+
+def num_bf16_res_of(precision: Any) -> int:
+  """`build`'s precision as a `num_bf16_res`: an int (or 'all'), 'float32'
+  / jnp.float32 (0) or 'bfloat16' / jnp.bfloat16 (every block); a clear
+  error otherwise."""
+  if isinstance(precision, str) and precision in PRECISION_NAMES:
+    return PRECISION_NAMES[precision]
+  if not isinstance(precision, (str, int, np.integer)):
+    try:
+      name = jnp.dtype(precision).name
+    except TypeError:
+      name = None
+    if name in PRECISION_NAMES:
+      return PRECISION_NAMES[name]
+    raise ValueError(f"precision must be a num_bf16_res (int >= -1 or "
+                     f"'all') or one of {sorted(PRECISION_NAMES)}, got "
+                     f"{precision!r}")
+  try:
+    return check_num_bf16_res(precision)
+  except ValueError as e:
+    raise ValueError(f"{e}; or one of {sorted(PRECISION_NAMES)}") from None
+
+
+def build(model_config: Any, precision: Any = 0,
           remat: str = "none") -> Tuple[Generator, Discriminator]:
   """(G, D) for a model config (`configs/gandl_rxrx19a.py: model_config()`).
 
   `model_config` may be an ml_collections ConfigDict or a plain dict (e.g.
   from a checkpoint's metadata); keys it lacks take `config.model_config()`'s
-  defaults. `remat` (`REMAT_OPTIONS`, training's `config.remat`) trades
-  compute for memory in gradients; it changes no parameter or value.
+  defaults. `precision` is training's `config.num_bf16_res` (the number of
+  highest resolutions run in bfloat16; 0: float32 throughout; -1 or 'all':
+  every block from 8x8 up) or the inference tools' `--compute_dtype` name
+  ('float32': 0, 'bfloat16': every block). `remat` (`REMAT_OPTIONS`,
+  training's `config.remat`) trades compute for memory in gradients; it
+  changes no parameter or value.
   """
   check_remat(remat)
+  num_bf16_res = num_bf16_res_of(precision)
   cfg = config_lib.full_model_config(model_config)
-  if isinstance(dtype, str):
-    dtype = compute_dtype(dtype)
   check_resolution(cfg["resolution"])
   clamp = cfg["conv_clamp"]
   G = Generator(
@@ -458,13 +539,13 @@ def build(model_config: Any, dtype: Union[str, Dtype] = jnp.float32,
       mapping_lr_multiplier=cfg["mapping_lr_multiplier"],
       w_avg_beta=cfg["w_avg_beta"],
       channel_base=cfg["channel_base"], channel_max=cfg["channel_max"],
-      conv_clamp=clamp, dtype=dtype, remat=remat)
+      conv_clamp=clamp, num_bf16_res=num_bf16_res, remat=remat)
   D = Discriminator(
       resolution=cfg["resolution"], img_channels=cfg["img_channels"],
       channel_base=cfg["channel_base"], channel_max=cfg["channel_max"],
       mbstd_group_size=cfg["mbstd_group_size"],
       mbstd_num_channels=cfg["mbstd_num_channels"],
-      conv_clamp=clamp, dtype=dtype, remat=remat)
+      conv_clamp=clamp, num_bf16_res=num_bf16_res, remat=remat)
   return G, D
 
 

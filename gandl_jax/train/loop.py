@@ -286,10 +286,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   def meta() -> Dict[str, Any]:
     out = {"model": config.model.to_dict(), "step": step, "nimg": nimg,
            "kimg": nimg / 1000.0, "data_position": data_position,
-           "source": "gandl-train", "compute_dtype": config.compute_dtype,
+           "source": "gandl-train",
            "dataset": {k: info.get(k) for k in ("dataset", "resolution",
                                                 "channels", "num_channels")},
            "config": config.to_dict()}
+    # The precision key of the family's config (the GAN's num_bf16_res).
+    out.update({k: config[k] for k in ("num_bf16_res", "compute_dtype")
+                if k in config})
     if family != families.GAN:
       out["family"] = family
     out.update(trainer_meta)

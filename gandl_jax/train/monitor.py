@@ -25,7 +25,7 @@ class NonFiniteError(FloatingPointError):
     super().__init__(
         f"non-finite {name} = {value} at step {step}; training stopped. The "
         f"last good checkpoint is kept. Try a lower learning rate, a larger "
-        f"r1_gamma, compute_dtype=float32 or conv_clamp=256 (README: NaN).")
+        f"r1_gamma, num_bf16_res=0 (float32) or conv_clamp=256 (README: NaN).")
 
 
 def first_non_finite(history: Sequence[Tuple[int, Mapping[str, Any]]]

@@ -6,7 +6,10 @@ One iteration runs, in stylegan2-ada-pytorch's order:
   D main  (every step)          logistic loss on fakes and reals; G EMA update
   D reg   (every r1_interval)   R1 on reals
 Each phase is one `jax.jit` with explicit shardings (state replicated, batch
-split on the mesh's `data` axis) and the state donated, compiled once. Lazy
+split on the mesh's `data` axis) and the state donated, compiled once. The
+real batch arrives as uint8 (a quarter of float32's bytes to copy to the
+device) and is mapped to [-1, 1] inside the phases that read it
+(`images.to_float`; float batches in [-1, 1] pass through). Lazy
 regularization uses one Adam per network with lr * c and beta ** c,
 c = interval / (interval + 1), shared by its main and reg phases; as in the
 reference the correction depends only on the interval, so it stays when the
@@ -33,6 +36,7 @@ import optax
 from jax.sharding import Mesh
 
 from gandl_jax import config as config_lib
+from gandl_jax import images as image_lib
 from gandl_jax.model import losses, networks
 from gandl_jax import sharding
 from gandl_jax.train import monitor
@@ -166,7 +170,7 @@ class Trainer:
     self.compiler_options = (default_compiler_options(mesh)
                              if compiler_options is None
                              else dict(compiler_options))
-    self.G, self.D = networks.build(config.model, config.compute_dtype,
+    self.G, self.D = networks.build(config.model, config.num_bf16_res,
                                     config.get("remat", "none"))
     self.batch = int(config.batch_size)
     self.mbstd_shards = int(mbstd_shards or config.mbstd_shards
@@ -331,6 +335,7 @@ class Trainer:
   def d_main(self, state: TrainState, real: Array, ema_beta: Array
              ) -> Tuple[TrainState, Metrics]:
     rng, key = jax.random.split(state.rng)
+    real = image_lib.to_float(real)   # uint8 -> [-1, 1], on the device
     fake, _, g_buffers = self._generate(state.g_params, state.g_buffers,
                                         self.batch, key)
     fake = jax.lax.stop_gradient(fake)
@@ -360,6 +365,7 @@ class Trainer:
 
   def d_reg(self, state: TrainState, real: Array) -> Tuple[TrainState, Metrics]:
     loss_cfg = self.config.loss
+    real = image_lib.to_float(real)   # uint8 -> [-1, 1], on the device
 
     def loss_fn(d_params):
       penalty, _ = losses.r1_penalty(lambda x: self._d(d_params, x), real)
@@ -467,7 +473,9 @@ class Trainer:
 
   def train_step(self, state: TrainState, real: Array, step: int, nimg: float
                  ) -> Tuple[TrainState, Metrics]:
-    """One full iteration (all scheduled phases). `real` is a global batch."""
+    """One full iteration (all scheduled phases). `real` is a global,
+    data-sharded batch: uint8 (as `pipeline.train_batches` delivers it) or
+    float in [-1, 1]."""
     e = self.config.ema
     beta = losses.ema_beta(self.batch, nimg, e.half_life_kimg, e.rampup)
     beta = jax.device_put(jnp.float32(beta), self._repl)

@@ -42,11 +42,11 @@ def main(argv):
   del argv
   config = _CONFIG.value
   mesh = sharding.make_mesh()
-  G, D = networks.build(config.model, config.compute_dtype)
+  G, D = networks.build(config.model, config.num_bf16_res)
   g_vars, d_vars = networks.init(jax.random.PRNGKey(config.seed), G, D)
   model = api.Model({"G_ema": g_vars, "D": d_vars},
                     {"model": config.model.to_dict()},
-                    compute_dtype=config.compute_dtype,
+                    compute_dtype=config.num_bf16_res,
                     batch_size=_BATCH.value)
   fn = export.sharded_embed_fn(model, mesh, _LAYER.value)
   b, r, c = _BATCH.value, model.resolution, model.img_channels
@@ -65,7 +65,7 @@ def main(argv):
   images_per_round = b * _BATCHES.value
   cfg = {"config": harness.config_source(), "resolution": r,
          "channels": c, "batch": b, "batches": _BATCHES.value,
-         "layer": _LAYER.value, "compute_dtype": config.compute_dtype,
+         "layer": _LAYER.value, "num_bf16_res": config.num_bf16_res,
          "channel_base": config.model.channel_base,
          "num_devices": int(mesh.devices.size)}
   # Our figures first: a reference that fails later cannot lose them.

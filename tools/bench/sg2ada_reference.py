@@ -288,14 +288,15 @@ def main():
 
 def spec_from_config(config, mode: str, batch: int = None) -> dict:
   """The worker's configuration from a gandl-jax training config: the same
-  architecture, loss, optimizer, EMA and batch. The reference runs float32
-  (num_fp16_res=0) unless `config.compute_dtype` asks for reduced precision
-  and CUDA is available (then its default mixed fp16 on the top 4 resolutions)."""
+  architecture, loss, optimizer, EMA and batch. The reference's
+  num_fp16_res is `config.num_bf16_res` (-1, all blocks: 10, every
+  resolution up to 1024)."""
   m, l, o, e = config.model, config.loss, config.optim, config.ema
   return {
       "mode": mode, "seed": int(config.seed),
       "batch_size": int(batch or config.batch_size),
-      "num_fp16_res": 0 if config.compute_dtype == "float32" else 4,
+      "num_fp16_res": (10 if int(config.num_bf16_res) < 0
+                       else int(config.num_bf16_res)),
       "model": {k: m.get(k) for k in (
           "resolution", "img_channels", "z_dim", "w_dim", "mapping_layers",
           "mapping_lr_multiplier", "channel_base", "channel_max",

@@ -8,7 +8,7 @@ peak device memory.
 
   python -m tools.bench.train --config configs/demo.py
   python -m tools.bench.train --config configs/gandl_rxrx19a.py:256 \
-      --config.batch_size=32 --config.compute_dtype=bfloat16 --iterations 32
+      --config.batch_size=32 --iterations 32
 
 With --reference (a checkout of stylegan2-ada-pytorch and torch, `pip
 install -e '.[import]'`) the reference's own networks, StyleGAN2Loss and
@@ -96,7 +96,7 @@ def main(argv):
                             flags.FLAGS.warmup)
   images = _ITERS.value * b
   cfg = {"config": harness.config_source(), "resolution": r, "batch": b,
-         "compute_dtype": config.compute_dtype,
+         "num_bf16_res": config.num_bf16_res,
          "channel_base": config.model.channel_base, "num_devices": n_dev,
          "iterations": _ITERS.value, "compiler_options": tr.compiler_options}
   # Our figures first: a reference that fails later cannot lose them.
@@ -118,7 +118,7 @@ def main(argv):
   harness.emit("init_sec", init.median, "s", cfg)
   for k, v in monitor.device_memory().items():
     harness.emit(k, v, "GiB", cfg)
-  harness.say(f"{r}x{r}, batch {b}, {config.compute_dtype} on {n_dev} "
+  harness.say(f"{r}x{r}, batch {b}, num_bf16_res {config.num_bf16_res} on {n_dev} "
               f"device(s): {img_s:.1f} img/s (rounds "
               f"{[round(images / t, 1) for t in ours.seconds]}), compile "
               f"{compile_t.median:.1f} s")

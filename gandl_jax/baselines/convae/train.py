@@ -141,6 +141,7 @@ class ConvAETrainer:
 
   def step_fn(self, state: ConvAEState, real: Array, perceptual_params: Any
               ) -> Tuple[ConvAEState, Metrics]:
+    real = image_lib.to_float(real)   # uint8 batches -> [-1, 1], on device
     (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
         state.params, real, perceptual_params)
     grads, bad, norm = sanitize_grads(grads)
