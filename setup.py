@@ -53,7 +53,7 @@ setup(
         # The TFDS builders on Apache Beam (gandl_jax/data/tfds_builder.py) and
         # the `tfds build` command line, which imports mlcroissant.
         "beam": _BEAM,
-        # The tests run the Beam builders (tests/test_tfds_beam.py).
+        # The tests run the Beam builders (tests/data/test_tfds_beam.py).
         "test": ["pytest>=8", "pytest-xdist>=3.5"] + _BEAM,
         # torch: gandl-import (gandl_jax/interop) and the side-by-side benchmarks
         # against stylegan2-ada-pytorch (tools/sg2ada_reference.py); the package
@@ -62,7 +62,7 @@ setup(
         "import": ["torch>=2.6"],
         # libtpu (the one matching jax, ~200 MB) for compiling the phases for
         # TPU topologies on a CPU host: tools/plan_tpu.py and
-        # tests/test_tpu_compile.py. Not in `test`: CI skips those tests.
+        # tests/tools/test_tpu_compile.py. Not in `test`: CI skips those tests.
         "tpu_compile": ["jax[tpu]"],
     },
     entry_points={

@@ -26,7 +26,7 @@ The trainer offers what the loop calls on the GAN's `train.steps.Trainer`
 
 Registration: a family named N is the package `gandl_jax.baselines.N`, which
 registers itself when imported. The core never imports the baselines
-(imports run one way, tests/test_layout.py): a name that is not registered
+(imports run one way, tests/test_import_direction.py): a name that is not registered
 yet makes `get` import that package by name (importlib) and look again, so
 `gandl_jax.load(workdir)` on a ConvAE checkpoint and `gandl-train` on a
 ConvAE config work without importing the baselines first, and nothing

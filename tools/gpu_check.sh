@@ -77,8 +77,8 @@ run() {
   # 1. The numerical tests (parity with the reference's fixtures, layers,
   #    resampling, networks) on the GPU, float32 at full precision.
   step tests "$T_TESTS" env GANDL_TEST_PLATFORM=cuda python3 -m pytest \
-    -p no:xdist -p no:cacheprovider -q tests/test_parity.py \
-    tests/test_layers.py tests/test_resample.py tests/test_networks.py
+    -p no:xdist -p no:cacheprovider -q tests/model/test_parity.py \
+    tests/model/test_layers.py tests/model/test_resample.py tests/model/test_networks.py
   # 2. Ours vs the reference, 256x256x5 (the paper config), batch 32.
   step train256 "$T_TRAIN256" python3 -m tools.bench.train \
     --config configs/gandl_rxrx19a.py:256 --config.batch_size=32 \

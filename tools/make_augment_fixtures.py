@@ -2,7 +2,7 @@ r"""Builds tests/fixtures/augment_reference.npz from stylegan2-ada-pytorch.
 
 Runs the reference's `training.augment.AugmentPipe` (PyTorch, CPU) on small
 random NHWC images and records every random draw it makes (its `torch.rand`
-/ `torch.randn` calls, in order), so that tests/test_augment.py can feed the
+/ `torch.randn` calls, in order), so that tests/model/test_augment.py can feed the
 same draws to `gandl_jax.model.augment.params_from_draws` and compare
 `apply` with the reference's output. None of the reference's code is part of
 this repository: it is imported from a checkout given on the command line.

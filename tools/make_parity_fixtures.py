@@ -36,7 +36,7 @@ What is stored (float32 unless noted; images in NHWC, the layout gandl-jax uses;
 The synthesis for the path-length term runs with noise_mode='const' so that
 the values are deterministic.
 
-Committed fixtures (see tests/test_parity.py):
+Committed fixtures (see tests/model/test_parity.py):
   parity_32.npz        defaults below (32x32, 5 channels, mapping 3,
                        channel_base 512, channel_max 64, no conv clamp)
   parity_16_clamp.npz  --resolution 16 --channel_base 256 --channel_max 32
@@ -47,7 +47,7 @@ fixture outside the repository and points the parity test at it:
   PYTHONPATH=/tmp/sg2ada /tmp/torchvenv/bin/python tools/make_parity_fixtures.py \
       --resolution 256 --channel_base 16384 --channel_max 512 --z_dim 512 \
       --w_dim 512 --out /tmp/parity_256.npz
-  GANDL_PARITY_FIXTURES=/tmp/parity_256.npz pytest -q tests/test_parity.py
+  GANDL_PARITY_FIXTURES=/tmp/parity_256.npz pytest -q tests/model/test_parity.py
 """
 import argparse
 import json

@@ -18,7 +18,7 @@ the plain percentile interval with few units and tends to it as n grows;
 'percentile' and 'bca' (bias-corrected and accelerated, jackknife over
 units) are the textbook ones. Coverage of a nominal 95% interval measured
 by simulation (plates with a Beta plate effect on per-class accuracy,
-16 + 24 sites per plate, 300 data sets; tests/test_evaluate_intervals.py
+16 + 24 sites per plate, 300 data sets; tests/evaluate/test_intervals.py
 checks the same model):
 
     held-out plates      3     5     10    20    40

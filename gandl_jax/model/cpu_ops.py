@@ -6,7 +6,7 @@ convolutions. XLA:CPU runs some of those convolutions -- and, above all, the
 derivatives of their gradients that R1 and the path-length penalty take --
 far outside its fast paths, so these forms replace them where `layers` says
 (docs/performance.md has the measurements). Each function here gives the same
-values and gradients as the convolution it replaces; `tests/test_resample.py`
+values and gradients as the convolution it replaces; `tests/model/test_resample.py`
 checks every one against the plain `lax.conv_general_dilated` form, to
 first order and, where R1 needs it, second order (d/dw of ||d out / dx||^2):
 

@@ -552,7 +552,7 @@ def build(model_config: Any, precision: Any = 0,
 # XLA:CPU options for `init`: its programs (a few hundred small
 # random-number kernels, run once) compile in about half the CPU time at
 # LLVM -O1 instead of XLA's default -O3, to bitwise the same values
-# (tests/test_networks.py).
+# (tests/model/test_networks.py).
 CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 

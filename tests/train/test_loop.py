@@ -19,7 +19,7 @@ from gandl_jax.data import convert, synthetic
 from gandl_jax import sharding
 from gandl_jax.train import loop as train_loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +120,15 @@ def _wait_for(predicate, timeout, proc):
   return False
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_and_kill9_mid_save_leaves_restorable_workdir(
     shards, tmp_path):
   cfg_file = tmp_path / "cfg.py"
   cfg_file.write_text(
       "import sys\n"
       f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-      "from test_train import tiny_config\n"
+      f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+      "from test_loop import tiny_config\n"
       "def get_config(arg=''):\n"
       f"  c = tiny_config({shards[8]!r})\n"
       "  c.total_kimg = 100.0\n"
@@ -247,12 +249,14 @@ def test_config_errors_before_compilation(shards, tmp_path, override, message):
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
+@pytest.mark.e2e
 def test_cli_reports_config_errors_in_one_line(tmp_path):
   cfg = tmp_path / "bad.py"
   cfg.write_text(
       "import sys\n"
       f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-      "from tiny import tiny_config\n"
+      f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+      "from test_loop import tiny_config\n"
       "def get_config(arg=''):\n"
       "  return tiny_config('/nonexistent/*.tfrecord')\n")
   out = subprocess.run(

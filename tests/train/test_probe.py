@@ -288,6 +288,7 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2,
 import json
 import numpy as np
 sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "tests"))
+sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "tests", "train"))
 from test_probe import _host_probe
 X, s = _host_probe(shards, workdir, None)
 np.save(out + f".{pid}.npy", X)
@@ -307,6 +308,7 @@ def _host_probe(shards, workdir, devices):
   return X, {k: s[k] for k in (probe.CONTROL, probe.CELL_TYPE)}
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # 1.5-5 min on the shared 2-core machine (two processes)
 def test_two_hosts_gather_the_same_features_and_scores(shards, tmp_path):
   """Two JAX processes (2 CPU devices each), each embedding its own shards'
@@ -318,7 +320,7 @@ def test_two_hosts_gather_the_same_features_and_scores(shards, tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = str(tmp_path / "X")
   workdir = str(tmp_path / "w")
   procs = [subprocess.Popen(

@@ -88,6 +88,7 @@ def test_rounds_must_be_positive():
     harness.time_rounds(lambda: None, rounds=0)
 
 
+@pytest.mark.e2e
 def test_emit_writes_one_json_line_with_every_field():
   clock, cpu = FakeClock(), FakeClock()
   t = harness.time_rounds(_side(clock, cpu, [], "x", 2.0), rounds=3,

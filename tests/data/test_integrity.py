@@ -323,6 +323,7 @@ def test_sources_smaller_than_resolution_refused_up_front(tree, tmp_path):
   assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_no_site_converted_exits_1_without_shards(tree, tmp_path):
   root = _copy_tree(tree, tmp_path)
   # Every site loses channel 2 (the size probe reads channel 1 only).

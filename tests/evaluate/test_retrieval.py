@@ -301,11 +301,12 @@ def test_cellprofiler_table_loads_with_defaults_and_mapping(tmp_path):
     TableSpec.parse("plate")
 
 
+@pytest.mark.e2e
 def test_cellprofiler_table_through_gandl_evaluate(tmp_path):
   p = tmp_path / "profiles.csv"
   _cellprofiler_csv(p, np.random.default_rng(1))
   out = tmp_path / "out"
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   r = subprocess.run(
       [sys.executable, "-m", "gandl_jax.cli.evaluate", f"--embeddings={p}",
        f"--output={out}", "--tasks=activity,replicates",

@@ -7,7 +7,7 @@ tiny model runs by default (1.5-2 minutes per topology on 2 cores); the paper co
 batch 64) takes most of an hour per topology on a 2-core host and runs only
 when asked:
 
-  pytest -p no:xdist -q -m tpu_compile tests/test_tpu_compile.py
+  pytest -p no:xdist -q -m tpu_compile tests/tools/test_tpu_compile.py
 
 With GANDL_TPU_COMPILE_OUT=DIR each paper-config plan is written there as
 JSON (the figures of docs/benchmarks.md).

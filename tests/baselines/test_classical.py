@@ -196,6 +196,7 @@ def test_command_filter_workers_and_errors(tree, tmp_path):
   assert "classical" in METHODS
 
 
+@pytest.mark.e2e
 def test_cli(tree, tmp_path):
   """The command as users run it (a subprocess: the commands' absl flags
   must not meet other commands' in the test process)."""

@@ -18,7 +18,7 @@ import pytest
 from gandl_jax import cli
 from gandl_jax import embeddings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "parity_32.npz")
 
 

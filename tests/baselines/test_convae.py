@@ -32,7 +32,7 @@ from gandl_jax.inference import api, export, samples
 from gandl_jax.model import networks
 from gandl_jax.train import loop as train_loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_SITES = 256   # synthetic.generate(plates=1, wells_per_plate=16)
 
 
@@ -142,7 +142,7 @@ def test_resume_equals_uninterrupted(shards, reference, tmp_path):
 
 # A gandl-train process killed with SIGKILL right after its FAULT_AT-th
 # iteration, every checkpoint save waited for (so the kill lands after a
-# complete checkpoint, as in tests/test_train_faults.py's "step" fault).
+# complete checkpoint, as in tests/train/test_faults.py's "step" fault).
 _KILL_DRIVER = r"""
 import os, signal, sys
 import jax
@@ -170,11 +170,13 @@ train.run()
 """
 
 
+@pytest.mark.e2e
 def test_killed_after_checkpoint_resumes_to_uninterrupted(shards, reference,
                                                           tmp_path):
   cfg = tmp_path / "cfg.py"
   cfg.write_text(
       "import sys\n"
+      f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
       f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
       "from test_convae import _config\n"
       "def get_config(arg=''):\n"
@@ -278,7 +280,7 @@ def test_cli_export_and_errors(shards, reference, tmp_path, capsys):
 def test_config_errors(shards, tmp_path):
   mesh = _mesh()
   # The perceptual term needs ResNet-50's 32x32 (more in
-  # tests/test_convae_perceptual.py); refused before anything is written.
+  # tests/baselines/test_convae_perceptual.py); refused before anything is written.
   config = tiny.tiny_convae_config(shards, **{
       "loss.perceptual_weight": 0.1, "loss.perceptual_weights": "random"})
   with pytest.raises(ValueError, match="at least 32x32"):
@@ -320,6 +322,7 @@ def test_named_configs_validate():
     convae_train.train(tiny.tiny_config(""), "/nonexistent")
 
 
+@pytest.mark.e2e
 def test_load_finds_the_family_by_name(reference):
   """`gandl_jax.load` on a ConvAE workdir from a fresh interpreter: the core
   imports the baselines by name only when the checkpoint names the family."""

@@ -451,6 +451,7 @@ print("SITES", s.num_sites)
 """
 
 
+@pytest.mark.e2e
 def test_two_hosts_write_parts_and_merge(env, tmp_path):
   """Two real JAX processes (2 CPU devices each): every site once, in shard
   order, features equal Model.embed on the global batches the two hosts
@@ -462,7 +463,7 @@ def test_two_hosts_write_parts_and_merge(env, tmp_path):
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   out = str(tmp_path / "emb.parquet")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   penv = dict(os.environ, PYTHONPATH=repo)
   procs = [subprocess.Popen(
       [sys.executable, "-c", _HOST, str(port), str(i), env["workdir"],

@@ -203,6 +203,7 @@ def test_export_every_site_once(files, shards, tmp_path):
   assert emb.file_metadata["gandl.layer"] == "densenet121_concat"
 
 
+@pytest.mark.e2e
 def test_cli_errors_are_one_line(shards, tmp_path):
   missing = str(tmp_path / "missing.weights.h5")
   env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")

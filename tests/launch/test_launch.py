@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 sys.path.insert(0, str(LAUNCH))
 
@@ -143,6 +143,7 @@ def test_delete_vm_and_queued_resource():
 
 # ----------------------------------------------------------------- install ---
 
+@pytest.mark.e2e
 def test_install_copies_checkout_to_all_workers():
   lines = dry(tpu_install.main, ["--name", "gandl"])
   assert len(lines) == 3
@@ -175,6 +176,7 @@ def test_install_copies_checkout_to_all_workers():
   subprocess.run(["bash", "-n", "-c", pip], check=True)
 
 
+@pytest.mark.e2e
 def test_install_with_system_python():
   lines = dry(tpu_install.main, ["--name", "gandl", "--python-version",
                                  "system"])
@@ -283,6 +285,7 @@ def test_install_errors(tmp_path, capsys):
 
 # ------------------------------------------------------------------- train ---
 
+@pytest.mark.e2e
 def test_train_start_on_all_workers_with_gcs_paths():
   (line,) = dry(tpu_train.main, ["start", "--name", "gandl",
                                  "--bucket", BUCKET])
@@ -400,6 +403,7 @@ def fake_worker(tmp_path):
       pass
 
 
+@pytest.mark.e2e
 def test_printed_start_script_runs_training_in_background(fake_worker):
   (line,) = dry(tpu_train.main, [
       "start", "--name", "gandl", "--bucket", BUCKET, "--set",
@@ -419,6 +423,7 @@ def test_printed_start_script_runs_training_in_background(fake_worker):
   assert tpu_watch.train_counts(_bash(status, home).stdout)["failed"] == 1
 
 
+@pytest.mark.e2e
 def test_printed_start_refuses_second_copy_and_stop_sends_sigterm(
     fake_worker):
   (start,) = dry(tpu_train.main, ["start", "--name", "gandl",
@@ -443,6 +448,7 @@ def test_printed_start_refuses_second_copy_and_stop_sends_sigterm(
 
 # --------------------------------------------------------- export/evaluate ---
 
+@pytest.mark.e2e
 def test_export_and_evaluate_commands():
   lines = dry(tpu_export_evaluate.main, [
       "--name", "gandl", "--bucket", BUCKET, "--metadata",
@@ -725,6 +731,7 @@ def test_gpu_train_env_and_flags(monkeypatch):
   assert line.startswith("env JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=1 ")
 
 
+@pytest.mark.e2e
 def test_gpu_train_background_and_config_path_from_elsewhere(
     monkeypatch, tmp_path):
   monkeypatch.chdir(REPO)
@@ -785,6 +792,7 @@ def test_gpu_errors(argv, message, capsys):
 
 # ------------------------------------------------- scripts as programs ---
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script,argv", [
     ("tpu_create.py", ["--name", "gandl"]),
     ("tpu_install.py", ["--name", "gandl"]),
@@ -934,6 +942,7 @@ def test_watcher_stops_survivors_without_the_user_marker():
   assert f"touch {tc.TRAIN_STOPPED}" in remote_script(user_stop)
 
 
+@pytest.mark.e2e
 def test_printed_stop_leaves_marker_that_start_clears(fake_worker):
   (start,) = dry(tpu_train.main, ["start", "--name", "gandl",
                                   "--bucket", BUCKET])

@@ -345,6 +345,7 @@ def _cli(args):
                         capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.e2e
 def test_negative_num_shards_is_a_usage_error(tmp_path):
   csv_path = _csv(str(tmp_path), _sites(str(tmp_path), 1))
   r = _cli(["--dataset=loaddata", f"--input={csv_path}",

@@ -20,7 +20,7 @@ from gandl_jax.inference import samples
 from gandl_jax.interop import stylegan2_ada
 from gandl_jax import schema
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "parity_32.npz")
 
 
@@ -364,6 +364,7 @@ def test_save_samples(model, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["g.png", "raw.png", "s.npz"]
 
 
+@pytest.mark.e2e
 def test_import_cli_end_to_end(tmp_path):
   """The tool as users run it (--state_dicts .npz path, no torch)."""
   wd = tmp_path / "wd"
@@ -421,6 +422,7 @@ def test_sharded_embed_matches_embed(model, ref):
   np.testing.assert_allclose(np.asarray(fn(x)), model.embed(u8), atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_generate_cli(workdir, model, tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = tmp_path / "s.npz"
@@ -455,6 +457,7 @@ class _RunsCode:
     return (os.mkdir, (self.marker,))
 
 
+@pytest.mark.e2e
 def test_pickle_refused_without_trust_flag(tmp_path):
   import pickle
   marker = str(tmp_path / "code_ran")

@@ -25,9 +25,9 @@ from gandl_jax.data import convert, synthetic
 from gandl_jax import sharding
 from gandl_jax.train import loop as train_loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-from test_train import tiny_config  # pylint: disable=wrong-import-position
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_loop import tiny_config  # pylint: disable=wrong-import-position
 
 _DRIVER = r"""
 import os, signal, sys
@@ -105,6 +105,7 @@ def _leaves(workdir):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(model)], meta
 
 
+@pytest.mark.e2e
 def test_kill_9_anywhere_then_resume_equals_uninterrupted(shards, tmp_path):
   ref = str(tmp_path / "ref")
   train_loop.train(_config(shards), ref,
@@ -115,8 +116,9 @@ def test_kill_9_anywhere_then_resume_equals_uninterrupted(shards, tmp_path):
   cfg = tmp_path / "cfg.py"
   cfg.write_text(
       "import sys\n"
+      f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
       f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-      "from test_train_faults import _config\n"
+      "from test_faults import _config\n"
       "def get_config(arg=''):\n"
       f"  return _config({shards!r})\n")
   driver = tmp_path / "driver.py"

@@ -12,7 +12,7 @@ import pytest
 
 from tools.bench import sg2ada_reference as sg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A stand-in for the reference: prints what torch_utils/custom_ops.py prints
 # while building (the 'brief' form has no newline), then serves the protocol

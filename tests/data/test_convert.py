@@ -153,6 +153,7 @@ def test_bad_inputs_listed_in_errors_csv_rest_converted(tree, tmp_path):
     np.testing.assert_array_equal(got[r["site_id"]]["image"], _reference_site(root, r, 32))
 
 
+@pytest.mark.e2e
 def test_malformed_metadata_refused_up_front(tree, tmp_path):
   root = str(tmp_path / "RxRx19a")
   os.makedirs(root)
@@ -325,6 +326,7 @@ def test_resume_never_keeps_a_stale_shard(tree, tmp_path, monkeypatch):
     assert f.read() == data
 
 
+@pytest.mark.e2e
 def test_second_conversion_into_one_output_refused(tree, tmp_path):
   """A lock file; the other run's temp files survive."""
   import json
@@ -468,6 +470,7 @@ def _race_for_lock(out, barrier, results, hold):
   convert.unlock_output(out, record)
 
 
+@pytest.mark.e2e
 def test_stale_lock_has_exactly_one_new_owner(tmp_path):
   """Three restarts at once on a lock left by a dead pid: one owner, always;
   the lock is gone once the owner releases it."""
@@ -496,6 +499,7 @@ def test_stale_lock_has_exactly_one_new_owner(tmp_path):
     assert not os.path.exists(lock)
 
 
+@pytest.mark.e2e
 def test_record_bytes_do_not_depend_on_the_process(tmp_path):
   """The same site encodes to the same bytes in processes with different
   string hashing (a shard's SHA-256 is the same for two clean runs)."""

@@ -26,7 +26,7 @@ from gandl_jax.interop import stylegan2_ada
 from gandl_jax.model import losses
 from gandl_jax.model import networks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures",
                                          "parity_*.npz")))
 FIXTURES += [p for p in os.environ.get("GANDL_PARITY_FIXTURES", "").split(

@@ -18,7 +18,7 @@ import pytest
 
 from gandl_jax.model import augment
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "fixtures", "augment_reference.npz")
 ATOL = 1e-4  # Measured: < 2e-5 on every case.
 

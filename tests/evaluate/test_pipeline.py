@@ -233,6 +233,7 @@ def test_unknown_task_rejected(data, tmp_path):
              tasks=["contrl"])
 
 
+@pytest.mark.e2e
 def test_cli(data, tmp_path):
   d = data[0]
   out = tmp_path / "cli"
@@ -278,6 +279,7 @@ def test_recursion_csv_without_metadata_reports_each_task(data, tmp_path):
   assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.e2e
 def test_cli_exit_status_when_tasks_fail(data, tmp_path):
   """Exit status 1 with one error line and no report when every task that
   ran failed, 3 when some did (README, "Exit status"); then metrics.json
@@ -316,6 +318,7 @@ def test_cli_exit_status_when_tasks_fail(data, tmp_path):
   assert e["control"]["status"] == "ok" and e["cell_model"]["status"] == "failed"
 
 
+@pytest.mark.e2e
 def test_bench_evaluate_removes_only_its_own_files(tmp_path):
   """tools/bench/evaluate.py --workdir DIR leaves what else is in DIR
   alone."""
@@ -323,7 +326,7 @@ def test_bench_evaluate_removes_only_its_own_files(tmp_path):
   (wd / "mine").mkdir(parents=True)
   (wd / "mine" / "results.txt").write_text("keep")
   (wd / "notes.txt").write_text("keep too")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   r = subprocess.run(
       [sys.executable, "-m", "tools.bench.evaluate",
        f"--workdir={wd}", "--sites=6000", "--dim=4", "--tasks=control"],
@@ -454,6 +457,7 @@ def _cli(args, timeout=240):
                         timeout=timeout)
 
 
+@pytest.mark.e2e
 def test_cli_one_plate_split_failure_fails_the_task(data, tmp_path):
   """One plate: the plate split cannot run, so the control task is
   "failed" (in part: its random split is kept and reported) and the exit
@@ -482,6 +486,7 @@ def test_cli_one_plate_split_failure_fails_the_task(data, tmp_path):
   assert "plate split: " in report
 
 
+@pytest.mark.e2e
 def test_cli_unknown_task_is_a_usage_error(data, tmp_path):
   """A misspelt --tasks is a bad command line: exit 2 with the usage line,
   before anything is read or written."""

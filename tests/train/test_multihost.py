@@ -14,7 +14,7 @@ import pytest
 from gandl_jax import checkpoint
 from gandl_jax.data import convert, synthetic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _HOST = r"""
 import os, sys
@@ -40,6 +40,7 @@ def shards(tmp_path_factory):
   return str(root / "shards" / "*.tfrecord")
 
 
+@pytest.mark.e2e
 def test_sigterm_to_one_host_stops_both_at_the_same_step(shards, tmp_path):
   cfg = tmp_path / "cfg.py"
   cfg.write_text(

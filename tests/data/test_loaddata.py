@@ -232,6 +232,7 @@ def _cli(args):
                         capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.e2e
 def test_bad_sites_listed_in_errors_csv_rest_converted(tmp_path):
   csv_path, raw = make_set(str(tmp_path / "set"))
   df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
@@ -304,6 +305,7 @@ def test_csv_without_channel_or_key_columns_is_refused(tiff_set, tmp_path,
   assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_cli_refusal_is_one_line_with_exit_status_1(tiff_set, tmp_path):
   csv_path, _ = tiff_set
   df = pd.read_csv(csv_path, dtype=str).drop(
@@ -323,6 +325,7 @@ def test_cli_refusal_is_one_line_with_exit_status_1(tiff_set, tmp_path):
     convert.convert("loaddata", str(tmp_path / "none.csv"), str(out), 8)
 
 
+@pytest.mark.e2e
 def test_jump_like_set_trains_exports_and_evaluates(tiff_set, tmp_path):
   """A 5-channel Cell Painting set through gandl-convert, a short training
   in the tests' tiny config (its programs are test_train.py's, cached),
@@ -399,7 +402,7 @@ def test_jump_like_set_trains_exports_and_evaluates(tiff_set, tmp_path):
   # The paper's configs take the set as it is (channel count and stains).
   import importlib.util
   spec = importlib.util.spec_from_file_location(
-      "gandl_rxrx19a", os.path.join(os.path.dirname(__file__), "..",
+      "gandl_rxrx19a", os.path.join(os.path.dirname(__file__), "..", "..",
                                     "configs", "gandl_rxrx19a.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
