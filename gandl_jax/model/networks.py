@@ -390,7 +390,7 @@ class DiscriminatorBlock(nn.Module):
                         name="fromrgb", **kw)(img.astype(self.dtype))
       x = y if x is None else x + y
     gain = math.sqrt(0.5)
-    # As in the reference, the skip branch is never clamped.
+    # As in the reference, the skip path is never clamped.
     y = layers.Conv2d(self.out_channels, 1, use_bias=False, down=2,
                       dtype=self.dtype, name="skip")(x, gain=gain)
     x = layers.Conv2d(self.tmp_channels, 3, activation="lrelu", name="conv0",
