@@ -73,6 +73,7 @@ def run_config(variant: str, seed: int, data: str):
   from gandl_jax.cli import demo
   config = demo.demo_config()
   config.seed = seed
+  config.model.resolution = _RESOLUTION.value
   config.total_kimg = _TOTAL_KIMG.value
   config.checkpoint_every_kimg = _EVAL_EVERY.value
   config.keep_checkpoints = 1000
