@@ -34,7 +34,7 @@ from typing import Any, Dict, List
 
 from absl import app, flags, logging
 
-from tools.experiments import training_benefit as tb
+from tools.experiments import protocol
 
 # Config overrides of each variant (docs/training.md: ADA, contrastive D).
 VARIANTS = {
@@ -87,7 +87,7 @@ def run_config(variant: str, seed: int, data: str):
     *parents, last = key.split(".")
     for p in parents:
       node = node[p]
-    node[last] = tb._parse_value(value)  # pylint: disable=protected-access
+    node[last] = protocol.parse_value(value)
   return config
 
 
@@ -193,8 +193,8 @@ def main(argv):
             os.path.join(emb_dir, f"{tag}_rxrx1.parquet"),
             metadata=metadata["rxrx19a"], rxrx1_metadata=metadata["rxrx1"])],
         os.path.join(workdir, "eval", tag), truth=truth,
-        compounds=tb.NAMED_COMPOUNDS, log=logging.info)
-    return tb.metric_row(metrics, name)
+        compounds=protocol.NAMED_COMPOUNDS, log=logging.info)
+    return protocol.metric_row(metrics, name)
 
   def export_and_evaluate(ckpt, step, tag, name):
     model = api.load(ckpt, step)
@@ -243,7 +243,7 @@ def main(argv):
                  "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
   evaluated = [r for r in rows if r["source"] == "evaluate"]
   probed = [r for r in rows if r["source"] == "probe"]
-  eval_labels = [label for label, _ in tb.METRICS]
+  eval_labels = [label for label, _ in protocol.METRICS]
   probe_labels = sorted({k for r in probed for k in r if k.startswith(
       "probe/") and not k.endswith("seconds")} | (
           {"augment_p"} if any(r.get("augment_p") is not None
