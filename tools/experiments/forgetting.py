@@ -245,7 +245,7 @@ def main(argv):
   probed = [r for r in rows if r["source"] == "probe"]
   eval_labels = [label for label, _ in protocol.METRICS]
   probe_labels = sorted({k for r in probed for k in r if k.startswith(
-      "probe/") and not k.endswith("seconds")} | (
+      "probe/") and not k.endswith(("seconds", "sites"))} | (
           {"augment_p"} if any(r.get("augment_p") is not None
                                for r in probed) else set()))
   elapsed = 0.0
