@@ -22,7 +22,8 @@ from gandl_jax.model import augment
 from gandl_jax.train import checkpointer, steps
 from gandl_jax.train import loop as train_loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def one_device():
@@ -182,8 +183,10 @@ def _metric_series(workdir, key):
   return {l["step"]: l[key] for l in lines if l.get(key) is not None}
 
 
+@pytest.mark.e2e
 def test_ada_and_contrastive_survive_kill_9_and_export(shards, tmp_path):
-  from test_train_faults import _DRIVER  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, HERE)
+  from test_faults import _DRIVER  # pylint: disable=import-outside-toplevel
   ref = str(tmp_path / "ref")
   train_loop.train(_config(shards), ref, mesh=one_device())
   want, want_meta = _train_state(ref, _config(shards))
@@ -200,7 +203,8 @@ def test_ada_and_contrastive_survive_kill_9_and_export(shards, tmp_path):
   cfg.write_text(
       "import sys\n"
       f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-      "from test_train_ada import _config\n"
+      f"sys.path.insert(0, {HERE!r})\n"
+      "from test_ada import _config\n"
       "def get_config(arg=''):\n"
       f"  return _config({shards!r})\n")
   driver = tmp_path / "driver.py"
