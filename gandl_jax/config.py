@@ -316,6 +316,7 @@ def probe_config_errors(config: Any) -> List[str]:
   if bad:
     errors.append(f"config.probe_layers: unknown layer name(s) {bad}; "
                   f"expected fc, conv, logit or b<resolution> (b8, b16, ...)")
+  return errors
 
 
 def augment_enabled(config: Any) -> bool:
