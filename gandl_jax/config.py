@@ -23,6 +23,11 @@ from ml_collections import config_dict
 from gandl_jax import families
 from gandl_jax import sharding
 
+# `config.augment` and `config.augment_pipe` (the pipelines are in
+# gandl_jax/model/augment.py, `PIPELINES`).
+AUGMENT_MODES = ("none", "fixed", "ada")
+AUGMENT_PIPES = ("bg", "bgc", "blit", "color", "geom")
+
 # `config.remat`: which G/D block activations gradients keep (the policies
 # are in gandl_jax/model/networks.py, `REMAT_POLICIES`).
 REMAT_OPTIONS = ("none", "blocks", "blocks_dots")
@@ -172,6 +177,29 @@ def base_config() -> ml_collections.ConfigDict:
   config.probe_layers = "fc,conv,b8,b16,b32"
   config.probe_plate_fraction = 0.25
 
+  # Adaptive discriminator augmentation (model/augment.py, docs/training.md
+  # "Augmentation (ADA)"): every image D sees, reals and fakes in every D
+  # pass and in G's pass through D, goes through the `augment_pipe` groups
+  # with probability p. 'none': off; 'fixed': p = augment_p throughout;
+  # 'ada': p starts at augment_p and moves every ada_interval iterations
+  # towards E[sign(D(real))] = ada_target, by one unit per ada_kimg.
+  config.augment = "none"
+  config.augment_p = 0.0
+  config.augment_pipe = "bgc"
+  config.ada_target = 0.6
+  config.ada_interval = 4
+  config.ada_kimg = 500.0
+  # Contrastive discriminator (ContraD; model/contrastive.py,
+  # docs/training.md "Contrastive discriminator"): D's representation (the
+  # `fc` layer) is trained with SimCLR's loss on two views of each real and
+  # the fakes' supervised-contrastive loss, through two projection heads of
+  # contrastive_proj_dim; the real/fake head reads it with its gradient
+  # stopped.
+  config.contrastive = False
+  config.contrastive_temperature = 0.1
+  config.contrastive_fake_weight = 1.0
+  config.contrastive_proj_dim = 128
+
   config.optim = ml_collections.ConfigDict(dict(
       g_lr=0.0025, d_lr=0.0025, beta1=0.0, beta2=0.99, eps=1e-8))
   config.loss = ml_collections.ConfigDict(dict(
@@ -262,6 +290,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     errors.extend(probe_config_errors(config))
   if not 0 <= loss.style_mixing_prob <= 1:
     errors.append("config.loss.style_mixing_prob must be in [0, 1]")
+  errors += _augment_errors(config)
   _fail(errors)
 
 
@@ -290,6 +319,46 @@ def probe_config_errors(config: Any) -> List[str]:
   return errors
 
 
+def augment_enabled(config: Any) -> bool:
+  """Whether D's inputs go through the augmentation pipeline."""
+  return config.get("augment", "none") != "none"
+
+
+def _augment_errors(config: Any) -> List[str]:
+  """The ADA and ContraD keys' problems."""
+  errors = []
+  if config.augment not in AUGMENT_MODES:
+    errors.append(f"config.augment must be one of {list(AUGMENT_MODES)}, got "
+                  f"{config.augment!r}")
+  if config.augment_pipe not in AUGMENT_PIPES:
+    errors.append(f"config.augment_pipe must be one of "
+                  f"{list(AUGMENT_PIPES)}, got {config.augment_pipe!r}")
+  if not 0 <= config.augment_p <= 1:
+    errors.append(f"config.augment_p must be in [0, 1], got "
+                  f"{config.augment_p}")
+  if not 0 < config.ada_target <= 1:
+    errors.append(f"config.ada_target must be in (0, 1], got "
+                  f"{config.ada_target}")
+  if int(config.ada_interval) < 1:
+    errors.append(f"config.ada_interval must be >= 1, got "
+                  f"{config.ada_interval}")
+  if not config.ada_kimg > 0:
+    errors.append(f"config.ada_kimg must be > 0, got {config.ada_kimg}")
+  if config.contrastive:
+    if not config.contrastive_temperature > 0:
+      errors.append(f"config.contrastive_temperature must be > 0, got "
+                    f"{config.contrastive_temperature}")
+    if not config.contrastive_fake_weight >= 0:
+      errors.append(f"config.contrastive_fake_weight must be >= 0, got "
+                    f"{config.contrastive_fake_weight}")
+    if int(config.contrastive_proj_dim) < 1:
+      errors.append(f"config.contrastive_proj_dim must be >= 1, got "
+                    f"{config.contrastive_proj_dim}")
+    if int(config.batch_size) < 2:
+      errors.append("config.contrastive needs config.batch_size >= 2")
+  return errors
+
+
 # ------------------------------------------------------------------ resume
 
 # The GAN's keys that change parameter shapes: a checkpoint cannot continue
@@ -297,7 +366,10 @@ def probe_config_errors(config: Any) -> List[str]:
 # theirs (`shape_keys`).
 SHAPE_KEYS = ("model.resolution", "model.img_channels", "model.z_dim",
               "model.w_dim", "model.mapping_layers", "model.channel_base",
-              "model.channel_max", "model.mbstd_num_channels")
+              "model.channel_max", "model.mbstd_num_channels",
+              # What the training state holds (the augmentation probability
+              # and statistics, the contrastive projection heads).
+              "augment", "contrastive", "contrastive_proj_dim")
 # Keys that change neither parameters nor values, only memory and speed: a
 # resume may change them freely (the change is logged).
 FREE_KEYS = ("remat",)
@@ -364,8 +436,9 @@ def check_resume(stored: Any, new: Any, allow: Sequence[str] = (),
     msg = [f"the config differs from the one {where} was saved with:"] + lines
     if shape:
       msg.append(f"{', '.join(k for k, _, _ in shape)} change(s) the "
-                 f"parameter shapes and cannot change on resume: use a new "
-                 f"workdir (or restore the old values)")
+                 f"parameter shapes (or what the training state holds) and "
+                 f"cannot change on resume: use a new workdir (or restore "
+                 f"the old values)")
     if refused:
       msg.append("nothing was changed; to continue with the new values, "
                  "allow them explicitly: --allow_config_change=" +

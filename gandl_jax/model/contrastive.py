@@ -26,6 +26,9 @@ The defaults are the official code's: tau = 0.1, lambda = 1. Projections
 are L2-normalized inside the losses (cosine similarity, as SimCLR); the
 losses compute in float32 (float64 where given float64).
 
+`ProjectionHeads` holds ContraD's two projection heads (h_r, h_f: each a
+2-layer MLP, as the official code's `projection` and `projection2`).
+
 `views` makes the two views for SimCLR on 5-channel fluorescence images:
 random resized crops, flips, 90-degree rotations and per-channel intensity
 jitter (ContraD's SimCLR views use colour jitter and greyscale, which are
@@ -37,6 +40,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -122,6 +126,31 @@ def contrad_loss(real_z1: Array, real_z2: Array, real_f1: Array,
 
 
 # ---------------------------------------------------------------------------
+# Projection heads.
+
+
+class ProjectionHeads(nn.Module):
+  """ContraD's two projection heads on D's representation.
+
+  `__call__(h)` -> (z, f): h_r(h) for SimCLR's loss on the real views and
+  h_f(h) for the fakes' loss; each head is Dense(width) -> ReLU ->
+  Dense(proj_dim) (width: the representation's, as the official code's).
+  The heads train with D and are not part of the exported model.
+  """
+  proj_dim: int = 128
+
+  @nn.compact
+  def __call__(self, h: Array) -> Tuple[Array, Array]:
+    h = h.astype(jnp.float32)
+    width = h.shape[-1]
+
+    def head(name):
+      x = nn.relu(nn.Dense(width, name=f"{name}_hidden")(h))
+      return nn.Dense(self.proj_dim, name=f"{name}_out")(x)
+    return head("real"), head("fake")
+
+
+# ---------------------------------------------------------------------------
 # Views.
 
 
@@ -171,6 +200,27 @@ def _one_view(key: Array, images: Array, crop_scale, crop_ratio, flip, rot90,
     contrast = jnp.exp2(jax.random.normal(kn, (b, 1, 1, c)) * contrast_std)
     x = jnp.where(on, contrast * (x + bright), x)
   return x
+
+
+def view(key: Array, images: Array, **kwargs) -> Array:
+  """One view of `views` (same options): what D sees of a fake in ContraD,
+  whose fakes go through the same augmentation as the reals' views."""
+  defaults = dict(crop_scale=(0.25, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                  flip=True, rot90=True, jitter_prob=0.8, brightness_std=0.2,
+                  contrast_std=0.5)
+  unknown = set(kwargs) - set(defaults)
+  if unknown:
+    raise TypeError(f"view: unknown option(s) {sorted(unknown)}")
+  if images.ndim != 4:
+    raise ValueError(f"view: images must be (B, H, W, C), got shape "
+                     f"{images.shape}")
+  o = {**defaults, **kwargs}
+  if o["rot90"] and images.shape[1] != images.shape[2]:
+    raise ValueError(f"view: rot90 needs square images, got "
+                     f"{images.shape[1]}x{images.shape[2]}")
+  return _one_view(key, images, o["crop_scale"], o["crop_ratio"], o["flip"],
+                   o["rot90"], o["jitter_prob"], o["brightness_std"],
+                   o["contrast_std"])
 
 
 def views(key: Array, images: Array, *,

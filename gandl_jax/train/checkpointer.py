@@ -3,7 +3,8 @@ automatic resume.
 
 Layout (see `gandl_jax.checkpoint`): WORKDIR/checkpoints/<step>/{model,train,meta}.
 `model` holds G, G_ema and D (what `gandl_jax.load` reads), `train` holds the
-optimizer states, `pl_mean`, the RNG and the step, `meta` (JSON) the model
+optimizer states, `pl_mean`, the RNG and the step (and, when on, ADA's p and
+statistics and ContraD's projection heads), `meta` (JSON) the model
 config, images seen and the data position (another model family's state,
 `gandl_jax.families`, says what its items hold: `model_variables()` and
 `train_items()`). Orbax writes each step to a
@@ -46,6 +47,11 @@ from gandl_jax import checkpoint
 from gandl_jax.train.steps import TrainState
 
 
+# TrainState fields saved in the `train` item when not None: the ADA
+# probability and statistics, ContraD's projection heads and their Adam state.
+_OPTIONAL_TRAIN = ("ada", "heads", "heads_opt")
+
+
 def _split(state: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """(model item, train item) of a training state: the GAN's `TrainState`,
   or another family's state with `model_variables()`, `train_items()` and
@@ -54,6 +60,11 @@ def _split(state: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return state.model_variables(), state.train_items()
   train = {"g_opt": state.g_opt, "d_opt": state.d_opt,
            "pl_mean": state.pl_mean, "rng": state.rng, "step": state.step}
+  # Only with augmentation / ContraD on (config keys that cannot change on
+  # resume), so checkpoints without them restore as before.
+  for name in _OPTIONAL_TRAIN:
+    if getattr(state, name) is not None:
+      train[name] = getattr(state, name)
   return state.model_variables(), train
 
 
@@ -66,7 +77,8 @@ def _join(model: Dict[str, Any], train: Dict[str, Any], like: Any) -> Any:
       g_buffers=model["G"]["buffers"], d_params=model["D"]["params"],
       ema_params=model["G_ema"]["params"],
       ema_buffers=model["G_ema"]["buffers"], g_opt=train["g_opt"],
-      d_opt=train["d_opt"], pl_mean=train["pl_mean"], rng=train["rng"])
+      d_opt=train["d_opt"], pl_mean=train["pl_mean"], rng=train["rng"],
+      **{name: train.get(name) for name in _OPTIONAL_TRAIN})
 
 
 # Status codes in storage (tensorstore) errors that mean the files themselves

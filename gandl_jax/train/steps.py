@@ -20,6 +20,26 @@ gradient entries before the optimizer step (`sanitize_grads`: NaN -> 0,
 +-inf -> +-1e5), so one bad batch cannot poison the parameters or Adam state.
 Style mixing draws its cutoff per slice of the batch (`mixing_cutoffs`), as
 the reference draws it per `run_G` call, i.e. per per-GPU batch.
+
+Two options change what D sees and learns (the section "Augmentation and the
+contrastive discriminator" below; both off by default):
+- `config.augment` ('fixed' or 'ada'): ADA's pipeline (model/augment.py) on
+  every image D sees -- fakes and reals in D main, the reals of the R1 pass
+  (R1's gradient is taken with respect to the un-augmented reals, through the
+  pipeline) and the fakes of G main (G's gradient flows through it), as the
+  reference's `training/loss.py`. The draws come from each phase's key. The
+  sum of sign(D(real)) and its count over every D pass accumulate in
+  `TrainState.ada`; a fifth phase, `ada`, runs at the start of every
+  `ada_interval`-th iteration (the reference adjusts after that many
+  iterations), turns them into r_t and, in 'ada' mode, moves p
+  (`augment.adjust_p`).
+- `config.contrastive`: ContraD (model/contrastive.py). D main trains D's
+  representation (the `fc` features) with SimCLR's loss on two views of each
+  real and the fakes' supervised-contrastive loss, through two projection
+  heads (`TrainState.heads`, their own Adam state `heads_opt`); the
+  real/fake head (D's `out` layer) reads the representation with its
+  gradient stopped. G's loss goes through D as usual, on a view of its
+  fakes.
 """
 from __future__ import annotations
 
@@ -37,7 +57,7 @@ from jax.sharding import Mesh
 
 from gandl_jax import config as config_lib
 from gandl_jax import images as image_lib
-from gandl_jax.model import losses, networks
+from gandl_jax.model import augment, contrastive, layers, losses, networks
 from gandl_jax import sharding
 from gandl_jax.train import monitor
 
@@ -57,6 +77,14 @@ class TrainState:
   d_opt: Any
   pl_mean: Array         # running mean of path lengths
   rng: Array
+  # ADA (config.augment != 'none'): {'p', 'sign_sum', 'count', 'rt'} float32
+  # scalars: the probability, sign(D(real)) summed over the D passes since
+  # the last `ada` phase and how many logits, the last r_t. None when off.
+  ada: Any = None
+  # ContraD (config.contrastive): the projection heads' parameters and Adam
+  # state. None when off.
+  heads: Any = None
+  heads_opt: Any = None
 
   def model_variables(self) -> Dict[str, Any]:
     """{'G', 'G_ema', 'D'} in the checkpoint/`gandl_jax.load` layout."""
@@ -73,9 +101,11 @@ class Phase:
   every: int           # runs at iterations 0, every, 2*every, ...; 0: never
   takes_real: bool     # fn(state, real, ...)
   takes_beta: bool     # fn(..., ema_beta)
+  first: int = 0       # the first iteration it runs at
 
   def runs_at(self, step: int) -> bool:
-    return self.every > 0 and step % self.every == 0
+    return (self.every > 0 and step >= self.first and
+            step % self.every == 0)
 
 
 def make_optimizer(lr: float, beta1: float, beta2: float, eps: float,
@@ -154,6 +184,22 @@ def mixing_cutoffs(key: Array, batch: int, slices: int, num_ws: int,
   return jnp.repeat(cutoff, batch // slices)
 
 
+# Salts folded into a phase's key for the augmentation draws (so the other
+# draws of the phase stay as they are with augmentation off).
+_FAKE, _REAL, _VIEW, _HEADS = 11, 12, 13, 14
+
+
+def _end_of_d_main(state: TrainState, g_buffers, ema_beta: Array,
+                   rng: Array) -> TrainState:
+  """G EMA (G does not change in the D phases, so this equals updating at the
+  end of the iteration): p_ema <- p + beta * (p_ema - p); buffers copied; the
+  iteration counted."""
+  ema = jax.tree_util.tree_map(lambda p, e: p + ema_beta * (e - p),
+                               state.g_params, state.ema_params)
+  return state.replace(g_buffers=g_buffers, ema_params=ema,
+                       ema_buffers=g_buffers, step=state.step + 1, rng=rng)
+
+
 class Trainer:
   """Holds G, D, the optimizers and the compiled phases for one config/mesh.
 
@@ -194,7 +240,10 @@ class Trainer:
     # The phases of one iteration, in order: (name, function, every how many
     # iterations it runs (0: never), whether it takes the real batch, whether
     # it takes the EMA beta). Built once; `compiled` jits each on first use.
+    self._init_augment_and_contrastive(config)
     self.phases: Tuple[Phase, ...] = (
+        Phase("ada", self.ada_update, self.ada_every, False, False,
+              first=self.ada_every),
         Phase("g_main", self.g_main, 1, False, False),
         Phase("g_reg", self.g_reg, self.pl_interval, False, False),
         Phase("d_main", self.d_main, 1, True, True),
@@ -236,7 +285,7 @@ class Trainer:
         d_opt=self.d_tx.init(d_vars["params"]),
         pl_mean=jnp.zeros((), jnp.float32),
         rng=state_key)
-    return state
+    return self._fresh_augment_and_contrastive(state, init_key)
 
   def state_sharding(self, state: TrainState):
     return jax.tree_util.tree_map(lambda _: self._repl, state)
@@ -292,6 +341,7 @@ class Trainer:
     def loss_fn(g_params):
       img, _, buffers = self._generate(g_params, state.g_buffers, self.batch,
                                        key)
+      img = self._seen(img, key, _FAKE, state.ada)
       logits = self._d(state.d_params, img)
       return losses.g_nonsaturating_loss(logits), (buffers, logits)
 
@@ -339,6 +389,11 @@ class Trainer:
     fake, _, g_buffers = self._generate(state.g_params, state.g_buffers,
                                         self.batch, key)
     fake = jax.lax.stop_gradient(fake)
+    if self.contrastive:
+      return self._contrad_d_main(state, real, fake, key, rng, g_buffers,
+                                  ema_beta)
+    fake = self._seen(fake, key, _FAKE, state.ada)
+    real = self._seen(real, key, _REAL, state.ada)
 
     def loss_fn(d_params):
       fake_logits = self._d(d_params, fake)
@@ -350,37 +405,183 @@ class Trainer:
         loss_fn, has_aux=True)(state.d_params)
     grads, bad, norm = sanitize_grads(grads)
     updates, d_opt = self.d_tx.update(grads, state.d_opt, state.d_params)
-    # G EMA (G does not change in the D phases, so this equals updating at the
-    # end of the iteration): p_ema <- p + beta * (p_ema - p); buffers copied.
-    ema = jax.tree_util.tree_map(lambda p, e: p + ema_beta * (e - p),
-                                 state.g_params, state.ema_params)
     state = state.replace(
-        d_params=optax.apply_updates(state.d_params, updates), d_opt=d_opt,
-        g_buffers=g_buffers, ema_params=ema, ema_buffers=g_buffers,
-        step=state.step + 1, rng=rng)
+        d_params=optax.apply_updates(state.d_params, updates), d_opt=d_opt)
+    state = _end_of_d_main(state, g_buffers, ema_beta, rng)
+    state = self._count_real_signs(state, real_logits)
     return state, {"D/loss": loss, "D/grad_norm": norm,
                    "D/grad_nonfinite": bad,
                    "scores/real": jnp.mean(real_logits.astype(jnp.float32)),
-                   "scores/fake_d": jnp.mean(fake_logits.astype(jnp.float32))}
+                   "scores/fake_d": jnp.mean(fake_logits.astype(jnp.float32)),
+                   **self._augment_metrics(state)}
 
   def d_reg(self, state: TrainState, real: Array) -> Tuple[TrainState, Metrics]:
     loss_cfg = self.config.loss
     real = image_lib.to_float(real)   # uint8 -> [-1, 1], on the device
+    state, seen = self._reg_augmentation(state)
 
     def loss_fn(d_params):
-      penalty, _ = losses.r1_penalty(lambda x: self._d(d_params, x), real)
+      penalty, logits = losses.r1_penalty(
+          lambda x: self._d(d_params, seen(x)), real)
       return (jnp.mean(penalty * (loss_cfg.r1_gamma / 2)) *
-              loss_cfg.r1_interval, penalty)
+              loss_cfg.r1_interval, (penalty, logits))
 
-    (loss, penalty), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.d_params)
+    (loss, (penalty, logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.d_params)
     grads, bad, norm = sanitize_grads(grads)
     updates, d_opt = self.d_tx.update(grads, state.d_opt, state.d_params)
     state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
                           d_opt=d_opt)
+    state = self._count_real_signs(state, logits)
     return state, {"D/r1_penalty": jnp.mean(penalty),
                    "D/reg_grad_norm": norm,
                    "D/reg_grad_nonfinite": bad}
+
+  # ------------------------------------------------------------ augmentation
+  # and the contrastive discriminator (see the module docstring).
+
+  def _init_augment_and_contrastive(self, config) -> None:
+    self.augment_mode = config.get("augment", "none")
+    self.augment_config = (augment.pipeline(config.augment_pipe)
+                           if self.augment_mode != "none" else None)
+    # The `ada` phase: every ada_interval iterations with augmentation on.
+    self.ada_every = (int(config.ada_interval)
+                      if self.augment_config is not None else 0)
+    self.contrastive = bool(config.get("contrastive", False))
+    self.heads = (contrastive.ProjectionHeads(int(config.contrastive_proj_dim))
+                  if self.contrastive else None)
+
+  def representation_dim(self) -> int:
+    """Width of D's representation (`fc`, the embedding)."""
+    m = config_lib.full_model_config(self.config.model)
+    return networks.channels_at(4, m["channel_base"], m["channel_max"])
+
+  def _fresh_augment_and_contrastive(self, state: TrainState,
+                                     init_key: Array) -> TrainState:
+    """`state` with the ADA statistics and the projection heads (when on);
+    no key of the other parts changes."""
+    if self.augment_config is not None:
+      zero = lambda: jnp.zeros((), jnp.float32)  # distinct (donated) buffers
+      state = state.replace(ada={
+          "p": jnp.asarray(self.config.augment_p, jnp.float32),
+          "sign_sum": zero(), "count": zero(), "rt": zero()})
+    if self.contrastive:
+      h = jnp.zeros((1, self.representation_dim()), jnp.float32)
+      heads = self.heads.init(jax.random.fold_in(init_key, _HEADS),
+                              h)["params"]
+      state = state.replace(heads=heads, heads_opt=self.d_tx.init(heads))
+    return state
+
+  def _ada(self, images: Array, key: Array, ada: Any) -> Array:
+    """ADA's pipeline at probability ada['p'] (identity when off)."""
+    if self.augment_config is None:
+      return images
+    return augment.augment(key, image_lib.to_float(images), ada["p"],
+                           self.augment_config)
+
+  def _seen(self, images: Array, key: Array, salt: int, ada: Any) -> Array:
+    """What D sees of fakes (or reals, without ContraD) in a main phase: a
+    ContraD view of the fakes, then ADA; draws from `key` folded with
+    `salt` (the phase's other draws are untouched)."""
+    key = jax.random.fold_in(key, salt)
+    if self.contrastive and salt == _FAKE:
+      images = contrastive.view(jax.random.fold_in(key, _VIEW), images)
+    return self._ada(images, key, ada)
+
+  def _reg_augmentation(self, state: TrainState
+                        ) -> Tuple[TrainState, Callable[[Array], Array]]:
+    """(state, fn): the R1 pass's ADA as a function of the reals; with ADA
+    on, the state's RNG advances for its draws."""
+    if self.augment_config is None:
+      return state, lambda x: x
+    rng, key = jax.random.split(state.rng)
+    ada = state.ada
+    return state.replace(rng=rng), lambda x: self._ada(x, key, ada)
+
+  def _count_real_signs(self, state: TrainState, real_logits: Array
+                        ) -> TrainState:
+    """Adds sign(D(real)) of one D pass to the ADA statistics (global sums:
+    the logits are the whole batch, whatever the mesh)."""
+    if state.ada is None:
+      return state
+    logits = real_logits.astype(jnp.float32)
+    ada = dict(state.ada)
+    ada["sign_sum"] = ada["sign_sum"] + jnp.sum(jnp.sign(logits))
+    ada["count"] = ada["count"] + jnp.float32(logits.size)
+    return state.replace(ada=ada)
+
+  @staticmethod
+  def _augment_metrics(state: TrainState) -> Metrics:
+    """`augment_p`: the probability this iteration used."""
+    return {} if state.ada is None else {"augment_p": state.ada["p"]}
+
+  def ada_update(self, state: TrainState) -> Tuple[TrainState, Metrics]:
+    """The `ada` phase: r_t = mean sign(D(real)) since the last one; in
+    'ada' mode p moves (`augment.adjust_p`, the reference's rule); the
+    statistics restart."""
+    ada, c = state.ada, self.config
+    count = ada["count"]
+    rt = jnp.where(count > 0, ada["sign_sum"] / jnp.maximum(count, 1.0),
+                   ada["rt"])
+    p = ada["p"]
+    if self.augment_mode == "ada":
+      p = augment.adjust_p(p, ada["sign_sum"], count, self.batch,
+                           int(c.ada_interval), float(c.ada_kimg),
+                           float(c.ada_target))
+    zero = jnp.zeros((), jnp.float32)
+    state = state.replace(ada={"p": p, "sign_sum": zero, "count": zero,
+                               "rt": rt})
+    return state, {"ada_rt": rt}
+
+  def real_fake_head(self, d_params, features: Array) -> Array:
+    """D's real/fake head (`b4/out`) on `fc` features: D's logit."""
+    return layers.Dense(1).apply({"params": d_params["b4"]["out"]}, features)
+
+  def _contrad_d_main(self, state: TrainState, real: Array, fake: Array,
+                      key: Array, rng: Array, g_buffers, ema_beta: Array
+                      ) -> Tuple[TrainState, Metrics]:
+    """D main under ContraD: L_con^+ + lambda L_con^- on D's `fc`
+    representation through the heads, plus the logistic loss of the
+    real/fake head on the representation with its gradient stopped."""
+    c = self.config
+    k_real = jax.random.fold_in(key, _REAL)
+    v1, v2 = contrastive.views(jax.random.fold_in(k_real, _VIEW),
+                               image_lib.to_float(real))
+    v1 = self._ada(v1, jax.random.fold_in(k_real, 1), state.ada)
+    v2 = self._ada(v2, jax.random.fold_in(k_real, 2), state.ada)
+    fake = self._seen(fake, key, _FAKE, state.ada)
+
+    def loss_fn(params):
+      d_params, heads = params
+      rep = lambda x: self._d(d_params, x, return_features=True)[1]["fc"]
+      h1, h2, hf = rep(v1), rep(v2), rep(fake)
+      real_logits = self.real_fake_head(d_params, jax.lax.stop_gradient(h1))
+      fake_logits = self.real_fake_head(d_params, jax.lax.stop_gradient(hf))
+      z1, f1 = self.heads.apply({"params": heads}, h1)
+      z2, f2 = self.heads.apply({"params": heads}, h2)
+      _, ff = self.heads.apply({"params": heads}, hf)
+      con = contrastive.contrad_loss(
+          z1, z2, f1, f2, ff, float(c.contrastive_temperature),
+          float(c.contrastive_fake_weight))
+      dis = losses.d_logistic_loss(real_logits, fake_logits)
+      return dis + con, (dis, con, real_logits, fake_logits)
+
+    (_, (dis, con, real_logits, fake_logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)((state.d_params, state.heads))
+    grads, bad, norm = sanitize_grads(grads)
+    d_grads, h_grads = grads
+    d_updates, d_opt = self.d_tx.update(d_grads, state.d_opt, state.d_params)
+    h_updates, h_opt = self.d_tx.update(h_grads, state.heads_opt, state.heads)
+    state = state.replace(
+        d_params=optax.apply_updates(state.d_params, d_updates), d_opt=d_opt,
+        heads=optax.apply_updates(state.heads, h_updates), heads_opt=h_opt)
+    state = _end_of_d_main(state, g_buffers, ema_beta, rng)
+    state = self._count_real_signs(state, real_logits)
+    return state, {"D/loss": dis, "D/contrastive_loss": con,
+                   "D/grad_norm": norm, "D/grad_nonfinite": bad,
+                   "scores/real": jnp.mean(real_logits.astype(jnp.float32)),
+                   "scores/fake_d": jnp.mean(fake_logits.astype(jnp.float32)),
+                   **self._augment_metrics(state)}
 
   # ------------------------------------------------------------ compiled
 

@@ -30,6 +30,10 @@ from typing import Any, Dict, List
 
 from absl import app, flags, logging
 
+# The evaluation protocol's metrics, shared with forgetting.py.
+from tools.experiments.protocol import (
+    METRICS, NAMED_COMPOUNDS, metric_row, parse_value as _parse_value)
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes.",
                                required=True)
 _DIFFICULTY = flags.DEFINE_string("difficulty", "hard", "Synthetic mode "
@@ -54,41 +58,6 @@ _CONVAE = flags.DEFINE_bool("convae", True, "Train the demo-sized ConvAE "
                             "for the largest budget and evaluate it too.")
 _OVERRIDES = flags.DEFINE_multi_string(
     "set", [], "Config overrides KEY=VALUE (e.g. loss.r1_gamma=1.0).")
-
-METRICS = (
-    ("control/random", ("control", "random", "balanced_accuracy")),
-    ("control/plate", ("control", "plate", "balanced_accuracy")),
-    ("cell_type/random", ("cell_model", "random", "balanced_accuracy")),
-    ("cell_type/plate", ("cell_model", "plate", "balanced_accuracy")),
-    ("rxrx1/random", ("rxrx1", "random", "balanced_accuracy")),
-    ("rxrx1/plate", ("rxrx1", "plate", "balanced_accuracy")),
-    ("ec50_spearman", ("truth", "ec50_spearman")),
-    ("hits_found", ("truth", "hits_found")),
-)
-NAMED_COMPOUNDS = ("Remdesivir (GS-5734)", "GS-441524")
-
-
-def _find(tree: Any, keys) -> Any:
-  for k in keys:
-    if not isinstance(tree, dict) or k not in tree:
-      return None
-    tree = tree[k]
-  return tree
-
-
-def metric_row(metrics: Dict[str, Any], name: str) -> Dict[str, Any]:
-  res = metrics["embeddings"][name]
-  return {label: _find(res, path) for label, path in METRICS}
-
-
-def _parse_value(text: str) -> Any:
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
 
 def summarize(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
   """Mean and standard deviation over seeds per (set, kimg)."""

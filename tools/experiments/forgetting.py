@@ -1,0 +1,283 @@
+r"""Does D keep the biology it learns? Off / ADA / contrastive D, side by side.
+
+For every variant (`--variants`: off, ada, contrastive, both) and training
+seed, one run of the demo-sized GAN on one synthetic design with a checkpoint
+every `--eval_every_kimg` (all kept) and the representation probe every
+`--probe_every_kimg`; every checkpoint's D (and D at initialization, once per
+seed) is exported and scored by the gandl-evaluate protocol of
+`training_benefit.py`, and the probe's curve is read from each run's
+metrics.jsonl. Writes
+
+  WORKDIR/results.jsonl   one line per (variant, seed, kimg, source):
+                          source 'evaluate' (training_benefit's metrics) or
+                          'probe' (the probe/* metrics logged at that kimg)
+  WORKDIR/summary.md      both tables, mean and std over seeds, with the
+                          command, machine and compute time
+
+The variants are config overrides (`VARIANTS`); `--set KEY=VALUE` adds more
+to every variant. Every stage is resumable (WORKDIR/stages/*.done; a
+training interrupted mid-way resumes from its last checkpoint): rerun the
+same command.
+
+  python -m tools.experiments.forgetting --workdir runs/forget-hard \
+      --difficulty hard --seeds 0,1,2 --total_kimg 60
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Dict, List
+
+from absl import app, flags, logging
+
+from tools.experiments import protocol
+
+# Config overrides of each variant (docs/training.md: ADA, contrastive D).
+VARIANTS = {
+    "off": {},
+    "ada": {"augment": "ada"},
+    "contrastive": {"contrastive": True},
+    "both": {"augment": "ada", "contrastive": True},
+}
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes.",
+                               required=True)
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS),
+                              f"Variants to run, of {list(VARIANTS)}.")
+_DIFFICULTY = flags.DEFINE_string("difficulty", "hard", "Synthetic design "
+                                  "(gandl-synth --difficulty).")
+_SIZE = flags.DEFINE_integer("size", 64, "Edge of the synthetic site images.")
+_RESOLUTION = flags.DEFINE_integer("resolution", 32, "Training resolution.")
+_DATA_SEED = flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic data.")
+_PLATES = flags.DEFINE_integer("plates", None, "Plates per experiment "
+                               "(default: gandl-synth's).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+_TOTAL_KIMG = flags.DEFINE_float("total_kimg", 60.0, "Training length.")
+_EVAL_EVERY = flags.DEFINE_float("eval_every_kimg", 10.0, "A checkpoint "
+                                 "exported and evaluated every this many kimg.")
+_PROBE_EVERY = flags.DEFINE_float("probe_every_kimg", 5.0, "The probe every "
+                                  "this many kimg (0: off).")
+_BASELINES = flags.DEFINE_bool("baselines", True, "Evaluate the classical "
+                               "features, random DenseNet-121 and ConvAE too.")
+_OVERRIDES = flags.DEFINE_multi_string(
+    "set", [], "Config overrides KEY=VALUE for every variant.")
+
+
+def run_config(variant: str, seed: int, data: str):
+  """The demo config with the variant's and --set's overrides."""
+  # pylint: disable=import-outside-toplevel
+  from gandl_jax.cli import demo
+  config = demo.demo_config()
+  config.seed = seed
+  config.model.resolution = _RESOLUTION.value
+  config.total_kimg = _TOTAL_KIMG.value
+  config.checkpoint_every_kimg = _EVAL_EVERY.value
+  config.keep_checkpoints = 1000
+  config.image_grid_every_kimg = _TOTAL_KIMG.value
+  config.probe_every_kimg = _PROBE_EVERY.value
+  config.data.path = data
+  items = [f"{k}={v}" for k, v in VARIANTS[variant].items()]
+  for item in items + list(_OVERRIDES.value):
+    key, _, value = item.partition("=")
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = protocol.parse_value(value)
+  return config
+
+
+def probe_rows(train_dir: str, variant: str, seed: int
+               ) -> List[Dict[str, Any]]:
+  """The probe/* metrics of a run's metrics.jsonl, one row per probed kimg
+  (a resumed run's repeated steps: the last line wins)."""
+  by_step: Dict[int, Dict[str, Any]] = {}
+  path = os.path.join(train_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      rec = json.loads(line)
+      probe = {k: v for k, v in rec.items()
+               if k.startswith("probe/") and isinstance(v, (int, float))}
+      if probe:
+        by_step[rec["step"]] = dict(probe, kimg=rec.get("progress/kimg"),
+                                    augment_p=rec.get("augment_p"))
+  return [dict(r, set=variant, seed=seed, source="probe")
+          for _, r in sorted(by_step.items())]
+
+
+def summarize(rows: List[Dict[str, Any]], labels: List[str]
+              ) -> List[Dict[str, Any]]:
+  """Mean and standard deviation over seeds per (set, kimg) of `labels`."""
+  groups: Dict[tuple, List[Dict[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault((r["set"], round(float(r["kimg"]), 3)), []).append(r)
+  out = []
+  for (name, kimg), rs in sorted(groups.items()):
+    agg = {"set": name, "kimg": kimg, "n": len(rs)}
+    for label in labels:
+      vals = [r[label] for r in rs if isinstance(r.get(label), (int, float))
+              and math.isfinite(r[label])]
+      if vals:
+        mean = sum(vals) / len(vals)
+        sd = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+              if len(vals) > 1 else 0.0)
+        agg[label] = (mean, sd)
+    out.append(agg)
+  return out
+
+
+def table(summary: List[Dict[str, Any]], labels: List[str]) -> str:
+  lines = ["| set | kimg | seeds | " + " | ".join(labels) + " |",
+           "|---|---:|---:|" + "---:|" * len(labels)]
+  for s in summary:
+    cells = []
+    for label in labels:
+      if label in s:
+        m, sd = s[label]
+        cells.append(f"{m:.3f} ± {sd:.3f}" if s["n"] > 1 else f"{m:.3f}")
+      else:
+        cells.append("n/a")
+    lines.append(f"| {s['set']} | {s['kimg']:g} | {s['n']} | "
+                 + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  # pylint: disable=import-outside-toplevel
+  from gandl_jax import checkpoint, sharding
+  from gandl_jax import io as gio
+  from gandl_jax.cli import demo
+  from gandl_jax.data import convert, synthetic
+  from gandl_jax.evaluate import pipeline as evaluate_lib
+  from gandl_jax.inference import api, export
+  from gandl_jax.train import loop as train_loop
+
+  unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
+  if unknown:
+    raise app.UsageError(f"--variants: unknown {unknown}; expected some of "
+                         f"{list(VARIANTS)}")
+  logging.set_verbosity(logging.INFO)
+  t0 = time.time()
+  workdir = os.path.abspath(_WORKDIR.value)
+  stages = demo.Stages(workdir, logging.info)
+  mesh = sharding.make_mesh()
+  seeds = [int(s) for s in _SEEDS.value]
+  raw = os.path.join(workdir, "raw")
+  shards = {d: os.path.join(workdir, "shards", d) for d in ("rxrx19a", "rxrx1")}
+  emb_dir = os.path.join(workdir, "embeddings")
+
+  roots = stages.run("synthetic", lambda: {"roots": {
+      d: synthetic.generate(raw, dataset=d, size=_SIZE.value,
+                            seed=_DATA_SEED.value, plates=_PLATES.value,
+                            difficulty=_DIFFICULTY.value)
+      for d in ("rxrx19a", "rxrx1")}})["roots"]
+  stages.run("convert", lambda: {
+      d: convert.convert(d, roots[d], shards[d], _RESOLUTION.value,
+                         workers=max(1, os.cpu_count() or 1))
+      for d in ("rxrx19a", "rxrx1")})
+  data = {d: os.path.join(shards[d], "*.tfrecord") for d in shards}
+  metadata = {d: os.path.join(roots[d], "metadata.csv") for d in roots}
+  truth = os.path.join(roots["rxrx19a"], "synthetic_truth.csv")
+
+  def evaluate_set(name: str, tag: str) -> Dict[str, Any]:
+    metrics = evaluate_lib.evaluate(
+        [evaluate_lib.EmbeddingSet(
+            name, os.path.join(emb_dir, f"{tag}_rxrx19a.parquet"),
+            os.path.join(emb_dir, f"{tag}_rxrx1.parquet"),
+            metadata=metadata["rxrx19a"], rxrx1_metadata=metadata["rxrx1"])],
+        os.path.join(workdir, "eval", tag), truth=truth,
+        compounds=protocol.NAMED_COMPOUNDS, log=logging.info)
+    return protocol.metric_row(metrics, name)
+
+  def export_and_evaluate(ckpt, step, tag, name):
+    model = api.load(ckpt, step)
+    for d in data:
+      export.export_model(model, data[d],
+                          os.path.join(emb_dir, f"{tag}_{d}.parquet"),
+                          batch=64, checkpoint=ckpt, mesh=mesh)
+    return dict(evaluate_set(name, tag), step=model.step)
+
+  rows: List[Dict[str, Any]] = []
+  if _BASELINES.value:
+    for name, tag in demo.baseline_sets(
+        stages, data, emb_dir, mesh=mesh,
+        convae_kimg=min(_TOTAL_KIMG.value, 10.0)):
+      rows.append(stages.run(f"eval-{tag}", lambda name=name, tag=tag: dict(
+          evaluate_set(name, tag), set=name, seed=-1, kimg=0.0,
+          source="evaluate")))
+
+  for seed in seeds:
+    init_dir = os.path.join(workdir, f"init-seed{seed}")
+    config = run_config("off", seed, data["rxrx19a"])
+    stages.run(f"init-seed{seed}", lambda config=config: {
+        "checkpoint": demo.save_initial_model(config, mesh, init_dir)})
+    rows.append(stages.run(f"eval-init-seed{seed}", lambda seed=seed: dict(
+        export_and_evaluate(init_dir, None, f"init-seed{seed}",
+                            "untrained D"),
+        set="untrained D", seed=seed, kimg=0.0, source="evaluate")))
+    for variant in _VARIANTS.value:
+      config = run_config(variant, seed, data["rxrx19a"])
+      train_dir = os.path.join(workdir, f"train-{variant}-seed{seed}")
+      # A killed training resumes from its checkpoint on the next call.
+      stages.run(f"train-{variant}-seed{seed}",
+                 lambda config=config, train_dir=train_dir: train_loop.train(
+                     config, train_dir, mesh=mesh))
+      rows += probe_rows(train_dir, variant, seed)
+      for step in checkpoint.list_steps(train_dir):
+        kimg = step * config.batch_size / 1000.0
+        tag = f"{variant}-seed{seed}-kimg{kimg:g}"
+        rows.append(stages.run(
+            f"eval-{tag}", lambda train_dir=train_dir, step=step, tag=tag,
+            variant=variant, seed=seed, kimg=kimg: dict(
+                export_and_evaluate(train_dir, step, tag, variant),
+                set=variant, seed=seed, kimg=kimg, source="evaluate")))
+
+  gio.write_text(os.path.join(workdir, "results.jsonl"),
+                 "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+  evaluated = [r for r in rows if r["source"] == "evaluate"]
+  probed = [r for r in rows if r["source"] == "probe"]
+  eval_labels = [label for label, _ in protocol.METRICS]
+  probe_labels = sorted({k for r in probed for k in r if k.startswith(
+      "probe/") and not k.endswith(("seconds", "sites"))} | (
+          {"augment_p"} if any(r.get("augment_p") is not None
+                               for r in probed) else set()))
+  elapsed = 0.0
+  done = os.path.join(workdir, "stages")
+  for f in os.listdir(done):
+    with open(os.path.join(done, f), encoding="utf-8") as fh:
+      elapsed += float(json.load(fh).get("seconds", 0.0))
+  text = "\n".join([
+      f"# D forgetting: {_DIFFICULTY.value} synthetic design",
+      "",
+      "Command: `python -m tools.experiments.forgetting "
+      + " ".join(sys.argv[1:]) + "`",
+      f"Variants {_VARIANTS.value} ({VARIANTS}); seeds {seeds}, data "
+      f"{_DATA_SEED.value}; {_TOTAL_KIMG.value:g} kimg, evaluated every "
+      f"{_EVAL_EVERY.value:g}, probed every {_PROBE_EVERY.value:g}; compute "
+      f"{elapsed / 60:.1f} min summed over the stages (this call "
+      f"{(time.time() - t0) / 60:.1f} min); machine: {platform.machine()} "
+      f"{os.cpu_count()} CPU(s), {platform.platform()}; load average at the "
+      f"end {os.getloadavg()[0]:.1f}.",
+      "",
+      "## gandl-evaluate per checkpoint",
+      "",
+      table(summarize(evaluated, eval_labels), eval_labels),
+      "",
+      "## Probe curves",
+      "",
+      table(summarize(probed, probe_labels), probe_labels) if probed
+      else "(no probe: --probe_every_kimg 0)",
+      ""])
+  gio.write_text(os.path.join(workdir, "summary.md"), text)
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
