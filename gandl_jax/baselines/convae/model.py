@@ -59,8 +59,8 @@ class DecoderBlock(nn.Module):
     return y + x
 
 
-class Encoder(nn.Module):
-  """images (N, R, R, C) in [-1, 1] -> bottleneck (N, bottleneck_dim) f32."""
+class _Shape(nn.Module):
+  """The fields that fix an encoder's or decoder's shapes."""
   resolution: int
   img_channels: int
   channel_base: int
@@ -68,6 +68,10 @@ class Encoder(nn.Module):
   bottleneck_dim: int
   conv_clamp: Optional[float] = None
   dtype: Dtype = jnp.float32
+
+
+class Encoder(_Shape):
+  """images (N, R, R, C) in [-1, 1] -> bottleneck (N, bottleneck_dim) f32."""
 
   @nn.compact
   def __call__(self, img: Array) -> Array:
@@ -90,15 +94,8 @@ class Encoder(nn.Module):
     return layers.Dense(self.bottleneck_dim, name="b4_fc")(x)
 
 
-class Decoder(nn.Module):
+class Decoder(_Shape):
   """bottleneck (N, bottleneck_dim) -> images (N, R, R, C) float32."""
-  resolution: int
-  img_channels: int
-  channel_base: int
-  channel_max: int
-  bottleneck_dim: int
-  conv_clamp: Optional[float] = None
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
