@@ -34,13 +34,18 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert {"control", "cell_model", "dose_response", "rxrx1"} <= set(res)
   text = report.read_text()
   assert demo.TRAINED in text and demo.BASELINE in text
-  # Headline: a header, then the four sets side by side with the figures
-  # of metrics.json.
-  assert len(out["headline"]) == 5 and "Mock/Active" in out["headline"][0]
-  for line in out["headline"][1:]:
-    name = next(n for n in metrics["names"] if line.startswith(n))
-    acc = metrics["embeddings"][name]["control"]["plate"]["balanced_accuracy"]
-    assert f"{acc:.3f}" in line
+  # Headline: each set's figures of metrics.json with their intervals, then
+  # the paired differences against the first set.
+  head = out["headline"]
+  assert "Mock/Active" in head[1]
+  for name in metrics["names"]:
+    line = next(h for h in head[2:] if h.startswith(name))
+    ctl = metrics["embeddings"][name]["control"]["plate"]
+    iv = ctl["balanced_accuracy_interval"]
+    assert f"{ctl['balanced_accuracy']:.3f} [" in line
+    assert iv["low"] <= ctl["balanced_accuracy"] <= iv["high"]
+  assert any(h.startswith("paired differences") for h in head)
+  assert sum(f" - {demo.TRAINED}: " in h for h in head) >= 3
   assert text.index("## Summary") < text.index("## Inputs")
   # Both embedding sets were computed (trained D != initial D).
   assert (tmp_path / "embeddings" / "trained_rxrx19a.parquet").exists()
