@@ -112,16 +112,9 @@ class Decoder(_Shape):
     return x.astype(jnp.float32)
 
 
-class ConvAE(nn.Module):
+class ConvAE(_Shape):
   """images -> (reconstructions, bottleneck); `encode` / `decode` alone via
   `apply(..., method=...)`."""
-  resolution: int
-  img_channels: int
-  channel_base: int
-  channel_max: int
-  bottleneck_dim: int
-  conv_clamp: Optional[float] = None
-  dtype: Dtype = jnp.float32
 
   def setup(self):
     kw = dict(resolution=self.resolution, img_channels=self.img_channels,
