@@ -259,7 +259,6 @@ def main(argv):
   os.makedirs(out, exist_ok=True)
   sets = CONTROLS[_CONTROL.value](workdir, out)
   raw = os.path.join(workdir, "raw")
-  first: Dict = {"name": sets[0].name}
   sets[0] = dataclasses.replace(
       sets[0], metadata=os.path.join(raw, "RxRx19a", "metadata.csv"),
       rxrx1_metadata=os.path.join(raw, "RxRx1", "metadata.csv"))

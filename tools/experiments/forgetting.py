@@ -25,7 +25,6 @@ same command.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
@@ -109,43 +108,6 @@ def probe_rows(train_dir: str, variant: str, seed: int
                                     augment_p=rec.get("augment_p"))
   return [dict(r, set=variant, seed=seed, source="probe")
           for _, r in sorted(by_step.items())]
-
-
-def summarize(rows: List[Dict[str, Any]], labels: List[str]
-              ) -> List[Dict[str, Any]]:
-  """Mean and standard deviation over seeds per (set, kimg) of `labels`."""
-  groups: Dict[tuple, List[Dict[str, Any]]] = {}
-  for r in rows:
-    groups.setdefault((r["set"], round(float(r["kimg"]), 3)), []).append(r)
-  out = []
-  for (name, kimg), rs in sorted(groups.items()):
-    agg = {"set": name, "kimg": kimg, "n": len(rs)}
-    for label in labels:
-      vals = [r[label] for r in rs if isinstance(r.get(label), (int, float))
-              and math.isfinite(r[label])]
-      if vals:
-        mean = sum(vals) / len(vals)
-        sd = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-              if len(vals) > 1 else 0.0)
-        agg[label] = (mean, sd)
-    out.append(agg)
-  return out
-
-
-def table(summary: List[Dict[str, Any]], labels: List[str]) -> str:
-  lines = ["| set | kimg | seeds | " + " | ".join(labels) + " |",
-           "|---|---:|---:|" + "---:|" * len(labels)]
-  for s in summary:
-    cells = []
-    for label in labels:
-      if label in s:
-        m, sd = s[label]
-        cells.append(f"{m:.3f} ± {sd:.3f}" if s["n"] > 1 else f"{m:.3f}")
-      else:
-        cells.append("n/a")
-    lines.append(f"| {s['set']} | {s['kimg']:g} | {s['n']} | "
-                 + " | ".join(cells) + " |")
-  return "\n".join(lines)
 
 
 def main(argv):
@@ -268,11 +230,11 @@ def main(argv):
       "",
       "## gandl-evaluate per checkpoint",
       "",
-      table(summarize(evaluated, eval_labels), eval_labels),
+      protocol.table(protocol.summarize(evaluated, eval_labels), eval_labels),
       "",
       "## Probe curves",
       "",
-      table(summarize(probed, probe_labels), probe_labels) if probed
+      protocol.table(protocol.summarize(probed, probe_labels), probe_labels) if probed
       else "(no probe: --probe_every_kimg 0)",
       ""])
   gio.write_text(os.path.join(workdir, "summary.md"), text)

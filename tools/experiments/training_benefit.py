@@ -21,7 +21,6 @@ Every stage is resumable (WORKDIR/stages/*.done); rerun the same command.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
@@ -31,6 +30,7 @@ from typing import Any, Dict, List
 from absl import app, flags, logging
 
 # The evaluation protocol's metrics, shared with forgetting.py.
+from tools.experiments import protocol
 from tools.experiments.protocol import (
     METRICS, NAMED_COMPOUNDS, metric_row, parse_value as _parse_value)
 
@@ -60,41 +60,11 @@ _OVERRIDES = flags.DEFINE_multi_string(
     "set", [], "Config overrides KEY=VALUE (e.g. loss.r1_gamma=1.0).")
 
 def summarize(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-  """Mean and standard deviation over seeds per (set, kimg)."""
-  groups: Dict[tuple, List[Dict[str, Any]]] = {}
-  for r in rows:
-    groups.setdefault((r["set"], r["kimg"]), []).append(r)
-  out = []
-  for (name, kimg), rs in sorted(groups.items(),
-                                 key=lambda kv: (kv[0][0], kv[0][1])):
-    agg = {"set": name, "kimg": kimg, "n": len(rs)}
-    for label, _ in METRICS:
-      vals = [r[label] for r in rs if isinstance(r.get(label), (int, float))
-              and math.isfinite(r[label])]
-      if vals:
-        mean = sum(vals) / len(vals)
-        sd = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-              if len(vals) > 1 else 0.0)
-        agg[label] = (mean, sd)
-    out.append(agg)
-  return out
+  return protocol.summarize(rows, [label for label, _ in METRICS])
 
 
 def markdown_table(summary: List[Dict[str, Any]]) -> str:
-  labels = [label for label, _ in METRICS]
-  lines = ["| set | kimg | seeds | " + " | ".join(labels) + " |",
-           "|---|---:|---:|" + "---:|" * len(labels)]
-  for s in summary:
-    cells = []
-    for label in labels:
-      if label in s:
-        m, sd = s[label]
-        cells.append(f"{m:.3f} ± {sd:.3f}" if s["n"] > 1 else f"{m:.3f}")
-      else:
-        cells.append("n/a")
-    lines.append(f"| {s['set']} | {s['kimg']:g} | {s['n']} | "
-                 + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  return protocol.table(summary, [label for label, _ in METRICS])
 
 
 def plot(summary: List[Dict[str, Any]], out_dir: str,
