@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 from absl import app, flags, logging

@@ -116,7 +116,6 @@ def main(argv):
   from gandl_jax import checkpoint, sharding
   from gandl_jax import io as gio
   from gandl_jax.cli import demo
-  from gandl_jax.data import convert, synthetic
   from gandl_jax.evaluate import pipeline as evaluate_lib
   from gandl_jax.inference import api, export
   from gandl_jax.train import loop as train_loop
@@ -131,22 +130,10 @@ def main(argv):
   stages = demo.Stages(workdir, logging.info)
   mesh = sharding.make_mesh()
   seeds = [int(s) for s in _SEEDS.value]
-  raw = os.path.join(workdir, "raw")
-  shards = {d: os.path.join(workdir, "shards", d) for d in ("rxrx19a", "rxrx1")}
   emb_dir = os.path.join(workdir, "embeddings")
-
-  roots = stages.run("synthetic", lambda: {"roots": {
-      d: synthetic.generate(raw, dataset=d, size=_SIZE.value,
-                            seed=_DATA_SEED.value, plates=_PLATES.value,
-                            difficulty=_DIFFICULTY.value)
-      for d in ("rxrx19a", "rxrx1")}})["roots"]
-  stages.run("convert", lambda: {
-      d: convert.convert(d, roots[d], shards[d], _RESOLUTION.value,
-                         workers=max(1, os.cpu_count() or 1))
-      for d in ("rxrx19a", "rxrx1")})
-  data = {d: os.path.join(shards[d], "*.tfrecord") for d in shards}
-  metadata = {d: os.path.join(roots[d], "metadata.csv") for d in roots}
-  truth = os.path.join(roots["rxrx19a"], "synthetic_truth.csv")
+  roots, shards, data, metadata, truth = protocol.prepare_data(
+      stages, workdir, _SIZE.value, _DATA_SEED.value, _PLATES.value,
+      _DIFFICULTY.value, _RESOLUTION.value)
 
   def evaluate_set(name: str, tag: str) -> Dict[str, Any]:
     metrics = evaluate_lib.evaluate(

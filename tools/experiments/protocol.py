@@ -77,3 +77,25 @@ def table(summary: List[Dict[str, Any]], labels: List[str]) -> str:
     lines.append(f"| {s['set']} | {s['kimg']:g} | {s['n']} | "
                  + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def prepare_data(stages, workdir: str, size: int, seed: int, plates: int,
+                 difficulty: str, resolution: int):
+  """The synthetic RxRx19a and RxRx1 trees and their shards (resumable
+  stages): (roots, shards, data globs, metadata paths, truth path)."""
+  import os  # pylint: disable=import-outside-toplevel
+  from gandl_jax.data import convert, synthetic  # pylint: disable=import-outside-toplevel
+  raw = os.path.join(workdir, "raw")
+  shards = {d: os.path.join(workdir, "shards", d) for d in ("rxrx19a", "rxrx1")}
+  roots = stages.run("synthetic", lambda: {"roots": {
+      d: synthetic.generate(raw, dataset=d, size=size, seed=seed,
+                            plates=plates, difficulty=difficulty)
+      for d in ("rxrx19a", "rxrx1")}})["roots"]
+  stages.run("convert", lambda: {
+      d: convert.convert(d, roots[d], shards[d], resolution,
+                         workers=max(1, os.cpu_count() or 1))
+      for d in ("rxrx19a", "rxrx1")})
+  data = {d: os.path.join(shards[d], "*.tfrecord") for d in shards}
+  metadata = {d: os.path.join(roots[d], "metadata.csv") for d in roots}
+  truth = os.path.join(roots["rxrx19a"], "synthetic_truth.csv")
+  return roots, shards, data, metadata, truth

@@ -108,7 +108,6 @@ def main(argv):
   # pylint: disable=import-outside-toplevel
   from gandl_jax import checkpoint, sharding
   from gandl_jax.cli import demo
-  from gandl_jax.data import convert, synthetic
   from gandl_jax.evaluate import pipeline as evaluate_lib
   from gandl_jax.inference import api, export
   from gandl_jax.train import loop as train_loop
@@ -121,22 +120,10 @@ def main(argv):
   budgets = sorted(float(b) for b in _BUDGETS.value)
   seeds = [int(s) for s in _SEEDS.value]
   res = _RESOLUTION.value
-  raw = os.path.join(workdir, "raw")
-  shards = {d: os.path.join(workdir, "shards", d) for d in ("rxrx19a", "rxrx1")}
   emb_dir = os.path.join(workdir, "embeddings")
-
-  roots = stages.run("synthetic", lambda: {"roots": {
-      d: synthetic.generate(raw, dataset=d, size=_SIZE.value,
-                            seed=_DATA_SEED.value, plates=_PLATES.value,
-                            difficulty=_DIFFICULTY.value)
-      for d in ("rxrx19a", "rxrx1")}})["roots"]
-  stages.run("convert", lambda: {
-      d: convert.convert(d, roots[d], shards[d], res,
-                         workers=max(1, os.cpu_count() or 1))
-      for d in ("rxrx19a", "rxrx1")})
-  data = {d: os.path.join(shards[d], "*.tfrecord") for d in shards}
-  metadata = {d: os.path.join(roots[d], "metadata.csv") for d in roots}
-  truth = os.path.join(roots["rxrx19a"], "synthetic_truth.csv")
+  roots, shards, data, metadata, truth = protocol.prepare_data(
+      stages, workdir, _SIZE.value, _DATA_SEED.value, _PLATES.value,
+      _DIFFICULTY.value, res)
 
   def evaluate_set(name: str, tag: str) -> Dict[str, Any]:
     out = os.path.join(workdir, "eval", tag)
