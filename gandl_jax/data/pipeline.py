@@ -424,13 +424,12 @@ def check_dataset(info: Mapping[str, Any], path: str,
 
 def host_sites(path: str, filter: FilterSpec = None,  # pylint: disable=redefined-builtin
                process_index: int = 0, process_count: int = 1, *,
-               _table=None, _files=None, _info=None):
+               _table=None, _files=None):
   """Rows of sites.csv (filtered) that this host reads, in reading order.
 
   The frame keeps its sites.csv row number as the index (the global `index`
   of eval_batches).
   """
-  info = _info or read_dataset_info(path)
   files = _files or list_shards(path)
   df = read_sites_index(path) if _table is None else _table
   names = [os.path.basename(f) for f in _host_files(files, process_index, process_count)]
@@ -477,7 +476,7 @@ def train_dataset(path: str, *, host_batch: int, seed: int,
                      "convert with --num_shards >= the number of hosts")
   host = _host_files(files, process_index, process_count)
   rows = host_sites(path, filter, process_index, process_count,
-                    _files=files, _info=info)
+                    _files=files)
   n_host = len(rows)
   if n_host == 0:
     raise ValueError(f"{path}: no sites on host {process_index} of {process_count}"
@@ -623,7 +622,7 @@ def eval_host_batches(path: str, *, host_batch: int,
   info = read_dataset_info(path)
   files = list_shards(path)
   table = read_sites_index(path)
-  kw = dict(_table=table, _files=files, _info=info)
+  kw = dict(_table=table, _files=files)
   counts = [len(host_sites(path, filter, h, process_count, **kw))
             for h in range(process_count)]
   if sum(counts) == 0:
@@ -729,8 +728,7 @@ def num_eval_batches(path: str, *, global_batch: int,
   import jax  # pylint: disable=import-outside-toplevel
   pc = jax.process_count() if process_count is None else process_count
   hb = global_batch // pc
-  kw = dict(_table=read_sites_index(path), _files=list_shards(path),
-            _info=read_dataset_info(path))
+  kw = dict(_table=read_sites_index(path), _files=list_shards(path))
   return max(math.ceil(len(host_sites(path, filter, h, pc, **kw)) / hb)
              for h in range(pc))
 

@@ -197,11 +197,7 @@ def main(argv):
       "probe/") and not k.endswith(("seconds", "sites"))} | (
           {"augment_p"} if any(r.get("augment_p") is not None
                                for r in probed) else set()))
-  elapsed = 0.0
-  done = os.path.join(workdir, "stages")
-  for f in os.listdir(done):
-    with open(os.path.join(done, f), encoding="utf-8") as fh:
-      elapsed += float(json.load(fh).get("seconds", 0.0))
+  elapsed = protocol.stage_seconds(workdir)
   text = "\n".join([
       f"# D forgetting: {_DIFFICULTY.value} synthetic design",
       "",

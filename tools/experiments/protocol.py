@@ -99,3 +99,16 @@ def prepare_data(stages, workdir: str, size: int, seed: int, plates: int,
   metadata = {d: os.path.join(roots[d], "metadata.csv") for d in roots}
   truth = os.path.join(roots["rxrx19a"], "synthetic_truth.csv")
   return roots, shards, data, metadata, truth
+
+
+def stage_seconds(workdir: str) -> float:
+  """Compute time summed over WORKDIR/stages/*.done (a resumed stage keeps
+  the time it took when it ran)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  done = os.path.join(workdir, "stages")
+  total = 0.0
+  for name in os.listdir(done):
+    with open(os.path.join(done, name), encoding="utf-8") as fh:
+      total += float(json.load(fh).get("seconds", 0.0))
+  return total

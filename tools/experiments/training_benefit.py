@@ -197,12 +197,7 @@ def main(argv):
                  "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
   summary = summarize(rows)
   figures = plot(summary, workdir, layer_suffix)
-  # Compute time of every stage (resumed stages keep their own time).
-  done = os.path.join(workdir, "stages")
-  elapsed = 0.0
-  for f in os.listdir(done):
-    with open(os.path.join(done, f), encoding="utf-8") as fh:
-      elapsed += float(json.load(fh).get("seconds", 0.0))
+  elapsed = protocol.stage_seconds(workdir)
   text = "\n".join([
       f"# Training benefit: {_DIFFICULTY.value} synthetic data",
       "",
