@@ -1,5 +1,5 @@
 """Intervals for headline figures: bootstrap balanced accuracy, paired
-differences, and mean ± sd over seeds.
+differences, and means over seeds (± sd, or a t interval).
 
 Pure numpy (and scipy.stats for the t quantile); no JAX.
 
@@ -304,6 +304,23 @@ def mean_sd(values) -> Dict:
   return {"mean": float(arr.mean()), "sd": sd, "n": int(len(arr))}
 
 
+def mean_interval(values, level: float = 0.95) -> Dict:
+  """Mean over seeds with a Student t interval: `mean_sd`'s dict plus low,
+  high and level. With one value low and high are NaN (one seed gives no
+  interval)."""
+  if not 0.0 < level < 1.0:
+    raise ValueError(f"level: expected a value in (0, 1), got {level}")
+  ms = mean_sd(values)
+  n = ms["n"]
+  if n > 1:
+    half = float(stats.t.ppf(0.5 + level / 2.0, n - 1) * ms["sd"] /
+                 math.sqrt(n))
+    low, high = ms["mean"] - half, ms["mean"] + half
+  else:
+    low = high = math.nan
+  return dict(ms, low=low, high=high, level=level)
+
+
 SeedValues = Union[Mapping, Sequence[float], np.ndarray]
 
 
@@ -342,21 +359,12 @@ def paired_seed_differences(a_by_seed: SeedValues, b_by_seed: SeedValues,
     With one seed, sd/low/high are NaN and no_difference is True (one seed
     cannot show a difference).
   """
-  if not 0.0 < level < 1.0:
-    raise ValueError(f"level: expected a value in (0, 1), got {level}")
   va, vb, seeds = _pair(a_by_seed, b_by_seed)
   d = va - vb
-  ms = mean_sd(d)
-  n = ms["n"]
-  if n > 1:
-    half = float(stats.t.ppf(0.5 + level / 2.0, n - 1) * ms["sd"] /
-                 math.sqrt(n))
-    low, high = ms["mean"] - half, ms["mean"] + half
-  else:
-    low = high = math.nan
-  no_diff = bool(n < 2 or low <= 0.0 <= high)
-  return {"diff": ms["mean"], "sd": ms["sd"], "n": n, "low": low,
-          "high": high, "level": level, "no_difference": no_diff,
+  m = mean_interval(d, level)
+  no_diff = bool(m["n"] < 2 or m["low"] <= 0.0 <= m["high"])
+  return {"diff": m["mean"], "sd": m["sd"], "n": m["n"], "low": m["low"],
+          "high": m["high"], "level": level, "no_difference": no_diff,
           "diffs": d.tolist(), "seeds": seeds}
 
 

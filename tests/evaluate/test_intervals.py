@@ -198,6 +198,21 @@ def test_mean_sd_matches_numpy():
   assert iv.format_mean_sd(d) == "0.750 ± 0.067 (n=4)"
 
 
+def test_mean_interval_matches_closed_form():
+  v = [0.70, 0.62, 0.81]
+  d = iv.mean_interval(v)
+  # t_{0.975, 2} = 4.302652729911275 (tables); half-width t * sd / sqrt(n).
+  half = 4.302652729911275 * np.std(v, ddof=1) / math.sqrt(3)
+  assert d["mean"] == pytest.approx(np.mean(v))
+  assert (d["low"], d["high"]) == pytest.approx((np.mean(v) - half,
+                                                 np.mean(v) + half))
+  assert d["n"] == 3 and d["level"] == 0.95
+  one = iv.mean_interval([0.5])
+  assert one["mean"] == 0.5 and math.isnan(one["low"])
+  with pytest.raises(ValueError, match="level"):
+    iv.mean_interval(v, level=95)
+
+
 def test_paired_seed_differences_match_scipy_t():
   a = {0: 0.81, 1: 0.74, 2: 0.79, 3: 0.70}
   b = {3: 0.61, 2: 0.72, 1: 0.69, 0: 0.70}   # paired by seed, not order

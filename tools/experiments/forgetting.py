@@ -11,8 +11,10 @@ metrics.jsonl. Writes
   WORKDIR/results.jsonl   one line per (variant, seed, kimg, source):
                           source 'evaluate' (training_benefit's metrics) or
                           'probe' (the probe/* metrics logged at that kimg)
-  WORKDIR/summary.md      both tables, mean and std over seeds, with the
-                          command, machine and compute time
+  WORKDIR/summary.md      the tables (means over seeds and differences
+                          paired by seed, with 95% t intervals; the probe's
+                          best and last value per run), with the command,
+                          machine, load and compute time
 
 The variants are config overrides (`VARIANTS`); `--set KEY=VALUE` adds more
 to every variant. Every stage is resumable (WORKDIR/stages/*.done; a
@@ -42,6 +44,9 @@ VARIANTS = {
     "contrastive": {"contrastive": True},
     "both": {"augment": "ada", "contrastive": True},
 }
+
+HEADLINE = "control/plate"  # Mock vs Active, whole plates held out
+PROBE_HEADLINE = "probe/control_bacc"
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes.",
                                required=True)
@@ -198,6 +203,9 @@ def main(argv):
           {"augment_p"} if any(r.get("augment_p") is not None
                                for r in probed) else set()))
   elapsed = protocol.stage_seconds(workdir)
+  figures = protocol.plot(
+      protocol.summarize(evaluated + probed, [HEADLINE, PROBE_HEADLINE]),
+      [HEADLINE, PROBE_HEADLINE], workdir)
   text = "\n".join([
       f"# D forgetting: {_DIFFICULTY.value} synthetic design",
       "",
@@ -211,14 +219,34 @@ def main(argv):
       f"{os.cpu_count()} CPU(s), {platform.platform()}; load average at the "
       f"end {os.getloadavg()[0]:.1f}.",
       "",
+      "Every cell: the mean over training seeds [its 95% Student t "
+      "interval over seeds]; one seed (the seedless baselines) has no "
+      "interval. Differences are paired by seed.",
+      "",
       "## gandl-evaluate per checkpoint",
       "",
       protocol.table(protocol.summarize(evaluated, eval_labels), eval_labels),
       "",
+      f"## {HEADLINE}: differences paired by seed",
+      "",
+      protocol.difference_table(protocol.paired_differences(
+          evaluated, HEADLINE, "untrained D"), "minus the untrained D"),
+      "",
+      protocol.difference_table(
+          [d for d in protocol.paired_differences(evaluated, HEADLINE, "off")
+           if d["set"] != "untrained D"], "minus off (same seed, kimg)"),
+      "",
       "## Probe curves",
       "",
-      protocol.table(protocol.summarize(probed, probe_labels), probe_labels) if probed
-      else "(no probe: --probe_every_kimg 0)",
+      protocol.table(protocol.summarize(probed, probe_labels), probe_labels)
+      if probed else "(no probe: --probe_every_kimg 0)",
+      "",
+      "Figures: " + ", ".join(os.path.basename(p) for p in figures),
+      "",
+      f"## Kept or worn away: {PROBE_HEADLINE} along each run",
+      "",
+      protocol.peak_table(protocol.peak_and_last(probed, PROBE_HEADLINE))
+      if probed else "(no probe)",
       ""])
   gio.write_text(os.path.join(workdir, "summary.md"), text)
   print(text)

@@ -1,9 +1,13 @@
 """What the experiments share: the evaluation protocol's metrics (a row of
-gandl-evaluate's metrics.json per embedding set) and --set value parsing."""
+gandl-evaluate's metrics.json per embedding set), --set value parsing, and
+the tables: means over seeds and differences paired by seed, each with its
+95% Student t interval over seeds (gandl_jax.evaluate.intervals)."""
 from __future__ import annotations
 
 import math
 from typing import Any, Dict, List
+
+from gandl_jax.evaluate import intervals
 
 METRICS = (
     ("control/random", ("control", "random", "balanced_accuracy")),
@@ -16,6 +20,7 @@ METRICS = (
     ("hits_found", ("truth", "hits_found")),
 )
 NAMED_COMPOUNDS = ("Remdesivir (GS-5734)", "GS-441524")
+LEVEL = 0.95  # of every interval in the experiments' tables
 
 
 def _find(tree: Any, keys) -> Any:
@@ -42,9 +47,14 @@ def parse_value(text: str) -> Any:
   return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-def summarize(rows: List[Dict[str, Any]], labels: List[str]
-              ) -> List[Dict[str, Any]]:
-  """Mean and standard deviation over seeds per (set, kimg) of `labels`."""
+def _finite(value: Any) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def summarize(rows: List[Dict[str, Any]], labels: List[str],
+              level: float = LEVEL) -> List[Dict[str, Any]]:
+  """Per (set, kimg): each label's mean over seeds with its Student t
+  interval (`intervals.mean_interval`; non-finite values left out)."""
   groups: Dict[tuple, List[Dict[str, Any]]] = {}
   for r in rows:
     groups.setdefault((r["set"], round(float(r["kimg"]), 3)), []).append(r)
@@ -52,31 +62,148 @@ def summarize(rows: List[Dict[str, Any]], labels: List[str]
   for (name, kimg), rs in sorted(groups.items()):
     agg = {"set": name, "kimg": kimg, "n": len(rs)}
     for label in labels:
-      vals = [r[label] for r in rs if isinstance(r.get(label), (int, float))
-              and math.isfinite(r[label])]
+      vals = [r[label] for r in rs if _finite(r.get(label))]
       if vals:
-        mean = sum(vals) / len(vals)
-        sd = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-              if len(vals) > 1 else 0.0)
-        agg[label] = (mean, sd)
+        agg[label] = intervals.mean_interval(vals, level)
     out.append(agg)
   return out
 
 
 def table(summary: List[Dict[str, Any]], labels: List[str]) -> str:
+  """Markdown: mean [low, high] per cell (the mean alone for one seed)."""
   lines = ["| set | kimg | seeds | " + " | ".join(labels) + " |",
            "|---|---:|---:|" + "---:|" * len(labels)]
   for s in summary:
-    cells = []
-    for label in labels:
-      if label in s:
-        m, sd = s[label]
-        cells.append(f"{m:.3f} ± {sd:.3f}" if s["n"] > 1 else f"{m:.3f}")
-      else:
-        cells.append("n/a")
+    cells = [intervals.format_interval(s[label]) if label in s else "n/a"
+             for label in labels]
     lines.append(f"| {s['set']} | {s['kimg']:g} | {s['n']} | "
                  + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def paired_differences(rows: List[Dict[str, Any]], label: str,
+                       baseline: str, level: float = LEVEL
+                       ) -> List[Dict[str, Any]]:
+  """`label` of every other set minus `baseline`'s, paired by seed, per
+  (set, kimg), with the t interval of `intervals.paired_seed_differences`.
+
+  The baseline's row of the same seed and kimg is used, or, when the
+  baseline was measured at one kimg only (the untrained D), that one. Sets
+  with no seed in common with the baseline (seed -1: the seedless
+  baselines) are left out.
+  """
+  base = [r for r in rows if r["set"] == baseline and _finite(r.get(label))]
+  single = len({round(float(r["kimg"]), 3) for r in base}) == 1
+  ref = {(None if single else round(float(r["kimg"]), 3), r["seed"]):
+         r[label] for r in base}
+  groups: Dict[tuple, Dict[Any, float]] = {}
+  for r in rows:
+    if r["set"] == baseline or not _finite(r.get(label)):
+      continue
+    kimg = round(float(r["kimg"]), 3)
+    key = (None if single else kimg, r["seed"])
+    if key in ref:
+      groups.setdefault((r["set"], kimg), {})[r["seed"]] = r[label]
+  out = []
+  for (name, kimg), a in sorted(groups.items()):
+    b = {seed: ref[(None if single else kimg, seed)] for seed in a}
+    out.append(dict(intervals.paired_seed_differences(a, b, level),
+                    set=name, kimg=kimg))
+  return out
+
+
+def difference_table(diffs: List[Dict[str, Any]], title: str) -> str:
+  """Markdown of `paired_differences`: '+0.051 [-0.02, 0.12]' per row,
+  'no difference' where the interval holds 0."""
+  lines = [f"| set | kimg | seeds | {title} |", "|---|---:|---:|---|"]
+  for d in diffs:
+    cell = intervals.format_interval(d)
+    if d["no_difference"]:
+      cell += " (no difference)"
+    lines.append(f"| {d['set']} | {d['kimg']:g} | {d['n']} | {cell} |")
+  return "\n".join(lines)
+
+
+def peak_and_last(rows: List[Dict[str, Any]], label: str,
+                  level: float = LEVEL) -> List[Dict[str, Any]]:
+  """Per set, over seeds: the best value of `label` along each run, the
+  last one, and last minus best (what training wore away), each a mean with
+  its t interval; also the mean kimg of the best."""
+  runs: Dict[tuple, List[tuple]] = {}
+  for r in rows:
+    if _finite(r.get(label)):
+      runs.setdefault((r["set"], r["seed"]), []).append(
+          (float(r["kimg"]), r[label]))
+  by_set: Dict[str, List[tuple]] = {}
+  for (name, _), points in sorted(runs.items()):
+    points.sort()
+    best_kimg, best = max(points, key=lambda p: p[1])
+    by_set.setdefault(name, []).append((best, points[-1][1], best_kimg))
+  out = []
+  for name, vals in sorted(by_set.items()):
+    best, last, kimg = (list(v) for v in zip(*vals))
+    out.append({"set": name, "n": len(vals),
+                "best": intervals.mean_interval(best, level),
+                "last": intervals.mean_interval(last, level),
+                "drop": intervals.mean_interval(
+                    [l - b for l, b in zip(last, best)], level),
+                "best_kimg": sum(kimg) / len(kimg)})
+  return out
+
+
+def peak_table(peaks: List[Dict[str, Any]]) -> str:
+  lines = ["| set | seeds | best | kimg of best (mean) | last | last - best |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for p in peaks:
+    lines.append(
+        f"| {p['set']} | {p['n']} | {intervals.format_interval(p['best'])} | "
+        f"{p['best_kimg']:g} | {intervals.format_interval(p['last'])} | "
+        f"{intervals.format_interval(dict(p['drop'], diff=p['drop']['mean']))}"
+        " |")
+  return "\n".join(lines)
+
+
+def plot(summary: List[Dict[str, Any]], labels: List[str], out_dir: str,
+         suffix: str = "") -> List[str]:
+  """OUT_DIR/<label><suffix>.png per label: each set's mean against kimg
+  with its interval as error bars; a set measured at one kimg only (no
+  training) as a dashed horizontal line. Returns the paths."""
+  # pylint: disable=import-outside-toplevel
+  import os
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from gandl_jax import io as gio
+  paths = []
+  sets = sorted({s["set"] for s in summary})
+  for label in labels:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, name in enumerate(sets):
+      pts = sorted((s["kimg"], s[label]) for s in summary
+                   if s["set"] == name and label in s)
+      if not pts:
+        continue
+      xs = [k for k, _ in pts]
+      ys = [d["mean"] for _, d in pts]
+      err = [[0.0 if math.isnan(d["low"]) else d["mean"] - d["low"]
+              for _, d in pts],
+             [0.0 if math.isnan(d["high"]) else d["high"] - d["mean"]
+              for _, d in pts]]
+      if len(pts) == 1:
+        # axhline does not advance the colour cycle: one colour per set.
+        ax.axhline(ys[0], linestyle="--", label=name, color=f"C{i % 10}")
+      else:
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name,
+                    color=f"C{i % 10}")
+    ax.set_xlabel("training kimg")
+    ax.set_ylabel(label)
+    ax.legend(fontsize=7)
+    path = os.path.join(out_dir, label.replace("/", "_") + suffix + ".png")
+    gio.atomic_write(path, lambda f, fig=fig: fig.savefig(
+        f, format="png", dpi=110, bbox_inches="tight"), mode="wb")
+    plt.close(fig)
+    paths.append(path)
+  return paths
 
 
 def prepare_data(stages, workdir: str, size: int, seed: int, plates: int,

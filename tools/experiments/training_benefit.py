@@ -67,42 +67,6 @@ def markdown_table(summary: List[Dict[str, Any]]) -> str:
   return protocol.table(summary, [label for label, _ in METRICS])
 
 
-def plot(summary: List[Dict[str, Any]], out_dir: str,
-         suffix: str = "") -> List[str]:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  from gandl_jax import io as gio  # pylint: disable=import-outside-toplevel
-  paths = []
-  for label, _ in METRICS:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    sets = sorted({s["set"] for s in summary})
-    for i, name in enumerate(sets):
-      pts = [(s["kimg"],) + s[label] for s in summary
-             if s["set"] == name and label in s]
-      if not pts:
-        continue
-      pts.sort()
-      xs = [p[0] for p in pts]
-      ys = [p[1] for p in pts]
-      es = [p[2] for p in pts]
-      if len(pts) == 1:   # a set without training: a horizontal line
-        # axhline does not advance the colour cycle: one colour per set.
-        ax.axhline(ys[0], linestyle="--", label=name, color=f"C{i % 10}")
-      else:
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name,
-                    color=f"C{i % 10}")
-    ax.set_xlabel("training kimg")
-    ax.set_ylabel(label)
-    ax.legend(fontsize=7)
-    path = os.path.join(out_dir, label.replace("/", "_") + suffix + ".png")
-    gio.atomic_write(path, lambda f, fig=fig: fig.savefig(
-        f, format="png", dpi=110, bbox_inches="tight"), mode="wb")
-    plt.close(fig)
-    paths.append(path)
-  return paths
-
-
 def main(argv):
   del argv
   # pylint: disable=import-outside-toplevel
@@ -196,7 +160,8 @@ def main(argv):
   gio.write_text(os.path.join(workdir, f"results{layer_suffix}.jsonl"),
                  "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
   summary = summarize(rows)
-  figures = plot(summary, workdir, layer_suffix)
+  figures = protocol.plot(summary, [label for label, _ in METRICS], workdir,
+                          layer_suffix)
   elapsed = protocol.stage_seconds(workdir)
   text = "\n".join([
       f"# Training benefit: {_DIFFICULTY.value} synthetic data",

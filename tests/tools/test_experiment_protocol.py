@@ -1,0 +1,89 @@
+"""tools/experiments/protocol.py's tables: means over seeds and differences
+paired by seed, against numpy and the t closed form."""
+import math
+
+import numpy as np
+import pytest
+
+from tools.experiments import protocol
+
+T975_2 = 4.302652729911275  # t_{0.975, 2 degrees of freedom}
+
+
+def _rows():
+  rows = [{"set": "untrained D", "seed": s, "kimg": 0.0, "acc": v}
+          for s, v in zip((0, 1, 2), (0.60, 0.55, 0.65))]
+  rows += [{"set": "classical", "seed": -1, "kimg": 0.0, "acc": 1.0}]
+  for name, vals in (("off", {10: (0.70, 0.66, 0.74), 20: (0.62, 0.57, 0.60)}),
+                     ("ada", {10: (0.72, 0.70, 0.75), 20: (0.71, 0.69, 0.76)})):
+    for kimg, vs in vals.items():
+      rows += [{"set": name, "seed": s, "kimg": float(kimg), "acc": v}
+               for s, v in zip((0, 1, 2), vs)]
+  rows.append({"set": "off", "seed": 2, "kimg": 30.0, "acc": float("nan")})
+  return rows
+
+
+def test_summarize_is_mean_with_t_interval_over_seeds():
+  summary = {(s["set"], s["kimg"]): s
+             for s in protocol.summarize(_rows(), ["acc"])}
+  cell = summary[("off", 10.0)]["acc"]
+  v = np.array([0.70, 0.66, 0.74])
+  half = T975_2 * v.std(ddof=1) / math.sqrt(3)
+  assert cell["mean"] == pytest.approx(v.mean())
+  assert (cell["low"], cell["high"]) == pytest.approx((v.mean() - half,
+                                                       v.mean() + half))
+  # Non-finite values are left out; a kimg with none has no cell.
+  assert "acc" not in summary[("off", 30.0)]
+  text = protocol.table(list(summary.values()), ["acc"])
+  assert f"| off | 10 | 3 | {v.mean():.3f} [{v.mean() - half:.2f}, " in text
+  assert "| classical | 0 | 1 | 1.000 |" in text   # one value: no interval
+
+
+def test_paired_differences_pair_by_seed_and_kimg():
+  rows = _rows()
+  vs_off = {(d["set"], d["kimg"]): d
+            for d in protocol.paired_differences(rows, "acc", "off")}
+  d = vs_off[("ada", 20.0)]
+  diffs = np.array([0.71 - 0.62, 0.69 - 0.57, 0.76 - 0.60])
+  assert d["diff"] == pytest.approx(diffs.mean())
+  half = T975_2 * diffs.std(ddof=1) / math.sqrt(3)
+  assert d["low"] == pytest.approx(diffs.mean() - half)
+  assert d["no_difference"] is False
+  # The seedless baseline and the untrained D (no off row at kimg 0) are
+  # not paired.
+  assert {k[0] for k in vs_off} == {"ada"}
+  # A baseline measured at one kimg (the untrained D) pairs with every kimg.
+  vs_init = {(d["set"], d["kimg"]): d for d in
+             protocol.paired_differences(rows, "acc", "untrained D")}
+  assert vs_init[("off", 20.0)]["diff"] == pytest.approx(
+      np.mean([0.62 - 0.60, 0.57 - 0.55, 0.60 - 0.65]))
+  assert vs_init[("off", 20.0)]["no_difference"] is True
+  text = protocol.difference_table(list(vs_init.values()), "minus init")
+  assert "| off | 20 | 3 | +0.000" not in text
+  assert "(no difference)" in text
+
+
+def test_peak_and_last_per_run():
+  rows = _rows()
+  peaks = {p["set"]: p for p in protocol.peak_and_last(
+      [r for r in rows if r["set"] in ("off", "ada")], "acc")}
+  off = peaks["off"]
+  assert off["n"] == 3
+  assert off["best"]["mean"] == pytest.approx(np.mean([0.70, 0.66, 0.74]))
+  assert off["last"]["mean"] == pytest.approx(np.mean([0.62, 0.57, 0.60]))
+  assert off["drop"]["mean"] == pytest.approx(
+      np.mean([0.62 - 0.70, 0.57 - 0.66, 0.60 - 0.74]))
+  # ada's seed 2 peaks last: drop 0 there, best kimg averaged.
+  assert peaks["ada"]["drop"]["mean"] == pytest.approx(
+      np.mean([0.71 - 0.72, 0.69 - 0.70, 0.0]))
+  assert peaks["ada"]["best_kimg"] == pytest.approx((10 + 10 + 20) / 3)
+  text = protocol.peak_table(list(peaks.values()))
+  assert "| off | 3 | 0.700 [" in text and "| -0.103 [" in text
+
+
+def test_plot_writes_one_figure_per_label(tmp_path):
+  paths = protocol.plot(protocol.summarize(_rows(), ["acc"]), ["acc"],
+                        str(tmp_path), "_x")
+  assert paths == [str(tmp_path / "acc_x.png")]
+  with open(paths[0], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
