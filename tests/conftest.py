@@ -11,6 +11,8 @@ import os
 import sys
 import tempfile
 
+import pytest
+
 PLATFORM = os.environ.get("GANDL_TEST_PLATFORM", "cpu").lower()
 if PLATFORM not in ("cpu", "cuda", "gpu", "tpu"):
   raise SystemExit(f"GANDL_TEST_PLATFORM={PLATFORM!r}: expected cpu, cuda "
@@ -32,3 +34,11 @@ os.environ.setdefault(
     os.path.join(tempfile.gettempdir(), f"gandl-jax-test-xla-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+  """tiny.make_shards' default set (64 sites at 8x8, 2 shards), made once
+  per test process; read-only for the tests."""
+  import tiny  # pylint: disable=import-outside-toplevel
+  return tiny.make_shards(str(tmp_path_factory.mktemp("tiny_shards")))

@@ -1,5 +1,6 @@
 """What the tests share: the tiny GAN-DL (and ConvAE) configs (8x8 images,
-16 feature maps) and `load_tool` for the scripts in tools/."""
+16 feature maps), tiny synthetic shards (`make_shards`; conftest.py's
+`tiny_shards` fixture) and `load_tool` for the scripts in tools/."""
 import importlib.util
 import os
 
@@ -23,6 +24,19 @@ def load_tool(name: str):
   for flag in set(flags.FLAGS) - before:
     delattr(flags.FLAGS, flag)
   return mod
+
+
+def make_shards(root, resolution: int = 8, plates: int = 1,
+                num_shards: int = 2, size: int = 32) -> str:
+  """Synthetic RxRx19a (4 experiments x `plates` plates x 16 wells of
+  SIZE x SIZE sites) under ROOT/raw, converted at `resolution` into
+  ROOT/shards; returns the shards' glob."""
+  from gandl_jax.data import convert, synthetic  # pylint: disable=import-outside-toplevel
+  tree = synthetic.generate(os.path.join(root, "raw"), size=size,
+                            plates=plates, wells_per_plate=16, seed=0)
+  out = os.path.join(root, "shards")
+  convert.convert("rxrx19a", tree, out, resolution, num_shards=num_shards)
+  return os.path.join(out, "*.tfrecord")
 
 
 def override(config, overrides):

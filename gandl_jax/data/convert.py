@@ -62,7 +62,6 @@ import multiprocessing
 import os
 import socket
 import sys
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import pandas as pd
 
 from gandl_jax.evaluate import intervals

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+import killing
 import tiny
 from gandl_jax import checkpoint
 from gandl_jax import config as config_lib
@@ -26,7 +27,7 @@ from gandl_jax.baselines.convae import config as convae_config
 from gandl_jax.baselines.convae import inference as convae_inference
 from gandl_jax.baselines.convae import model as convae
 from gandl_jax.baselines.convae import train as convae_train
-from gandl_jax.data import convert, pipeline, synthetic
+from gandl_jax.data import pipeline
 from gandl_jax.evaluate import io as emb_io
 from gandl_jax.inference import api, export, samples
 from gandl_jax.model import networks
@@ -37,12 +38,8 @@ NUM_SITES = 256   # synthetic.generate(plates=1, wells_per_plate=16)
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  tree = synthetic.generate(str(root / "raw"), size=32, plates=1,
-                            wells_per_plate=16, seed=0)
-  convert.convert("rxrx19a", tree, str(root / "shards"), 8, num_shards=2)
-  return str(root / "shards" / "*.tfrecord")
+def shards(tiny_shards):
+  return tiny_shards
 
 
 def _mesh():
@@ -140,55 +137,15 @@ def test_resume_equals_uninterrupted(shards, reference, tmp_path):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
 
 
-# A gandl-train process killed with SIGKILL right after its FAULT_AT-th
-# iteration, every checkpoint save waited for (so the kill lands after a
-# complete checkpoint, as in tests/train/test_faults.py's "step" fault).
-_KILL_DRIVER = r"""
-import os, signal, sys
-import jax
-nth = int(os.environ["FAULT_AT"])
-from gandl_jax.train import checkpointer
-from gandl_jax.baselines.convae import train as convae
-save = checkpointer.TrainCheckpointer.save
-def waited_save(self, *args, **kwargs):
-  out = save(self, *args, **kwargs)
-  self.manager.wait_until_finished()
-  return out
-checkpointer.TrainCheckpointer.save = waited_save
-orig, calls = convae.ConvAETrainer.train_step, [0]
-def train_step(self, *args, **kwargs):
-  out = orig(self, *args, **kwargs)
-  calls[0] += 1
-  if calls[0] == nth:
-    jax.block_until_ready(out)
-    os.kill(os.getpid(), signal.SIGKILL)
-  return out
-convae.ConvAETrainer.train_step = train_step
-from gandl_jax.cli import train
-sys.argv = ["gandl-train"] + sys.argv[1:]
-train.run()
-"""
-
-
 @pytest.mark.e2e
 def test_killed_after_checkpoint_resumes_to_uninterrupted(shards, reference,
                                                           tmp_path):
-  cfg = tmp_path / "cfg.py"
-  cfg.write_text(
-      "import sys\n"
-      f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
-      f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-      "from test_convae import _config\n"
-      "def get_config(arg=''):\n"
-      f"  return _config({shards!r})\n")
-  driver = tmp_path / "driver.py"
-  driver.write_text(_KILL_DRIVER)
+  # Killed right after the 9th iteration, every checkpoint save waited for.
   workdir = tmp_path / "w"
-  proc = subprocess.run(
-      [sys.executable, str(driver), f"--config={cfg}", f"--workdir={workdir}"],
-      env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="", FAULT_AT="9"),
-      cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr[-3000:]
+  code, out = killing.train(killing.config_file(tmp_path, __file__, shards),
+                            workdir, "step", 9,
+                            trainer=killing.CONVAE_TRAINER, timeout=600)
+  assert code == -signal.SIGKILL, out[-3000:]
   assert checkpoint.list_steps(str(workdir)) == (8,)   # killed at step 9
   s = train_loop.train(_config(shards), str(workdir), mesh=_mesh())
   assert s["step"] == 24

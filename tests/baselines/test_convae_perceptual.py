@@ -12,7 +12,6 @@ import pytest
 
 import tiny
 from gandl_jax import checkpoint, sharding
-from gandl_jax.data import convert, synthetic
 from gandl_jax.baselines import resnet50
 from gandl_jax.baselines.convae import config as convae_config
 from gandl_jax.baselines.convae import model as convae
@@ -31,11 +30,8 @@ def _config(path, **overrides):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  tree = synthetic.generate(str(root / "raw"), size=RES, plates=1,
-                            wells_per_plate=16, seed=0)
-  convert.convert("rxrx19a", tree, str(root / "shards"), RES, num_shards=1)
-  return str(root / "shards" / "*.tfrecord")
+  return tiny.make_shards(str(tmp_path_factory.mktemp("data")), RES,
+                          num_shards=1, size=RES)
 
 
 def _mesh():

@@ -5,7 +5,6 @@ rescaling to 8 bits), bad input, and convert -> train -> export -> evaluate.
 Images are tiny (16x16) and written on the fly; the expected 8-bit values
 are computed here in numpy from the percentiles dataset_info.json records.
 """
-import csv
 import json
 import os
 import subprocess

@@ -14,7 +14,6 @@ import pytest
 
 from gandl_jax import checkpoint
 from gandl_jax import images as image_lib
-from gandl_jax.inference import api
 from gandl_jax.inference import export
 from gandl_jax.inference import samples
 from gandl_jax.interop import stylegan2_ada
@@ -443,7 +442,7 @@ def test_generate_cli(workdir, model, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Safety of the inputs (issue 11, item 16).
+# Safety of the inputs.
 
 
 class _RunsCode:

@@ -224,7 +224,7 @@ else:
 
 
 def test_install_tarball_private_and_removed_after_copy(tmp_path, monkeypatch):
-  """Issue 11, item 17: the tarball lives in a fresh 0700 directory, not
+  """The tarball lives in a fresh 0700 directory, not
   under a predictable /tmp name, and is gone after the copy; what reaches
   the workers leaves out .git and caches."""
   src = tmp_path / "src"

@@ -1,16 +1,9 @@
-"""Fault injection (issue 11): `kill -9` at several points of a run, each
-followed by a resume; the final networks equal an uninterrupted run's.
-
-Each killed run is a real `gandl-train` process whose driver patches one
-function to SIGKILL the process on its N-th call, so the kill lands in the
-window named, deterministically:
-
-  step           after an iteration, no save in flight (saves are waited for)
-  meta_item      inside an async save: the `model` and `train` items are being
-                 written, the `meta` item not yet
-  step_metadata  between the save of the items and Orbax's step metadata
-  commit         everything written, before the atomic rename of the step
-"""
+"""Fault injection: `kill -9` at several points of a run with ADA and the
+contrastive D on, each followed by a resume; the final state (networks,
+optimizers, ADA's p and statistics, the projection heads) equals an
+uninterrupted run's, and the run exports through gandl-export. The kill
+windows are tests/killing.py's."""
+import json
 import os
 import signal
 import subprocess
@@ -18,136 +11,113 @@ import sys
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 
-from gandl_jax import checkpoint
-from gandl_jax.data import convert, synthetic
-from gandl_jax import sharding
-from gandl_jax.train import loop as train_loop
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_loop import tiny_config  # pylint: disable=wrong-import-position
-
-_DRIVER = r"""
-import os, signal, sys
-import jax
-fault, nth = os.environ.get("FAULT", ""), int(os.environ.get("FAULT_AT", "1"))
-calls = [0]
-
-def kill_on_nth(orig, counts=lambda args, kwargs: True):
-  def wrapped(*args, **kwargs):
-    if counts(args, kwargs):
-      calls[0] += 1
-      if calls[0] == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return orig(*args, **kwargs)
-  return wrapped
-
-def meta_item(args, kwargs):
-  # JSON items of a save: our `meta` and, with the probe on, Orbax's metrics.
-  save_args = kwargs.get("args", args[3] if len(args) > 3 else None)
-  item = getattr(save_args, "item", None) or kwargs.get("item") or {}
-  return isinstance(item, dict) and "data_position" in item
-
-if fault == "step":
-  from gandl_jax.train import checkpointer, steps
-  save = checkpointer.TrainCheckpointer.save
-  def waited_save(self, *args, **kwargs):
-    out = save(self, *args, **kwargs)
-    self.manager.wait_until_finished()
-    return out
-  checkpointer.TrainCheckpointer.save = waited_save
-  orig = steps.Trainer.train_step
-  def train_step(self, *args, **kwargs):
-    out = orig(self, *args, **kwargs)
-    calls[0] += 1
-    if calls[0] == nth:
-      jax.block_until_ready(out)
-      os.kill(os.getpid(), signal.SIGKILL)
-    return out
-  steps.Trainer.train_step = train_step
-elif fault == "meta_item":
-  from orbax.checkpoint._src.handlers import json_checkpoint_handler as m
-  m.JsonCheckpointHandler.async_save = kill_on_nth(
-      m.JsonCheckpointHandler.async_save, meta_item)
-elif fault == "step_metadata":
-  from orbax.checkpoint._src.checkpointers import async_checkpointer as m
-  m.AsyncCheckpointer._save_step_metadata = kill_on_nth(
-      m.AsyncCheckpointer._save_step_metadata)
-elif fault == "commit":
-  from orbax.checkpoint._src.checkpointers import async_checkpointer as m
-  m._on_commit_callback = kill_on_nth(m._on_commit_callback)
-elif fault:
-  sys.exit("unknown FAULT " + fault)
-from gandl_jax.cli import train
-sys.argv = ["gandl-train"] + sys.argv[1:]
-train.run()
-"""
+import killing
+import tiny
+from gandl_jax import checkpoint, sharding
+from gandl_jax.train import checkpointer, steps
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  tree = synthetic.generate(str(root / "raw"), size=32, plates=1,
-                            wells_per_plate=16, seed=0)
-  convert.convert("rxrx19a", tree, str(root / "shards"), 8, num_shards=2)
-  return str(root / "shards" / "*.tfrecord")
+def shards(tiny_shards):
+  return tiny_shards
 
 
 def _config(path):
-  # 8 iterations of 8 images, a checkpoint every 2: steps 2, 4, 6, 8.
-  return tiny_config(path, total_kimg=0.064, image_grid_every_kimg=0.064)
+  """8 iterations of 8 images, checkpoints every 2 (steps 2, 4, 6, 8); ADA
+  adjusts every 3 iterations (so a checkpoint holds part of an interval's
+  statistics) and fast (p moves by 0.24 per adjustment), both ContraD terms
+  on."""
+  return tiny.tiny_config(
+      path, total_kimg=0.064, image_grid_every_kimg=0.064,
+      augment="ada", augment_p=0.3, ada_interval=3, ada_kimg=0.1,
+      contrastive=True, contrastive_proj_dim=8,
+      **{"loss.r1_interval": 2, "loss.pl_interval": 2})
 
 
-def _leaves(workdir):
-  model, meta = checkpoint.restore_model(workdir)
-  return [np.asarray(x) for x in jax.tree_util.tree_leaves(model)], meta
+def _train_state(workdir, config):
+  tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
+  ckpt = checkpointer.TrainCheckpointer(workdir, async_save=False)
+  try:
+    state, meta = ckpt.restore_latest(tr.init_state(0))
+  finally:
+    ckpt.close()
+  return jax.device_get(state), meta
+
+
+def _metric_series(workdir, key):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    lines = [json.loads(line) for line in f]
+  return {l["step"]: l[key] for l in lines if l.get(key) is not None}
+
+
+def _arrays(state):
+  """Every leaf of the state as a numpy array (typed PRNG keys as data)."""
+  def as_array(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    return np.asarray(x)
+  return [as_array(x) for x in jax.tree_util.tree_leaves(state)]
 
 
 @pytest.mark.e2e
-def test_kill_9_anywhere_then_resume_equals_uninterrupted(shards, tmp_path):
-  ref = str(tmp_path / "ref")
-  train_loop.train(_config(shards), ref,
-                   mesh=sharding.make_mesh(jax.devices()[:1]))
-  want, want_meta = _leaves(ref)
+def test_kill_9_anywhere_then_resume_equals_uninterrupted_and_exports(
+    shards, tmp_path):
+  cfg = killing.config_file(tmp_path, __file__, shards)
+  # The uninterrupted run, in a subprocess like the killed ones (they share
+  # its compiled phases through the compilation cache).
+  ref = tmp_path / "ref"
+  code, out = killing.train(cfg, ref)
+  assert code == 0, out[-3000:]
+  want, want_meta = _train_state(str(ref), _config(shards))
   assert want_meta["step"] == 8
+  # ADA moved p (from 0.3, by 0.24 a step, floored at 0) and logged it.
+  p_series = _metric_series(str(ref), "augment_p")
+  assert sorted(p_series) == list(range(1, 9))
+  assert len({round(v, 6) for v in p_series.values()}) > 1
+  assert set(_metric_series(str(ref), "ada_rt")) == {4, 7}
+  assert np.isfinite(list(_metric_series(str(ref), "D/contrastive_loss")
+                          .values())).all()
 
-  cfg = tmp_path / "cfg.py"
-  cfg.write_text(
-      "import sys\n"
-      f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
-      f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-      "from test_faults import _config\n"
-      "def get_config(arg=''):\n"
-      f"  return _config({shards!r})\n")
-  driver = tmp_path / "driver.py"
-  driver.write_text(_DRIVER)
   workdir = tmp_path / "w"
-  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
-
-  def run(fault="", nth=1):
-    proc = subprocess.run(
-        [sys.executable, str(driver), f"--config={cfg}",
-         f"--workdir={workdir}"], env=dict(env, FAULT=fault,
-                                           FAULT_AT=str(nth)),
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    return proc.returncode, proc.stdout + proc.stderr
-
-  # (fault, on which call, the newest complete step afterwards)
+  # (fault, on which call, the newest complete step afterwards). The resumed
+  # steps 2 and 4 lie inside ADA intervals (iterations 0-2, 3-5).
   plan = [("meta_item", 2, 2),      # new run; killed saving step 4
           ("step_metadata", 2, 4),  # resumed at 2; killed saving step 6
           ("commit", 1, 4),         # resumed at 4; killed committing step 6
           ("step", 3, 6)]           # resumed at 4; killed after 3 iterations
   for fault, nth, latest in plan:
-    code, out = run(fault, nth)
+    code, out = killing.train(cfg, workdir, fault, nth)
     assert code == -signal.SIGKILL, (fault, out[-3000:])
     assert max(checkpoint.list_steps(str(workdir))) == latest, (
         fault, checkpoint.list_steps(str(workdir)))
-  code, out = run()
+  code, out = killing.train(cfg, workdir)
   assert code == 0, out[-3000:]
-  got, meta = _leaves(str(workdir))
-  assert meta["step"] == 8 and meta["nimg"] == 64
   assert not os.path.exists(workdir / "checkpoints_unreadable")
-  for x, y in zip(want, got):
-    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+  got, meta = _train_state(str(workdir), _config(shards))
+  assert meta["step"] == 8 and meta["nimg"] == 64
+  for name in ("p", "rt", "sign_sum", "count"):
+    assert float(got.ada[name]) == float(want.ada[name]), name
+  for a, b in zip(_arrays(want), _arrays(got)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  got_p = _metric_series(str(workdir), "augment_p")
+  for step in (7, 8):
+    np.testing.assert_allclose(got_p[step], p_series[step], rtol=1e-6)
+
+  # The exported embedding is the representation ContraD trains: D's `fc`.
+  emb = str(tmp_path / "emb.parquet")
+  r = subprocess.run([sys.executable, "-m", "gandl_jax.cli.export",
+                      f"--workdir={workdir}", f"--data={shards}",
+                      f"--output={emb}", "--batch=8"],
+                     capture_output=True, text=True, cwd=killing.REPO,
+                     env=dict(os.environ, PYTHONPATH=killing.REPO,
+                              XLA_FLAGS=""), timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  df = pd.read_parquet(emb)
+  feats = [c for c in df.columns if c.startswith("f") and c[1:].isdigit()]
+  dim = steps.Trainer(_config(shards), sharding.make_mesh(
+      jax.devices()[:1])).representation_dim()
+  assert len(feats) == dim == 16 and len(df) > 0
+  assert np.isfinite(df[feats].to_numpy()).all()

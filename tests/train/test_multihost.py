@@ -1,4 +1,4 @@
-"""Multi-host SIGTERM (issue 11, item 8): two real JAX processes on the
+"""Multi-host SIGTERM: two real JAX processes on the
 loopback address; SIGTERM to one of them; both save the same step and exit
 with the preempted status (143)."""
 import os
@@ -12,7 +12,6 @@ import time
 import pytest
 
 from gandl_jax import checkpoint
-from gandl_jax.data import convert, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,12 +31,8 @@ train.run()
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  tree = synthetic.generate(str(root / "raw"), size=32, plates=1,
-                            wells_per_plate=16, seed=0)
-  convert.convert("rxrx19a", tree, str(root / "shards"), 8, num_shards=2)
-  return str(root / "shards" / "*.tfrecord")
+def shards(tiny_shards):
+  return tiny_shards
 
 
 @pytest.mark.e2e

@@ -13,7 +13,7 @@ import tiny
 from gandl_jax import checkpoint
 from gandl_jax import schema
 from gandl_jax import sharding
-from gandl_jax.data import convert, pipeline, synthetic
+from gandl_jax.data import pipeline
 from gandl_jax.inference import api
 from gandl_jax.train import checkpointer, probe, steps
 from gandl_jax.train import loop as train_loop
@@ -23,11 +23,7 @@ from gandl_jax.train import loop as train_loop
 def shards(tmp_path_factory):
   """Synthetic RxRx19a, 4 experiments x 2 plates x 16 wells, at 8x8: 8
   plates (4 HRCE, 4 VERO), 320 untreated Mock / Active sites."""
-  root = tmp_path_factory.mktemp("data")
-  tree = synthetic.generate(str(root / "raw"), size=32, plates=2,
-                            wells_per_plate=16, seed=0)
-  convert.convert("rxrx19a", tree, str(root / "shards"), 8, num_shards=2)
-  return str(root / "shards" / "*.tfrecord")
+  return tiny.make_shards(str(tmp_path_factory.mktemp("data")), plates=2)
 
 
 def test_allocate_spreads_evenly():

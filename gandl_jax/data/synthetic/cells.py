@@ -269,7 +269,6 @@ def morphology_cells(rng: np.random.Generator, size: int,
   body_t = theta[roots]
   body_s = np.bincount(body_of, strength, nb) / counts   # infection strength
   body_a, body_b = body_r * np.sqrt(body_e), body_r / np.sqrt(body_e)
-  body_dying = dying[roots] & (counts == 1)
   bx, by = bx % size, by % size
 
   stain = rng.lognormal(0.0, 0.2, (num_channels, nb))   # per-cell staining
