@@ -75,6 +75,14 @@ def tiny_config(path: str = "", **overrides):
   return override(config, overrides)
 
 
+def train_config(path: str = "", **overrides):
+  """`tiny_config` with both regularizers every 2 iterations (each runs
+  twice in 4): the config the tests that train share, so that XLA's
+  persistent cache compiles its phases once for the whole suite."""
+  return tiny_config(path, **{"loss.r1_interval": 2, "loss.pl_interval": 2,
+                              **overrides})
+
+
 def tiny_convae_config(path: str = "", **overrides):
   """The ConvAE baseline at the same size: 8x8, 16 feature maps, a 16-d
   bottleneck; batch 8, 4 iterations, checkpoints every 2, logs every 1."""

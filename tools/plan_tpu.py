@@ -221,7 +221,9 @@ def compile_phases(config, devices, phases=()):
   trainer = Trainer(config, mesh)
   state = trainer.abstract_state()
   r, c = config.model.resolution, config.model.img_channels
-  real = jax.ShapeDtypeStruct((trainer.batch, r, r, c), jnp.float32,
+  # The real batch as the input pipeline ships it: uint8, normalized on the
+  # device.
+  real = jax.ShapeDtypeStruct((trainer.batch, r, r, c), jnp.uint8,
                               sharding=sharding.data_sharded(mesh))
   beta = jax.ShapeDtypeStruct((), jnp.float32,
                               sharding=sharding.replicated(mesh))

@@ -80,6 +80,7 @@ def demo_config() -> ml_collections.ConfigDict:
       channel_max=64, mbstd_group_size=4)
   config.num_bf16_res = 0   # float32 throughout
   config_lib.demo_schedule(config)
+  config.probe_every_kimg = 0.5   # the report's probe curve
   config.loss.r1_gamma = 0.1
   config.ema.half_life_kimg = 0.5
   return config
@@ -212,6 +213,26 @@ def baseline_sets(stages: "Stages", data: Dict[str, str], emb_dir: str, *,
 # The headline's columns: (label, task, split, metric) of the report's
 # summary table. Plate splits (held-out plates, the honest estimate) except
 # RxRx1, whose plates each hold one cell type (no plate split exists).
+def probe_lines(train_dir: str) -> Tuple[List[str], str]:
+  """The probe curve of the GAN's training: (the report's section, the
+  headline's line); ([], '') when the probe was off."""
+  from gandl_jax.train import probe  # pylint: disable=import-outside-toplevel
+  curve = probe.read_curve(train_dir)
+  if not curve:
+    return [], ""
+  section = [
+      "## The probe during training", "",
+      "Balanced accuracy of linear SVMs on D's `fc` features of a fixed set "
+      "of untreated Mock and Active sites (the probe plates, whole plates "
+      "held out), at every `probe_every_kimg` of training (metrics.jsonl). "
+      "A curve that rises and then falls means training wore away what D "
+      "had learned (docs/results.md).", "", *probe.curve_lines(curve), ""]
+  line = "probe Mock/Active during training (kimg: balanced accuracy): " + (
+      ", ".join(f"{r['kimg']:g}: {r[probe.CONTROL]:.3f}" for r in curve
+                if r.get("kimg") is not None and probe.CONTROL in r))
+  return section, line
+
+
 def headline(metrics: Dict[str, Any]) -> List[str]:
   """The headline: each set's balanced accuracies with their 95% intervals
   (held-out plates resampled where the task has a plate split), each set
@@ -340,14 +361,22 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
         report_dir,
         truth=os.path.join(roots["rxrx19a"], "synthetic_truth.csv"),
         compounds=NAMED_COMPOUNDS, log=log)
-    return {"report": os.path.join(report_dir, "report.md"),
-            "headline": headline(metrics)}
+    report_path = os.path.join(report_dir, "report.md")
+    section, _ = probe_lines(train_dir)
+    if section:
+      with open(report_path, encoding="utf-8") as f:
+        text = f.read()
+      gio.write_text(report_path, text.rstrip("\n") + "\n\n" +
+                     "\n".join(section))
+    return {"report": report_path, "headline": headline(metrics)}
   summary = stages.run("evaluate", do_evaluate)
   with open(os.path.join(report_dir, "metrics.json"), encoding="utf-8") as f:
     metrics = json.load(f)
+  probe_line = probe_lines(train_dir)[1]
   return {"reason": "finished",
           "report": os.path.join(report_dir, "report.md"),
-          "metrics": metrics, "headline": headline(metrics),
+          "metrics": metrics,
+          "headline": headline(metrics) + ([probe_line] if probe_line else []),
           "seconds": round(time.time() - t_start, 1),
           "stages": summary}
 

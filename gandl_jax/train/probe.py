@@ -450,6 +450,47 @@ class Tracker:
     return better
 
 
+def read_curve(workdir: str) -> List[Dict[str, Any]]:
+  """The probe's curve of a run: one dict per probed step of
+  WORKDIR/metrics.jsonl with `step`, `kimg`, ADA's `augment_p` (None when
+  off) and every finite probe/* metric; a step logged twice (a resumed run
+  repeating it) keeps its last line. [] without metrics or probe."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "metrics.jsonl")
+  by_step: Dict[int, Dict[str, Any]] = {}
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      rec = json.loads(line)
+      values = {k: v for k, v in rec.items()
+                if k.startswith("probe/") and isinstance(v, (int, float))
+                and math.isfinite(v)}
+      if values:
+        by_step[rec["step"]] = dict(values, step=rec["step"],
+                                    kimg=rec.get("progress/kimg"),
+                                    augment_p=rec.get("augment_p"))
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def curve_lines(curve: List[Dict[str, Any]]) -> List[str]:
+  """A markdown table of `read_curve`: kimg, the selection layer's control
+  (Mock/Active) and cell-type balanced accuracies on the probe plates, and
+  ADA's p where it ran."""
+  with_p = any(r.get("augment_p") is not None for r in curve)
+  head = "| kimg | Mock/Active | HRCE/VERO |" + (" ADA p |" if with_p else "")
+  lines = [head, "|---:|---:|---:|" + ("---:|" if with_p else "")]
+  for r in curve:
+    cells = [f"{r['kimg']:.2f}" if r.get("kimg") is not None else "n/a"]
+    cells += [f"{r[k]:.3f}" if k in r else "n/a" for k in (CONTROL, CELL_TYPE)]
+    if with_p:
+      p = r.get("augment_p")
+      cells.append("n/a" if p is None else f"{p:.3f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
 def _finite(value: Any) -> Optional[float]:
   return float(value) if math.isfinite(value) else None
 

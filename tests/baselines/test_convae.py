@@ -253,7 +253,7 @@ def test_config_errors(shards, tmp_path):
     train_loop.train(config, str(tmp_path / "q"), mesh=mesh)
   # A GAN workdir is not resumed as a ConvAE (nor the reverse).
   gan = str(tmp_path / "gan")
-  train_loop.train(tiny.tiny_config(shards), gan, mesh=mesh, max_steps=2)
+  train_loop.train(tiny.train_config(shards), gan, mesh=mesh, max_steps=2)
   with pytest.raises(ValueError, match="belongs to a 'gan' run but the config "
                      "trains a 'convae' model"):
     train_loop.train(tiny.tiny_convae_config(shards), gan, mesh=mesh)

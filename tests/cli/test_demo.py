@@ -8,13 +8,12 @@ import jax
 
 from gandl_jax.cli import demo
 from gandl_jax import sharding
-from tiny import tiny_config
+from tiny import train_config
 
 
 def tiny_demo_config():
-  # test_train.py's programs (XLA's persistent cache compiles them once).
-  return tiny_config(**{"loss.r1_interval": 2, "loss.pl_interval": 2,
-                        "data.shuffle_buffer": 64})
+  return train_config(**{"data.shuffle_buffer": 64,
+                         "probe_every_kimg": 0.016})
 
 
 def test_demo_runs_every_stage_and_reuses_them(tmp_path):
@@ -45,6 +44,14 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert f"{ctl['balanced_accuracy']:.3f} [" in line
     assert iv["low"] <= ctl["balanced_accuracy"] <= iv["high"]
   assert any(h.startswith("paired differences") for h in head)
+  # The probe curve of training (every 0.016 kimg: at steps 2 and 4), in
+  # the report and the headline.
+  assert "## The probe during training" in text
+  curve = [l for l in text.splitlines() if l.startswith(("| 0.02 |",
+                                                          "| 0.03 |"))]
+  assert len(curve) == 2, text
+  assert any(h.startswith("probe Mock/Active during training (kimg: "
+                          "balanced accuracy): 0.016: ") for h in head), head
   assert sum(f" - {demo.TRAINED}: " in h for h in head) >= 3
   assert text.index("## Summary") < text.index("## Inputs")
   # Both embedding sets were computed (trained D != initial D).

@@ -327,21 +327,20 @@ def test_cli_refusal_is_one_line_with_exit_status_1(tiff_set, tmp_path):
 @pytest.mark.e2e
 def test_jump_like_set_trains_exports_and_evaluates(tiff_set, tmp_path):
   """A 5-channel Cell Painting set through gandl-convert, a short training
-  in the tests' tiny config (its programs are test_train.py's, cached),
+  in tiny.train_config (the programs other tests compile, cached),
   gandl-export and gandl-evaluate (retrieval metrics on the carried
   Metadata_JCP2022 / Metadata_pert_type columns); a 4-channel set is
   refused by the same config with a message naming the fix."""
   import jax
   from gandl_jax import sharding
   from gandl_jax.train import loop
-  from tiny import tiny_config
+  from tiny import tiny_config, train_config
 
   csv_path, raw = tiff_set
   shards = str(tmp_path / "shards")
   convert.convert("loaddata", csv_path, shards, 8, num_shards=2,
                   channels=list(CHANNELS))
-  cfg = tiny_config(shards, **{"loss.r1_interval": 2, "loss.pl_interval": 2,
-                               "data.shuffle_buffer": 64})
+  cfg = train_config(shards, **{"data.shuffle_buffer": 64})
   assert cfg.model.img_channels == 5
   mesh = sharding.make_mesh(jax.devices()[:1])
   workdir = str(tmp_path / "run")

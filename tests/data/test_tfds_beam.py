@@ -173,9 +173,7 @@ def test_input_pipeline_on_tfds_dir_same_stream_split_and_resume(built):
 
 def test_training_reads_tfds_dataset(built, tmp_path):
   mesh = sharding.make_mesh(jax.devices()[:1])
-  # test_train.py's programs (XLA's persistent cache compiles them once).
-  cfg = tiny.tiny_config(built["tfds"], **{"loss.r1_interval": 2,
-                                           "loss.pl_interval": 2})
+  cfg = tiny.train_config(built["tfds"])
   s = train_loop.train(cfg, str(tmp_path / "run"), mesh=mesh)
   assert s["step"] == 4 and s["reason"] == "finished"
   # A config directory (not the version) is refused with a pointer to it.

@@ -64,9 +64,10 @@ def test_plan_on_cpu_devices():
     assert m["total"] == (m["arguments"] + m["outputs"] - m["aliased"] +
                           m["temporaries"] + m["code"])
     # The replicated state dominates the arguments; the real batch
-    # (b / 2 images of 8x8x5 float32 per device) and beta are the rest.
+    # (b / 2 images of 8x8x5 uint8 per device, as the pipeline ships them)
+    # and beta are the rest.
     state = p["analytic"]["state_bytes"]
-    real = b // 2 * 8 * 8 * 5 * 4
+    real = b // 2 * 8 * 8 * 5
     assert state + real <= m["arguments"] <= state + real + 4096
     assert m["aliased"] > 0.9 * state       # the state is donated
   # Per device, FLOPs grow with the images each device sees; per image they
@@ -83,6 +84,17 @@ def test_plan_on_cpu_devices():
   low = a["g_forward_flops"] + 2 * a["d_forward_flops"]
   assert low < per_img[1] < 4 * (a["g_forward_flops"] +
                                  6 * a["d_forward_flops"])
+  # With ADA and ContraD on, D main carries the projection heads and their
+  # Adam state and runs D on two more views of the reals; the `ada` phase is
+  # planned every ada_interval iterations.
+  both = plan_tpu.plan(tiny_config(batch_size=8, augment="ada",
+                                   ada_interval=4, contrastive=True),
+                       "cpu", 2, "none", 0.35, phases=("d_main", "ada"))
+  assert both["phases"]["ada"]["every"] == 4 and "ada" not in plans[8][
+      "phases"]
+  d0, d1 = plans[8]["phases"]["d_main"], both["phases"]["d_main"]
+  assert d1["memory"]["arguments"] > d0["memory"]["arguments"] + 1000
+  assert d1["flops_per_image"] > 1.5 * d0["flops_per_image"]
 
 
 def test_replan_changes_only_the_prediction():
@@ -100,3 +112,4 @@ def test_replan_changes_only_the_prediction():
   assert q["xla_optimal_utilization"] == pytest.approx(10e12 / (1.0 * 50e12))
   assert [r["fits"] for r in q["phases"].values()] == [False, True]
   assert plan_tpu.replan(p, 0.2, hbm_gib=32)["phases"]["g_main"]["fits"]
+

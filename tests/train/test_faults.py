@@ -30,11 +30,10 @@ def _config(path):
   adjusts every 3 iterations (so a checkpoint holds part of an interval's
   statistics) and fast (p moves by 0.24 per adjustment), both ContraD terms
   on."""
-  return tiny.tiny_config(
+  return tiny.train_config(
       path, total_kimg=0.064, image_grid_every_kimg=0.064,
       augment="ada", augment_p=0.3, ada_interval=3, ada_kimg=0.1,
-      contrastive=True, contrastive_proj_dim=8,
-      **{"loss.r1_interval": 2, "loss.pl_interval": 2})
+      contrastive=True, contrastive_proj_dim=8)
 
 
 def _train_state(workdir, config):

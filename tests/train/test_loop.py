@@ -36,10 +36,7 @@ def shards(tmp_path_factory):
   return out
 
 
-def tiny_config(path, **overrides):
-  """tests/tiny.py's config with every regularizer twice in 4 iterations."""
-  return tiny.tiny_config(path, **{"loss.r1_interval": 2,
-                                   "loss.pl_interval": 2, **overrides})
+tiny_config = tiny.train_config
 
 
 def _leaves(workdir, step=None):

@@ -250,6 +250,25 @@ def test_each_layer_best_survives_retention_and_best_layer(tmp_path):
     checkpoint.best_selection(str(tmp_path), "b16")
 
 
+def test_read_curve_keeps_the_last_line_of_a_step(tmp_path):
+  lines = [{"step": 2, "progress/kimg": 0.5, "probe/control_bacc": 0.6},
+           {"step": 3, "progress/kimg": 0.75, "G/loss": 1.0},
+           {"step": 4, "progress/kimg": 1.0, "probe/control_bacc": 0.7,
+            "probe/cell_type_bacc": float("nan"), "augment_p": 0.1},
+           # A resumed run logging step 4 again: this line wins.
+           {"step": 4, "progress/kimg": 1.0, "probe/control_bacc": 0.65,
+            "augment_p": 0.1}]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join(json.dumps(l) + "\n" for l in lines))
+  curve = probe.read_curve(str(tmp_path))
+  assert [(r["step"], r["kimg"], r[probe.CONTROL]) for r in curve] == [
+      (2, 0.5, 0.6), (4, 1.0, 0.65)]
+  assert probe.CELL_TYPE not in curve[1] and curve[1]["augment_p"] == 0.1
+  assert probe.curve_lines(curve)[2:] == ["| 0.50 | 0.600 | n/a | n/a |",
+                                          "| 1.00 | 0.650 | n/a | 0.100 |"]
+  assert probe.read_curve(str(tmp_path / "none")) == []
+
+
 def test_new_best_per_layer():
   tracker = probe.Tracker.__new__(probe.Tracker)
   tracker.layers, tracker.layer = ["fc", "b8"], "fc"

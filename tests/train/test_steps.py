@@ -12,6 +12,7 @@ import pytest
 from gandl_jax.model import losses
 from gandl_jax import sharding
 from gandl_jax.train import steps
+import tiny
 from tiny import tiny_config
 
 
@@ -320,7 +321,7 @@ def test_precompile_then_no_tracing_or_compilation_in_training():
   dispatch = types.SimpleNamespace(
       JAXPR_TRACE_EVENT="/jax/core/compile/jaxpr_trace_duration",
       BACKEND_COMPILE_EVENT="/jax/core/compile/backend_compile_duration")
-  config = tiny_config(**{"loss.r1_interval": 2, "loss.pl_interval": 2})
+  config = tiny.train_config()
   tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
   assert tr.compiler_options == steps.CPU_COMPILER_OPTIONS
   state = tr.init_state(0)

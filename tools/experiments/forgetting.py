@@ -97,22 +97,10 @@ def run_config(variant: str, seed: int, data: str):
 
 def probe_rows(train_dir: str, variant: str, seed: int
                ) -> List[Dict[str, Any]]:
-  """The probe/* metrics of a run's metrics.jsonl, one row per probed kimg
-  (a resumed run's repeated steps: the last line wins)."""
-  by_step: Dict[int, Dict[str, Any]] = {}
-  path = os.path.join(train_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      rec = json.loads(line)
-      probe = {k: v for k, v in rec.items()
-               if k.startswith("probe/") and isinstance(v, (int, float))}
-      if probe:
-        by_step[rec["step"]] = dict(probe, kimg=rec.get("progress/kimg"),
-                                    augment_p=rec.get("augment_p"))
+  """The run's probe curve (`train.probe.read_curve`) as result rows."""
+  from gandl_jax.train import probe  # pylint: disable=import-outside-toplevel
   return [dict(r, set=variant, seed=seed, source="probe")
-          for _, r in sorted(by_step.items())]
+          for r in probe.read_curve(train_dir)]
 
 
 def main(argv):
