@@ -87,3 +87,37 @@ def test_plot_writes_one_figure_per_label(tmp_path):
   assert paths == [str(tmp_path / "acc_x.png")]
   with open(paths[0], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_forgetting_summary_sections(tmp_path):
+  from tiny import load_tool  # pylint: disable=import-outside-toplevel
+  forgetting = load_tool("experiments/forgetting")
+  rows = [{"set": "untrained D", "seed": s, "kimg": 0.0, "source": "evaluate",
+           "control/plate": 0.55 + 0.01 * s} for s in range(3)]
+  rows.append({"set": "classical features", "seed": -1, "kimg": 0.0,
+               "source": "evaluate", "control/plate": 1.0})
+  for v, base in (("off", 0.6), ("ada", 0.7)):
+    for s in range(3):
+      rows.append({"set": v, "seed": s, "kimg": 20.0, "source": "evaluate",
+                   "control/plate": base + 0.02 * s})
+      for k, drop in ((5.0, 0.0), (10.0, 0.1 if v == "off" else 0.0)):
+        rows.append({"set": v, "seed": s, "kimg": k, "source": "probe",
+                     "probe/control_bacc": 0.8 - drop,
+                     "probe/control/b8": 0.7, "probe/plates": 4.0,
+                     "probe/seconds": 2.0,
+                     "augment_p": 0.1 if v == "ada" else None})
+  text = forgetting.summary_sections(rows, str(tmp_path))
+  # ada minus off at 20 kimg, paired by seed: +0.100 exactly, every seed.
+  assert "| ada | 20 | 3 | +0.100 [0.10, 0.10] |" in text
+  assert "| off | 20 | 3 | +0.060 [" in text    # minus the untrained D
+  assert "| classical features | 0 | 1 | 1.000 |" in text
+  # Probe columns: per-layer control, the selection layer, ADA's p; not the
+  # bookkeeping ones.
+  header = next(l for l in text.splitlines() if "probe/control/b8" in l)
+  assert "augment_p" in header and "probe/plates" not in header
+  assert "probe/seconds" not in header
+  # off lost 0.1 between its best (5 kimg) and its last probe; ada nothing.
+  assert "| off | 3 | 0.800 [0.80, 0.80] | 5 | 0.700 [0.70, 0.70] | " \
+      "-0.100 [-0.10, -0.10] |" in text
+  assert (tmp_path / "control_plate.png").exists()
+  assert (tmp_path / "probe_control_bacc.png").exists()

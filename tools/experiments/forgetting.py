@@ -103,6 +103,57 @@ def probe_rows(train_dir: str, variant: str, seed: int
           for r in probe.read_curve(train_dir)]
 
 
+def probe_labels(probed: List[Dict[str, Any]]) -> List[str]:
+  """The probe columns: Mock/Active per layer, both tasks of the selection
+  layer, and ADA's p where it ran."""
+  keys = {k for r in probed for k in r}
+  labels = sorted(k for k in keys if k.startswith("probe/control/"))
+  labels += [k for k in (PROBE_HEADLINE, "probe/cell_type_bacc", "augment_p")
+             if any(isinstance(r.get(k), (int, float)) for r in probed)]
+  return labels
+
+
+def summary_sections(rows: List[Dict[str, Any]], out_dir: str) -> str:
+  """summary.md's tables of the result rows, and the figures in OUT_DIR."""
+  evaluated = [r for r in rows if r["source"] == "evaluate"]
+  probed = [r for r in rows if r["source"] == "probe"]
+  eval_labels = [label for label, _ in protocol.METRICS]
+  figures = protocol.plot(
+      protocol.summarize(evaluated + probed, [HEADLINE, PROBE_HEADLINE]),
+      [HEADLINE, PROBE_HEADLINE], out_dir)
+  labels = probe_labels(probed)
+  return "\n".join([
+      "Every cell: the mean over training seeds [its 95% Student t "
+      "interval over seeds]; one seed (the seedless baselines) has no "
+      "interval. Differences are paired by seed.",
+      "",
+      "## gandl-evaluate per checkpoint",
+      "",
+      protocol.table(protocol.summarize(evaluated, eval_labels), eval_labels),
+      "",
+      f"## {HEADLINE}: differences paired by seed",
+      "",
+      protocol.difference_table(protocol.paired_differences(
+          evaluated, HEADLINE, "untrained D"), "minus the untrained D"),
+      "",
+      protocol.difference_table(
+          [d for d in protocol.paired_differences(evaluated, HEADLINE, "off")
+           if d["set"] != "untrained D"], "minus off (same seed, kimg)"),
+      "",
+      "## Probe curves (probe plates)",
+      "",
+      protocol.table(protocol.summarize(probed, labels), labels)
+      if probed else "(no probe: --probe_every_kimg 0)",
+      "",
+      f"## Kept or worn away: {PROBE_HEADLINE} along each run",
+      "",
+      protocol.peak_table(protocol.peak_and_last(probed, PROBE_HEADLINE))
+      if probed else "(no probe)",
+      "",
+      "Figures: " + ", ".join(os.path.basename(p) for p in figures),
+      ""])
+
+
 def main(argv):
   del argv
   # pylint: disable=import-outside-toplevel
@@ -183,17 +234,7 @@ def main(argv):
 
   gio.write_text(os.path.join(workdir, "results.jsonl"),
                  "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-  evaluated = [r for r in rows if r["source"] == "evaluate"]
-  probed = [r for r in rows if r["source"] == "probe"]
-  eval_labels = [label for label, _ in protocol.METRICS]
-  probe_labels = sorted({k for r in probed for k in r if k.startswith(
-      "probe/") and not k.endswith(("seconds", "sites"))} | (
-          {"augment_p"} if any(r.get("augment_p") is not None
-                               for r in probed) else set()))
   elapsed = protocol.stage_seconds(workdir)
-  figures = protocol.plot(
-      protocol.summarize(evaluated + probed, [HEADLINE, PROBE_HEADLINE]),
-      [HEADLINE, PROBE_HEADLINE], workdir)
   text = "\n".join([
       f"# D forgetting: {_DIFFICULTY.value} synthetic design",
       "",
@@ -207,35 +248,7 @@ def main(argv):
       f"{os.cpu_count()} CPU(s), {platform.platform()}; load average at the "
       f"end {os.getloadavg()[0]:.1f}.",
       "",
-      "Every cell: the mean over training seeds [its 95% Student t "
-      "interval over seeds]; one seed (the seedless baselines) has no "
-      "interval. Differences are paired by seed.",
-      "",
-      "## gandl-evaluate per checkpoint",
-      "",
-      protocol.table(protocol.summarize(evaluated, eval_labels), eval_labels),
-      "",
-      f"## {HEADLINE}: differences paired by seed",
-      "",
-      protocol.difference_table(protocol.paired_differences(
-          evaluated, HEADLINE, "untrained D"), "minus the untrained D"),
-      "",
-      protocol.difference_table(
-          [d for d in protocol.paired_differences(evaluated, HEADLINE, "off")
-           if d["set"] != "untrained D"], "minus off (same seed, kimg)"),
-      "",
-      "## Probe curves",
-      "",
-      protocol.table(protocol.summarize(probed, probe_labels), probe_labels)
-      if probed else "(no probe: --probe_every_kimg 0)",
-      "",
-      "Figures: " + ", ".join(os.path.basename(p) for p in figures),
-      "",
-      f"## Kept or worn away: {PROBE_HEADLINE} along each run",
-      "",
-      protocol.peak_table(protocol.peak_and_last(probed, PROBE_HEADLINE))
-      if probed else "(no probe)",
-      ""])
+      summary_sections(rows, workdir)])
   gio.write_text(os.path.join(workdir, "summary.md"), text)
   print(text)
 
