@@ -110,7 +110,7 @@ def test_forgetting_summary_sections(tmp_path):
   # ada minus off at 20 kimg, paired by seed: +0.100 exactly, every seed.
   assert "| ada | 20 | 3 | +0.100 [0.10, 0.10] |" in text
   assert "| off | 20 | 3 | +0.060 [" in text    # minus the untrained D
-  assert "| classical features | 0 | 1 | 1.000 |" in text
+  assert "| classical features | 0 | 1 | n/a | 1.000 | n/a |" in text
   # Probe columns: per-layer control, the selection layer, ADA's p; not the
   # bookkeeping ones.
   header = next(l for l in text.splitlines() if "probe/control/b8" in l)
