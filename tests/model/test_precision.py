@@ -12,6 +12,7 @@ from gandl_jax import config as config_lib
 from gandl_jax import sharding
 from gandl_jax.model import losses, networks
 from gandl_jax.train import steps
+import tiny
 from tiny import tiny_config
 
 # Measured on CPU (XLA:CPU, jax 0.10): relative L2 error of the bfloat16
@@ -180,9 +181,12 @@ def test_num_bf16_res_zero_is_the_float32_program(nets):
 
 
 def _train(num_bf16_res, iterations=8):
-  config = tiny_config(**{"num_bf16_res": num_bf16_res,
-                          "loss.r1_interval": 2, "loss.pl_interval": 2,
-                          "model.conv_clamp": 256.0})
+  """`iterations` of tiny.train_config on fixed batches: the float32 run as
+  the suite's other runs (no clamp, as the reference's --fp32), the
+  bfloat16 one clamped at 256 as the paper configs. Returns the Trainer,
+  the final state and the metrics of every iteration."""
+  clamp = {"model.conv_clamp": 256.0} if num_bf16_res else {}
+  config = tiny.train_config(num_bf16_res=num_bf16_res, **clamp)
   tr = steps.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
   state = tr.init_state(0)
   rng = np.random.RandomState(0)
@@ -192,15 +196,16 @@ def _train(num_bf16_res, iterations=8):
         rng.randint(0, 256, (8, 8, 8, 5)).astype(np.uint8), tr.mesh)
     state, metrics = tr.train_step(state, real, step, step * 8)
     history.append(jax.device_get(metrics))
-  return state, history
+  return tr, state, history
 
 
 def test_bfloat16_training_tracks_float32():
   """8 iterations (every phase 4-8 times): the bfloat16 run's losses, R1 and
   path-length penalty stay within TRAIN_REL_BOUND of the float32 run's;
-  parameters, optimizer state and metrics stay float32."""
-  s32, h32 = _train(0)
-  s16, h16 = _train(-1)
+  parameters, EMA, optimizer state and metrics stay float32; no phase
+  compiles twice."""
+  _, _, h32 = _train(0)
+  tr, s16, h16 = _train(-1)
   keys = ("G/loss", "D/loss", "D/r1_penalty", "G/pl_penalty")
   worst = {}
   for k in keys:
@@ -214,6 +219,10 @@ def test_bfloat16_training_tracks_float32():
   for m in h16:
     assert all(np.asarray(v).dtype == np.float32 for v in m.values())
   leaves = jax.tree_util.tree_leaves((s16.g_params, s16.d_params,
-                                      s16.g_opt, s16.d_opt, s16.pl_mean))
-  assert all(x.dtype == jnp.float32 for x in leaves
-             if jnp.issubdtype(x.dtype, jnp.floating))
+                                      s16.ema_params, s16.g_opt, s16.d_opt,
+                                      s16.pl_mean))
+  floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert len(floats) > 100 and all(x.dtype == jnp.float32 for x in floats)
+  # No recompilation after the first call of each phase.
+  assert sorted(tr._compiled) == ["d_main", "d_reg", "g_main", "g_reg"]  # pylint: disable=protected-access
+  assert all(fn._cache_size() == 1 for fn in tr._compiled.values())  # pylint: disable=protected-access

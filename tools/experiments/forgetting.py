@@ -162,7 +162,6 @@ def main(argv):
   from gandl_jax.cli import demo
   from gandl_jax.evaluate import pipeline as evaluate_lib
   from gandl_jax.inference import api, export
-  from gandl_jax.train import loop as train_loop
 
   unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
   if unknown:
@@ -219,11 +218,14 @@ def main(argv):
       config = run_config(variant, seed, data["rxrx19a"])
       train_dir = os.path.join(workdir, f"train-{variant}-seed{seed}")
       # A killed training resumes from its checkpoint on the next call.
-      stages.run(f"train-{variant}-seed{seed}",
-                 lambda config=config, train_dir=train_dir: train_loop.train(
-                     config, train_dir, mesh=mesh))
+      protocol.train_stage(stages, f"train-{variant}-seed{seed}", config,
+                           train_dir, mesh)
       rows += probe_rows(train_dir, variant, seed)
-      for step in checkpoint.list_steps(train_dir):
+      # The checkpoints every --eval_every_kimg and the last; not the ones
+      # the probe kept for a new best score (their steps differ by seed).
+      every = max(1, round(_EVAL_EVERY.value * 1000 / config.batch_size))
+      steps = checkpoint.list_steps(train_dir)
+      for step in [s for s in steps if s % every == 0 or s == max(steps)]:
         kimg = step * config.batch_size / 1000.0
         tag = f"{variant}-seed{seed}-kimg{kimg:g}"
         rows.append(stages.run(

@@ -228,6 +228,19 @@ def prepare_data(stages, workdir: str, size: int, seed: int, plates: int,
   return roots, shards, data, metadata, truth
 
 
+def train_stage(stages, name: str, config, train_dir: str, mesh) -> Dict:
+  """gandl-train's loop as resumable stage `name`: marked done only when
+  the training finished. A preempted one (SIGTERM: its checkpoint saved)
+  ends the experiment with gandl-train's status 143; rerunning the same
+  command resumes it."""
+  from gandl_jax.train import loop  # pylint: disable=import-outside-toplevel
+  summary = stages.run(name, lambda: loop.train(config, train_dir, mesh=mesh),
+                       complete=lambda s: s.get("reason") != "preempted")
+  if summary.get("reason") == "preempted":
+    raise SystemExit(143)
+  return summary
+
+
 def stage_seconds(workdir: str) -> float:
   """Compute time summed over WORKDIR/stages/*.done (a resumed stage keeps
   the time it took when it ran)."""

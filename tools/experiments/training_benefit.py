@@ -74,7 +74,6 @@ def main(argv):
   from gandl_jax.cli import demo
   from gandl_jax.evaluate import pipeline as evaluate_lib
   from gandl_jax.inference import api, export
-  from gandl_jax.train import loop as train_loop
 
   logging.set_verbosity(logging.INFO)
   t0 = time.time()
@@ -127,9 +126,8 @@ def main(argv):
         node = node[p]
       node[last] = _parse_value(value)
     train_dir = os.path.join(workdir, f"train-seed{seed}")
-    stages.run(f"train-seed{seed}",
-               lambda config=config, train_dir=train_dir: train_loop.train(
-                   config, train_dir, mesh=mesh))
+    protocol.train_stage(stages, f"train-seed{seed}", config, train_dir,
+                         mesh)
     init_dir = os.path.join(workdir, f"init-seed{seed}")
     stages.run(f"init-seed{seed}", lambda config=config, init_dir=init_dir: {
         "checkpoint": demo.save_initial_model(config, mesh, init_dir)})
