@@ -7,12 +7,29 @@ requires are done.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
+import importlib.util
 import time
 import traceback
 from typing import Callable, Dict, List, Sequence
 
 from gandl_jax.evaluate import classify
 from gandl_jax.evaluate.registry import Context, Skip, TASKS, Task
+
+
+# Imported in the calling thread before tasks run on a pool: statsmodels
+# (imported by copairs, the retrieval tasks' library) imports polars where it
+# is installed, while scikit-learn's input checks in other tasks' threads read
+# sys.modules["polars"] and fail on the half-imported module
+# ("AttributeError: partially initialized module 'polars'").
+IMPORT_BEFORE_THREADS = ("polars",)
+
+
+def import_before_threads() -> None:
+  """Imports each installed module of `IMPORT_BEFORE_THREADS`."""
+  for name in IMPORT_BEFORE_THREADS:
+    if importlib.util.find_spec(name) is not None:
+      importlib.import_module(name)
 
 
 def record(results: Dict, name: str, fn: Callable, log, timing: Dict):
@@ -83,6 +100,7 @@ def run_tasks(tasks: Sequence[Task], ctx: Context, results: Dict,
     for task in tasks:
       _run_one(task, ctx, results, timing)
     return
+  import_before_threads()
   names = {t.name for t in tasks}
   waiting: List[Task] = list(tasks)
   done: set = set()
