@@ -61,6 +61,11 @@ def test_paired_differences_pair_by_seed_and_kimg():
   text = protocol.difference_table(list(vs_init.values()), "minus init")
   assert "| off | 20 | 3 | +0.000" not in text
   assert "(no difference)" in text
+  one = protocol.paired_differences(
+      [{"set": "a", "seed": 0, "kimg": 1.0, "acc": 0.7},
+       {"set": "b", "seed": 0, "kimg": 1.0, "acc": 0.6}], "acc", "b")
+  assert protocol.difference_table(one, "x").splitlines()[-1] == (
+      "| a | 1 | 1 | +0.100 (one seed: no interval) |")
 
 
 def test_peak_and_last_per_run():
@@ -115,6 +120,7 @@ def test_forgetting_summary_sections(tmp_path):
   # bookkeeping ones.
   header = next(l for l in text.splitlines() if "probe/control/b8" in l)
   assert "augment_p" in header and "probe/plates" not in header
+  assert "probe/control_bacc" not in header   # = its layer's column
   assert "probe/seconds" not in header
   # off lost 0.1 between its best (5 kimg) and its last probe; ada nothing.
   assert "| off | 3 | 0.800 [0.80, 0.80] | 5 | 0.700 [0.70, 0.70] | " \

@@ -105,7 +105,7 @@ def test_unknown_probe_layer_fails_before_training(shards, tmp_path):
 
 
 def _config(path, **overrides):
-  return tiny.tiny_config(path, **{
+  return tiny.train_config(path, **{
       "probe_every_kimg": 0.016, "probe_sites": 64,
       "checkpoint_every_kimg": 1.0, **overrides})
 

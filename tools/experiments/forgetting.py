@@ -104,11 +104,12 @@ def probe_rows(train_dir: str, variant: str, seed: int
 
 
 def probe_labels(probed: List[Dict[str, Any]]) -> List[str]:
-  """The probe columns: Mock/Active per layer, both tasks of the selection
-  layer, and ADA's p where it ran."""
+  """The probe columns: Mock/Active per layer (the selection layer's is
+  PROBE_HEADLINE), the selection layer's cell-type task where it ran, and
+  ADA's p."""
   keys = {k for r in probed for k in r}
   labels = sorted(k for k in keys if k.startswith("probe/control/"))
-  labels += [k for k in (PROBE_HEADLINE, "probe/cell_type_bacc", "augment_p")
+  labels += [k for k in ("probe/cell_type_bacc", "augment_p")
              if any(isinstance(r.get(k), (int, float)) for r in probed)]
   return labels
 

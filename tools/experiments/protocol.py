@@ -114,11 +114,13 @@ def paired_differences(rows: List[Dict[str, Any]], label: str,
 
 def difference_table(diffs: List[Dict[str, Any]], title: str) -> str:
   """Markdown of `paired_differences`: '+0.051 [-0.02, 0.12]' per row,
-  'no difference' where the interval holds 0."""
+  'no difference' where the interval holds 0 (one seed has no interval)."""
   lines = [f"| set | kimg | seeds | {title} |", "|---|---:|---:|---|"]
   for d in diffs:
     cell = intervals.format_interval(d)
-    if d["no_difference"]:
+    if d["n"] < 2:
+      cell += " (one seed: no interval)"
+    elif d["no_difference"]:
       cell += " (no difference)"
     lines.append(f"| {d['set']} | {d['kimg']:g} | {d['n']} | {cell} |")
   return "\n".join(lines)
