@@ -159,7 +159,7 @@ def peak_table(peaks: List[Dict[str, Any]]) -> str:
   for p in peaks:
     lines.append(
         f"| {p['set']} | {p['n']} | {intervals.format_interval(p['best'])} | "
-        f"{p['best_kimg']:g} | {intervals.format_interval(p['last'])} | "
+        f"{p['best_kimg']:.0f} | {intervals.format_interval(p['last'])} | "
         f"{intervals.format_interval(dict(p['drop'], diff=p['drop']['mean']))}"
         " |")
   return "\n".join(lines)
