@@ -127,3 +127,24 @@ def test_forgetting_summary_sections(tmp_path):
       "-0.100 [-0.10, -0.10] |" in text
   assert (tmp_path / "control_plate.png").exists()
   assert (tmp_path / "probe_control_bacc.png").exists()
+
+
+def test_plot_with_rows_draws_each_seed(tmp_path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  rows = _rows()
+  drawn = []
+  orig = plt.Axes.plot
+  def spy(self, *args, **kwargs):
+    drawn.append(kwargs.get("label"))
+    return orig(self, *args, **kwargs)
+  plt.Axes.plot = spy
+  try:
+    protocol.plot(protocol.summarize(rows, ["acc"]), ["acc"], str(tmp_path),
+                  rows=rows)
+  finally:
+    plt.Axes.plot = orig
+  # off and ada: 3 seeds each (thin, unlabelled) and their mean.
+  assert sorted(l for l in drawn if l) == ["ada (mean)", "off (mean)"]
+  assert drawn.count(None) == 6

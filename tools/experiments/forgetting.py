@@ -121,7 +121,7 @@ def summary_sections(rows: List[Dict[str, Any]], out_dir: str) -> str:
   eval_labels = [label for label, _ in protocol.METRICS]
   figures = protocol.plot(
       protocol.summarize(evaluated + probed, [HEADLINE, PROBE_HEADLINE]),
-      [HEADLINE, PROBE_HEADLINE], out_dir)
+      [HEADLINE, PROBE_HEADLINE], out_dir, rows=evaluated + probed)
   labels = probe_labels(probed)
   return "\n".join([
       "Every cell: the mean over training seeds [its 95% Student t "

@@ -5,7 +5,7 @@ the tables: means over seeds and differences paired by seed, each with its
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from gandl_jax.evaluate import intervals
 
@@ -166,9 +166,11 @@ def peak_table(peaks: List[Dict[str, Any]]) -> str:
 
 
 def plot(summary: List[Dict[str, Any]], labels: List[str], out_dir: str,
-         suffix: str = "") -> List[str]:
+         suffix: str = "", rows: Optional[List[Dict[str, Any]]] = None
+         ) -> List[str]:
   """OUT_DIR/<label><suffix>.png per label: each set's mean against kimg
-  with its interval as error bars; a set measured at one kimg only (no
+  with its interval as error bars, or, given the result `rows`, with each
+  seed's curve as a thin line instead; a set measured at one kimg only (no
   training) as a dashed horizontal line. Returns the paths."""
   # pylint: disable=import-outside-toplevel
   import os
@@ -194,6 +196,15 @@ def plot(summary: List[Dict[str, Any]], labels: List[str], out_dir: str,
       if len(pts) == 1:
         # axhline does not advance the colour cycle: one colour per set.
         ax.axhline(ys[0], linestyle="--", label=name, color=f"C{i % 10}")
+      elif rows is not None:
+        for seed in sorted({r["seed"] for r in rows if r["set"] == name}):
+          run = sorted((float(r["kimg"]), r[label]) for r in rows
+                       if r["set"] == name and r["seed"] == seed
+                       and _finite(r.get(label)))
+          ax.plot([k for k, _ in run], [v for _, v in run], linewidth=0.7,
+                  alpha=0.5, color=f"C{i % 10}")
+        ax.plot(xs, ys, marker="o", linewidth=2, label=f"{name} (mean)",
+                color=f"C{i % 10}")
       else:
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name,
                     color=f"C{i % 10}")
