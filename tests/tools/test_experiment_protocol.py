@@ -95,8 +95,6 @@ def test_plot_writes_one_figure_per_label(tmp_path):
 
 
 def test_forgetting_summary_sections(tmp_path):
-  from tiny import load_tool  # pylint: disable=import-outside-toplevel
-  forgetting = load_tool("experiments/forgetting")
   rows = [{"set": "untrained D", "seed": s, "kimg": 0.0, "source": "evaluate",
            "control/plate": 0.55 + 0.01 * s} for s in range(3)]
   rows.append({"set": "classical features", "seed": -1, "kimg": 0.0,
@@ -111,7 +109,7 @@ def test_forgetting_summary_sections(tmp_path):
                      "probe/control/b8": 0.7, "probe/plates": 4.0,
                      "probe/seconds": 2.0,
                      "augment_p": 0.1 if v == "ada" else None})
-  text = forgetting.summary_sections(rows, str(tmp_path))
+  text = protocol.forgetting_sections(rows, str(tmp_path))
   # ada minus off at 20 kimg, paired by seed: +0.100 exactly, every seed.
   assert "| ada | 20 | 3 | +0.100 [0.10, 0.10] |" in text
   assert "| off | 20 | 3 | +0.060 [" in text    # minus the untrained D

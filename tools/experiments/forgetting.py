@@ -45,9 +45,6 @@ VARIANTS = {
     "both": {"augment": "ada", "contrastive": True},
 }
 
-HEADLINE = "control/plate"  # Mock vs Active, whole plates held out
-PROBE_HEADLINE = "probe/control_bacc"
-
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes.",
                                required=True)
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS),
@@ -101,58 +98,6 @@ def probe_rows(train_dir: str, variant: str, seed: int
   from gandl_jax.train import probe  # pylint: disable=import-outside-toplevel
   return [dict(r, set=variant, seed=seed, source="probe")
           for r in probe.read_curve(train_dir)]
-
-
-def probe_labels(probed: List[Dict[str, Any]]) -> List[str]:
-  """The probe columns: Mock/Active per layer (the selection layer's is
-  PROBE_HEADLINE), the selection layer's cell-type task where it ran, and
-  ADA's p."""
-  keys = {k for r in probed for k in r}
-  labels = sorted(k for k in keys if k.startswith("probe/control/"))
-  labels += [k for k in ("probe/cell_type_bacc", "augment_p")
-             if any(isinstance(r.get(k), (int, float)) for r in probed)]
-  return labels
-
-
-def summary_sections(rows: List[Dict[str, Any]], out_dir: str) -> str:
-  """summary.md's tables of the result rows, and the figures in OUT_DIR."""
-  evaluated = [r for r in rows if r["source"] == "evaluate"]
-  probed = [r for r in rows if r["source"] == "probe"]
-  eval_labels = [label for label, _ in protocol.METRICS]
-  figures = protocol.plot(
-      protocol.summarize(evaluated + probed, [HEADLINE, PROBE_HEADLINE]),
-      [HEADLINE, PROBE_HEADLINE], out_dir, rows=evaluated + probed)
-  labels = probe_labels(probed)
-  return "\n".join([
-      "Every cell: the mean over training seeds [its 95% Student t "
-      "interval over seeds]; one seed (the seedless baselines) has no "
-      "interval. Differences are paired by seed.",
-      "",
-      "## gandl-evaluate per checkpoint",
-      "",
-      protocol.table(protocol.summarize(evaluated, eval_labels), eval_labels),
-      "",
-      f"## {HEADLINE}: differences paired by seed",
-      "",
-      protocol.difference_table(protocol.paired_differences(
-          evaluated, HEADLINE, "untrained D"), "minus the untrained D"),
-      "",
-      protocol.difference_table(
-          [d for d in protocol.paired_differences(evaluated, HEADLINE, "off")
-           if d["set"] != "untrained D"], "minus off (same seed, kimg)"),
-      "",
-      "## Probe curves (probe plates)",
-      "",
-      protocol.table(protocol.summarize(probed, labels), labels)
-      if probed else "(no probe: --probe_every_kimg 0)",
-      "",
-      f"## Kept or worn away: {PROBE_HEADLINE} along each run",
-      "",
-      protocol.peak_table(protocol.peak_and_last(probed, PROBE_HEADLINE))
-      if probed else "(no probe)",
-      "",
-      "Figures: " + ", ".join(os.path.basename(p) for p in figures),
-      ""])
 
 
 def main(argv):
@@ -251,7 +196,7 @@ def main(argv):
       f"{os.cpu_count()} CPU(s), {platform.platform()}; load average at the "
       f"end {os.getloadavg()[0]:.1f}.",
       "",
-      summary_sections(rows, workdir)])
+      protocol.forgetting_sections(rows, workdir)])
   gio.write_text(os.path.join(workdir, "summary.md"), text)
   print(text)
 

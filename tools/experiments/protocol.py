@@ -5,6 +5,7 @@ the tables: means over seeds and differences paired by seed, each with its
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Dict, List, Optional
 
 from gandl_jax.evaluate import intervals
@@ -173,7 +174,6 @@ def plot(summary: List[Dict[str, Any]], labels: List[str], out_dir: str,
   seed's curve as a thin line instead; a set measured at one kimg only (no
   training) as a dashed horizontal line. Returns the paths."""
   # pylint: disable=import-outside-toplevel
-  import os
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -219,11 +219,68 @@ def plot(summary: List[Dict[str, Any]], labels: List[str], out_dir: str,
   return paths
 
 
+# The forgetting experiment's headline metrics.
+HEADLINE = "control/plate"  # Mock vs Active, whole plates held out
+PROBE_HEADLINE = "probe/control_bacc"
+
+
+def forgetting_probe_labels(probed: List[Dict[str, Any]]) -> List[str]:
+  """The probe columns: Mock/Active per layer (the selection layer's is
+  PROBE_HEADLINE), the selection layer's cell-type task where it ran, and
+  ADA's p."""
+  keys = {k for r in probed for k in r}
+  labels = sorted(k for k in keys if k.startswith("probe/control/"))
+  labels += [k for k in ("probe/cell_type_bacc", "augment_p")
+             if any(isinstance(r.get(k), (int, float)) for r in probed)]
+  return labels
+
+
+def forgetting_sections(rows: List[Dict[str, Any]], out_dir: str) -> str:
+  """forgetting.py's summary.md tables of the result rows, and its figures
+  in OUT_DIR."""
+  evaluated = [r for r in rows if r["source"] == "evaluate"]
+  probed = [r for r in rows if r["source"] == "probe"]
+  eval_labels = [label for label, _ in METRICS]
+  figures = plot(
+      summarize(evaluated + probed, [HEADLINE, PROBE_HEADLINE]),
+      [HEADLINE, PROBE_HEADLINE], out_dir, rows=evaluated + probed)
+  labels = forgetting_probe_labels(probed)
+  return "\n".join([
+      "Every cell: the mean over training seeds [its 95% Student t "
+      "interval over seeds]; one seed (the seedless baselines) has no "
+      "interval. Differences are paired by seed.",
+      "",
+      "## gandl-evaluate per checkpoint",
+      "",
+      table(summarize(evaluated, eval_labels), eval_labels),
+      "",
+      f"## {HEADLINE}: differences paired by seed",
+      "",
+      difference_table(paired_differences(
+          evaluated, HEADLINE, "untrained D"), "minus the untrained D"),
+      "",
+      difference_table(
+          [d for d in paired_differences(evaluated, HEADLINE, "off")
+           if d["set"] != "untrained D"], "minus off (same seed, kimg)"),
+      "",
+      "## Probe curves (probe plates)",
+      "",
+      table(summarize(probed, labels), labels)
+      if probed else "(no probe: --probe_every_kimg 0)",
+      "",
+      f"## Kept or worn away: {PROBE_HEADLINE} along each run",
+      "",
+      peak_table(peak_and_last(probed, PROBE_HEADLINE))
+      if probed else "(no probe)",
+      "",
+      "Figures: " + ", ".join(os.path.basename(p) for p in figures),
+      ""])
+
+
 def prepare_data(stages, workdir: str, size: int, seed: int, plates: int,
                  difficulty: str, resolution: int):
   """The synthetic RxRx19a and RxRx1 trees and their shards (resumable
   stages): (roots, shards, data globs, metadata paths, truth path)."""
-  import os  # pylint: disable=import-outside-toplevel
   from gandl_jax.data import convert, synthetic  # pylint: disable=import-outside-toplevel
   raw = os.path.join(workdir, "raw")
   shards = {d: os.path.join(workdir, "shards", d) for d in ("rxrx19a", "rxrx1")}
@@ -258,7 +315,6 @@ def stage_seconds(workdir: str) -> float:
   """Compute time summed over WORKDIR/stages/*.done (a resumed stage keeps
   the time it took when it ran)."""
   import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   done = os.path.join(workdir, "stages")
   total = 0.0
   for name in os.listdir(done):
