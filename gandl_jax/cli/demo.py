@@ -343,6 +343,7 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
             "stages": e.summary}
 
   report_dir = os.path.join(workdir, "report")
+  section, probe_line = probe_lines(train_dir)   # read once, used twice
 
   def do_evaluate():
     from gandl_jax import evaluate  # pylint: disable=import-outside-toplevel
@@ -362,7 +363,6 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
         truth=os.path.join(roots["rxrx19a"], "synthetic_truth.csv"),
         compounds=NAMED_COMPOUNDS, log=log)
     report_path = os.path.join(report_dir, "report.md")
-    section, _ = probe_lines(train_dir)
     if section:
       with open(report_path, encoding="utf-8") as f:
         text = f.read()
@@ -372,7 +372,6 @@ def run_demo(workdir: str, size: int = 64, seed: int = 0,
   summary = stages.run("evaluate", do_evaluate)
   with open(os.path.join(report_dir, "metrics.json"), encoding="utf-8") as f:
     metrics = json.load(f)
-  probe_line = probe_lines(train_dir)[1]
   return {"reason": "finished",
           "report": os.path.join(report_dir, "report.md"),
           "metrics": metrics,

@@ -456,21 +456,19 @@ def read_curve(workdir: str) -> List[Dict[str, Any]]:
   off) and every finite probe/* metric; a step logged twice (a resumed run
   repeating it) keeps its last line. [] without metrics or probe."""
   import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = gio.join(workdir, "metrics.jsonl")
   by_step: Dict[int, Dict[str, Any]] = {}
-  if not os.path.exists(path):
+  if not gio.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      rec = json.loads(line)
-      values = {k: v for k, v in rec.items()
-                if k.startswith("probe/") and isinstance(v, (int, float))
-                and math.isfinite(v)}
-      if values:
-        by_step[rec["step"]] = dict(values, step=rec["step"],
-                                    kimg=rec.get("progress/kimg"),
-                                    augment_p=rec.get("augment_p"))
+  for line in gio.read_text(path).splitlines():
+    rec = json.loads(line) if line.strip() else {}
+    values = {k: v for k, v in rec.items()
+              if k.startswith("probe/") and isinstance(v, (int, float))
+              and math.isfinite(v)}
+    if values:
+      by_step[rec["step"]] = dict(values, step=rec["step"],
+                                  kimg=rec.get("progress/kimg"),
+                                  augment_p=rec.get("augment_p"))
   return [by_step[s] for s in sorted(by_step)]
 
 
