@@ -88,6 +88,11 @@ def _done(t: Dict) -> bool:
   return t.get("status") == "ok" or bool(t.get("partial"))
 
 
+def _not_computed(name: str, t: Dict) -> str:
+  """The report line of a task that did not run or failed for `name`."""
+  return f"- **{name}**: {t.get('status', 'not run')}: {t.get('reason', '')}"
+
+
 def _split(t: Dict, split: str) -> Dict:
   """The `split` part of a classification task's result ({} where the task
   holds no figures)."""
@@ -122,8 +127,7 @@ def classification_section(title: str, task: str, sets: Dict[str, Dict],
   for n in names:
     t = sets[n].get(task, {})
     if not _done(t):
-      failures.append(f"- **{n}**: {t.get('status', 'not run')}: "
-                      f"{t.get('reason', '')}")
+      failures.append(_not_computed(n, t))
       continue
     for split in ("random", "plate"):
       s = t.get(split, {})
@@ -167,8 +171,7 @@ def dose_response_section(sets: Dict[str, Dict], figure: Optional[str],
   for n, s in sets.items():
     t = s.get("dose_response", {})
     if t.get("status") != "ok":
-      out.append(f"- **{n}**: {t.get('status', 'not run')}: "
-                 f"{t.get('reason', '')}")
+      out.append(_not_computed(n, t))
       continue
     flags = t.get("flags", {})
     rows.append([n, t["n_treated_sites"], t["n_compounds"], t["n_hits"],
@@ -209,8 +212,7 @@ def truth_section(sets: Dict[str, Dict]) -> str:
   for n, s in sets.items():
     t = s.get("truth", {})
     if t.get("status") != "ok":
-      out.append(f"- **{n}**: {t.get('status', 'not run')}: "
-                 f"{t.get('reason', '')}")
+      out.append(_not_computed(n, t))
       continue
     rows.append([n, t["true_hits"], t["hits_found"], t["predicted_hits"],
                  t["hit_recall"], t["hit_precision"], t["n_ec50_pairs"],
