@@ -60,10 +60,12 @@ setup(
         # itself never imports it. >= 2.6: torch.load(weights_only=True) is
         # safe only from 2.6 on.
         "import": ["torch>=2.6"],
-        # libtpu (the one matching jax, ~200 MB) for compiling the phases for
-        # TPU topologies on a CPU host: tools/plan_tpu.py and
-        # tests/tools/test_tpu_compile.py. Not in `test`: CI skips those tests.
-        "tpu_compile": ["jax[tpu]"],
+        # libtpu (the one matching jax, ~200 MB): on TPU VMs, and for compiling
+        # the phases for TPU topologies on a CPU host (tools/plan_tpu.py,
+        # tests/tools/test_tpu_compile.py). Not in `test`: CI skips those tests.
+        # Extra names have no "_": pip < 23.3 does not match "a_b" to the
+        # "a-b" that setuptools writes, and installs nothing.
+        "tpu": ["jax[tpu]"],
     },
     entry_points={
         "console_scripts": [

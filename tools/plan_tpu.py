@@ -133,7 +133,7 @@ def target_devices(target: str, devices: int):
     raise RuntimeError(
         f"cannot describe TPU topology {name!r} without hardware ({e}); it "
         f"needs the libtpu matching jax {jax.__version__}: pip install "
-        f"'jax[tpu]=={jax.__version__}' (or -e '.[tpu_compile]')") from e
+        f"'jax[tpu]=={jax.__version__}' (or -e '.[tpu]')") from e
   return list(topo.devices)
 
 

@@ -2,7 +2,7 @@
 v3-8 and a v5e-8 without a TPU (libtpu's deviceless topologies, as
 tools/plan_tpu.py compiles them), and fit the chip's memory per core.
 
-Needs libtpu (`pip install -e '.[tpu_compile]'`); skipped without it. The
+Needs libtpu (`pip install -e '.[tpu]'`); skipped without it. The
 tiny model runs by default (1.5-2 minutes per topology on 2 cores); the paper config (256x256,
 batch 64) takes most of an hour per topology on a 2-core host and runs only
 when asked:
@@ -22,7 +22,7 @@ from tiny import REPO, load_tool, tiny_config
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed (pip install -e '.[tpu_compile]'): "
+    reason="libtpu is not installed (pip install -e '.[tpu]'): "
     "the TPU topologies cannot be described without it")
 
 TARGETS = ("tpu_v3", "tpu_v5e")
