@@ -72,6 +72,13 @@ class Progress:
               f"{self.rate:.1f} {self.unit}/s, ETA {format_duration(self.eta_s)}")
     return f"{head}{self.done:g} {self.unit}, {self.rate:.1f} {self.unit}/s"
 
+  def restart(self) -> None:
+    """Measures the rate from now on: call it after a one-off start-up cost
+    (compilation) that would otherwise inflate the ETA."""
+    self.start = self._last_log = self.clock()
+    self.start_done = self.done
+    self._interval = (self.start, self.done)
+
   def set(self, done: float) -> None:
     self.done = done
 

@@ -225,8 +225,10 @@ def probe_lines(train_dir: str) -> Tuple[List[str], str]:
       "Balanced accuracy of linear SVMs on D's `fc` features of a fixed set "
       "of untreated Mock and Active sites (the probe plates, whole plates "
       "held out), at every `probe_every_kimg` of training (metrics.jsonl). "
-      "A curve that rises and then falls means training wore away what D "
-      "had learned (docs/results.md).", "", *probe.curve_lines(curve), ""]
+      "One probe is noisy (about 0.1 from probe to probe on 160 sites): "
+      "read the trend, not single values; a curve that rises and then falls "
+      "means training wore away what D had learned (docs/results.md).", "",
+      *probe.curve_lines(curve), ""]
   line = "probe Mock/Active during training (kimg: balanced accuracy): " + (
       ", ".join(f"{r['kimg']:g}: {r[probe.CONTROL]:.3f}" for r in curve
                 if r.get("kimg") is not None and probe.CONTROL in r))

@@ -444,6 +444,8 @@ def write_features(embed: Callable[[Any], Any], data: str, output: str, *,
       writer.write(meta, x[valid], extra)
       num_batches += 1
       progress.update(int(valid.sum()))
+      if num_batches == 1 and progress.done < host_total:
+        progress.restart()   # the first batch compiled: keep it off the ETA
     if writer.rows == 0:
       raise ValueError(f"{data}: no sites to export"
                        + (f" (filter {filter!r})" if filter else ""))

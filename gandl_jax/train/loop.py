@@ -316,6 +316,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         monitor.log_info("compiled the training phases in "
                          f"{max(ready.values()):.1f} s (" + ", ".join(
                              f"{k} {v:.1f} s" for k, v in ready.items()) + ")")
+        progress.restart()   # the ETA leaves compilation and start-up out
       state, metrics = trainer.train_step(state, real, step, nimg)
       history.append((step, metrics))
       step, nimg, data_position = step + 1, nimg + batch, data_position + 1

@@ -82,8 +82,27 @@ def test_peak_and_last_per_run():
   assert peaks["ada"]["drop"]["mean"] == pytest.approx(
       np.mean([0.71 - 0.72, 0.69 - 0.70, 0.0]))
   assert peaks["ada"]["best_kimg"] == pytest.approx((10 + 10 + 20) / 3)
+  # Two points per run: the slope per 10 kimg is last minus first (seed 2's
+  # NaN at 30 kimg left out).
+  assert off["trend"]["mean"] == pytest.approx(off["drop"]["mean"])
+  assert peaks["ada"]["trend"]["mean"] == pytest.approx(
+      np.mean([0.71 - 0.72, 0.69 - 0.70, 0.76 - 0.75]))
   text = protocol.peak_table(list(peaks.values()))
   assert "| off | 3 | 0.700 [" in text and "| -0.103 [" in text
+  assert text.count("| -0.103 [") == 2   # last - best and the trend
+
+
+def test_trend_is_the_least_squares_slope_per_10_kimg():
+  # Seed s: 0.5 + (0.01 + s/1000) kimg, plus 0.02 at 10 kimg. Closed form of
+  # the least-squares slope over kimg 0, 10, 20, 30 (mean 15, sum of squared
+  # deviations 500): b + 0.02 (10 - 15) / 500, so per 10 kimg
+  # 10 b - 0.002; the mean of 10 b over seeds 0-2 is 0.11.
+  rows = [{"set": "x", "seed": s, "kimg": k,
+           "acc": 0.5 + (0.01 + s / 1000) * k + (0.02 if k == 10 else 0.0)}
+          for s in range(3) for k in (0.0, 10.0, 20.0, 30.0)]
+  trend = protocol.peak_and_last(rows, "acc")[0]["trend"]
+  assert trend["mean"] == pytest.approx(0.108)
+  assert trend["sd"] == pytest.approx(0.01)
 
 
 def test_plot_writes_one_figure_per_label(tmp_path):

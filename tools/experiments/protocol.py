@@ -8,6 +8,8 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+
 from gandl_jax.evaluate import intervals
 
 METRICS = (
@@ -130,8 +132,10 @@ def difference_table(diffs: List[Dict[str, Any]], title: str) -> str:
 def peak_and_last(rows: List[Dict[str, Any]], label: str,
                   level: float = LEVEL) -> List[Dict[str, Any]]:
   """Per set, over seeds: the best value of `label` along each run, the
-  last one, and last minus best (what training wore away), each a mean with
-  its t interval; also the mean kimg of the best."""
+  last one, last minus best (what training wore away) and the run's trend
+  (least-squares slope per 10 kimg; the best of many noisy values exceeds
+  the last even without a trend, the slope does not), each a mean with its
+  t interval; also the mean kimg of the best."""
   runs: Dict[tuple, List[tuple]] = {}
   for r in rows:
     if _finite(r.get(label)):
@@ -141,28 +145,35 @@ def peak_and_last(rows: List[Dict[str, Any]], label: str,
   for (name, _), points in sorted(runs.items()):
     points.sort()
     best_kimg, best = max(points, key=lambda p: p[1])
-    by_set.setdefault(name, []).append((best, points[-1][1], best_kimg))
+    k, v = np.array(points).T
+    slope = (10.0 * float(np.polyfit(k, v, 1)[0]) if len(set(k)) > 1
+             else float("nan"))
+    by_set.setdefault(name, []).append((best, points[-1][1], best_kimg,
+                                        slope))
   out = []
   for name, vals in sorted(by_set.items()):
-    best, last, kimg = (list(v) for v in zip(*vals))
+    best, last, kimg, slope = (list(v) for v in zip(*vals))
     out.append({"set": name, "n": len(vals),
                 "best": intervals.mean_interval(best, level),
                 "last": intervals.mean_interval(last, level),
                 "drop": intervals.mean_interval(
                     [l - b for l, b in zip(last, best)], level),
+                "trend": intervals.mean_interval(slope, level),
                 "best_kimg": sum(kimg) / len(kimg)})
   return out
 
 
 def peak_table(peaks: List[Dict[str, Any]]) -> str:
-  lines = ["| set | seeds | best | kimg of best (mean) | last | last - best |",
-           "|---|---:|---:|---:|---:|---:|"]
+  def signed(x):
+    return intervals.format_interval(dict(x, diff=x["mean"]))
+  lines = ["| set | seeds | best | kimg of best (mean) | last | last - best "
+           "| trend per 10 kimg |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for p in peaks:
     lines.append(
         f"| {p['set']} | {p['n']} | {intervals.format_interval(p['best'])} | "
         f"{p['best_kimg']:.0f} | {intervals.format_interval(p['last'])} | "
-        f"{intervals.format_interval(dict(p['drop'], diff=p['drop']['mean']))}"
-        " |")
+        f"{signed(p['drop'])} | {signed(p['trend'])} |")
   return "\n".join(lines)
 
 
