@@ -11,6 +11,10 @@ refused per row unless `--allow_outside_root`. A file is never read past the
 size its header declares (`plane_file_bound`).
 
 Nothing here imports TensorFlow unless a path is remote (`gs://...`).
+
+One module (~660 lines): the CSV's columns, the path rules and the plane
+decoding are the contract of one input format; the converter uses a handful
+of its names (`read_loaddata`, `intensity_windows`, `load_task`, ...).
 """
 from __future__ import annotations
 

@@ -21,6 +21,9 @@ not needed: bfloat16 has float32's exponent range.
 
 GAN-DL's changes from StyleGAN2 are only configuration: mapping depth 3,
 latent size 512 and 5 image channels (see `configs/gandl_rxrx19a.py`).
+
+One module (~580 lines), as the reference's `training/networks.py` is: both
+networks and their blocks read side by side with it.
 """
 from __future__ import annotations
 

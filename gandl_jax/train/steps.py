@@ -40,6 +40,10 @@ contrastive discriminator" below; both off by default):
   real/fake head (D's `out` layer) reads the representation with its
   gradient stopped. G's loss goes through D as usual, on a view of its
   fakes.
+
+One module (~690 lines) because the four phases share the state, the
+optimizers and the phase table; ADA and ContraD are branches of those
+phases' losses, not phases of their own.
 """
 from __future__ import annotations
 
