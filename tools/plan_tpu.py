@@ -280,7 +280,9 @@ def compile_export(config, devices, batch: int, layer: str = "fc") -> dict:
   images = jax.ShapeDtypeStruct((batch, r, r, c), jnp.uint8,
                                 sharding=sharding.data_sharded(mesh))
   t0 = time.time()
-  compiled = embed.data_parallel_features(D, mesh, layer).lower(
+  # The jitted one-pass function behind `data_parallel_features` (which
+  # wraps it to pick the layer, so has no `.lower`).
+  compiled = embed.data_parallel_layer_features(D, mesh, (layer,)).lower(
       d_vars, images).compile()
   res = {"images": batch, "layer": layer,
          "memory": memory_breakdown(compiled),

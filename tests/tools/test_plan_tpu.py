@@ -97,6 +97,21 @@ def test_plan_on_cpu_devices():
   assert d1["flops_per_image"] > 1.5 * d0["flops_per_image"]
 
 
+def test_export_compiles_on_cpu_devices():
+  # The export plan of the TPU compile test, on 2 CPU devices: D forward on
+  # uint8 images only, so fewer FLOPs per image than D main, and about the
+  # closed-form D forward (within 4% here; XLA counts the FIR filters as
+  # shifted sums and the elementwise work the closed form leaves out).
+  p = plan_tpu.plan(tiny_config(batch_size=8), "cpu", 2, "none", 0.35,
+                    phases=("d_main",), export_batch=8)
+  e = p["export"]
+  assert e["images"] == 8 and e["layer"] == "fc"
+  assert e["memory"]["total"] > 0   # "fits" is None: a CPU has no HBM size
+  d_fwd = p["analytic"]["d_forward_flops"]
+  assert 0.9 * d_fwd < e["flops_per_image"] < 1.1 * d_fwd
+  assert e["flops_per_image"] < p["phases"]["d_main"]["flops_per_image"]
+
+
 def test_replan_changes_only_the_prediction():
   results = {"g_main": {"flops": 4e12, "every": 1, "xla_optimal_s": 0.5,
                         "memory": {"total": 17 * plan_tpu.GIB}},
