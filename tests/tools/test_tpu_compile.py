@@ -4,7 +4,7 @@ tools/plan_tpu.py compiles them), and fit the chip's memory per core.
 
 Needs libtpu (`pip install -e '.[tpu]'`); skipped without it. The
 tiny model runs by default (1.5-2 minutes per topology on 2 cores); the paper config (256x256,
-batch 64) takes most of an hour per topology on a 2-core host and runs only
+batch 64) takes 16-60 minutes per topology on a 2-core host and runs only
 when asked:
 
   pytest -p no:xdist -q -m tpu_compile tests/tools/test_tpu_compile.py
