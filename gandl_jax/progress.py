@@ -35,11 +35,9 @@ class Progress:
                clock: Callable[[], float] = time.monotonic):
     self.total, self.unit, self.name = total, unit, name
     self.every_s, self.log, self.clock = every_s, log, clock
-    self.start = clock()
-    self.start_done = self.done = done
-    self._last_log = self.start
+    self.done = done
     self._logged: Optional[float] = None
-    self._interval = (self.start, done)
+    self.restart()
 
   @property
   def elapsed(self) -> float:

@@ -129,6 +129,18 @@ def difference_table(diffs: List[Dict[str, Any]], title: str) -> str:
   return "\n".join(lines)
 
 
+def _runs(rows: List[Dict[str, Any]], label: str
+          ) -> Dict[tuple, List[tuple]]:
+  """{(set, seed): [(kimg, value), ...] in kimg order} of the finite values
+  of `label`: each training run's curve."""
+  runs: Dict[tuple, List[tuple]] = {}
+  for r in rows:
+    if _finite(r.get(label)):
+      runs.setdefault((r["set"], r["seed"]), []).append(
+          (float(r["kimg"]), r[label]))
+  return {key: sorted(points) for key, points in runs.items()}
+
+
 def peak_and_last(rows: List[Dict[str, Any]], label: str,
                   level: float = LEVEL) -> List[Dict[str, Any]]:
   """Per set, over seeds: the best value of `label` along each run, the
@@ -136,14 +148,8 @@ def peak_and_last(rows: List[Dict[str, Any]], label: str,
   (least-squares slope per 10 kimg; the best of many noisy values exceeds
   the last even without a trend, the slope does not), each a mean with its
   t interval; also the mean kimg of the best."""
-  runs: Dict[tuple, List[tuple]] = {}
-  for r in rows:
-    if _finite(r.get(label)):
-      runs.setdefault((r["set"], r["seed"]), []).append(
-          (float(r["kimg"]), r[label]))
   by_set: Dict[str, List[tuple]] = {}
-  for (name, _), points in sorted(runs.items()):
-    points.sort()
+  for (name, _), points in sorted(_runs(rows, label).items()):
     best_kimg, best = max(points, key=lambda p: p[1])
     k, v = np.array(points).T
     slope = (10.0 * float(np.polyfit(k, v, 1)[0]) if len(set(k)) > 1
@@ -192,6 +198,7 @@ def plot(summary: List[Dict[str, Any]], labels: List[str], out_dir: str,
   paths = []
   sets = sorted({s["set"] for s in summary})
   for label in labels:
+    runs = _runs(rows, label) if rows is not None else {}
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for i, name in enumerate(sets):
       pts = sorted((s["kimg"], s[label]) for s in summary
@@ -208,10 +215,9 @@ def plot(summary: List[Dict[str, Any]], labels: List[str], out_dir: str,
         # axhline does not advance the colour cycle: one colour per set.
         ax.axhline(ys[0], linestyle="--", label=name, color=f"C{i % 10}")
       elif rows is not None:
-        for seed in sorted({r["seed"] for r in rows if r["set"] == name}):
-          run = sorted((float(r["kimg"]), r[label]) for r in rows
-                       if r["set"] == name and r["seed"] == seed
-                       and _finite(r.get(label)))
+        for (set_name, _), run in sorted(runs.items()):
+          if set_name != name:
+            continue
           ax.plot([k for k, _ in run], [v for _, v in run], linewidth=0.7,
                   alpha=0.5, color=f"C{i % 10}")
         ax.plot(xs, ys, marker="o", linewidth=2, label=f"{name} (mean)",
