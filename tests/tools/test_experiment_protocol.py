@@ -146,6 +146,36 @@ def test_forgetting_summary_sections(tmp_path):
   assert (tmp_path / "probe_control_bacc.png").exists()
 
 
+def test_forgetting_layers_pair_within_their_layer(tmp_path):
+  rows = []
+  for layer, init, trained in (("fc", 0.50, 0.55), ("b8", 0.60, 0.80)):
+    name = protocol.layer_set("untrained D", layer)
+    rows += [{"set": name, "seed": s, "kimg": 0.0, "layer": layer,
+              "source": "evaluate", "control/plate": init + 0.01 * s}
+             for s in range(3)]
+    rows += [{"set": protocol.layer_set("off", layer), "seed": s,
+              "kimg": 20.0, "layer": layer, "source": "evaluate",
+              "control/plate": trained + 0.03 * s} for s in range(3)]
+  # Probe: seed s's b8 rises by 0.01 (1 + s) per kimg, fc stays flat.
+  rows += [{"set": "off", "seed": s, "kimg": k, "source": "probe",
+            "probe/control_bacc": 0.6, "probe/control/fc": 0.6,
+            "probe/control/b8": 0.5 + 0.01 * (1 + s) * k}
+           for s in range(3) for k in (5.0, 10.0, 15.0)]
+  text = protocol.forgetting_sections(rows, str(tmp_path))
+  # Each layer minus its own untrained D: 0.05 + 0.02 s and 0.20 + 0.02 s,
+  # mean 0.07 and 0.22, sd 0.02.
+  h = T975_2 * 0.02 / math.sqrt(3)
+  assert f"| off | 20 | 3 | +0.070 [{0.07 - h:.2f}, {0.07 + h:.2f}]" in text
+  assert (f"| off [b8] | 20 | 3 | +0.220 [{0.22 - h:.2f}, {0.22 + h:.2f}]"
+          in text)
+  # Trend per 10 kimg: 0.1 (1 + s), mean 0.2, sd 0.1; fc exactly flat.
+  h = T975_2 * 0.1 / math.sqrt(3)
+  line = next(l for l in text.splitlines() if l.startswith("| off | 3 | +0.200"))
+  assert line == (f"| off | 3 | +0.200 [{0.2 - h:.2f}, {0.2 + h:.2f}] | "
+                  "+0.000 [0.00, 0.00] |")
+  assert protocol.layer_set("off", "fc") == "off"
+
+
 def test_plot_with_rows_draws_each_seed(tmp_path):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")

@@ -4,9 +4,10 @@ For every variant (`--variants`: off, ada, contrastive, both) and training
 seed, one run of the demo-sized GAN on one synthetic design with a checkpoint
 every `--eval_every_kimg` (all kept) and the representation probe every
 `--probe_every_kimg`; every checkpoint's D (and D at initialization, once per
-seed) is exported and scored by the gandl-evaluate protocol of
-`training_benefit.py`, and the probe's curve is read from each run's
-metrics.jsonl. Writes
+seed) is exported at each of `--layers` and scored by the gandl-evaluate
+protocol of `training_benefit.py` (sets other than `fc` are named
+'off [b8]'), and the probe's curve is read from each run's metrics.jsonl.
+Writes
 
   WORKDIR/results.jsonl   one line per (variant, seed, kimg, source):
                           source 'evaluate' (training_benefit's metrics) or
@@ -62,6 +63,9 @@ _EVAL_EVERY = flags.DEFINE_float("eval_every_kimg", 10.0, "A checkpoint "
                                  "exported and evaluated every this many kimg.")
 _PROBE_EVERY = flags.DEFINE_float("probe_every_kimg", 5.0, "The probe every "
                                   "this many kimg (0: off).")
+_LAYERS = flags.DEFINE_list("layers", ["fc"], "D layers exported and "
+                            "scored at every checkpoint: fc, conv or b<res> "
+                            "(the probe scores every layer anyway).")
 _BASELINES = flags.DEFINE_bool("baselines", True, "Evaluate the classical "
                                "features, random DenseNet-121 and ConvAE too.")
 _OVERRIDES = flags.DEFINE_multi_string(
@@ -108,11 +112,18 @@ def main(argv):
   from gandl_jax.cli import demo
   from gandl_jax.evaluate import pipeline as evaluate_lib
   from gandl_jax.inference import api, export
+  from gandl_jax.model import networks
 
   unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
   if unknown:
     raise app.UsageError(f"--variants: unknown {unknown}; expected some of "
                          f"{list(VARIANTS)}")
+  layers = _LAYERS.value
+  for layer in layers:
+    try:
+      networks.check_embedding_layer(layer, _RESOLUTION.value)
+    except ValueError as e:
+      raise app.UsageError(f"--layers: {e}") from None
   logging.set_verbosity(logging.INFO)
   t0 = time.time()
   workdir = os.path.abspath(_WORKDIR.value)
@@ -134,13 +145,25 @@ def main(argv):
         compounds=protocol.NAMED_COMPOUNDS, log=logging.info)
     return protocol.metric_row(metrics, name)
 
-  def export_and_evaluate(ckpt, step, tag, name):
-    model = api.load(ckpt, step)
-    for d in data:
-      export.export_model(model, data[d],
-                          os.path.join(emb_dir, f"{tag}_{d}.parquet"),
-                          batch=64, checkpoint=ckpt, mesh=mesh)
-    return dict(evaluate_set(name, tag), step=model.step)
+  def evaluate_layers(ckpt, step, tag, name, **row):
+    """The stages exporting and scoring `ckpt` at each of --layers: result
+    rows (set 'NAME' for fc, 'NAME [LAYER]' for the others)."""
+    out = []
+    for layer in layers:
+      ltag = tag if layer == "fc" else f"{tag}-{layer}"
+      lname = protocol.layer_set(name, layer)
+
+      def run(ltag=ltag, lname=lname, layer=layer):
+        model = api.load(ckpt, step)
+        for d in data:
+          export.export_model(model, data[d],
+                              os.path.join(emb_dir, f"{ltag}_{d}.parquet"),
+                              layer=layer, batch=64, checkpoint=ckpt,
+                              mesh=mesh)
+        return dict(evaluate_set(lname, ltag), step=model.step, set=lname,
+                    layer=layer, source="evaluate", **row)
+      out.append(stages.run(f"eval-{ltag}", run))
+    return out
 
   rows: List[Dict[str, Any]] = []
   if _BASELINES.value:
@@ -156,10 +179,8 @@ def main(argv):
     config = run_config("off", seed, data["rxrx19a"])
     stages.run(f"init-seed{seed}", lambda config=config: {
         "checkpoint": demo.save_initial_model(config, mesh, init_dir)})
-    rows.append(stages.run(f"eval-init-seed{seed}", lambda seed=seed: dict(
-        export_and_evaluate(init_dir, None, f"init-seed{seed}",
-                            "untrained D"),
-        set="untrained D", seed=seed, kimg=0.0, source="evaluate")))
+    rows += evaluate_layers(init_dir, None, f"init-seed{seed}", "untrained D",
+                            seed=seed, kimg=0.0)
     for variant in _VARIANTS.value:
       config = run_config(variant, seed, data["rxrx19a"])
       train_dir = os.path.join(workdir, f"train-{variant}-seed{seed}")
@@ -173,12 +194,9 @@ def main(argv):
       steps = checkpoint.list_steps(train_dir)
       for step in [s for s in steps if s % every == 0 or s == max(steps)]:
         kimg = step * config.batch_size / 1000.0
-        tag = f"{variant}-seed{seed}-kimg{kimg:g}"
-        rows.append(stages.run(
-            f"eval-{tag}", lambda train_dir=train_dir, step=step, tag=tag,
-            variant=variant, seed=seed, kimg=kimg: dict(
-                export_and_evaluate(train_dir, step, tag, variant),
-                set=variant, seed=seed, kimg=kimg, source="evaluate")))
+        rows += evaluate_layers(train_dir, step,
+                                f"{variant}-seed{seed}-kimg{kimg:g}",
+                                variant, seed=seed, kimg=kimg)
 
   gio.write_text(os.path.join(workdir, "results.jsonl"),
                  "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

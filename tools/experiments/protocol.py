@@ -169,6 +169,29 @@ def peak_and_last(rows: List[Dict[str, Any]], label: str,
   return out
 
 
+def layer_set(name: str, layer: str) -> str:
+  """The set name of `name`'s embeddings at D layer `layer`: NAME for 'fc'
+  (GAN-DL's embedding), 'NAME [LAYER]' for the others."""
+  return name if layer == "fc" else f"{name} [{layer}]"
+
+
+def trend_table(rows: List[Dict[str, Any]], labels: List[str],
+                level: float = LEVEL) -> str:
+  """Markdown: per set (rows) and label (columns), the mean over seeds of
+  each run's trend (`peak_and_last`) with its t interval."""
+  trends: Dict[str, Dict[str, Any]] = {}
+  for label in labels:
+    for p in peak_and_last(rows, label, level):
+      trends.setdefault(p["set"], {"n": p["n"]})[label] = p["trend"]
+  lines = ["| set | seeds | " + " | ".join(labels) + " |",
+           "|---|---:|" + "---:|" * len(labels)]
+  for name, t in sorted(trends.items()):
+    cells = [intervals.format_interval(dict(t[label], diff=t[label]["mean"]))
+             if label in t else "n/a" for label in labels]
+    lines.append(f"| {name} | {t['n']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def peak_table(peaks: List[Dict[str, Any]]) -> str:
   def signed(x):
     return intervals.format_interval(dict(x, diff=x["mean"]))
@@ -262,6 +285,17 @@ def forgetting_sections(rows: List[Dict[str, Any]], out_dir: str) -> str:
       summarize(evaluated + probed, [HEADLINE, PROBE_HEADLINE]),
       [HEADLINE, PROBE_HEADLINE], out_dir, rows=evaluated + probed)
   labels = forgetting_probe_labels(probed)
+  layers = list(dict.fromkeys(r.get("layer", "fc") for r in evaluated
+                              if r["seed"] >= 0))
+  minus_untrained, minus_off = [], []
+  for layer in layers:
+    at = [r for r in evaluated if r.get("layer", "fc") == layer]
+    minus_untrained += paired_differences(
+        at, HEADLINE, layer_set("untrained D", layer))
+    minus_off += [d for d in paired_differences(at, HEADLINE,
+                                                layer_set("off", layer))
+                  if not d["set"].startswith("untrained D")]
+  layer_labels = [l for l in labels if l.startswith("probe/control/")]
   return "\n".join([
       "Every cell: the mean over training seeds [its 95% Student t "
       "interval over seeds]; one seed (the seedless baselines) has no "
@@ -273,12 +307,10 @@ def forgetting_sections(rows: List[Dict[str, Any]], out_dir: str) -> str:
       "",
       f"## {HEADLINE}: differences paired by seed",
       "",
-      difference_table(paired_differences(
-          evaluated, HEADLINE, "untrained D"), "minus the untrained D"),
+      difference_table(minus_untrained,
+                       "minus the untrained D (same layer)"),
       "",
-      difference_table(
-          [d for d in paired_differences(evaluated, HEADLINE, "off")
-           if d["set"] != "untrained D"], "minus off (same seed, kimg)"),
+      difference_table(minus_off, "minus off (same seed, kimg, layer)"),
       "",
       "## Probe curves (probe plates)",
       "",
@@ -289,6 +321,10 @@ def forgetting_sections(rows: List[Dict[str, Any]], out_dir: str) -> str:
       "",
       peak_table(peak_and_last(probed, PROBE_HEADLINE))
       if probed else "(no probe)",
+      "",
+      "## Probe trend per layer (least-squares slope per 10 kimg)",
+      "",
+      trend_table(probed, layer_labels) if layer_labels else "(no probe)",
       "",
       "Figures: " + ", ".join(os.path.basename(p) for p in figures),
       ""])
