@@ -146,7 +146,7 @@ def test_forgetting_summary_sections(tmp_path):
   assert (tmp_path / "probe_control_bacc.png").exists()
 
 
-def test_forgetting_layers_pair_within_their_layer(tmp_path):
+def test_forgetting_layers_pair_within_their_layer(tmp_path, monkeypatch):
   rows = []
   for layer, init, trained in (("fc", 0.50, 0.55), ("b8", 0.60, 0.80)):
     name = protocol.layer_set("untrained D", layer)
@@ -161,7 +161,11 @@ def test_forgetting_layers_pair_within_their_layer(tmp_path):
             "probe/control_bacc": 0.6, "probe/control/fc": 0.6,
             "probe/control/b8": 0.5 + 0.01 * (1 + s) * k}
            for s in range(3) for k in (5.0, 10.0, 15.0)]
+  drawn = []
+  monkeypatch.setattr(protocol, "plot", lambda summary, *a, **k: drawn.extend(
+      {s["set"] for s in summary}) or [])
   text = protocol.forgetting_sections(rows, str(tmp_path))
+  assert set(drawn) == {"untrained D", "off"}   # figures: fc only
   # Each layer minus its own untrained D: 0.05 + 0.02 s and 0.20 + 0.02 s,
   # mean 0.07 and 0.22, sd 0.02.
   h = T975_2 * 0.02 / math.sqrt(3)
@@ -174,6 +178,13 @@ def test_forgetting_layers_pair_within_their_layer(tmp_path):
   assert line == (f"| off | 3 | +0.200 [{0.2 - h:.2f}, {0.2 + h:.2f}] | "
                   "+0.000 [0.00, 0.00] |")
   assert protocol.layer_set("off", "fc") == "off"
+
+
+def test_probe_layers_in_network_order():
+  row = {f"probe/control/{l}": 0.5 for l in ("fc", "b16", "conv", "b8", "b32")}
+  assert protocol.forgetting_probe_labels([row]) == [
+      "probe/control/b32", "probe/control/b16", "probe/control/b8",
+      "probe/control/conv", "probe/control/fc"]
 
 
 def test_plot_with_rows_draws_each_seed(tmp_path):

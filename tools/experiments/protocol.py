@@ -264,12 +264,23 @@ HEADLINE = "control/plate"  # Mock vs Active, whole plates held out
 PROBE_HEADLINE = "probe/control_bacc"
 
 
+def _network_order(label: str) -> tuple:
+  """Sort key of 'probe/control/<layer>' in D's order: blocks from the
+  highest resolution down (b32, b16, b8), then conv, fc, logit."""
+  layer = label.rsplit("/", 1)[-1]
+  if layer[:1] == "b" and layer[1:].isdigit():
+    return (0, -int(layer[1:]))
+  return (1, ("conv", "fc", "logit").index(layer)
+          if layer in ("conv", "fc", "logit") else 3, layer)
+
+
 def forgetting_probe_labels(probed: List[Dict[str, Any]]) -> List[str]:
   """The probe columns: Mock/Active per layer (the selection layer's is
   PROBE_HEADLINE), the selection layer's cell-type task where it ran, and
   ADA's p."""
   keys = {k for r in probed for k in r}
-  labels = sorted(k for k in keys if k.startswith("probe/control/"))
+  labels = sorted((k for k in keys if k.startswith("probe/control/")),
+                  key=_network_order)
   labels += [k for k in ("probe/cell_type_bacc", "augment_p")
              if any(isinstance(r.get(k), (int, float)) for r in probed)]
   return labels
@@ -281,9 +292,10 @@ def forgetting_sections(rows: List[Dict[str, Any]], out_dir: str) -> str:
   evaluated = [r for r in rows if r["source"] == "evaluate"]
   probed = [r for r in rows if r["source"] == "probe"]
   eval_labels = [label for label, _ in METRICS]
-  figures = plot(
-      summarize(evaluated + probed, [HEADLINE, PROBE_HEADLINE]),
-      [HEADLINE, PROBE_HEADLINE], out_dir, rows=evaluated + probed)
+  # The figures show GAN-DL's embedding (`fc`); other layers are in tables.
+  drawn = [r for r in evaluated if r.get("layer", "fc") == "fc"] + probed
+  figures = plot(summarize(drawn, [HEADLINE, PROBE_HEADLINE]),
+                 [HEADLINE, PROBE_HEADLINE], out_dir, rows=drawn)
   labels = forgetting_probe_labels(probed)
   layers = list(dict.fromkeys(r.get("layer", "fc") for r in evaluated
                               if r["seed"] >= 0))
