@@ -169,6 +169,11 @@ def peak_and_last(rows: List[Dict[str, Any]], label: str,
   return out
 
 
+def _signed(x: Dict[str, Any]) -> str:
+  """A mean interval formatted with its sign: '+0.024 [-0.09, 0.14]'."""
+  return intervals.format_interval(dict(x, diff=x["mean"]))
+
+
 def layer_set(name: str, layer: str) -> str:
   """The set name of `name`'s embeddings at D layer `layer`: NAME for 'fc'
   (GAN-DL's embedding), 'NAME [LAYER]' for the others."""
@@ -186,15 +191,12 @@ def trend_table(rows: List[Dict[str, Any]], labels: List[str],
   lines = ["| set | seeds | " + " | ".join(labels) + " |",
            "|---|---:|" + "---:|" * len(labels)]
   for name, t in sorted(trends.items()):
-    cells = [intervals.format_interval(dict(t[label], diff=t[label]["mean"]))
-             if label in t else "n/a" for label in labels]
+    cells = [_signed(t[label]) if label in t else "n/a" for label in labels]
     lines.append(f"| {name} | {t['n']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def peak_table(peaks: List[Dict[str, Any]]) -> str:
-  def signed(x):
-    return intervals.format_interval(dict(x, diff=x["mean"]))
   lines = ["| set | seeds | best | kimg of best (mean) | last | last - best "
            "| trend per 10 kimg |",
            "|---|---:|---:|---:|---:|---:|---:|"]
@@ -202,7 +204,7 @@ def peak_table(peaks: List[Dict[str, Any]]) -> str:
     lines.append(
         f"| {p['set']} | {p['n']} | {intervals.format_interval(p['best'])} | "
         f"{p['best_kimg']:.0f} | {intervals.format_interval(p['last'])} | "
-        f"{signed(p['drop'])} | {signed(p['trend'])} |")
+        f"{_signed(p['drop'])} | {_signed(p['trend'])} |")
   return "\n".join(lines)
 
 
