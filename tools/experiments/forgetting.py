@@ -27,6 +27,7 @@ same command.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -149,18 +150,18 @@ def main(argv):
     """The stages exporting and scoring `ckpt` at each of --layers: result
     rows (set 'NAME' for fc, 'NAME [LAYER]' for the others)."""
     out = []
+    model = functools.cache(lambda: api.load(ckpt, step))  # once, if needed
     for layer in layers:
       ltag = tag if layer == "fc" else f"{tag}-{layer}"
       lname = protocol.layer_set(name, layer)
 
       def run(ltag=ltag, lname=lname, layer=layer):
-        model = api.load(ckpt, step)
         for d in data:
-          export.export_model(model, data[d],
+          export.export_model(model(), data[d],
                               os.path.join(emb_dir, f"{ltag}_{d}.parquet"),
                               layer=layer, batch=64, checkpoint=ckpt,
                               mesh=mesh)
-        return dict(evaluate_set(lname, ltag), step=model.step, set=lname,
+        return dict(evaluate_set(lname, ltag), step=model().step, set=lname,
                     layer=layer, source="evaluate", **row)
       out.append(stages.run(f"eval-{ltag}", run))
     return out

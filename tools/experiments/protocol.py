@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from gandl_jax.evaluate import intervals
+from gandl_jax.model import networks
 
 METRICS = (
     ("control/random", ("control", "random", "balanced_accuracy")),
@@ -266,23 +267,14 @@ HEADLINE = "control/plate"  # Mock vs Active, whole plates held out
 PROBE_HEADLINE = "probe/control_bacc"
 
 
-def _network_order(label: str) -> tuple:
-  """Sort key of 'probe/control/<layer>' in D's order: blocks from the
-  highest resolution down (b32, b16, b8), then conv, fc, logit."""
-  layer = label.rsplit("/", 1)[-1]
-  if layer[:1] == "b" and layer[1:].isdigit():
-    return (0, -int(layer[1:]))
-  return (1, ("conv", "fc", "logit").index(layer)
-          if layer in ("conv", "fc", "logit") else 3, layer)
-
-
 def forgetting_probe_labels(probed: List[Dict[str, Any]]) -> List[str]:
   """The probe columns: Mock/Active per layer (the selection layer's is
   PROBE_HEADLINE), the selection layer's cell-type task where it ran, and
   ADA's p."""
   keys = {k for r in probed for k in r}
+  order = networks.embedding_layers(1024)  # every layer, in D's order
   labels = sorted((k for k in keys if k.startswith("probe/control/")),
-                  key=_network_order)
+                  key=lambda k: order.index(k.rsplit("/", 1)[-1]))
   labels += [k for k in ("probe/cell_type_bacc", "augment_p")
              if any(isinstance(r.get(k), (int, float)) for r in probed)]
   return labels
